@@ -1,0 +1,36 @@
+# bitsmith: `make run` fetches the examples into the local store; `make test` runs every test.
+CARGO ?= cargo
+BIN := target/release/bitsmith
+EXAMPLES_PORT ?= 8765
+
+.PHONY: build test crds bench run lint clean
+
+build:
+	$(CARGO) build --release --locked
+
+# Starts the S3 server the tests need (installing it on first use), runs every test, stops it.
+test:
+	scripts/test.sh
+
+# Regenerate the committed CRDs from the Rust types.
+crds:
+	$(CARGO) run --quiet --locked -- crd --out-dir crds
+
+# Throughput and memory, printed as a table.
+bench:
+	scripts/bench.sh
+
+# Serve examples/ on loopback and fetch its Packages and Droplet into the local store (.bitsmith/store).
+run: build
+	@python3 -m http.server --bind 127.0.0.1 --directory examples $(EXAMPLES_PORT) >/dev/null 2>&1 & \
+	server=$$!; trap 'kill $$server' EXIT; \
+	for i in $$(seq 1 50); do curl -sf -o /dev/null http://127.0.0.1:$(EXAMPLES_PORT)/ && break; sleep 0.1; done; \
+	$(BIN) fetch -f examples/packages.yaml -f examples/droplet.yaml
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf .bitsmith

@@ -1,0 +1,188 @@
+//! The command line: `bitsmith crd` and `bitsmith fetch`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::fetch::Fetcher;
+use crate::offline;
+use crate::sources::{HttpFetcher, HttpOptions, SourcePolicy, error_chain};
+use crate::store::BlobStore;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bitsmith",
+    version,
+    about = "Cloud Foundry application bits as Kubernetes resources"
+)]
+pub struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions as YAML (or write one file each with --out-dir).
+    Crd {
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// Fetch the bits of Package and Droplet manifests into a store, without a cluster, and print the objects
+    /// with their status as YAML.
+    Fetch(FetchArgs),
+}
+
+/// Where blobs are kept.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Store URL: file:///dir (or a plain directory), s3://bucket/prefix, gs://bucket/prefix,
+    /// az://container/prefix, memory://. Settings may ride along as query parameters,
+    /// e.g. s3://b/p?endpoint=http://127.0.0.1:3900&path_style=true.
+    #[arg(long, env = "BITSMITH_STORE", default_value = ".bitsmith/store")]
+    pub store: String,
+    /// A store setting KEY=VALUE (object_store keys such as aws_region, aws_access_key_id); repeatable.
+    #[arg(long = "store-opt", value_parser = parse_key_value)]
+    pub store_opts: Vec<(String, String)>,
+}
+
+impl StoreArgs {
+    pub fn open(&self) -> Result<BlobStore, String> {
+        let url = if self.store.contains("://") {
+            self.store.clone()
+        } else {
+            let dir = std::path::absolute(&self.store)
+                .map_err(|e| format!("store directory {}: {e}", self.store))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("store directory {}: {e}", dir.display()))?;
+            url::Url::from_directory_path(&dir)
+                .map_err(|()| format!("store directory {}: not absolute", dir.display()))?
+                .to_string()
+        };
+        let options: BTreeMap<String, String> = self.store_opts.iter().cloned().collect();
+        BlobStore::open(&url, &options).map_err(|e| error_chain(&e))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct FetchArgs {
+    /// Manifest files (multi-document YAML); `-` reads standard input. Repeatable.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Largest accepted size, e.g. 1GiB, 512MiB, 1000000.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub max_size: u64,
+    /// Namespace for manifests that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// Directory that file:// sources may read from (default: anywhere this user can read).
+    #[arg(long, default_value = "/")]
+    pub allow_files_under: PathBuf,
+}
+
+/// Parse a byte size with an optional binary (KiB, MiB, GiB, TiB) or decimal (K, M, G, T) suffix.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 1GiB or 1000000"))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "T" | "TB" => 1_000_000_000_000,
+        "Ki" | "KiB" => 1 << 10,
+        "Mi" | "MiB" => 1 << 20,
+        "Gi" | "GiB" => 1 << 30,
+        "Ti" | "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use KiB, MiB, GiB, TiB, K, M, G or T)"
+            ));
+        }
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+/// Run the command line; the error is one readable line.
+pub async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Crd { out_dir: None } => {
+            print!("{}", crate::crd::all_yaml());
+            Ok(())
+        }
+        Command::Crd { out_dir: Some(dir) } => crate::crd::write_dir(&dir)
+            .map_err(|e| format!("writing CRDs to {}: {e}", dir.display())),
+        Command::Fetch(args) => fetch(args).await,
+    }
+}
+
+async fn fetch(args: FetchArgs) -> Result<(), String> {
+    let mut manifests = Vec::new();
+    for file in &args.files {
+        let (text, origin) = if file.as_os_str() == "-" {
+            (
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| format!("reading standard input: {e}"))?,
+                "-".to_string(),
+            )
+        } else {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            (text, file.display().to_string())
+        };
+        manifests.extend(offline::parse_manifests(&text, &origin).map_err(|e| e.to_string())?);
+    }
+    let fetcher = Fetcher {
+        store: args.store.open()?,
+        http: HttpFetcher::new(HttpOptions::default()).map_err(|e| e.to_string())?,
+        policy: SourcePolicy {
+            file_root: Some(args.allow_files_under.clone()),
+        },
+        max_size: args.max_size,
+    };
+    let results = offline::run(manifests, &fetcher, &args.namespace)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    print!(
+        "{}",
+        offline::to_yaml(&results).map_err(|e| format!("printing results: {e}"))?
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::DEFAULT_MAX_SIZE;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("1XB").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+        assert_eq!(DEFAULT_MAX_SIZE, parse_size("1GiB").unwrap());
+    }
+}

@@ -1,0 +1,20 @@
+//! bitsmith: Cloud Foundry application bits (packages and droplets) as Kubernetes resources.
+//!
+//! Bytes flow one way: [`sources`] open a stream, [`digest`] hashes it, [`store`] keeps it, and [`status`]
+//! records the outcome. [`pipeline`] joins the first three; [`fetch`] picks a source for an object.
+//! Modules without I/O ([`conditions`], [`status`], [`validate`]) are tested without a cluster.
+
+pub mod cli;
+pub mod conditions;
+pub mod crd;
+pub mod digest;
+pub mod fetch;
+pub mod object_url;
+pub mod offline;
+pub mod pipeline;
+pub mod resources;
+pub mod sources;
+pub mod status;
+pub mod store;
+pub mod telemetry;
+pub mod validate;

@@ -1,0 +1,513 @@
+//! Object URLs (`s3://`, `gs://`, `az://`, `file://`, `memory://`) turned into `object_store` clients.
+//!
+//! Both the blob store and object-store sources connect through here, so that both read options the same way
+//! and neither ever falls back to a cloud metadata server by surprise: credentials must be configured, or the
+//! caller asks for anonymous or ambient (instance metadata) access explicitly.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt};
+use url::Url;
+
+/// Bytes per ranged GET when streaming an object; with [`READ_CONCURRENCY`] this bounds read memory.
+pub const READ_RANGE: u64 = 4 << 20;
+/// Ranged GETs in flight while streaming an object.
+pub const READ_CONCURRENCY: usize = 4;
+
+/// The storage services an object URL can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    S3,
+    Gcs,
+    Azure,
+    File,
+    Memory,
+}
+
+impl Scheme {
+    fn of(url: &Url) -> Option<Scheme> {
+        Some(match url.scheme() {
+            "s3" | "s3a" => Scheme::S3,
+            "gs" => Scheme::Gcs,
+            "az" | "abfs" | "abfss" | "azure" => Scheme::Azure,
+            "file" => Scheme::File,
+            "memory" => Scheme::Memory,
+            _ => return None,
+        })
+    }
+
+    /// Whether the backend can hand out presigned URLs.
+    pub fn signs_urls(self) -> bool {
+        matches!(self, Scheme::S3 | Scheme::Gcs | Scheme::Azure)
+    }
+}
+
+/// Where credentials may come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialPolicy {
+    /// Credentials must be among the options (or the environment, for [`CredentialPolicy::OptionsOrEnvironment`]).
+    Options,
+    /// Like `Options`, and the process environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`) counts too.
+    OptionsOrEnvironment,
+    /// Unsigned requests: public objects only.
+    Anonymous,
+}
+
+/// A connected object store and the path an object URL named inside it.
+#[derive(Clone, Debug)]
+pub struct ObjectClient {
+    pub store: Arc<dyn ObjectStore>,
+    pub signer: Option<Arc<dyn Signer>>,
+    /// The path in the URL (a key for an object, a prefix for a store).
+    pub path: Path,
+    pub scheme: Scheme,
+    /// The URL without query (which may carry settings) or credentials: safe to show.
+    pub display_url: String,
+}
+
+/// Why an object URL could not be turned into a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectUrlError {
+    #[error("malformed object URL {url:?}: {reason}")]
+    Malformed { url: String, reason: String },
+    #[error(
+        "unsupported object URL scheme {scheme:?} in {url:?}: use s3://, gs://, az://, file:// or memory://"
+    )]
+    UnsupportedScheme { scheme: String, url: String },
+    #[error("unknown {scheme:?} option {key:?}")]
+    UnknownOption { scheme: Scheme, key: String },
+    #[error("missing credentials for {url}: {hint}")]
+    MissingCredentials { url: String, hint: &'static str },
+    #[error("cannot configure {url}: {source}")]
+    Configure {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// Parse `url` and connect to its store with `options` (object_store configuration keys, e.g. `aws_region`,
+/// plus `endpoint`, `region`, and `path_style`). URL query parameters count as options too, and
+/// `credentials=ambient` in them or in `options` allows the cloud's own credential chain (instance metadata).
+pub fn connect(
+    url: &str,
+    options: &BTreeMap<String, String>,
+    policy: CredentialPolicy,
+) -> Result<ObjectClient, ObjectUrlError> {
+    let parsed = Url::parse(url).map_err(|e| malformed(url, e.to_string()))?;
+    let scheme = Scheme::of(&parsed).ok_or_else(|| ObjectUrlError::UnsupportedScheme {
+        scheme: parsed.scheme().to_string(),
+        url: url.to_string(),
+    })?;
+    let mut opts: BTreeMap<String, String> = parsed
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    opts.extend(
+        options
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+    );
+    let ambient = opts
+        .remove("credentials")
+        .map(|v| v == "ambient")
+        .unwrap_or(false);
+    let mut display = parsed.clone();
+    display.set_query(None);
+    let _ = display.set_password(None);
+    let _ = display.set_username("");
+    let display_url = display.to_string().trim_end_matches('/').to_string();
+    let decoded_path = percent_decode(parsed.path());
+
+    let (store, signer, path): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, Path) = match scheme
+    {
+        Scheme::File => {
+            if parsed
+                .host_str()
+                .is_some_and(|h| !h.is_empty() && h != "localhost")
+            {
+                return Err(malformed(
+                    url,
+                    "file URLs name a local path: file:///path".into(),
+                ));
+            }
+            let fs = LocalFileSystem::new()
+                .with_fsync(true)
+                .with_automatic_cleanup(true);
+            (
+                Arc::new(fs),
+                None,
+                Path::from(decoded_path.trim_start_matches('/')),
+            )
+        }
+        Scheme::Memory => (
+            Arc::new(InMemory::new()),
+            None,
+            path_of(url, &decoded_path)?,
+        ),
+        Scheme::S3 => {
+            let s3 = s3(url, &parsed, opts, policy, ambient)?;
+            let s3 = Arc::new(s3);
+            (s3.clone(), Some(s3), path_of(url, &decoded_path)?)
+        }
+        Scheme::Gcs => {
+            let gcs = gcs(url, &parsed, opts, policy, ambient)?;
+            let gcs = Arc::new(gcs);
+            (gcs.clone(), Some(gcs), path_of(url, &decoded_path)?)
+        }
+        Scheme::Azure => {
+            let az = azure(url, &parsed, opts, policy, ambient)?;
+            let az = Arc::new(az);
+            (az.clone(), Some(az), path_of(url, &decoded_path)?)
+        }
+    };
+    Ok(ObjectClient {
+        store,
+        signer,
+        path,
+        scheme,
+        display_url,
+    })
+}
+
+fn malformed(url: &str, reason: String) -> ObjectUrlError {
+    ObjectUrlError::Malformed {
+        url: url.to_string(),
+        reason,
+    }
+}
+
+fn percent_decode(path: &str) -> String {
+    percent_encoding::percent_decode_str(path)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+fn path_of(url: &str, decoded: &str) -> Result<Path, ObjectUrlError> {
+    Path::parse(decoded.trim_matches('/')).map_err(|e| malformed(url, e.to_string()))
+}
+
+fn bucket(url: &str, parsed: &Url) -> Result<String, ObjectUrlError> {
+    match parsed.host_str() {
+        Some(b) if !b.is_empty() => Ok(b.to_string()),
+        _ => Err(malformed(
+            url,
+            "the URL names no bucket or container".into(),
+        )),
+    }
+}
+
+/// Client settings for every cloud backend: each request is bounded, and streams are read as ranged requests,
+/// so a per-request timeout never cuts a large object short.
+fn client_options() -> ClientOptions {
+    ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_timeout(Duration::from_secs(120))
+}
+
+/// Apply options through the backend's own key parser, so that its aliases work and typos are reported.
+fn apply<B, K: std::str::FromStr + Clone>(
+    mut builder: B,
+    scheme: Scheme,
+    opts: BTreeMap<String, String>,
+    mut set: impl FnMut(B, K, String) -> B,
+) -> Result<(B, Vec<K>), ObjectUrlError> {
+    let mut keys = Vec::new();
+    for (key, value) in opts {
+        let parsed: K = key
+            .parse()
+            .map_err(|_| ObjectUrlError::UnknownOption { scheme, key })?;
+        builder = set(builder, parsed.clone(), value);
+        keys.push(parsed);
+    }
+    Ok((builder, keys))
+}
+
+fn env_options(prefix: &str) -> BTreeMap<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect()
+}
+
+fn s3(
+    url: &str,
+    parsed: &Url,
+    mut opts: BTreeMap<String, String>,
+    policy: CredentialPolicy,
+    ambient: bool,
+) -> Result<object_store::aws::AmazonS3, ObjectUrlError> {
+    if let Some(path_style) = opts.remove("path_style") {
+        opts.insert(
+            "aws_virtual_hosted_style_request".into(),
+            (path_style != "true").to_string(),
+        );
+    }
+    if opts
+        .get("endpoint")
+        .or(opts.get("aws_endpoint"))
+        .is_some_and(|e| e.starts_with("http://"))
+    {
+        opts.entry("allow_http".into())
+            .or_insert_with(|| "true".into());
+    }
+    if policy == CredentialPolicy::OptionsOrEnvironment {
+        for (k, v) in env_options("AWS_") {
+            if k.parse::<AmazonS3ConfigKey>().is_ok() {
+                opts.entry(k).or_insert(v);
+            }
+        }
+    }
+    if policy == CredentialPolicy::Anonymous {
+        opts.insert("aws_skip_signature".into(), "true".into());
+    }
+    let builder = AmazonS3Builder::new()
+        .with_bucket_name(bucket(url, parsed)?)
+        .with_region("us-east-1")
+        .with_client_options(client_options());
+    let (builder, keys) = apply(builder, Scheme::S3, opts, |b: AmazonS3Builder, k, v| {
+        b.with_config(k, v)
+    })?;
+    use AmazonS3ConfigKey as K;
+    let has_credentials = keys.iter().any(|k| {
+        matches!(
+            k,
+            K::AccessKeyId
+                | K::WebIdentityTokenFile
+                | K::ContainerCredentialsRelativeUri
+                | K::ContainerCredentialsFullUri
+                | K::SkipSignature
+                | K::MetadataEndpoint
+        )
+    });
+    if !has_credentials && !ambient {
+        return Err(ObjectUrlError::MissingCredentials {
+            url: url.to_string(),
+            hint: "set aws_access_key_id and aws_secret_access_key (or AWS_* variables for the store), \
+                   or credentials=ambient to use the instance's role",
+        });
+    }
+    builder.build().map_err(|source| ObjectUrlError::Configure {
+        url: url.to_string(),
+        source,
+    })
+}
+
+fn gcs(
+    url: &str,
+    parsed: &Url,
+    mut opts: BTreeMap<String, String>,
+    policy: CredentialPolicy,
+    ambient: bool,
+) -> Result<object_store::gcp::GoogleCloudStorage, ObjectUrlError> {
+    if policy == CredentialPolicy::OptionsOrEnvironment {
+        for (k, v) in env_options("GOOGLE_") {
+            if k.parse::<GoogleConfigKey>().is_ok() {
+                opts.entry(k).or_insert(v);
+            }
+        }
+    }
+    if policy == CredentialPolicy::Anonymous {
+        opts.insert("google_skip_signature".into(), "true".into());
+    }
+    let builder = GoogleCloudStorageBuilder::new()
+        .with_bucket_name(bucket(url, parsed)?)
+        .with_client_options(client_options());
+    let (builder, keys) = apply(
+        builder,
+        Scheme::Gcs,
+        opts,
+        |b: GoogleCloudStorageBuilder, k, v| b.with_config(k, v),
+    )?;
+    use GoogleConfigKey as K;
+    let has_credentials = keys.iter().any(|k| {
+        matches!(
+            k,
+            K::ServiceAccount
+                | K::ServiceAccountKey
+                | K::ApplicationCredentials
+                | K::BearerToken
+                | K::SkipSignature
+        )
+    });
+    if !has_credentials && !ambient {
+        return Err(ObjectUrlError::MissingCredentials {
+            url: url.to_string(),
+            hint: "set google_service_account_key (or GOOGLE_* variables for the store), \
+                   or credentials=ambient to use the workload's identity",
+        });
+    }
+    builder.build().map_err(|source| ObjectUrlError::Configure {
+        url: url.to_string(),
+        source,
+    })
+}
+
+fn azure(
+    url: &str,
+    parsed: &Url,
+    mut opts: BTreeMap<String, String>,
+    policy: CredentialPolicy,
+    ambient: bool,
+) -> Result<object_store::azure::MicrosoftAzure, ObjectUrlError> {
+    if policy == CredentialPolicy::OptionsOrEnvironment {
+        for (k, v) in env_options("AZURE_") {
+            if k.parse::<AzureConfigKey>().is_ok() {
+                opts.entry(k).or_insert(v);
+            }
+        }
+    }
+    if policy == CredentialPolicy::Anonymous {
+        opts.insert("azure_skip_signature".into(), "true".into());
+    }
+    let builder = MicrosoftAzureBuilder::new()
+        .with_container_name(bucket(url, parsed)?)
+        .with_client_options(client_options());
+    let (builder, keys) = apply(
+        builder,
+        Scheme::Azure,
+        opts,
+        |b: MicrosoftAzureBuilder, k, v| b.with_config(k, v),
+    )?;
+    use AzureConfigKey as K;
+    let has_credentials = keys.iter().any(|k| {
+        matches!(
+            k,
+            K::AccessKey
+                | K::SasKey
+                | K::Token
+                | K::ClientSecret
+                | K::FederatedTokenFile
+                | K::UseAzureCli
+                | K::UseEmulator
+                | K::SkipSignature
+        )
+    });
+    if !has_credentials && !ambient {
+        return Err(ObjectUrlError::MissingCredentials {
+            url: url.to_string(),
+            hint: "set azure_storage_account_name with azure_storage_account_key or azure_storage_sas_key \
+                   (or AZURE_* variables for the store), or credentials=ambient to use a managed identity",
+        });
+    }
+    builder.build().map_err(|source| ObjectUrlError::Configure {
+        url: url.to_string(),
+        source,
+    })
+}
+
+/// Stream an object of known `size` as ranged GETs, [`READ_CONCURRENCY`] at a time, in order. Ranged reads keep
+/// each request short (so timeouts and retries work per range) and are much faster than one streaming GET on
+/// the local filesystem.
+pub fn ranged_stream(
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+) -> BoxStream<'static, Result<Bytes, object_store::Error>> {
+    let ranges = (0..size.div_ceil(READ_RANGE)).map(move |i| {
+        let start = i * READ_RANGE;
+        start..(start + READ_RANGE).min(size)
+    });
+    stream::iter(ranges)
+        .map(move |range: Range<u64>| {
+            let store = store.clone();
+            let path = path.clone();
+            async move { store.get_range(&path, range).await }
+        })
+        .buffered(READ_CONCURRENCY)
+        .try_filter(|b| futures::future::ready(!b.is_empty()))
+        .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn none() -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
+    #[test]
+    fn rejects_unknown_schemes_and_missing_buckets() {
+        assert!(matches!(
+            connect("ftp://host/x", &none(), CredentialPolicy::Options),
+            Err(ObjectUrlError::UnsupportedScheme { .. })
+        ));
+        assert!(matches!(
+            connect("not a url", &none(), CredentialPolicy::Options),
+            Err(ObjectUrlError::Malformed { .. })
+        ));
+        assert!(matches!(
+            connect("s3:///key", &none(), CredentialPolicy::Anonymous),
+            Err(ObjectUrlError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn cloud_urls_need_credentials_unless_anonymous_or_ambient() {
+        for url in [
+            "s3://b/k",
+            "gs://b/k",
+            "az://c/k?azure_storage_account_name=acct",
+        ] {
+            let err = connect(url, &none(), CredentialPolicy::Options).unwrap_err();
+            assert!(
+                matches!(err, ObjectUrlError::MissingCredentials { .. }),
+                "{url}: {err}"
+            );
+            let anonymous = connect(url, &none(), CredentialPolicy::Anonymous);
+            assert!(anonymous.is_ok(), "{url}: {:?}", anonymous.err());
+        }
+        let ambient = connect(
+            "s3://b/k?credentials=ambient&region=eu-west-1",
+            &none(),
+            CredentialPolicy::Options,
+        );
+        assert!(ambient.is_ok());
+    }
+
+    #[test]
+    fn options_are_checked_and_query_is_hidden() {
+        let mut opts = none();
+        opts.insert("aws_access_key_id".into(), "AK".into());
+        opts.insert("aws_secret_access_key".into(), "SK".into());
+        let client = connect(
+            "s3://bucket/some/prefix?endpoint=http://127.0.0.1:9&path_style=true",
+            &opts,
+            CredentialPolicy::Options,
+        )
+        .unwrap();
+        assert_eq!(client.display_url, "s3://bucket/some/prefix");
+        assert_eq!(client.path.as_ref(), "some/prefix");
+        assert_eq!(client.scheme, Scheme::S3);
+        opts.insert("aws_no_such_thing".into(), "1".into());
+        assert!(matches!(
+            connect("s3://bucket/p", &opts, CredentialPolicy::Options),
+            Err(ObjectUrlError::UnknownOption { .. })
+        ));
+    }
+
+    #[test]
+    fn file_urls_map_to_local_paths() {
+        let client = connect(
+            "file:///tmp/some%20dir/app.zip",
+            &none(),
+            CredentialPolicy::Options,
+        )
+        .unwrap();
+        assert_eq!(client.path.as_ref(), "tmp/some dir/app.zip");
+        assert!(connect("file://otherhost/x", &none(), CredentialPolicy::Options).is_err());
+    }
+}

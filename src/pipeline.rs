@@ -1,0 +1,222 @@
+//! The pipeline: source → digest → store. Bytes flow one way: a block is read from the source, handed to the
+//! digest workers and to the store's staged write, and nothing is committed until the stream ended, stayed
+//! under the size limit, and matched the checksum pin.
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+
+use crate::digest::{Digester, Digests};
+use crate::resources::{BlobRef, Checksum, ChecksumType};
+use crate::sources::{OpenedSource, PackageCopy, SourceError};
+use crate::store::{BlobOwner, BlobStore, StoreError};
+
+/// Cloud Controller's default maximum package size.
+pub const DEFAULT_MAX_SIZE: u64 = 1 << 30;
+
+/// Blocks handed to the digest workers and the store are at least this big (except the last), so per-block
+/// overhead stays negligible however small the source's chunks are.
+pub const BLOCK_SIZE: usize = 1 << 20;
+
+/// Stored, verified bits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub digests: Digests,
+    pub blob: BlobRef,
+}
+
+/// Why bits were not stored. Nothing is left in the store after any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Source(#[from] SourceError),
+    #[error("{source_name} is larger than the maximum of {max} bytes")]
+    TooLarge { source_name: String, max: u64 },
+    #[error("checksum mismatch: spec.checksum wants {} {}, the bits have {actual}", .expected.checksum_type, .expected.value)]
+    ChecksumMismatch { expected: Checksum, actual: String },
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl PipelineError {
+    /// A short CamelCase reason for conditions and Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PipelineError::Source(SourceError::InvalidCredentials { .. }) => "InvalidCredentials",
+            PipelineError::Source(SourceError::PackageNotReady { .. }) => "SourcePackageNotReady",
+            PipelineError::Source(SourceError::TooLarge { .. })
+            | PipelineError::TooLarge { .. } => "TooLarge",
+            PipelineError::Source(e) if e.is_permanent() => "InvalidSource",
+            PipelineError::Source(_) => "SourceUnavailable",
+            PipelineError::ChecksumMismatch { .. } => "ChecksumMismatch",
+            PipelineError::Store(_) => "StoreError",
+        }
+    }
+
+    /// Whether retrying the same spec can succeed.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.is_permanent(),
+            PipelineError::TooLarge { .. } | PipelineError::ChecksumMismatch { .. } => true,
+            PipelineError::Store(_) => false,
+        }
+    }
+}
+
+/// Stream `source` into `store` as `owner`'s blob, hashing on the way. Stops at `max_size` bytes.
+pub async fn store_stream(
+    source: OpenedSource,
+    store: &BlobStore,
+    owner: &BlobOwner,
+    pin: Option<&Checksum>,
+    max_size: u64,
+) -> Result<Stored, PipelineError> {
+    if let Some(size) = source.length.filter(|&n| n > max_size) {
+        return Err(SourceError::TooLarge {
+            url: source.description,
+            size,
+            max: max_size,
+        }
+        .into());
+    }
+    let mut staged = store.begin_write().await?;
+    let mut digester = Digester::new();
+    let mut blocks = Blocks::new(source.stream);
+    let streamed: Result<(), PipelineError> = async {
+        while let Some(block) = blocks.next().await {
+            let block = block?;
+            if digester.size() + block.len() as u64 > max_size {
+                return Err(PipelineError::TooLarge {
+                    source_name: source.description.clone(),
+                    max: max_size,
+                });
+            }
+            digester.update(block.clone()).await;
+            staged.write(block).await?;
+        }
+        Ok(())
+    }
+    .await;
+    let digests = digester.finish().await;
+    let verified = streamed.and_then(|()| verify_pin(pin, &digests));
+    if let Err(e) = verified {
+        staged.abort().await;
+        return Err(e);
+    }
+    let blob = staged.commit(&owner.blob_key(&digests.sha256)).await?;
+    Ok(Stored { digests, blob })
+}
+
+/// Copy another Package's blob inside the store, after checking the pin against its recorded digests.
+pub async fn copy_in_store(
+    copy: PackageCopy,
+    store: &BlobStore,
+    owner: &BlobOwner,
+    pin: Option<&Checksum>,
+) -> Result<Stored, PipelineError> {
+    verify_pin(pin, &copy.digests)?;
+    let key = owner.blob_key(&copy.digests.sha256);
+    if copy.blob.key != key {
+        store.copy(&copy.blob.key, &key).await?;
+    }
+    Ok(Stored {
+        blob: store.blob_ref(&key),
+        digests: copy.digests,
+    })
+}
+
+fn verify_pin(pin: Option<&Checksum>, digests: &Digests) -> Result<(), PipelineError> {
+    let Some(pin) = pin else { return Ok(()) };
+    let actual = match pin.checksum_type {
+        ChecksumType::Sha256 => &digests.sha256,
+        ChecksumType::Sha1 => &digests.sha1,
+    };
+    if actual.eq_ignore_ascii_case(&pin.value) {
+        Ok(())
+    } else {
+        Err(PipelineError::ChecksumMismatch {
+            expected: pin.clone(),
+            actual: actual.clone(),
+        })
+    }
+}
+
+/// Regroups a stream's chunks into blocks of at least [`BLOCK_SIZE`]; chunks already that big pass through
+/// without a copy.
+struct Blocks<S> {
+    inner: S,
+    buffer: BytesMut,
+}
+
+impl<S: Stream<Item = Result<Bytes, SourceError>> + Unpin> Blocks<S> {
+    fn new(inner: S) -> Self {
+        Blocks {
+            inner,
+            buffer: BytesMut::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Option<Result<Bytes, SourceError>> {
+        loop {
+            if self.buffer.len() >= BLOCK_SIZE {
+                return Some(Ok(self.buffer.split().freeze()));
+            }
+            match self.inner.next().await {
+                Some(Ok(chunk)) if self.buffer.is_empty() && chunk.len() >= BLOCK_SIZE => {
+                    return Some(Ok(chunk));
+                }
+                Some(Ok(chunk)) => {
+                    if self.buffer.capacity() == 0 {
+                        self.buffer.reserve(BLOCK_SIZE + chunk.len());
+                    }
+                    self.buffer.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => return Some(Err(e)),
+                None if self.buffer.is_empty() => return None,
+                None => return Some(Ok(self.buffer.split().freeze())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::stream;
+
+    #[tokio::test]
+    async fn blocks_regroup_small_chunks_and_pass_big_ones() {
+        let chunks: Vec<Result<Bytes, SourceError>> = vec![
+            Ok(Bytes::from(vec![1u8; 600 << 10])),
+            Ok(Bytes::from(vec![2u8; 600 << 10])),
+            Ok(Bytes::from(vec![3u8; 2 << 20])),
+            Ok(Bytes::from(vec![4u8; 10])),
+        ];
+        let mut blocks = Blocks::new(stream::iter(chunks));
+        let mut sizes = Vec::new();
+        while let Some(block) = blocks.next().await {
+            sizes.push(block.unwrap().len());
+        }
+        assert_eq!(sizes, vec![1200 << 10, 2 << 20, 10]);
+    }
+
+    #[test]
+    fn pins_compare_the_right_digest() {
+        let digests = Digests {
+            sha1: "1".repeat(40),
+            sha256: "2".repeat(64),
+            size: 1,
+        };
+        let sha1 = Checksum {
+            checksum_type: ChecksumType::Sha1,
+            value: "1".repeat(40),
+        };
+        assert!(verify_pin(Some(&sha1), &digests).is_ok());
+        let wrong = Checksum {
+            checksum_type: ChecksumType::Sha256,
+            value: "1".repeat(64),
+        };
+        let err = verify_pin(Some(&wrong), &digests).unwrap_err();
+        assert_eq!(err.reason(), "ChecksumMismatch");
+        assert!(err.is_permanent());
+    }
+}

@@ -1,0 +1,107 @@
+//! The `Droplet` resource: a staged application (a tarball), produced from a Package.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::package::AppRef;
+use super::shared::{BitsStatus, Checksum, Source};
+
+/// A staged application: the droplet tarball a lifecycle built from a Package, with its start commands.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "bitsmith.dev",
+    version = "v1alpha1",
+    kind = "Droplet",
+    plural = "droplets",
+    category = "bitsmith",
+    namespaced,
+    status = "DropletStatus",
+    derive = "PartialEq",
+    printcolumn(
+        name = "Package",
+        type_ = "string",
+        json_path = ".spec.packageRef.name"
+    ),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(
+        name = "Checksum",
+        type_ = "string",
+        json_path = ".status.checksum.value"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DropletSpec {
+    /// The Package this droplet was staged from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_ref: Option<PackageRef>,
+    /// Where to fetch the droplet tarball from. Without a source the droplet waits for an upload through the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// A checksum the tarball must match; a mismatch fails the Droplet and nothing is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<Checksum>,
+    /// Start commands by process type, e.g. `web: bundle exec rackup`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub process_types: BTreeMap<String, String>,
+    /// Lifecycle-specific metadata about the staged app, opaque to bitsmith.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_metadata: Option<String>,
+    /// The root filesystem the droplet was built for, e.g. `cflinuxfs4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<String>,
+    /// How the droplet was built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
+    /// The application this droplet belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_ref: Option<AppRef>,
+}
+
+/// A Package in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct PackageRef {
+    /// Name of the Package.
+    pub name: String,
+}
+
+/// The lifecycle that staged a droplet.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct Lifecycle {
+    /// `buildpack`, `cnb` or `docker`.
+    #[serde(rename = "type")]
+    pub lifecycle_type: LifecycleType,
+    /// Buildpacks used, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buildpacks: Vec<String>,
+}
+
+/// Cloud Foundry's lifecycle types.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LifecycleType {
+    Buildpack,
+    Cnb,
+    Docker,
+}
+
+/// Cloud Foundry's droplet states.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DropletState {
+    AwaitingUpload,
+    ProcessingUpload,
+    Staged,
+    Failed,
+    Expired,
+}
+
+/// What bitsmith observed and did with a Droplet.
+pub type DropletStatus = BitsStatus<DropletState>;

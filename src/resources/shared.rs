@@ -1,0 +1,250 @@
+//! Spec and status pieces that Package and Droplet share.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Where the bits come from. Exactly one of `http`, `objectStore` or `package` is set.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = exactly_one_source)]
+pub struct Source {
+    /// Download the bits from an http(s) URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSource>,
+    /// Read the bits from an object in S3, GCS, Azure Blob Storage or a local directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_store: Option<ObjectStoreSource>,
+    /// Copy the bits of another Package in the same namespace (it must be READY).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package: Option<PackageSourceRef>,
+}
+
+/// Which variant a [`Source`] holds, once validated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SourceKind<'a> {
+    Http(&'a HttpSource),
+    ObjectStore(&'a ObjectStoreSource),
+    Package(&'a PackageSourceRef),
+}
+
+impl Source {
+    /// The one source variant that is set, or `None` when zero or several are.
+    pub fn kind(&self) -> Option<SourceKind<'_>> {
+        match (&self.http, &self.object_store, &self.package) {
+            (Some(h), None, None) => Some(SourceKind::Http(h)),
+            (None, Some(o), None) => Some(SourceKind::ObjectStore(o)),
+            (None, None, Some(p)) => Some(SourceKind::Package(p)),
+            _ => None,
+        }
+    }
+}
+
+/// Structural schemas allow `oneOf` with `required` only: enough for the apiserver to reject a source with
+/// zero or two variants, without CEL (which Kubernetes 1.20 lacks).
+fn exactly_one_source(schema: &mut schemars::Schema) {
+    schema.insert(
+        "oneOf".into(),
+        serde_json::json!([
+            {"required": ["http"]},
+            {"required": ["objectStore"]},
+            {"required": ["package"]},
+        ]),
+    );
+}
+
+/// An http(s) download.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSource {
+    /// The http or https URL of the bits.
+    pub url: String,
+    /// A Secret in the same namespace with credentials: `username` and `password` for basic auth, or
+    /// `bearerToken`; optionally `ca.crt` (PEM) and `header.<Name>` entries sent as request headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// Extra request headers that are not secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<Header>,
+    /// PEM certificates trusted in addition to the system roots, for servers with a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+/// One http request header.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct Header {
+    /// Header name.
+    pub name: String,
+    /// Header value.
+    pub value: String,
+}
+
+/// An object in an object store.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectStoreSource {
+    /// The object's URL: `s3://bucket/key`, `gs://bucket/key`, `az://container/key` or `file:///path`.
+    pub url: String,
+    /// A Secret in the same namespace whose entries are object store settings, e.g. `aws_access_key_id` and
+    /// `aws_secret_access_key`, `google_service_account_key`, or `azure_storage_account_name` and
+    /// `azure_storage_account_key`. Without it the object is read anonymously.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// Endpoint of an S3-compatible service (path-style requests are used when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Region of the bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Further non-secret object store settings, e.g. `aws_allow_http: "true"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+}
+
+/// Another Package in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct PackageSourceRef {
+    /// Name of the Package whose bits are copied.
+    pub name: String,
+}
+
+/// A Secret in the object's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct SecretRef {
+    /// Name of the Secret.
+    pub name: String,
+}
+
+/// The hash algorithm of a checksum.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChecksumType {
+    Sha256,
+    Sha1,
+}
+
+impl ChecksumType {
+    /// The length of a hex digest of this type.
+    pub fn hex_len(self) -> usize {
+        match self {
+            ChecksumType::Sha256 => 64,
+            ChecksumType::Sha1 => 40,
+        }
+    }
+}
+
+impl std::fmt::Display for ChecksumType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChecksumType::Sha256 => "sha256",
+            ChecksumType::Sha1 => "sha1",
+        })
+    }
+}
+
+/// A checksum: in a spec, a pin the bits must match before they become usable; in a status, the measured value.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Checksum {
+    /// `sha256` or `sha1`.
+    #[serde(rename = "type")]
+    pub checksum_type: ChecksumType,
+    /// Lowercase hex digest.
+    pub value: String,
+}
+
+/// The digests and location of stored bits; filled in once they are READY (or STAGED).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredDigests {
+    /// The sha256 of the bits (`{type: sha256, value}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<Checksum>,
+    /// The sha1 of the bits (`{type: sha1, value}`), as older Cloud Foundry clients expect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<Checksum>,
+    /// The sha256 as an OCI-style digest, `sha256:<hex>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Size of the bits in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Where the bits live in the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<BlobRef>,
+}
+
+/// A blob in bitsmith's store.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct BlobRef {
+    /// The store's URL, without credentials (e.g. `s3://bucket/prefix` or `file:///var/lib/bitsmith`).
+    pub store: String,
+    /// The blob's key below the store's URL.
+    pub key: String,
+}
+
+/// Links to the API's actions on this object, in Cloud Foundry's form.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct Links {
+    #[serde(rename = "self", default, skip_serializing_if = "Option::is_none")]
+    pub self_: Option<Link>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<Link>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<Link>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<Link>,
+}
+
+/// One link.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct Link {
+    /// Absolute URL.
+    pub href: String,
+    /// The http method, when not GET.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// The status of a Package or Droplet; only the set of Cloud Foundry states differs between the two.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(
+    rename_all = "camelCase",
+    bound(deserialize = "S: Deserialize<'de>", serialize = "S: Serialize")
+)]
+pub struct BitsStatus<S> {
+    /// The Cloud Foundry state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<S>,
+    /// Digests, size and location of the bits (set once they are stored).
+    #[serde(flatten)]
+    pub stored: StoredDigests,
+    /// Why it FAILED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Links to the API's actions on this object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links: Option<Links>,
+    /// Ready, Reconciling and Stalled, with their kstatus meaning.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+impl<S> Default for BitsStatus<S> {
+    fn default() -> Self {
+        BitsStatus {
+            state: None,
+            stored: StoredDigests::default(),
+            error: None,
+            links: None,
+            conditions: Vec::new(),
+            observed_generation: None,
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Sources: where bits come from. Each source opens a byte stream (or, for a Package copy, names a blob already
+//! in the store); none of them writes anywhere.
+
+mod http;
+mod object;
+mod package;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+pub use http::{HttpFetcher, HttpOptions};
+pub use object::open_object;
+pub use package::{PackageCopy, resolve_package_copy};
+
+use crate::object_url::ObjectUrlError;
+
+/// An open source: its bytes, and its length when the source announced one.
+pub struct OpenedSource {
+    pub stream: BoxStream<'static, Result<Bytes, SourceError>>,
+    pub length: Option<u64>,
+    /// What is being read, for messages (a URL without credentials).
+    pub description: String,
+}
+
+/// The decoded entries of a Kubernetes Secret.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SecretData {
+    pub name: String,
+    pub entries: BTreeMap<String, Vec<u8>>,
+}
+
+impl SecretData {
+    /// An entry as UTF-8 text, or an error naming the Secret and key.
+    pub fn text(&self, key: &str) -> Result<Option<String>, SourceError> {
+        self.entries
+            .get(key)
+            .map(|v| {
+                String::from_utf8(v.clone()).map_err(|_| SourceError::InvalidCredentials {
+                    secret: self.name.clone(),
+                    reason: format!("entry {key:?} is not UTF-8 text"),
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Which local files object-store sources may read.
+#[derive(Clone, Debug, Default)]
+pub struct SourcePolicy {
+    /// `file://` sources are allowed below this directory only; `None` refuses them (the safe default in a
+    /// cluster, where the controller's filesystem is not the user's).
+    pub file_root: Option<PathBuf>,
+}
+
+/// Why a source could not be read. [`SourceError::is_permanent`] tells whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("invalid source URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("cannot reach {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("TLS failure talking to {url}: {detail}")]
+    Tls { url: String, detail: String },
+    #[error("timed out reading {url}: {detail}")]
+    Timeout { url: String, detail: String },
+    #[error("{url} answered HTTP {status}")]
+    HttpStatus { url: String, status: u16 },
+    #[error("{url}: more than {limit} redirects")]
+    TooManyRedirects { url: String, limit: usize },
+    #[error("{url} is {size} bytes, over the maximum of {max} bytes")]
+    TooLarge { url: String, size: u64, max: u64 },
+    #[error("reading {url} broke off: {detail}")]
+    Interrupted { url: String, detail: String },
+    #[error("{url}: no such object")]
+    NotFound { url: String },
+    #[error("{url}: {detail}")]
+    ObjectRead { url: String, detail: String },
+    #[error("{0}")]
+    ObjectUrl(#[from] ObjectUrlError),
+    #[error("file sources are not allowed here: {url} (allowed: {allowed})")]
+    FileNotAllowed { url: String, allowed: String },
+    #[error("Secret {secret:?}: {reason}")]
+    InvalidCredentials { secret: String, reason: String },
+    #[error("source Package {name:?}: {reason}")]
+    PackageNotReady { name: String, reason: String },
+}
+
+impl SourceError {
+    /// True when the same request will fail the same way until the spec or a Secret changes; false for
+    /// failures of the network or the remote side, which are worth retrying.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            SourceError::Unreachable { .. }
+            | SourceError::Timeout { .. }
+            | SourceError::Interrupted { .. }
+            | SourceError::NotFound { .. }
+            | SourceError::ObjectRead { .. }
+            | SourceError::PackageNotReady { .. } => false,
+            // 404 and 5xx may heal (an artifact not yet published, a server restarting); 4xx otherwise do not.
+            SourceError::HttpStatus { status, .. } => {
+                !(*status == 404 || *status == 408 || *status == 429 || *status >= 500)
+            }
+            SourceError::InvalidUrl { .. }
+            | SourceError::Tls { .. }
+            | SourceError::TooManyRedirects { .. }
+            | SourceError::TooLarge { .. }
+            | SourceError::ObjectUrl(_)
+            | SourceError::FileNotAllowed { .. }
+            | SourceError::InvalidCredentials { .. } => true,
+        }
+    }
+}
+
+/// An error and its causes on one line: library errors often say little at the top.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}

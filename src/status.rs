@@ -1,0 +1,298 @@
+//! Status transitions of Packages and Droplets: what the CF state and the conditions become after each outcome.
+//! Pure functions of the previous status, the outcome and the clock.
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::conditions::{self, READY, RECONCILING, STALLED, Status};
+use crate::digest::Digests;
+use crate::resources::{
+    BitsStatus, BlobRef, Checksum, ChecksumType, DropletState, PackageState, StoredDigests,
+};
+
+/// The CF states a status can move through; Packages and Droplets name some of them differently.
+pub trait CfState: Copy + PartialEq {
+    const AWAITING_UPLOAD: Self;
+    const PROCESSING_UPLOAD: Self;
+    /// The state while copying another object's bits.
+    const COPYING: Self;
+    /// READY for a Package, STAGED for a Droplet.
+    const DONE: Self;
+    const FAILED: Self;
+}
+
+impl CfState for PackageState {
+    const AWAITING_UPLOAD: Self = PackageState::AwaitingUpload;
+    const PROCESSING_UPLOAD: Self = PackageState::ProcessingUpload;
+    const COPYING: Self = PackageState::Copying;
+    const DONE: Self = PackageState::Ready;
+    const FAILED: Self = PackageState::Failed;
+}
+
+impl CfState for DropletState {
+    const AWAITING_UPLOAD: Self = DropletState::AwaitingUpload;
+    const PROCESSING_UPLOAD: Self = DropletState::ProcessingUpload;
+    const COPYING: Self = DropletState::ProcessingUpload;
+    const DONE: Self = DropletState::Staged;
+    const FAILED: Self = DropletState::Failed;
+}
+
+/// The recorded digests and location of stored bits.
+pub fn stored_digests(digests: &Digests, blob: BlobRef) -> StoredDigests {
+    StoredDigests {
+        checksum: Some(Checksum {
+            checksum_type: ChecksumType::Sha256,
+            value: digests.sha256.clone(),
+        }),
+        hash: Some(Checksum {
+            checksum_type: ChecksumType::Sha1,
+            value: digests.sha1.clone(),
+        }),
+        digest: Some(digests.oci_digest()),
+        size: Some(digests.size),
+        blob: Some(blob),
+    }
+}
+
+/// The bits are stored and verified: READY (STAGED).
+pub fn done<S: CfState>(
+    prev: &BitsStatus<S>,
+    stored: StoredDigests,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> BitsStatus<S> {
+    let mut status = prev.clone();
+    status.state = Some(S::DONE);
+    status.stored = stored;
+    status.error = None;
+    status.observed_generation = generation;
+    let size = status.stored.size.unwrap_or_default();
+    conditions::upsert(
+        &mut status.conditions,
+        conditions::new(
+            READY,
+            Status::True,
+            "Succeeded",
+            format!("stored {size} bytes"),
+            generation,
+            now,
+        ),
+    );
+    conditions::remove(&mut status.conditions, RECONCILING);
+    conditions::remove(&mut status.conditions, STALLED);
+    status
+}
+
+/// Ready without bits: a docker Package, which only references an image.
+pub fn done_without_bits<S: CfState>(
+    prev: &BitsStatus<S>,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> BitsStatus<S> {
+    let mut status = done(prev, StoredDigests::default(), generation, now);
+    conditions::upsert(
+        &mut status.conditions,
+        conditions::new(READY, Status::True, "Succeeded", message, generation, now),
+    );
+    status
+}
+
+/// A bits object without a source waits for an upload through the API.
+pub fn awaiting_upload<S: CfState>(
+    prev: &BitsStatus<S>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> BitsStatus<S> {
+    let mut status = prev.clone();
+    status.state = Some(S::AWAITING_UPLOAD);
+    status.error = None;
+    status.observed_generation = generation;
+    conditions::upsert(
+        &mut status.conditions,
+        conditions::new(
+            READY,
+            Status::False,
+            "AwaitingUpload",
+            "waiting for bits to be uploaded",
+            generation,
+            now,
+        ),
+    );
+    conditions::remove(&mut status.conditions, RECONCILING);
+    conditions::remove(&mut status.conditions, STALLED);
+    status
+}
+
+/// Work is in flight: PROCESSING_UPLOAD, or COPYING for a copy. Bits already READY stay visible until the new
+/// ones replace them, so a consumer never loses a working version.
+pub fn in_progress<S: CfState>(
+    prev: &BitsStatus<S>,
+    copying: bool,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> BitsStatus<S> {
+    let mut status = prev.clone();
+    let reason = if copying { "Copying" } else { "Fetching" };
+    if status.state != Some(S::DONE) {
+        status.state = Some(if copying {
+            S::COPYING
+        } else {
+            S::PROCESSING_UPLOAD
+        });
+    }
+    conditions::upsert(
+        &mut status.conditions,
+        conditions::new(RECONCILING, Status::True, reason, message, generation, now),
+    );
+    if conditions::find(&status.conditions, READY).is_none_or(|c| c.status != "True") {
+        conditions::upsert(
+            &mut status.conditions,
+            conditions::new(READY, Status::Unknown, reason, message, generation, now),
+        );
+    }
+    conditions::remove(&mut status.conditions, STALLED);
+    status
+}
+
+/// An attempt failed. A permanent failure is FAILED and Stalled; a transient one keeps Reconciling while it
+/// retries. Either way a READY object keeps its state and its bits: a failed retry never downgrades it.
+pub fn failed<S: CfState>(
+    prev: &BitsStatus<S>,
+    reason: &str,
+    message: &str,
+    permanent: bool,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> BitsStatus<S> {
+    let mut status = prev.clone();
+    let was_done = status.state == Some(S::DONE);
+    status.error = Some(message.to_string());
+    status.observed_generation = generation;
+    if permanent {
+        if !was_done {
+            status.state = Some(S::FAILED);
+        }
+        conditions::upsert(
+            &mut status.conditions,
+            conditions::new(STALLED, Status::True, reason, message, generation, now),
+        );
+        conditions::remove(&mut status.conditions, RECONCILING);
+    } else {
+        if !was_done {
+            status.state = Some(S::PROCESSING_UPLOAD);
+        }
+        let retrying = format!("retrying: {message}");
+        conditions::upsert(
+            &mut status.conditions,
+            conditions::new(RECONCILING, Status::True, reason, retrying, generation, now),
+        );
+        conditions::remove(&mut status.conditions, STALLED);
+    }
+    if !was_done {
+        conditions::upsert(
+            &mut status.conditions,
+            conditions::new(READY, Status::False, reason, message, generation, now),
+        );
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conditions::find;
+    use crate::resources::PackageStatus;
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    fn digests() -> Digests {
+        Digests {
+            sha1: "a".repeat(40),
+            sha256: "b".repeat(64),
+            size: 7,
+        }
+    }
+
+    fn blob() -> BlobRef {
+        BlobRef {
+            store: "memory://".into(),
+            key: "k".into(),
+        }
+    }
+
+    #[test]
+    fn done_sets_digests_and_ready() {
+        let status: PackageStatus = done(
+            &PackageStatus::default(),
+            stored_digests(&digests(), blob()),
+            Some(3),
+            now(),
+        );
+        assert_eq!(status.state, Some(PackageState::Ready));
+        assert_eq!(
+            status.stored.digest.as_deref(),
+            Some(format!("sha256:{}", "b".repeat(64)).as_str())
+        );
+        assert_eq!(
+            status.stored.hash.as_ref().unwrap().checksum_type,
+            ChecksumType::Sha1
+        );
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(find(&status.conditions, READY).unwrap().status, "True");
+        assert!(find(&status.conditions, RECONCILING).is_none());
+    }
+
+    #[test]
+    fn permanent_failure_stalls_and_transient_keeps_reconciling() {
+        let base = PackageStatus::default();
+        let stalled = failed(&base, "ChecksumMismatch", "bad", true, Some(1), now());
+        assert_eq!(stalled.state, Some(PackageState::Failed));
+        assert_eq!(find(&stalled.conditions, STALLED).unwrap().status, "True");
+        assert_eq!(find(&stalled.conditions, READY).unwrap().status, "False");
+        let retrying = failed(&base, "SourceUnavailable", "404", false, Some(1), now());
+        assert_eq!(retrying.state, Some(PackageState::ProcessingUpload));
+        assert_eq!(
+            find(&retrying.conditions, RECONCILING).unwrap().status,
+            "True"
+        );
+        assert!(find(&retrying.conditions, STALLED).is_none());
+    }
+
+    #[test]
+    fn ready_is_never_downgraded_by_a_failed_retry() {
+        let ready: PackageStatus = done(
+            &PackageStatus::default(),
+            stored_digests(&digests(), blob()),
+            Some(1),
+            now(),
+        );
+        let after = failed(&ready, "SourceUnavailable", "500", false, Some(2), now());
+        assert_eq!(after.state, Some(PackageState::Ready));
+        assert_eq!(after.stored, ready.stored);
+        assert_eq!(find(&after.conditions, READY).unwrap().status, "True");
+        let progressing = in_progress(&ready, false, "fetching generation 2", Some(2), now());
+        assert_eq!(progressing.state, Some(PackageState::Ready));
+    }
+
+    #[test]
+    fn droplets_finish_as_staged() {
+        let status = done(
+            &BitsStatus::<DropletState>::default(),
+            stored_digests(&digests(), blob()),
+            None,
+            now(),
+        );
+        assert_eq!(status.state, Some(DropletState::Staged));
+        let copying = in_progress(
+            &BitsStatus::<DropletState>::default(),
+            true,
+            "",
+            None,
+            now(),
+        );
+        assert_eq!(copying.state, Some(DropletState::ProcessingUpload));
+    }
+}

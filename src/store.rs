@@ -1,0 +1,332 @@
+//! The blob store: where bitsmith keeps bits, configured by one URL (`file://`, `s3://`, `gs://`, `az://`,
+//! `memory://`).
+//!
+//! Every write goes to a unique key under `staging/` and becomes a blob only through [`StagedWrite::commit`],
+//! which the caller runs after the bytes are complete and verified. A reader of a blob key therefore never sees
+//! a partial blob, and a write that fails, is aborted, or is dropped leaves nothing under a blob key.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::signer::{Method, Signer};
+use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use url::Url;
+
+use crate::object_url::{self, CredentialPolicy, ObjectClient, ObjectUrlError, Scheme};
+use crate::resources::BlobRef;
+
+/// Bytes per uploaded part (S3 needs at least 5 MiB for all but the last).
+const PART_SIZE: usize = 8 << 20;
+/// Parts uploading at once. With [`PART_SIZE`] this bounds a write's memory.
+const PARTS_IN_FLIGHT: usize = 3;
+/// Where writes live until they are committed.
+const STAGING: &str = "staging";
+
+/// Errors from the store, each naming the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store URL: {0}")]
+    Url(#[from] ObjectUrlError),
+    #[error("store {store}: no blob at {key}")]
+    NotFound { store: String, key: String },
+    #[error("store {store}: {op} {key}: {source}")]
+    Backend {
+        store: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("store {store}: {op} {path}: {source}")]
+    Io {
+        store: String,
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Who a blob belongs to; blob keys are derived from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobOwner {
+    /// `packages` or `droplets`.
+    pub plural: &'static str,
+    pub namespace: String,
+    pub name: String,
+    /// The object's uid, which tells apart objects that reuse a name; absent when run without a cluster.
+    pub uid: Option<String>,
+}
+
+impl BlobOwner {
+    /// The key of this owner's blob with the given sha256. Keys are content-addressed per owner, so a
+    /// re-fetch of the same bits lands on the same key and a new generation with new bits on a new one.
+    pub fn blob_key(&self, sha256: &str) -> String {
+        match &self.uid {
+            Some(uid) => format!(
+                "{}/{}/{}/{uid}/{sha256}",
+                self.plural, self.namespace, self.name
+            ),
+            None => format!("{}/{}/{}/{sha256}", self.plural, self.namespace, self.name),
+        }
+    }
+}
+
+/// A connected blob store.
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    client: ObjectClient,
+}
+
+impl BlobStore {
+    /// Connect to the store named by `url`. `options` are object_store settings (see
+    /// [`object_url::connect`]); credentials may also come from the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Self, StoreError> {
+        let client = object_url::connect(url, options, CredentialPolicy::OptionsOrEnvironment)?;
+        Ok(BlobStore { client })
+    }
+
+    /// The store's URL without settings or credentials, as recorded in statuses.
+    pub fn url(&self) -> &str {
+        &self.client.display_url
+    }
+
+    /// Which backend this is.
+    pub fn scheme(&self) -> Scheme {
+        self.client.scheme
+    }
+
+    /// Whether `blob` lives in this store.
+    pub fn holds(&self, blob: &BlobRef) -> bool {
+        blob.store == self.url()
+    }
+
+    /// A reference to `key` in this store.
+    pub fn blob_ref(&self, key: &str) -> BlobRef {
+        BlobRef {
+            store: self.url().to_string(),
+            key: key.to_string(),
+        }
+    }
+
+    fn path(&self, key: &str) -> Path {
+        key.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.client.path.clone(), |path, part| path.join(part))
+    }
+
+    fn backend_error(
+        &self,
+        op: &'static str,
+        key: &str,
+        source: object_store::Error,
+    ) -> StoreError {
+        match source {
+            object_store::Error::NotFound { .. } => StoreError::NotFound {
+                store: self.url().to_string(),
+                key: key.to_string(),
+            },
+            source => StoreError::Backend {
+                store: self.url().to_string(),
+                op,
+                key: key.to_string(),
+                source,
+            },
+        }
+    }
+
+    /// Start a write under a fresh staging key.
+    pub async fn begin_write(&self) -> Result<StagedWrite, StoreError> {
+        let staging_key = format!("{STAGING}/{}", uuid::Uuid::new_v4());
+        let path = self.path(&staging_key);
+        let upload = self
+            .client
+            .store
+            .put_multipart(&path)
+            .await
+            .map_err(|e| self.backend_error("begin write", &staging_key, e))?;
+        Ok(StagedWrite {
+            store: self.clone(),
+            staging_key,
+            upload: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
+        })
+    }
+
+    /// The size of the blob at `key`.
+    pub async fn size(&self, key: &str) -> Result<u64, StoreError> {
+        let meta = self
+            .client
+            .store
+            .head(&self.path(key))
+            .await
+            .map_err(|e| self.backend_error("head", key, e))?;
+        Ok(meta.size)
+    }
+
+    /// Stream the blob at `key`, returning its size and its bytes.
+    pub async fn read(
+        &self,
+        key: &str,
+    ) -> Result<(u64, BoxStream<'static, Result<Bytes, StoreError>>), StoreError> {
+        let size = self.size(key).await?;
+        let this = self.clone();
+        let owned_key = key.to_string();
+        let stream = object_url::ranged_stream(self.client.store.clone(), self.path(key), size)
+            .map_err(move |e| this.backend_error("read", &owned_key, e))
+            .boxed();
+        Ok((size, stream))
+    }
+
+    /// Copy a blob inside the store without moving its bytes through bitsmith. The copy appears whole or not at
+    /// all: a server-side copy on cloud stores, a hard link on the local filesystem.
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        self.client
+            .store
+            .copy(&self.path(from), &self.path(to))
+            .await
+            .map_err(|e| self.backend_error("copy", from, e))
+    }
+
+    /// Delete the blob at `key`. A blob that is already gone counts as deleted, so that cleanup never blocks.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.client.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.backend_error("delete", key, e)),
+        }
+    }
+
+    /// A URL that lets anyone holding it GET the blob for `ttl`, where the backend can sign one.
+    pub async fn presigned_get(&self, key: &str, ttl: Duration) -> Result<Option<Url>, StoreError> {
+        let Some(signer) = &self.client.signer else {
+            return Ok(None);
+        };
+        let signer: &Arc<dyn Signer> = signer;
+        let url = signer
+            .signed_url(Method::GET, &self.path(key), ttl)
+            .await
+            .map_err(|e| self.backend_error("presign", key, e))?;
+        Ok(Some(url))
+    }
+
+    /// Remove staged writes older than `older_than`: what a killed process left behind. Returns how many.
+    pub async fn sweep_staging(&self, older_than: Duration) -> Result<usize, StoreError> {
+        let cutoff = SystemTime::now() - older_than;
+        if self.client.scheme == Scheme::File {
+            // The local backend hides its in-progress part files from listings, so look at the directory itself.
+            return self.sweep_local_staging(cutoff);
+        }
+        let prefix = self.path(STAGING);
+        let stale: Vec<Path> = self
+            .client
+            .store
+            .list(Some(&prefix))
+            .try_filter(|meta| {
+                futures::future::ready(SystemTime::from(meta.last_modified) < cutoff)
+            })
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|e| self.backend_error("list", STAGING, e))?;
+        for path in &stale {
+            match self.client.store.delete(path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.backend_error("delete", path.as_ref(), e)),
+            }
+        }
+        Ok(stale.len())
+    }
+
+    fn sweep_local_staging(&self, cutoff: SystemTime) -> Result<usize, StoreError> {
+        let dir = std::path::Path::new("/").join(self.path(STAGING).as_ref());
+        let io_error = |op, source| StoreError::Io {
+            store: self.url().to_string(),
+            op,
+            path: dir.display().to_string(),
+            source,
+        };
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_error("list", e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("list", e))?;
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map_err(|e| io_error("stat", e))?;
+            if modified < cutoff {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_error("delete", e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// An in-progress write under a staging key. Call [`StagedWrite::commit`] once the bytes are verified, or
+/// [`StagedWrite::abort`]; dropping it aborts too.
+pub struct StagedWrite {
+    store: BlobStore,
+    staging_key: String,
+    upload: Option<WriteMultipart>,
+}
+
+impl StagedWrite {
+    /// Append a block. Waits while [`PARTS_IN_FLIGHT`] parts are uploading.
+    pub async fn write(&mut self, block: Bytes) -> Result<(), StoreError> {
+        let upload = self.upload.as_mut().expect("write after commit or abort");
+        if let Err(e) = upload.wait_for_capacity(PARTS_IN_FLIGHT).await {
+            return Err(self.store.backend_error("write", &self.staging_key, e));
+        }
+        upload.put(block);
+        Ok(())
+    }
+
+    /// Finish the write and move it to `key`, where it becomes visible whole. On failure nothing is left.
+    pub async fn commit(mut self, key: &str) -> Result<BlobRef, StoreError> {
+        let upload = self.upload.take().expect("commit twice");
+        let store = self.store.clone();
+        let staging = store.path(&self.staging_key);
+        if let Err(e) = upload.finish().await {
+            // The backend's own staging (an S3 multipart upload, a local part file) is discarded by the failed
+            // finish; make sure no completed staging object lingers either.
+            let _ = store.client.store.delete(&staging).await;
+            return Err(store.backend_error("finish write", &self.staging_key, e));
+        }
+        if let Err(e) = store.client.store.rename(&staging, &store.path(key)).await {
+            let _ = store.client.store.delete(&staging).await;
+            return Err(store.backend_error("commit", key, e));
+        }
+        Ok(store.blob_ref(key))
+    }
+
+    /// Discard everything written.
+    pub async fn abort(mut self) {
+        if let Some(upload) = self.upload.take() {
+            let _ = upload.abort().await;
+        }
+    }
+}
+
+impl Drop for StagedWrite {
+    fn drop(&mut self) {
+        // Dropped mid-write, e.g. because the task was cancelled: abort in the background so an S3 multipart
+        // upload or a local part file does not linger.
+        if let Some(upload) = self.upload.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = upload.abort().await;
+            });
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Shared test parts: generated data, a loopback HTTP server, and the S3 server the test scripts start.
+
+pub mod data;
+pub mod http_server;
+pub mod s3;
+
+use std::path::{Path, PathBuf};
+
+/// Every regular file below `dir`, relative to it, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+use bitsmith::fetch::Fetcher;
+use bitsmith::sources::{HttpFetcher, HttpOptions, SourcePolicy};
+use bitsmith::store::{BlobOwner, BlobStore};
+
+/// A fetcher over a fresh `file://` store in `dir`, allowed to read files below `/`.
+pub fn file_fetcher(dir: &Path, max_size: u64) -> Fetcher {
+    fetcher(file_store(dir), HttpOptions::default(), max_size)
+}
+
+/// A fetcher over `store` with the given http options.
+pub fn fetcher(store: BlobStore, http: HttpOptions, max_size: u64) -> Fetcher {
+    Fetcher {
+        store,
+        http: HttpFetcher::new(http).unwrap(),
+        policy: SourcePolicy {
+            file_root: Some("/".into()),
+        },
+        max_size,
+    }
+}
+
+/// A `file://` store rooted at `dir`.
+pub fn file_store(dir: &Path) -> BlobStore {
+    let url = url::Url::from_directory_path(dir).unwrap();
+    BlobStore::open(url.as_str(), &Default::default()).unwrap()
+}
+
+/// A Package owner for blob keys.
+pub fn owner(name: &str) -> BlobOwner {
+    BlobOwner {
+        plural: "packages",
+        namespace: "tests".into(),
+        name: name.into(),
+        uid: Some(uuid::Uuid::new_v4().to_string()),
+    }
+}

@@ -175,6 +175,8 @@ fn fetch_peak_rss(dir: &Path, pattern: &Bytes, size: u64) -> f64 {
     )
     .unwrap();
     let store = dir.join("rss-store");
+    // Reaped by wait4 below, which also reports the peak RSS that `Child::wait` would not.
+    #[allow(clippy::zombie_processes)]
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
         .args(["fetch", "--max-size", "64GiB", "--store"])
         .arg(&store)

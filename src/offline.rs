@@ -49,7 +49,7 @@ pub enum OfflineError {
     Pipeline {
         object: String,
         #[source]
-        source: PipelineError,
+        source: Box<PipelineError>,
     },
 }
 
@@ -268,7 +268,7 @@ async fn fetch_one(
         .await
         .map_err(|source| OfflineError::Pipeline {
             object: object.to_string(),
-            source,
+            source: Box::new(source),
         })
 }
 

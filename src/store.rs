@@ -39,7 +39,7 @@ pub enum StoreError {
         op: &'static str,
         key: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[error("store {store}: {op} {path}: {source}")]
     Io {
@@ -134,7 +134,7 @@ impl BlobStore {
                 store: self.url().to_string(),
                 op,
                 key: key.to_string(),
-                source,
+                source: Box::new(source),
             },
         }
     }

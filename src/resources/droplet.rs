@@ -1,5 +1,8 @@
 //! The `Droplet` resource: a staged application (a tarball), produced from a Package.
 
+// Each `printcolumn(...)` repeats `name` and `type_`, which clippy mistakes for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use kube::CustomResource;

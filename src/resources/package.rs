@@ -1,5 +1,8 @@
 //! The `Package` resource: application bits (a zip), or a docker image reference.
 
+// Each `printcolumn(...)` repeats `name` and `type_`, which clippy mistakes for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 /// Fill `buf` with the bytes at `offset..offset+buf.len()` of the stream named by `seed`.
 pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
-    if offset % 8 == 0 {
+    if offset.is_multiple_of(8) {
         for (i, word) in buf.chunks_mut(8).enumerate() {
             let bytes = splitmix(seed ^ (offset / 8 + i as u64)).to_le_bytes();
             word.copy_from_slice(&bytes[..word.len()]);

@@ -158,18 +158,15 @@ pub fn connect(
             path_of(url, &decoded_path)?,
         ),
         Scheme::S3 => {
-            let s3 = s3(url, &parsed, opts, policy, ambient)?;
-            let s3 = Arc::new(s3);
+            let s3 = cloud::<AmazonS3Builder>(url, &parsed, s3_aliases(opts), policy, ambient)?;
             (s3.clone(), Some(s3), path_of(url, &decoded_path)?)
         }
         Scheme::Gcs => {
-            let gcs = gcs(url, &parsed, opts, policy, ambient)?;
-            let gcs = Arc::new(gcs);
+            let gcs = cloud::<GoogleCloudStorageBuilder>(url, &parsed, opts, policy, ambient)?;
             (gcs.clone(), Some(gcs), path_of(url, &decoded_path)?)
         }
         Scheme::Azure => {
-            let az = azure(url, &parsed, opts, policy, ambient)?;
-            let az = Arc::new(az);
+            let az = cloud::<MicrosoftAzureBuilder>(url, &parsed, opts, policy, ambient)?;
             (az.clone(), Some(az), path_of(url, &decoded_path)?)
         }
     };
@@ -217,38 +214,173 @@ fn client_options() -> ClientOptions {
         .with_timeout(Duration::from_secs(120))
 }
 
-/// Apply options through the backend's own key parser, so that its aliases work and typos are reported.
-fn apply<B, K: std::str::FromStr + Clone>(
-    mut builder: B,
-    scheme: Scheme,
-    opts: BTreeMap<String, String>,
-    mut set: impl FnMut(B, K, String) -> B,
-) -> Result<(B, Vec<K>), ObjectUrlError> {
-    let mut keys = Vec::new();
-    for (key, value) in opts {
-        let parsed: K = key
-            .parse()
-            .map_err(|_| ObjectUrlError::UnknownOption { scheme, key })?;
-        builder = set(builder, parsed.clone(), value);
-        keys.push(parsed);
+/// What differs between the cloud backends; [`cloud`] does the rest the same way for all three.
+trait CloudBuilder: Sized {
+    type Key: std::str::FromStr + Clone;
+    type Store: ObjectStore + Signer;
+    const SCHEME: Scheme;
+    /// Environment variables with this prefix configure the store (for [`CredentialPolicy::OptionsOrEnvironment`]).
+    const ENV_PREFIX: &'static str;
+    /// The option that turns off request signing.
+    const SKIP_SIGNATURE: &'static str;
+    /// What to set when credentials are missing.
+    const HINT: &'static str;
+    fn new(bucket: String) -> Self;
+    fn with(self, key: Self::Key, value: String) -> Self;
+    /// Whether setting `key` provides credentials (or explicitly waives them).
+    fn provides_credentials(key: &Self::Key) -> bool;
+    fn build(self) -> object_store::Result<Self::Store>;
+}
+
+impl CloudBuilder for AmazonS3Builder {
+    type Key = AmazonS3ConfigKey;
+    type Store = object_store::aws::AmazonS3;
+    const SCHEME: Scheme = Scheme::S3;
+    const ENV_PREFIX: &'static str = "AWS_";
+    const SKIP_SIGNATURE: &'static str = "aws_skip_signature";
+    const HINT: &'static str = "set aws_access_key_id and aws_secret_access_key (or AWS_* variables for the \
+                                store), or credentials=ambient to use the instance's role";
+    fn new(bucket: String) -> Self {
+        AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_client_options(client_options())
     }
-    Ok((builder, keys))
+    fn with(self, key: Self::Key, value: String) -> Self {
+        self.with_config(key, value)
+    }
+    fn provides_credentials(key: &Self::Key) -> bool {
+        use AmazonS3ConfigKey as K;
+        matches!(
+            key,
+            K::AccessKeyId
+                | K::WebIdentityTokenFile
+                | K::ContainerCredentialsRelativeUri
+                | K::ContainerCredentialsFullUri
+                | K::SkipSignature
+                | K::MetadataEndpoint
+        )
+    }
+    fn build(self) -> object_store::Result<Self::Store> {
+        AmazonS3Builder::build(self)
+    }
 }
 
-fn env_options(prefix: &str) -> BTreeMap<String, String> {
-    std::env::vars()
-        .filter(|(k, _)| k.starts_with(prefix))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v))
-        .collect()
+impl CloudBuilder for GoogleCloudStorageBuilder {
+    type Key = GoogleConfigKey;
+    type Store = object_store::gcp::GoogleCloudStorage;
+    const SCHEME: Scheme = Scheme::Gcs;
+    const ENV_PREFIX: &'static str = "GOOGLE_";
+    const SKIP_SIGNATURE: &'static str = "google_skip_signature";
+    const HINT: &'static str = "set google_service_account_key (or GOOGLE_* variables for the store), or \
+                                credentials=ambient to use the workload's identity";
+    fn new(bucket: String) -> Self {
+        GoogleCloudStorageBuilder::new()
+            .with_bucket_name(bucket)
+            .with_client_options(client_options())
+    }
+    fn with(self, key: Self::Key, value: String) -> Self {
+        self.with_config(key, value)
+    }
+    fn provides_credentials(key: &Self::Key) -> bool {
+        use GoogleConfigKey as K;
+        matches!(
+            key,
+            K::ServiceAccount
+                | K::ServiceAccountKey
+                | K::ApplicationCredentials
+                | K::BearerToken
+                | K::SkipSignature
+        )
+    }
+    fn build(self) -> object_store::Result<Self::Store> {
+        GoogleCloudStorageBuilder::build(self)
+    }
 }
 
-fn s3(
+impl CloudBuilder for MicrosoftAzureBuilder {
+    type Key = AzureConfigKey;
+    type Store = object_store::azure::MicrosoftAzure;
+    const SCHEME: Scheme = Scheme::Azure;
+    const ENV_PREFIX: &'static str = "AZURE_";
+    const SKIP_SIGNATURE: &'static str = "azure_skip_signature";
+    const HINT: &'static str = "set azure_storage_account_name with azure_storage_account_key or \
+                                azure_storage_sas_key (or AZURE_* variables for the store), or \
+                                credentials=ambient to use a managed identity";
+    fn new(container: String) -> Self {
+        MicrosoftAzureBuilder::new()
+            .with_container_name(container)
+            .with_client_options(client_options())
+    }
+    fn with(self, key: Self::Key, value: String) -> Self {
+        self.with_config(key, value)
+    }
+    fn provides_credentials(key: &Self::Key) -> bool {
+        use AzureConfigKey as K;
+        matches!(
+            key,
+            K::AccessKey
+                | K::SasKey
+                | K::Token
+                | K::ClientSecret
+                | K::FederatedTokenFile
+                | K::UseAzureCli
+                | K::UseEmulator
+                | K::SkipSignature
+        )
+    }
+    fn build(self) -> object_store::Result<Self::Store> {
+        MicrosoftAzureBuilder::build(self)
+    }
+}
+
+/// Build a cloud client: options go through the backend's own key parser (so its aliases work and typos are
+/// reported), and a client without credentials is refused unless anonymous or ambient access was asked for.
+fn cloud<B: CloudBuilder>(
     url: &str,
     parsed: &Url,
     mut opts: BTreeMap<String, String>,
     policy: CredentialPolicy,
     ambient: bool,
-) -> Result<object_store::aws::AmazonS3, ObjectUrlError> {
+) -> Result<Arc<B::Store>, ObjectUrlError> {
+    if policy == CredentialPolicy::OptionsOrEnvironment {
+        for (key, value) in std::env::vars().filter(|(k, _)| k.starts_with(B::ENV_PREFIX)) {
+            let key = key.to_ascii_lowercase();
+            if key.parse::<B::Key>().is_ok() {
+                opts.entry(key).or_insert(value);
+            }
+        }
+    }
+    if policy == CredentialPolicy::Anonymous {
+        opts.insert(B::SKIP_SIGNATURE.into(), "true".into());
+    }
+    let mut builder = B::new(bucket(url, parsed)?);
+    let mut has_credentials = false;
+    for (key, value) in opts {
+        let parsed: B::Key = key.parse().map_err(|_| ObjectUrlError::UnknownOption {
+            scheme: B::SCHEME,
+            key,
+        })?;
+        has_credentials |= B::provides_credentials(&parsed);
+        builder = builder.with(parsed, value);
+    }
+    if !has_credentials && !ambient {
+        return Err(ObjectUrlError::MissingCredentials {
+            url: url.to_string(),
+            hint: B::HINT,
+        });
+    }
+    let store = builder
+        .build()
+        .map_err(|source| ObjectUrlError::Configure {
+            url: url.to_string(),
+            source,
+        })?;
+    Ok(Arc::new(store))
+}
+
+/// S3 settings with no object_store key of their own: `path_style`, and plain-http endpoints (local servers).
+fn s3_aliases(mut opts: BTreeMap<String, String>) -> BTreeMap<String, String> {
     if let Some(path_style) = opts.remove("path_style") {
         opts.insert(
             "aws_virtual_hosted_style_request".into(),
@@ -263,149 +395,7 @@ fn s3(
         opts.entry("allow_http".into())
             .or_insert_with(|| "true".into());
     }
-    if policy == CredentialPolicy::OptionsOrEnvironment {
-        for (k, v) in env_options("AWS_") {
-            if k.parse::<AmazonS3ConfigKey>().is_ok() {
-                opts.entry(k).or_insert(v);
-            }
-        }
-    }
-    if policy == CredentialPolicy::Anonymous {
-        opts.insert("aws_skip_signature".into(), "true".into());
-    }
-    let builder = AmazonS3Builder::new()
-        .with_bucket_name(bucket(url, parsed)?)
-        .with_region("us-east-1")
-        .with_client_options(client_options());
-    let (builder, keys) = apply(builder, Scheme::S3, opts, |b: AmazonS3Builder, k, v| {
-        b.with_config(k, v)
-    })?;
-    use AmazonS3ConfigKey as K;
-    let has_credentials = keys.iter().any(|k| {
-        matches!(
-            k,
-            K::AccessKeyId
-                | K::WebIdentityTokenFile
-                | K::ContainerCredentialsRelativeUri
-                | K::ContainerCredentialsFullUri
-                | K::SkipSignature
-                | K::MetadataEndpoint
-        )
-    });
-    if !has_credentials && !ambient {
-        return Err(ObjectUrlError::MissingCredentials {
-            url: url.to_string(),
-            hint: "set aws_access_key_id and aws_secret_access_key (or AWS_* variables for the store), \
-                   or credentials=ambient to use the instance's role",
-        });
-    }
-    builder.build().map_err(|source| ObjectUrlError::Configure {
-        url: url.to_string(),
-        source,
-    })
-}
-
-fn gcs(
-    url: &str,
-    parsed: &Url,
-    mut opts: BTreeMap<String, String>,
-    policy: CredentialPolicy,
-    ambient: bool,
-) -> Result<object_store::gcp::GoogleCloudStorage, ObjectUrlError> {
-    if policy == CredentialPolicy::OptionsOrEnvironment {
-        for (k, v) in env_options("GOOGLE_") {
-            if k.parse::<GoogleConfigKey>().is_ok() {
-                opts.entry(k).or_insert(v);
-            }
-        }
-    }
-    if policy == CredentialPolicy::Anonymous {
-        opts.insert("google_skip_signature".into(), "true".into());
-    }
-    let builder = GoogleCloudStorageBuilder::new()
-        .with_bucket_name(bucket(url, parsed)?)
-        .with_client_options(client_options());
-    let (builder, keys) = apply(
-        builder,
-        Scheme::Gcs,
-        opts,
-        |b: GoogleCloudStorageBuilder, k, v| b.with_config(k, v),
-    )?;
-    use GoogleConfigKey as K;
-    let has_credentials = keys.iter().any(|k| {
-        matches!(
-            k,
-            K::ServiceAccount
-                | K::ServiceAccountKey
-                | K::ApplicationCredentials
-                | K::BearerToken
-                | K::SkipSignature
-        )
-    });
-    if !has_credentials && !ambient {
-        return Err(ObjectUrlError::MissingCredentials {
-            url: url.to_string(),
-            hint: "set google_service_account_key (or GOOGLE_* variables for the store), \
-                   or credentials=ambient to use the workload's identity",
-        });
-    }
-    builder.build().map_err(|source| ObjectUrlError::Configure {
-        url: url.to_string(),
-        source,
-    })
-}
-
-fn azure(
-    url: &str,
-    parsed: &Url,
-    mut opts: BTreeMap<String, String>,
-    policy: CredentialPolicy,
-    ambient: bool,
-) -> Result<object_store::azure::MicrosoftAzure, ObjectUrlError> {
-    if policy == CredentialPolicy::OptionsOrEnvironment {
-        for (k, v) in env_options("AZURE_") {
-            if k.parse::<AzureConfigKey>().is_ok() {
-                opts.entry(k).or_insert(v);
-            }
-        }
-    }
-    if policy == CredentialPolicy::Anonymous {
-        opts.insert("azure_skip_signature".into(), "true".into());
-    }
-    let builder = MicrosoftAzureBuilder::new()
-        .with_container_name(bucket(url, parsed)?)
-        .with_client_options(client_options());
-    let (builder, keys) = apply(
-        builder,
-        Scheme::Azure,
-        opts,
-        |b: MicrosoftAzureBuilder, k, v| b.with_config(k, v),
-    )?;
-    use AzureConfigKey as K;
-    let has_credentials = keys.iter().any(|k| {
-        matches!(
-            k,
-            K::AccessKey
-                | K::SasKey
-                | K::Token
-                | K::ClientSecret
-                | K::FederatedTokenFile
-                | K::UseAzureCli
-                | K::UseEmulator
-                | K::SkipSignature
-        )
-    });
-    if !has_credentials && !ambient {
-        return Err(ObjectUrlError::MissingCredentials {
-            url: url.to_string(),
-            hint: "set azure_storage_account_name with azure_storage_account_key or azure_storage_sas_key \
-                   (or AZURE_* variables for the store), or credentials=ambient to use a managed identity",
-        });
-    }
-    builder.build().map_err(|source| ObjectUrlError::Configure {
-        url: url.to_string(),
-        source,
-    })
+    opts
 }
 
 /// Stream an object of known `size` as ranged GETs, [`READ_CONCURRENCY`] at a time, in order. Ranged reads keep

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::fetch::{Fetcher, Inputs};
 use crate::pipeline::PipelineError;
-use crate::resources::{BitsStatus, Droplet, Package, PackageType, Source};
+use crate::resources::{BitsObject, BitsStatus, Droplet, Package, PackageType, Source};
 use crate::sources::SecretData;
 use crate::status::{self, CfState};
 use crate::store::BlobOwner;
@@ -101,6 +101,13 @@ pub fn parse_manifests(text: &str, origin: &str) -> Result<Vec<Manifest>, Offlin
     Ok(manifests)
 }
 
+/// What one run has seen so far: Secrets for credentials, and fetched Packages for `package` sources.
+#[derive(Default)]
+struct Seen {
+    secrets: BTreeMap<(String, String), SecretData>,
+    packages: BTreeMap<(String, String), Package>,
+}
+
 /// Fetch every Package and Droplet in `manifests`, in order, and return them with their status filled in.
 /// Stops at the first failure; blobs stored before it stay, as they would in a cluster.
 pub async fn run(
@@ -108,88 +115,55 @@ pub async fn run(
     fetcher: &Fetcher,
     default_namespace: &str,
 ) -> Result<Vec<Manifest>, OfflineError> {
-    let namespace_of = |ns: Option<String>| ns.unwrap_or_else(|| default_namespace.to_string());
-    let mut secrets: BTreeMap<(String, String), SecretData> = BTreeMap::new();
-    let mut packages: BTreeMap<(String, String), Package> = BTreeMap::new();
+    let mut seen = Seen::default();
     let mut results = Vec::new();
     for manifest in manifests {
         match manifest {
             Manifest::Secret(secret) => {
-                let key = (namespace_of(secret.namespace()), secret.name_any());
-                secrets.insert(key, secret_data(&secret));
+                let namespace = secret
+                    .namespace()
+                    .unwrap_or_else(|| default_namespace.to_string());
+                seen.secrets
+                    .insert((namespace, secret.name_any()), secret_data(&secret));
             }
             Manifest::Package(mut package) => {
-                let namespace = namespace_of(package.namespace());
-                package.metadata.namespace = Some(namespace.clone());
-                let object = format!("package {namespace}/{}", package.name_any());
+                let namespace = claim_namespace(package.as_mut(), default_namespace);
+                let object = describe(package.as_ref(), &namespace);
                 validate::package_spec(&package.spec).map_err(|source| OfflineError::Spec {
                     object: object.clone(),
                     source,
                 })?;
-                let prev = package.status.clone().unwrap_or_default();
-                let generation = package.metadata.generation;
-                let now = Timestamp::now();
-                let new_status = match (&package.spec.package_type, &package.spec.source) {
-                    (PackageType::Docker, _) => {
-                        let image = package
-                            .spec
-                            .image
-                            .as_ref()
-                            .map(|i| i.reference.as_str())
-                            .unwrap_or_default();
-                        status::done_without_bits(&prev, &format!("image {image}"), generation, now)
-                    }
-                    (PackageType::Bits, None) => status::awaiting_upload(&prev, generation, now),
-                    (PackageType::Bits, Some(source)) => {
-                        let owner = owner("packages", &namespace, &package.metadata);
-                        let stored = fetch_one(
-                            fetcher,
-                            &object,
-                            &owner,
-                            &namespace,
-                            source,
-                            package.spec.checksum.as_ref(),
-                            &secrets,
-                            &packages,
+                let status = match &package.spec.image {
+                    // A docker Package is READY once its image reference is valid: it has no bits to fetch.
+                    Some(image) if package.spec.package_type == PackageType::Docker => {
+                        let prev = package.status.clone().unwrap_or_default();
+                        let message = format!("image {}", image.reference);
+                        status::done_without_bits(
+                            &prev,
+                            &message,
+                            package.metadata.generation,
+                            Timestamp::now(),
                         )
-                        .await?;
-                        finished(&prev, stored, generation, now)
+                    }
+                    _ => {
+                        fetch_status(package.as_ref(), &namespace, &object, fetcher, &seen).await?
                     }
                 };
-                package.status = Some(new_status);
-                packages.insert((namespace, package.name_any()), (*package).clone());
+                package.set_bits_status(status);
+                seen.packages
+                    .insert((namespace, package.name_any()), (*package).clone());
                 results.push(Manifest::Package(package));
             }
             Manifest::Droplet(mut droplet) => {
-                let namespace = namespace_of(droplet.namespace());
-                droplet.metadata.namespace = Some(namespace.clone());
-                let object = format!("droplet {namespace}/{}", droplet.name_any());
+                let namespace = claim_namespace(droplet.as_mut(), default_namespace);
+                let object = describe(droplet.as_ref(), &namespace);
                 validate::droplet_spec(&droplet.spec).map_err(|source| OfflineError::Spec {
                     object: object.clone(),
                     source,
                 })?;
-                let prev = droplet.status.clone().unwrap_or_default();
-                let generation = droplet.metadata.generation;
-                let now = Timestamp::now();
-                let new_status = match &droplet.spec.source {
-                    None => status::awaiting_upload(&prev, generation, now),
-                    Some(source) => {
-                        let owner = owner("droplets", &namespace, &droplet.metadata);
-                        let stored = fetch_one(
-                            fetcher,
-                            &object,
-                            &owner,
-                            &namespace,
-                            source,
-                            droplet.spec.checksum.as_ref(),
-                            &secrets,
-                            &packages,
-                        )
-                        .await?;
-                        finished(&prev, stored, generation, now)
-                    }
-                };
-                droplet.status = Some(new_status);
+                let status =
+                    fetch_status(droplet.as_ref(), &namespace, &object, fetcher, &seen).await?;
+                droplet.set_bits_status(status);
                 results.push(Manifest::Droplet(droplet));
             }
         }
@@ -197,55 +171,46 @@ pub async fn run(
     Ok(results)
 }
 
-fn finished<S: CfState>(
-    prev: &BitsStatus<S>,
-    stored: crate::pipeline::Stored,
-    generation: Option<i64>,
-    now: Timestamp,
-) -> BitsStatus<S> {
-    status::done(
-        prev,
-        status::stored_digests(&stored.digests, stored.blob),
-        generation,
-        now,
+/// Give `object` the default namespace when it names none, and return its namespace.
+fn claim_namespace<O: BitsObject>(object: &mut O, default_namespace: &str) -> String {
+    object
+        .meta_mut()
+        .namespace
+        .get_or_insert_with(|| default_namespace.to_string())
+        .clone()
+}
+
+/// `package ns/name`, for messages.
+fn describe<O: BitsObject>(object: &O, namespace: &str) -> String {
+    format!(
+        "{} {namespace}/{}",
+        O::NOUN,
+        object.meta().name.as_deref().unwrap_or_default()
     )
 }
 
-fn owner(plural: &'static str, namespace: &str, meta: &kube::api::ObjectMeta) -> BlobOwner {
-    BlobOwner {
-        plural,
-        namespace: namespace.to_string(),
-        name: meta.name.clone().unwrap_or_default(),
-        uid: meta.uid.clone(),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn fetch_one(
-    fetcher: &Fetcher,
-    object: &str,
-    owner: &BlobOwner,
+/// The status after fetching `object`'s source, or AWAITING_UPLOAD when it has none.
+async fn fetch_status<O: BitsObject>(
+    object: &O,
     namespace: &str,
-    source: &Source,
-    pin: Option<&crate::resources::Checksum>,
-    secrets: &BTreeMap<(String, String), SecretData>,
-    packages: &BTreeMap<(String, String), Package>,
-) -> Result<crate::pipeline::Stored, OfflineError> {
-    let secret_name = source
-        .http
-        .as_ref()
-        .and_then(|h| h.secret_ref.as_ref())
-        .or(source
-            .object_store
-            .as_ref()
-            .and_then(|o| o.secret_ref.as_ref()))
-        .map(|r| r.name.clone());
-    let secret = match secret_name {
+    description: &str,
+    fetcher: &Fetcher,
+    seen: &Seen,
+) -> Result<BitsStatus<O::State>, OfflineError>
+where
+    O::State: CfState,
+{
+    let prev = object.bits_status().cloned().unwrap_or_default();
+    let generation = object.meta().generation;
+    let Some(source) = object.source() else {
+        return Ok(status::awaiting_upload(&prev, generation, Timestamp::now()));
+    };
+    let secret = match secret_name(source) {
         Some(name) => Some(
-            secrets
+            seen.secrets
                 .get(&(namespace.to_string(), name.clone()))
                 .ok_or_else(|| OfflineError::MissingSecret {
-                    object: object.to_string(),
+                    object: description.to_string(),
                     secret: name,
                 })?,
         ),
@@ -254,12 +219,12 @@ async fn fetch_one(
     let source_package = source
         .package
         .as_ref()
-        .and_then(|p| packages.get(&(namespace.to_string(), p.name.clone())));
-    fetcher
+        .and_then(|p| seen.packages.get(&(namespace.to_string(), p.name.clone())));
+    let stored = fetcher
         .fetch(
-            owner,
+            &BlobOwner::of(object, namespace),
             source,
-            pin,
+            object.checksum_pin(),
             Inputs {
                 secret,
                 source_package,
@@ -267,9 +232,21 @@ async fn fetch_one(
         )
         .await
         .map_err(|source| OfflineError::Pipeline {
-            object: object.to_string(),
+            object: description.to_string(),
             source: Box::new(source),
-        })
+        })?;
+    let digests = status::stored_digests(&stored.digests, stored.blob);
+    Ok(status::done(&prev, digests, generation, Timestamp::now()))
+}
+
+/// The Secret a source names for its credentials, if any.
+fn secret_name(source: &Source) -> Option<String> {
+    let http = source.http.as_ref().and_then(|h| h.secret_ref.as_ref());
+    let object = source
+        .object_store
+        .as_ref()
+        .and_then(|o| o.secret_ref.as_ref());
+    http.or(object).map(|r| r.name.clone())
 }
 
 /// A Secret's `data` and `stringData`, decoded.

@@ -17,7 +17,7 @@ use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use url::Url;
 
 use crate::object_url::{self, CredentialPolicy, ObjectClient, ObjectUrlError, Scheme};
-use crate::resources::BlobRef;
+use crate::resources::{BitsObject, BlobRef};
 
 /// Bytes per uploaded part (S3 needs at least 5 MiB for all but the last).
 const PART_SIZE: usize = 8 << 20;
@@ -63,6 +63,16 @@ pub struct BlobOwner {
 }
 
 impl BlobOwner {
+    /// The owner of `object`'s blobs, in `namespace` (the object's own, or a default when it names none).
+    pub fn of<O: BitsObject>(object: &O, namespace: &str) -> Self {
+        BlobOwner {
+            plural: O::PLURAL,
+            namespace: namespace.to_string(),
+            name: object.meta().name.clone().unwrap_or_default(),
+            uid: object.meta().uid.clone(),
+        }
+    }
+
     /// The key of this owner's blob with the given sha256. Keys are content-addressed per owner, so a
     /// re-fetch of the same bits lands on the same key and a new generation with new bits on a new one.
     pub fn blob_key(&self, sha256: &str) -> String {

@@ -22,3 +22,54 @@ pub use shared::{
 pub const GROUP: &str = "bitsmith.dev";
 /// The API version of every bitsmith resource.
 pub const VERSION: &str = "v1alpha1";
+
+/// What Packages and Droplets have in common: bits from an optional source, an optional checksum pin, and a
+/// status that differs only in its CF states. Code that handles both is written once against this.
+pub trait BitsObject: kube::Resource<DynamicType = ()> + Clone {
+    /// The CF states of this kind.
+    type State: Copy + PartialEq;
+    /// The resource's plural; it also prefixes its blobs' keys.
+    const PLURAL: &'static str;
+    /// Lowercase kind for messages, e.g. `package`.
+    const NOUN: &'static str;
+    fn source(&self) -> Option<&Source>;
+    fn checksum_pin(&self) -> Option<&Checksum>;
+    fn bits_status(&self) -> Option<&BitsStatus<Self::State>>;
+    fn set_bits_status(&mut self, status: BitsStatus<Self::State>);
+}
+
+impl BitsObject for Package {
+    type State = PackageState;
+    const PLURAL: &'static str = "packages";
+    const NOUN: &'static str = "package";
+    fn source(&self) -> Option<&Source> {
+        self.spec.source.as_ref()
+    }
+    fn checksum_pin(&self) -> Option<&Checksum> {
+        self.spec.checksum.as_ref()
+    }
+    fn bits_status(&self) -> Option<&BitsStatus<PackageState>> {
+        self.status.as_ref()
+    }
+    fn set_bits_status(&mut self, status: BitsStatus<PackageState>) {
+        self.status = Some(status);
+    }
+}
+
+impl BitsObject for Droplet {
+    type State = DropletState;
+    const PLURAL: &'static str = "droplets";
+    const NOUN: &'static str = "droplet";
+    fn source(&self) -> Option<&Source> {
+        self.spec.source.as_ref()
+    }
+    fn checksum_pin(&self) -> Option<&Checksum> {
+        self.spec.checksum.as_ref()
+    }
+    fn bits_status(&self) -> Option<&BitsStatus<DropletState>> {
+        self.status.as_ref()
+    }
+    fn set_bits_status(&mut self, status: BitsStatus<DropletState>) {
+        self.status = Some(status);
+    }
+}

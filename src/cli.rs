@@ -11,11 +11,7 @@ use crate::sources::{HttpFetcher, HttpOptions, SourcePolicy, error_chain};
 use crate::store::BlobStore;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "bitsmith",
-    version,
-    about = "Cloud Foundry application bits as Kubernetes resources"
-)]
+#[command(name = "bitsmith", version, about = "Cloud Foundry application bits as Kubernetes resources")]
 pub struct Cli {
     /// Log as JSON lines.
     #[arg(long, global = true)]
@@ -54,10 +50,8 @@ impl StoreArgs {
         let url = if self.store.contains("://") {
             self.store.clone()
         } else {
-            let dir = std::path::absolute(&self.store)
-                .map_err(|e| format!("store directory {}: {e}", self.store))?;
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("store directory {}: {e}", dir.display()))?;
+            let dir = std::path::absolute(&self.store).map_err(|e| format!("store directory {}: {e}", self.store))?;
+            std::fs::create_dir_all(&dir).map_err(|e| format!("store directory {}: {e}", dir.display()))?;
             url::Url::from_directory_path(&dir)
                 .map_err(|()| format!("store directory {}: not absolute", dir.display()))?
                 .to_string()
@@ -88,13 +82,9 @@ pub struct FetchArgs {
 /// Parse a byte size with an optional binary (KiB, MiB, GiB, TiB) or decimal (K, M, G, T) suffix.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 1GiB or 1000000"))?;
+    let number: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size like 1GiB or 1000000"))?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KB" => 1_000,
@@ -106,14 +96,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "Gi" | "GiB" => 1 << 30,
         "Ti" | "TiB" => 1 << 40,
         other => {
-            return Err(format!(
-                "unknown size unit {other:?} (use KiB, MiB, GiB, TiB, K, M, G or T)"
-            ));
+            return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB, TiB, K, M, G or T)"));
         }
     };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    number.checked_mul(multiplier).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
@@ -129,8 +115,9 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             print!("{}", crate::crd::all_yaml());
             Ok(())
         }
-        Command::Crd { out_dir: Some(dir) } => crate::crd::write_dir(&dir)
-            .map_err(|e| format!("writing CRDs to {}: {e}", dir.display())),
+        Command::Crd { out_dir: Some(dir) } => {
+            crate::crd::write_dir(&dir).map_err(|e| format!("writing CRDs to {}: {e}", dir.display()))
+        }
         Command::Fetch(args) => fetch(args).await,
     }
 }
@@ -140,13 +127,11 @@ async fn fetch(args: FetchArgs) -> Result<(), String> {
     for file in &args.files {
         let (text, origin) = if file.as_os_str() == "-" {
             (
-                std::io::read_to_string(std::io::stdin())
-                    .map_err(|e| format!("reading standard input: {e}"))?,
+                std::io::read_to_string(std::io::stdin()).map_err(|e| format!("reading standard input: {e}"))?,
                 "-".to_string(),
             )
         } else {
-            let text =
-                std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
             (text, file.display().to_string())
         };
         manifests.extend(offline::parse_manifests(&text, &origin).map_err(|e| e.to_string())?);
@@ -154,18 +139,11 @@ async fn fetch(args: FetchArgs) -> Result<(), String> {
     let fetcher = Fetcher {
         store: args.store.open()?,
         http: HttpFetcher::new(HttpOptions::default()).map_err(|e| e.to_string())?,
-        policy: SourcePolicy {
-            file_root: Some(args.allow_files_under.clone()),
-        },
+        policy: SourcePolicy { file_root: Some(args.allow_files_under.clone()) },
         max_size: args.max_size,
     };
-    let results = offline::run(manifests, &fetcher, &args.namespace)
-        .await
-        .map_err(|e| error_chain(&e))?;
-    print!(
-        "{}",
-        offline::to_yaml(&results).map_err(|e| format!("printing results: {e}"))?
-    );
+    let results = offline::run(manifests, &fetcher, &args.namespace).await.map_err(|e| error_chain(&e))?;
+    print!("{}", offline::to_yaml(&results).map_err(|e| format!("printing results: {e}"))?);
     Ok(())
 }
 

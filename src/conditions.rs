@@ -80,22 +80,13 @@ mod tests {
     #[test]
     fn upsert_keeps_transition_time_while_status_holds() {
         let mut conditions = vec![new(READY, Status::False, "Fetching", "", Some(1), at(10))];
-        upsert(
-            &mut conditions,
-            new(READY, Status::False, "Retrying", "again", Some(1), at(20)),
-        );
+        upsert(&mut conditions, new(READY, Status::False, "Retrying", "again", Some(1), at(20)));
         assert_eq!(conditions.len(), 1);
         assert_eq!(conditions[0].reason, "Retrying");
         assert_eq!(conditions[0].last_transition_time, Time(at(10)));
-        upsert(
-            &mut conditions,
-            new(READY, Status::True, "Succeeded", "", Some(1), at(30)),
-        );
+        upsert(&mut conditions, new(READY, Status::True, "Succeeded", "", Some(1), at(30)));
         assert_eq!(conditions[0].last_transition_time, Time(at(30)));
-        upsert(
-            &mut conditions,
-            new(STALLED, Status::True, "X", "", Some(1), at(40)),
-        );
+        upsert(&mut conditions, new(STALLED, Status::True, "X", "", Some(1), at(40)));
         assert_eq!(conditions.len(), 2);
         remove(&mut conditions, STALLED);
         assert!(find(&conditions, STALLED).is_none());

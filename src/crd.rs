@@ -26,10 +26,7 @@ pub fn to_yaml(crd: &CustomResourceDefinition) -> String {
 
 /// Every CRD as one multi-document YAML stream.
 pub fn all_yaml() -> String {
-    all()
-        .iter()
-        .map(|crd| format!("---\n{}", to_yaml(crd)))
-        .collect()
+    all().iter().map(|crd| format!("---\n{}", to_yaml(crd))).collect()
 }
 
 /// Write each CRD to `dir/<name>.yaml`.

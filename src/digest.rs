@@ -66,11 +66,7 @@ impl HashWorker {
 impl Digester {
     /// Start the two hash workers. Must be called inside a tokio runtime.
     pub fn new() -> Self {
-        Digester {
-            sha1: HashWorker::spawn::<Sha1>(),
-            sha256: HashWorker::spawn::<Sha256>(),
-            size: 0,
-        }
+        Digester { sha1: HashWorker::spawn::<Sha1>(), sha256: HashWorker::spawn::<Sha256>(), size: 0 }
     }
 
     /// Bytes hashed so far.
@@ -123,10 +119,7 @@ mod tests {
         d.update(Bytes::from_static(b"c")).await;
         let got = d.finish().await;
         assert_eq!(got.sha1, "a9993e364706816aba3e25717850c26c9cd0d89d");
-        assert_eq!(
-            got.sha256,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(got.sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(got.size, 3);
         assert_eq!(got.oci_digest(), format!("sha256:{}", got.sha256));
     }
@@ -135,10 +128,7 @@ mod tests {
     async fn empty_input() {
         let got = Digester::new().finish().await;
         assert_eq!(got.sha1, "da39a3ee5e6b4b0d3255bfef95601890afd80709");
-        assert_eq!(
-            got.sha256,
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(got.sha256, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(got.size, 0);
     }
 }

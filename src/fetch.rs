@@ -44,19 +44,14 @@ impl Fetcher {
                 pipeline::store_stream(opened, &self.store, owner, pin, self.max_size).await
             }
             SourceKind::ObjectStore(object) => {
-                let opened =
-                    sources::open_object(object, inputs.secret, &self.policy, self.max_size)
-                        .await?;
+                let opened = sources::open_object(object, inputs.secret, &self.policy, self.max_size).await?;
                 pipeline::store_stream(opened, &self.store, owner, pin, self.max_size).await
             }
             SourceKind::Package(reference) => {
-                let package =
-                    inputs
-                        .source_package
-                        .ok_or_else(|| SourceError::PackageNotReady {
-                            name: reference.name.clone(),
-                            reason: "not found".into(),
-                        })?;
+                let package = inputs.source_package.ok_or_else(|| SourceError::PackageNotReady {
+                    name: reference.name.clone(),
+                    reason: "not found".into(),
+                })?;
                 let copy = sources::resolve_package_copy(package, self.store.url())?;
                 pipeline::copy_in_store(copy, &self.store, owner, pin).await
             }

@@ -82,9 +82,7 @@ pub struct ObjectClient {
 pub enum ObjectUrlError {
     #[error("malformed object URL {url:?}: {reason}")]
     Malformed { url: String, reason: String },
-    #[error(
-        "unsupported object URL scheme {scheme:?} in {url:?}: use s3://, gs://, az://, file:// or memory://"
-    )]
+    #[error("unsupported object URL scheme {scheme:?} in {url:?}: use s3://, gs://, az://, file:// or memory://")]
     UnsupportedScheme { scheme: String, url: String },
     #[error("unknown {scheme:?} option {key:?}")]
     UnknownOption { scheme: Scheme, key: String },
@@ -111,19 +109,10 @@ pub fn connect(
         scheme: parsed.scheme().to_string(),
         url: url.to_string(),
     })?;
-    let mut opts: BTreeMap<String, String> = parsed
-        .query_pairs()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    opts.extend(
-        options
-            .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
-    );
-    let ambient = opts
-        .remove("credentials")
-        .map(|v| v == "ambient")
-        .unwrap_or(false);
+    let mut opts: BTreeMap<String, String> =
+        parsed.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    opts.extend(options.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
+    let ambient = opts.remove("credentials").map(|v| v == "ambient").unwrap_or(false);
     let mut display = parsed.clone();
     display.set_query(None);
     let _ = display.set_password(None);
@@ -131,32 +120,15 @@ pub fn connect(
     let display_url = display.to_string().trim_end_matches('/').to_string();
     let decoded_path = percent_decode(parsed.path());
 
-    let (store, signer, path): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, Path) = match scheme
-    {
+    let (store, signer, path): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, Path) = match scheme {
         Scheme::File => {
-            if parsed
-                .host_str()
-                .is_some_and(|h| !h.is_empty() && h != "localhost")
-            {
-                return Err(malformed(
-                    url,
-                    "file URLs name a local path: file:///path".into(),
-                ));
+            if parsed.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                return Err(malformed(url, "file URLs name a local path: file:///path".into()));
             }
-            let fs = LocalFileSystem::new()
-                .with_fsync(true)
-                .with_automatic_cleanup(true);
-            (
-                Arc::new(fs),
-                None,
-                Path::from(decoded_path.trim_start_matches('/')),
-            )
+            let fs = LocalFileSystem::new().with_fsync(true).with_automatic_cleanup(true);
+            (Arc::new(fs), None, Path::from(decoded_path.trim_start_matches('/')))
         }
-        Scheme::Memory => (
-            Arc::new(InMemory::new()),
-            None,
-            path_of(url, &decoded_path)?,
-        ),
+        Scheme::Memory => (Arc::new(InMemory::new()), None, path_of(url, &decoded_path)?),
         Scheme::S3 => {
             let s3 = cloud::<AmazonS3Builder>(url, &parsed, s3_aliases(opts), policy, ambient)?;
             (s3.clone(), Some(s3), path_of(url, &decoded_path)?)
@@ -170,26 +142,15 @@ pub fn connect(
             (az.clone(), Some(az), path_of(url, &decoded_path)?)
         }
     };
-    Ok(ObjectClient {
-        store,
-        signer,
-        path,
-        scheme,
-        display_url,
-    })
+    Ok(ObjectClient { store, signer, path, scheme, display_url })
 }
 
 fn malformed(url: &str, reason: String) -> ObjectUrlError {
-    ObjectUrlError::Malformed {
-        url: url.to_string(),
-        reason,
-    }
+    ObjectUrlError::Malformed { url: url.to_string(), reason }
 }
 
 fn percent_decode(path: &str) -> String {
-    percent_encoding::percent_decode_str(path)
-        .decode_utf8_lossy()
-        .into_owned()
+    percent_encoding::percent_decode_str(path).decode_utf8_lossy().into_owned()
 }
 
 fn path_of(url: &str, decoded: &str) -> Result<Path, ObjectUrlError> {
@@ -199,19 +160,14 @@ fn path_of(url: &str, decoded: &str) -> Result<Path, ObjectUrlError> {
 fn bucket(url: &str, parsed: &Url) -> Result<String, ObjectUrlError> {
     match parsed.host_str() {
         Some(b) if !b.is_empty() => Ok(b.to_string()),
-        _ => Err(malformed(
-            url,
-            "the URL names no bucket or container".into(),
-        )),
+        _ => Err(malformed(url, "the URL names no bucket or container".into())),
     }
 }
 
 /// Client settings for every cloud backend: each request is bounded, and streams are read as ranged requests,
 /// so a per-request timeout never cuts a large object short.
 fn client_options() -> ClientOptions {
-    ClientOptions::new()
-        .with_connect_timeout(Duration::from_secs(10))
-        .with_timeout(Duration::from_secs(120))
+    ClientOptions::new().with_connect_timeout(Duration::from_secs(10)).with_timeout(Duration::from_secs(120))
 }
 
 /// What differs between the cloud backends; [`cloud`] does the rest the same way for all three.
@@ -241,10 +197,7 @@ impl CloudBuilder for AmazonS3Builder {
     const HINT: &'static str = "set aws_access_key_id and aws_secret_access_key (or AWS_* variables for the \
                                 store), or credentials=ambient to use the instance's role";
     fn new(bucket: String) -> Self {
-        AmazonS3Builder::new()
-            .with_bucket_name(bucket)
-            .with_region("us-east-1")
-            .with_client_options(client_options())
+        AmazonS3Builder::new().with_bucket_name(bucket).with_region("us-east-1").with_client_options(client_options())
     }
     fn with(self, key: Self::Key, value: String) -> Self {
         self.with_config(key, value)
@@ -275,9 +228,7 @@ impl CloudBuilder for GoogleCloudStorageBuilder {
     const HINT: &'static str = "set google_service_account_key (or GOOGLE_* variables for the store), or \
                                 credentials=ambient to use the workload's identity";
     fn new(bucket: String) -> Self {
-        GoogleCloudStorageBuilder::new()
-            .with_bucket_name(bucket)
-            .with_client_options(client_options())
+        GoogleCloudStorageBuilder::new().with_bucket_name(bucket).with_client_options(client_options())
     }
     fn with(self, key: Self::Key, value: String) -> Self {
         self.with_config(key, value)
@@ -286,11 +237,7 @@ impl CloudBuilder for GoogleCloudStorageBuilder {
         use GoogleConfigKey as K;
         matches!(
             key,
-            K::ServiceAccount
-                | K::ServiceAccountKey
-                | K::ApplicationCredentials
-                | K::BearerToken
-                | K::SkipSignature
+            K::ServiceAccount | K::ServiceAccountKey | K::ApplicationCredentials | K::BearerToken | K::SkipSignature
         )
     }
     fn build(self) -> object_store::Result<Self::Store> {
@@ -308,9 +255,7 @@ impl CloudBuilder for MicrosoftAzureBuilder {
                                 azure_storage_sas_key (or AZURE_* variables for the store), or \
                                 credentials=ambient to use a managed identity";
     fn new(container: String) -> Self {
-        MicrosoftAzureBuilder::new()
-            .with_container_name(container)
-            .with_client_options(client_options())
+        MicrosoftAzureBuilder::new().with_container_name(container).with_client_options(client_options())
     }
     fn with(self, key: Self::Key, value: String) -> Self {
         self.with_config(key, value)
@@ -357,43 +302,24 @@ fn cloud<B: CloudBuilder>(
     let mut builder = B::new(bucket(url, parsed)?);
     let mut has_credentials = false;
     for (key, value) in opts {
-        let parsed: B::Key = key.parse().map_err(|_| ObjectUrlError::UnknownOption {
-            scheme: B::SCHEME,
-            key,
-        })?;
+        let parsed: B::Key = key.parse().map_err(|_| ObjectUrlError::UnknownOption { scheme: B::SCHEME, key })?;
         has_credentials |= B::provides_credentials(&parsed);
         builder = builder.with(parsed, value);
     }
     if !has_credentials && !ambient {
-        return Err(ObjectUrlError::MissingCredentials {
-            url: url.to_string(),
-            hint: B::HINT,
-        });
+        return Err(ObjectUrlError::MissingCredentials { url: url.to_string(), hint: B::HINT });
     }
-    let store = builder
-        .build()
-        .map_err(|source| ObjectUrlError::Configure {
-            url: url.to_string(),
-            source,
-        })?;
+    let store = builder.build().map_err(|source| ObjectUrlError::Configure { url: url.to_string(), source })?;
     Ok(Arc::new(store))
 }
 
 /// S3 settings with no object_store key of their own: `path_style`, and plain-http endpoints (local servers).
 fn s3_aliases(mut opts: BTreeMap<String, String>) -> BTreeMap<String, String> {
     if let Some(path_style) = opts.remove("path_style") {
-        opts.insert(
-            "aws_virtual_hosted_style_request".into(),
-            (path_style != "true").to_string(),
-        );
+        opts.insert("aws_virtual_hosted_style_request".into(), (path_style != "true").to_string());
     }
-    if opts
-        .get("endpoint")
-        .or(opts.get("aws_endpoint"))
-        .is_some_and(|e| e.starts_with("http://"))
-    {
-        opts.entry("allow_http".into())
-            .or_insert_with(|| "true".into());
+    if opts.get("endpoint").or(opts.get("aws_endpoint")).is_some_and(|e| e.starts_with("http://")) {
+        opts.entry("allow_http".into()).or_insert_with(|| "true".into());
     }
     opts
 }
@@ -447,24 +373,13 @@ mod tests {
 
     #[test]
     fn cloud_urls_need_credentials_unless_anonymous_or_ambient() {
-        for url in [
-            "s3://b/k",
-            "gs://b/k",
-            "az://c/k?azure_storage_account_name=acct",
-        ] {
+        for url in ["s3://b/k", "gs://b/k", "az://c/k?azure_storage_account_name=acct"] {
             let err = connect(url, &none(), CredentialPolicy::Options).unwrap_err();
-            assert!(
-                matches!(err, ObjectUrlError::MissingCredentials { .. }),
-                "{url}: {err}"
-            );
+            assert!(matches!(err, ObjectUrlError::MissingCredentials { .. }), "{url}: {err}");
             let anonymous = connect(url, &none(), CredentialPolicy::Anonymous);
             assert!(anonymous.is_ok(), "{url}: {:?}", anonymous.err());
         }
-        let ambient = connect(
-            "s3://b/k?credentials=ambient&region=eu-west-1",
-            &none(),
-            CredentialPolicy::Options,
-        );
+        let ambient = connect("s3://b/k?credentials=ambient&region=eu-west-1", &none(), CredentialPolicy::Options);
         assert!(ambient.is_ok());
     }
 
@@ -491,12 +406,7 @@ mod tests {
 
     #[test]
     fn file_urls_map_to_local_paths() {
-        let client = connect(
-            "file:///tmp/some%20dir/app.zip",
-            &none(),
-            CredentialPolicy::Options,
-        )
-        .unwrap();
+        let client = connect("file:///tmp/some%20dir/app.zip", &none(), CredentialPolicy::Options).unwrap();
         assert_eq!(client.path.as_ref(), "tmp/some dir/app.zip");
         assert!(connect("file://otherhost/x", &none(), CredentialPolicy::Options).is_err());
     }

@@ -32,11 +32,7 @@ pub enum OfflineError {
     #[error(
         "{origin}: document {index} is {kind}; fetch reads bitsmith.dev/v1alpha1 Package and Droplet, and v1 Secret"
     )]
-    Unsupported {
-        origin: String,
-        index: usize,
-        kind: String,
-    },
+    Unsupported { origin: String, index: usize, kind: String },
     #[error("{object}: {source}")]
     Spec {
         object: String,
@@ -55,28 +51,13 @@ pub enum OfflineError {
 
 /// Parse a multi-document YAML text. `origin` names it in errors (a file name, or `-`).
 pub fn parse_manifests(text: &str, origin: &str) -> Result<Vec<Manifest>, OfflineError> {
-    let parse_error = |detail: String| OfflineError::Parse {
-        origin: origin.to_string(),
-        detail,
-    };
+    let parse_error = |detail: String| OfflineError::Parse { origin: origin.to_string(), detail };
     let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(text)
         .map_err(|e| parse_error(e.to_string().lines().next().unwrap_or("").to_string()))?;
     let mut manifests = Vec::new();
-    for (index, doc) in documents
-        .into_iter()
-        .enumerate()
-        .filter(|(_, d)| !d.is_null())
-    {
-        let api_version = doc
-            .get("apiVersion")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let kind = doc
-            .get("kind")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string();
+    for (index, doc) in documents.into_iter().enumerate().filter(|(_, d)| !d.is_null()) {
+        let api_version = doc.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let kind = doc.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_string();
         let typed = |e: serde_json::Error| parse_error(format!("document {index} ({kind}): {e}"));
         let manifest = match (api_version.as_str(), kind.as_str()) {
             ("bitsmith.dev/v1alpha1", "Package") => {
@@ -85,9 +66,7 @@ pub fn parse_manifests(text: &str, origin: &str) -> Result<Vec<Manifest>, Offlin
             ("bitsmith.dev/v1alpha1", "Droplet") => {
                 Manifest::Droplet(Box::new(serde_json::from_value(doc).map_err(typed)?))
             }
-            ("v1", "Secret") => {
-                Manifest::Secret(Box::new(serde_json::from_value(doc).map_err(typed)?))
-            }
+            ("v1", "Secret") => Manifest::Secret(Box::new(serde_json::from_value(doc).map_err(typed)?)),
             _ => {
                 return Err(OfflineError::Unsupported {
                     origin: origin.to_string(),
@@ -120,49 +99,33 @@ pub async fn run(
     for manifest in manifests {
         match manifest {
             Manifest::Secret(secret) => {
-                let namespace = secret
-                    .namespace()
-                    .unwrap_or_else(|| default_namespace.to_string());
-                seen.secrets
-                    .insert((namespace, secret.name_any()), secret_data(&secret));
+                let namespace = secret.namespace().unwrap_or_else(|| default_namespace.to_string());
+                seen.secrets.insert((namespace, secret.name_any()), secret_data(&secret));
             }
             Manifest::Package(mut package) => {
                 let namespace = claim_namespace(package.as_mut(), default_namespace);
                 let object = describe(package.as_ref(), &namespace);
-                validate::package_spec(&package.spec).map_err(|source| OfflineError::Spec {
-                    object: object.clone(),
-                    source,
-                })?;
+                validate::package_spec(&package.spec)
+                    .map_err(|source| OfflineError::Spec { object: object.clone(), source })?;
                 let status = match &package.spec.image {
                     // A docker Package is READY once its image reference is valid: it has no bits to fetch.
                     Some(image) if package.spec.package_type == PackageType::Docker => {
                         let prev = package.status.clone().unwrap_or_default();
                         let message = format!("image {}", image.reference);
-                        status::done_without_bits(
-                            &prev,
-                            &message,
-                            package.metadata.generation,
-                            Timestamp::now(),
-                        )
+                        status::done_without_bits(&prev, &message, package.metadata.generation, Timestamp::now())
                     }
-                    _ => {
-                        fetch_status(package.as_ref(), &namespace, &object, fetcher, &seen).await?
-                    }
+                    _ => fetch_status(package.as_ref(), &namespace, &object, fetcher, &seen).await?,
                 };
                 package.set_bits_status(status);
-                seen.packages
-                    .insert((namespace, package.name_any()), (*package).clone());
+                seen.packages.insert((namespace, package.name_any()), (*package).clone());
                 results.push(Manifest::Package(package));
             }
             Manifest::Droplet(mut droplet) => {
                 let namespace = claim_namespace(droplet.as_mut(), default_namespace);
                 let object = describe(droplet.as_ref(), &namespace);
-                validate::droplet_spec(&droplet.spec).map_err(|source| OfflineError::Spec {
-                    object: object.clone(),
-                    source,
-                })?;
-                let status =
-                    fetch_status(droplet.as_ref(), &namespace, &object, fetcher, &seen).await?;
+                validate::droplet_spec(&droplet.spec)
+                    .map_err(|source| OfflineError::Spec { object: object.clone(), source })?;
+                let status = fetch_status(droplet.as_ref(), &namespace, &object, fetcher, &seen).await?;
                 droplet.set_bits_status(status);
                 results.push(Manifest::Droplet(droplet));
             }
@@ -173,20 +136,12 @@ pub async fn run(
 
 /// Give `object` the default namespace when it names none, and return its namespace.
 fn claim_namespace<O: BitsObject>(object: &mut O, default_namespace: &str) -> String {
-    object
-        .meta_mut()
-        .namespace
-        .get_or_insert_with(|| default_namespace.to_string())
-        .clone()
+    object.meta_mut().namespace.get_or_insert_with(|| default_namespace.to_string()).clone()
 }
 
 /// `package ns/name`, for messages.
 fn describe<O: BitsObject>(object: &O, namespace: &str) -> String {
-    format!(
-        "{} {namespace}/{}",
-        O::NOUN,
-        object.meta().name.as_deref().unwrap_or_default()
-    )
+    format!("{} {namespace}/{}", O::NOUN, object.meta().name.as_deref().unwrap_or_default())
 }
 
 /// The status after fetching `object`'s source, or AWAITING_UPLOAD when it has none.
@@ -209,32 +164,16 @@ where
         Some(name) => Some(
             seen.secrets
                 .get(&(namespace.to_string(), name.clone()))
-                .ok_or_else(|| OfflineError::MissingSecret {
-                    object: description.to_string(),
-                    secret: name,
-                })?,
+                .ok_or_else(|| OfflineError::MissingSecret { object: description.to_string(), secret: name })?,
         ),
         None => None,
     };
-    let source_package = source
-        .package
-        .as_ref()
-        .and_then(|p| seen.packages.get(&(namespace.to_string(), p.name.clone())));
+    let source_package =
+        source.package.as_ref().and_then(|p| seen.packages.get(&(namespace.to_string(), p.name.clone())));
     let stored = fetcher
-        .fetch(
-            &BlobOwner::of(object, namespace),
-            source,
-            object.checksum_pin(),
-            Inputs {
-                secret,
-                source_package,
-            },
-        )
+        .fetch(&BlobOwner::of(object, namespace), source, object.checksum_pin(), Inputs { secret, source_package })
         .await
-        .map_err(|source| OfflineError::Pipeline {
-            object: description.to_string(),
-            source: Box::new(source),
-        })?;
+        .map_err(|source| OfflineError::Pipeline { object: description.to_string(), source: Box::new(source) })?;
     let digests = status::stored_digests(&stored.digests, stored.blob);
     Ok(status::done(&prev, digests, generation, Timestamp::now()))
 }
@@ -242,32 +181,16 @@ where
 /// The Secret a source names for its credentials, if any.
 fn secret_name(source: &Source) -> Option<String> {
     let http = source.http.as_ref().and_then(|h| h.secret_ref.as_ref());
-    let object = source
-        .object_store
-        .as_ref()
-        .and_then(|o| o.secret_ref.as_ref());
+    let object = source.object_store.as_ref().and_then(|o| o.secret_ref.as_ref());
     http.or(object).map(|r| r.name.clone())
 }
 
 /// A Secret's `data` and `stringData`, decoded.
 pub fn secret_data(secret: &Secret) -> SecretData {
-    let mut entries: BTreeMap<String, Vec<u8>> = secret
-        .data
-        .iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect();
-    entries.extend(
-        secret
-            .string_data
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
-    );
-    SecretData {
-        name: secret.name_any(),
-        entries,
-    }
+    let mut entries: BTreeMap<String, Vec<u8>> =
+        secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+    entries.extend(secret.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone().into_bytes())));
+    SecretData { name: secret.name_any(), entries }
 }
 
 /// The results as a multi-document YAML stream.

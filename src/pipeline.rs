@@ -43,8 +43,7 @@ impl PipelineError {
         match self {
             PipelineError::Source(SourceError::InvalidCredentials { .. }) => "InvalidCredentials",
             PipelineError::Source(SourceError::PackageNotReady { .. }) => "SourcePackageNotReady",
-            PipelineError::Source(SourceError::TooLarge { .. })
-            | PipelineError::TooLarge { .. } => "TooLarge",
+            PipelineError::Source(SourceError::TooLarge { .. }) | PipelineError::TooLarge { .. } => "TooLarge",
             PipelineError::Source(e) if e.is_permanent() => "InvalidSource",
             PipelineError::Source(_) => "SourceUnavailable",
             PipelineError::ChecksumMismatch { .. } => "ChecksumMismatch",
@@ -71,12 +70,7 @@ pub async fn store_stream(
     max_size: u64,
 ) -> Result<Stored, PipelineError> {
     if let Some(size) = source.length.filter(|&n| n > max_size) {
-        return Err(SourceError::TooLarge {
-            url: source.description,
-            size,
-            max: max_size,
-        }
-        .into());
+        return Err(SourceError::TooLarge { url: source.description, size, max: max_size }.into());
     }
     let mut staged = store.begin_write().await?;
     let mut digester = Digester::new();
@@ -85,10 +79,7 @@ pub async fn store_stream(
         while let Some(block) = blocks.next().await {
             let block = block?;
             if digester.size() + block.len() as u64 > max_size {
-                return Err(PipelineError::TooLarge {
-                    source_name: source.description.clone(),
-                    max: max_size,
-                });
+                return Err(PipelineError::TooLarge { source_name: source.description.clone(), max: max_size });
             }
             digester.update(block.clone()).await;
             staged.write(block).await?;
@@ -118,10 +109,7 @@ pub async fn copy_in_store(
     if copy.blob.key != key {
         store.copy(&copy.blob.key, &key).await?;
     }
-    Ok(Stored {
-        blob: store.blob_ref(&key),
-        digests: copy.digests,
-    })
+    Ok(Stored { blob: store.blob_ref(&key), digests: copy.digests })
 }
 
 fn verify_pin(pin: Option<&Checksum>, digests: &Digests) -> Result<(), PipelineError> {
@@ -133,10 +121,7 @@ fn verify_pin(pin: Option<&Checksum>, digests: &Digests) -> Result<(), PipelineE
     if actual.eq_ignore_ascii_case(&pin.value) {
         Ok(())
     } else {
-        Err(PipelineError::ChecksumMismatch {
-            expected: pin.clone(),
-            actual: actual.clone(),
-        })
+        Err(PipelineError::ChecksumMismatch { expected: pin.clone(), actual: actual.clone() })
     }
 }
 
@@ -149,10 +134,7 @@ struct Blocks<S> {
 
 impl<S: Stream<Item = Result<Bytes, SourceError>> + Unpin> Blocks<S> {
     fn new(inner: S) -> Self {
-        Blocks {
-            inner,
-            buffer: BytesMut::new(),
-        }
+        Blocks { inner, buffer: BytesMut::new() }
     }
 
     async fn next(&mut self) -> Option<Result<Bytes, SourceError>> {
@@ -201,20 +183,10 @@ mod tests {
 
     #[test]
     fn pins_compare_the_right_digest() {
-        let digests = Digests {
-            sha1: "1".repeat(40),
-            sha256: "2".repeat(64),
-            size: 1,
-        };
-        let sha1 = Checksum {
-            checksum_type: ChecksumType::Sha1,
-            value: "1".repeat(40),
-        };
+        let digests = Digests { sha1: "1".repeat(40), sha256: "2".repeat(64), size: 1 };
+        let sha1 = Checksum { checksum_type: ChecksumType::Sha1, value: "1".repeat(40) };
         assert!(verify_pin(Some(&sha1), &digests).is_ok());
-        let wrong = Checksum {
-            checksum_type: ChecksumType::Sha256,
-            value: "1".repeat(64),
-        };
+        let wrong = Checksum { checksum_type: ChecksumType::Sha256, value: "1".repeat(64) };
         let err = verify_pin(Some(&wrong), &digests).unwrap_err();
         assert_eq!(err.reason(), "ChecksumMismatch");
         assert!(err.is_permanent());

@@ -5,9 +5,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::conditions::{self, READY, RECONCILING, STALLED, Status};
 use crate::digest::Digests;
-use crate::resources::{
-    BitsStatus, BlobRef, Checksum, ChecksumType, DropletState, PackageState, StoredDigests,
-};
+use crate::resources::{BitsStatus, BlobRef, Checksum, ChecksumType, DropletState, PackageState, StoredDigests};
 
 /// The CF states a status can move through; Packages and Droplets name some of them differently.
 pub trait CfState: Copy + PartialEq {
@@ -39,14 +37,8 @@ impl CfState for DropletState {
 /// The recorded digests and location of stored bits.
 pub fn stored_digests(digests: &Digests, blob: BlobRef) -> StoredDigests {
     StoredDigests {
-        checksum: Some(Checksum {
-            checksum_type: ChecksumType::Sha256,
-            value: digests.sha256.clone(),
-        }),
-        hash: Some(Checksum {
-            checksum_type: ChecksumType::Sha1,
-            value: digests.sha1.clone(),
-        }),
+        checksum: Some(Checksum { checksum_type: ChecksumType::Sha256, value: digests.sha256.clone() }),
+        hash: Some(Checksum { checksum_type: ChecksumType::Sha1, value: digests.sha1.clone() }),
         digest: Some(digests.oci_digest()),
         size: Some(digests.size),
         blob: Some(blob),
@@ -68,14 +60,7 @@ pub fn done<S: CfState>(
     let size = status.stored.size.unwrap_or_default();
     conditions::upsert(
         &mut status.conditions,
-        conditions::new(
-            READY,
-            Status::True,
-            "Succeeded",
-            format!("stored {size} bytes"),
-            generation,
-            now,
-        ),
+        conditions::new(READY, Status::True, "Succeeded", format!("stored {size} bytes"), generation, now),
     );
     conditions::remove(&mut status.conditions, RECONCILING);
     conditions::remove(&mut status.conditions, STALLED);
@@ -98,25 +83,14 @@ pub fn done_without_bits<S: CfState>(
 }
 
 /// A bits object without a source waits for an upload through the API.
-pub fn awaiting_upload<S: CfState>(
-    prev: &BitsStatus<S>,
-    generation: Option<i64>,
-    now: Timestamp,
-) -> BitsStatus<S> {
+pub fn awaiting_upload<S: CfState>(prev: &BitsStatus<S>, generation: Option<i64>, now: Timestamp) -> BitsStatus<S> {
     let mut status = prev.clone();
     status.state = Some(S::AWAITING_UPLOAD);
     status.error = None;
     status.observed_generation = generation;
     conditions::upsert(
         &mut status.conditions,
-        conditions::new(
-            READY,
-            Status::False,
-            "AwaitingUpload",
-            "waiting for bits to be uploaded",
-            generation,
-            now,
-        ),
+        conditions::new(READY, Status::False, "AwaitingUpload", "waiting for bits to be uploaded", generation, now),
     );
     conditions::remove(&mut status.conditions, RECONCILING);
     conditions::remove(&mut status.conditions, STALLED);
@@ -135,11 +109,7 @@ pub fn in_progress<S: CfState>(
     let mut status = prev.clone();
     let reason = if copying { "Copying" } else { "Fetching" };
     if status.state != Some(S::DONE) {
-        status.state = Some(if copying {
-            S::COPYING
-        } else {
-            S::PROCESSING_UPLOAD
-        });
+        status.state = Some(if copying { S::COPYING } else { S::PROCESSING_UPLOAD });
     }
     conditions::upsert(
         &mut status.conditions,
@@ -209,37 +179,19 @@ mod tests {
     }
 
     fn digests() -> Digests {
-        Digests {
-            sha1: "a".repeat(40),
-            sha256: "b".repeat(64),
-            size: 7,
-        }
+        Digests { sha1: "a".repeat(40), sha256: "b".repeat(64), size: 7 }
     }
 
     fn blob() -> BlobRef {
-        BlobRef {
-            store: "memory://".into(),
-            key: "k".into(),
-        }
+        BlobRef { store: "memory://".into(), key: "k".into() }
     }
 
     #[test]
     fn done_sets_digests_and_ready() {
-        let status: PackageStatus = done(
-            &PackageStatus::default(),
-            stored_digests(&digests(), blob()),
-            Some(3),
-            now(),
-        );
+        let status: PackageStatus = done(&PackageStatus::default(), stored_digests(&digests(), blob()), Some(3), now());
         assert_eq!(status.state, Some(PackageState::Ready));
-        assert_eq!(
-            status.stored.digest.as_deref(),
-            Some(format!("sha256:{}", "b".repeat(64)).as_str())
-        );
-        assert_eq!(
-            status.stored.hash.as_ref().unwrap().checksum_type,
-            ChecksumType::Sha1
-        );
+        assert_eq!(status.stored.digest.as_deref(), Some(format!("sha256:{}", "b".repeat(64)).as_str()));
+        assert_eq!(status.stored.hash.as_ref().unwrap().checksum_type, ChecksumType::Sha1);
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!(find(&status.conditions, READY).unwrap().status, "True");
         assert!(find(&status.conditions, RECONCILING).is_none());
@@ -254,21 +206,13 @@ mod tests {
         assert_eq!(find(&stalled.conditions, READY).unwrap().status, "False");
         let retrying = failed(&base, "SourceUnavailable", "404", false, Some(1), now());
         assert_eq!(retrying.state, Some(PackageState::ProcessingUpload));
-        assert_eq!(
-            find(&retrying.conditions, RECONCILING).unwrap().status,
-            "True"
-        );
+        assert_eq!(find(&retrying.conditions, RECONCILING).unwrap().status, "True");
         assert!(find(&retrying.conditions, STALLED).is_none());
     }
 
     #[test]
     fn ready_is_never_downgraded_by_a_failed_retry() {
-        let ready: PackageStatus = done(
-            &PackageStatus::default(),
-            stored_digests(&digests(), blob()),
-            Some(1),
-            now(),
-        );
+        let ready: PackageStatus = done(&PackageStatus::default(), stored_digests(&digests(), blob()), Some(1), now());
         let after = failed(&ready, "SourceUnavailable", "500", false, Some(2), now());
         assert_eq!(after.state, Some(PackageState::Ready));
         assert_eq!(after.stored, ready.stored);
@@ -279,20 +223,9 @@ mod tests {
 
     #[test]
     fn droplets_finish_as_staged() {
-        let status = done(
-            &BitsStatus::<DropletState>::default(),
-            stored_digests(&digests(), blob()),
-            None,
-            now(),
-        );
+        let status = done(&BitsStatus::<DropletState>::default(), stored_digests(&digests(), blob()), None, now());
         assert_eq!(status.state, Some(DropletState::Staged));
-        let copying = in_progress(
-            &BitsStatus::<DropletState>::default(),
-            true,
-            "",
-            None,
-            now(),
-        );
+        let copying = in_progress(&BitsStatus::<DropletState>::default(), true, "", None, now());
         assert_eq!(copying.state, Some(DropletState::ProcessingUpload));
     }
 }

@@ -77,10 +77,7 @@ impl BlobOwner {
     /// re-fetch of the same bits lands on the same key and a new generation with new bits on a new one.
     pub fn blob_key(&self, sha256: &str) -> String {
         match &self.uid {
-            Some(uid) => format!(
-                "{}/{}/{}/{uid}/{sha256}",
-                self.plural, self.namespace, self.name
-            ),
+            Some(uid) => format!("{}/{}/{}/{uid}/{sha256}", self.plural, self.namespace, self.name),
             None => format!("{}/{}/{}/{sha256}", self.plural, self.namespace, self.name),
         }
     }
@@ -117,29 +114,18 @@ impl BlobStore {
 
     /// A reference to `key` in this store.
     pub fn blob_ref(&self, key: &str) -> BlobRef {
-        BlobRef {
-            store: self.url().to_string(),
-            key: key.to_string(),
-        }
+        BlobRef { store: self.url().to_string(), key: key.to_string() }
     }
 
     fn path(&self, key: &str) -> Path {
-        key.split('/')
-            .filter(|p| !p.is_empty())
-            .fold(self.client.path.clone(), |path, part| path.join(part))
+        key.split('/').filter(|p| !p.is_empty()).fold(self.client.path.clone(), |path, part| path.join(part))
     }
 
-    fn backend_error(
-        &self,
-        op: &'static str,
-        key: &str,
-        source: object_store::Error,
-    ) -> StoreError {
+    fn backend_error(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
         match source {
-            object_store::Error::NotFound { .. } => StoreError::NotFound {
-                store: self.url().to_string(),
-                key: key.to_string(),
-            },
+            object_store::Error::NotFound { .. } => {
+                StoreError::NotFound { store: self.url().to_string(), key: key.to_string() }
+            }
             source => StoreError::Backend {
                 store: self.url().to_string(),
                 op,
@@ -168,20 +154,12 @@ impl BlobStore {
 
     /// The size of the blob at `key`.
     pub async fn size(&self, key: &str) -> Result<u64, StoreError> {
-        let meta = self
-            .client
-            .store
-            .head(&self.path(key))
-            .await
-            .map_err(|e| self.backend_error("head", key, e))?;
+        let meta = self.client.store.head(&self.path(key)).await.map_err(|e| self.backend_error("head", key, e))?;
         Ok(meta.size)
     }
 
     /// Stream the blob at `key`, returning its size and its bytes.
-    pub async fn read(
-        &self,
-        key: &str,
-    ) -> Result<(u64, BoxStream<'static, Result<Bytes, StoreError>>), StoreError> {
+    pub async fn read(&self, key: &str) -> Result<(u64, BoxStream<'static, Result<Bytes, StoreError>>), StoreError> {
         let size = self.size(key).await?;
         let this = self.clone();
         let owned_key = key.to_string();
@@ -194,11 +172,7 @@ impl BlobStore {
     /// Copy a blob inside the store without moving its bytes through bitsmith. The copy appears whole or not at
     /// all: a server-side copy on cloud stores, a hard link on the local filesystem.
     pub async fn copy(&self, from: &str, to: &str) -> Result<(), StoreError> {
-        self.client
-            .store
-            .copy(&self.path(from), &self.path(to))
-            .await
-            .map_err(|e| self.backend_error("copy", from, e))
+        self.client.store.copy(&self.path(from), &self.path(to)).await.map_err(|e| self.backend_error("copy", from, e))
     }
 
     /// Delete the blob at `key`. A blob that is already gone counts as deleted, so that cleanup never blocks.
@@ -234,9 +208,7 @@ impl BlobStore {
             .client
             .store
             .list(Some(&prefix))
-            .try_filter(|meta| {
-                futures::future::ready(SystemTime::from(meta.last_modified) < cutoff)
-            })
+            .try_filter(|meta| futures::future::ready(SystemTime::from(meta.last_modified) < cutoff))
             .map_ok(|meta| meta.location)
             .try_collect()
             .await
@@ -252,12 +224,8 @@ impl BlobStore {
 
     fn sweep_local_staging(&self, cutoff: SystemTime) -> Result<usize, StoreError> {
         let dir = std::path::Path::new("/").join(self.path(STAGING).as_ref());
-        let io_error = |op, source| StoreError::Io {
-            store: self.url().to_string(),
-            op,
-            path: dir.display().to_string(),
-            source,
-        };
+        let io_error =
+            |op, source| StoreError::Io { store: self.url().to_string(), op, path: dir.display().to_string(), source };
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -266,10 +234,7 @@ impl BlobStore {
         let mut removed = 0;
         for entry in entries {
             let entry = entry.map_err(|e| io_error("list", e))?;
-            let modified = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .map_err(|e| io_error("stat", e))?;
+            let modified = entry.metadata().and_then(|m| m.modified()).map_err(|e| io_error("stat", e))?;
             if modified < cutoff {
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => removed += 1,

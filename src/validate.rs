@@ -12,10 +12,7 @@ pub struct SpecError {
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> SpecError {
-    SpecError {
-        field: field.to_string(),
-        reason: reason.into(),
-    }
+    SpecError { field: field.to_string(), reason: reason.into() }
 }
 
 /// Check a Package spec.
@@ -27,17 +24,10 @@ pub fn package_spec(spec: &PackageSpec) -> Result<(), SpecError> {
             }
         }
         PackageType::Docker => {
-            let image = spec
-                .image
-                .as_ref()
-                .ok_or_else(|| invalid("spec.image", "a docker Package needs an image"))?;
-            image_reference(&image.reference)
-                .map_err(|reason| invalid("spec.image.reference", reason))?;
+            let image = spec.image.as_ref().ok_or_else(|| invalid("spec.image", "a docker Package needs an image"))?;
+            image_reference(&image.reference).map_err(|reason| invalid("spec.image.reference", reason))?;
             if spec.source.is_some() || spec.checksum.is_some() {
-                return Err(invalid(
-                    "spec.source",
-                    "a docker Package has an image, not a source or checksum",
-                ));
+                return Err(invalid("spec.source", "a docker Package has an image, not a source or checksum"));
             }
         }
     }
@@ -66,32 +56,19 @@ pub fn droplet_spec(spec: &DropletSpec) -> Result<(), SpecError> {
 
 fn source_spec(source: &Source) -> Result<(), SpecError> {
     match source.kind() {
-        None => Err(invalid(
-            "spec.source",
-            "set exactly one of http, objectStore or package",
-        )),
+        None => Err(invalid("spec.source", "set exactly one of http, objectStore or package")),
         Some(SourceKind::Http(http)) => {
-            let url = url::Url::parse(&http.url)
-                .map_err(|e| invalid("spec.source.http.url", e.to_string()))?;
+            let url = url::Url::parse(&http.url).map_err(|e| invalid("spec.source.http.url", e.to_string()))?;
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                return Err(invalid(
-                    "spec.source.http.url",
-                    "must be an http:// or https:// URL with a host",
-                ));
+                return Err(invalid("spec.source.http.url", "must be an http:// or https:// URL with a host"));
             }
             Ok(())
         }
         Some(SourceKind::ObjectStore(object)) => {
-            let url = url::Url::parse(&object.url)
-                .map_err(|e| invalid("spec.source.objectStore.url", e.to_string()))?;
-            if !matches!(
-                url.scheme(),
-                "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" | "file"
-            ) {
-                return Err(invalid(
-                    "spec.source.objectStore.url",
-                    "must be an s3://, gs://, az:// or file:// URL",
-                ));
+            let url =
+                url::Url::parse(&object.url).map_err(|e| invalid("spec.source.objectStore.url", e.to_string()))?;
+            if !matches!(url.scheme(), "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" | "file") {
+                return Err(invalid("spec.source.objectStore.url", "must be an s3://, gs://, az:// or file:// URL"));
             }
             Ok(())
         }
@@ -103,18 +80,10 @@ fn source_spec(source: &Source) -> Result<(), SpecError> {
 
 fn checksum_pin(pin: &Checksum) -> Result<(), SpecError> {
     let len = pin.checksum_type.hex_len();
-    if pin.value.len() != len
-        || !pin
-            .value
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if pin.value.len() != len || !pin.value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return Err(invalid(
             "spec.checksum.value",
-            format!(
-                "a {} checksum is {len} lowercase hex digits",
-                pin.checksum_type
-            ),
+            format!("a {} checksum is {len} lowercase hex digits", pin.checksum_type),
         ));
     }
     Ok(())
@@ -126,17 +95,11 @@ fn object_name(name: &str) -> Result<(), String> {
         && name.len() <= 253
         && name.split('.').all(|label| {
             !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("{name:?} is not a valid object name"))
-    }
+    if ok { Ok(()) } else { Err(format!("{name:?} is not a valid object name")) }
 }
 
 /// Check a container image reference: `[registry[:port]/]path[:tag][@algorithm:hex]`, per the distribution
@@ -154,14 +117,9 @@ pub fn image_reference(reference: &str) -> Result<(), String> {
         let Some((algorithm, hex)) = digest.split_once(':') else {
             return bad("digest needs algorithm:hex");
         };
-        let hex_ok = hex.len() >= 32
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        let hex_ok = hex.len() >= 32 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
         if algorithm.is_empty()
-            || !algorithm
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b))
+            || !algorithm.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b))
             || !hex_ok
         {
             return bad("malformed digest");
@@ -176,26 +134,18 @@ pub fn image_reference(reference: &str) -> Result<(), String> {
     if let Some(tag) = tag {
         let valid = !tag.is_empty()
             && tag.len() <= 128
-            && tag
-                .bytes()
-                .next()
-                .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && tag
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            && tag.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
         if !valid {
             return bad("malformed tag");
         }
     }
     let mut components: Vec<&str> = name.split('/').collect();
-    if components.len() > 1 && (components[0].contains(['.', ':']) || components[0] == "localhost")
-    {
+    if components.len() > 1 && (components[0].contains(['.', ':']) || components[0] == "localhost") {
         let registry = components.remove(0);
         let (host, port) = registry.split_once(':').unwrap_or((registry, "0"));
         if host.is_empty()
-            || !host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+            || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
             || port.parse::<u16>().is_err()
         {
             return bad("malformed registry");
@@ -203,8 +153,7 @@ pub fn image_reference(reference: &str) -> Result<(), String> {
     }
     let component_ok = |c: &str| {
         !c.is_empty()
-            && c.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
             && c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
             && c.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
     };
@@ -220,13 +169,7 @@ mod tests {
     use crate::resources::{ChecksumType, HttpSource, ImageSpec, PackageSourceRef};
 
     fn bits() -> PackageSpec {
-        PackageSpec {
-            package_type: PackageType::Bits,
-            source: None,
-            checksum: None,
-            image: None,
-            app_ref: None,
-        }
+        PackageSpec { package_type: PackageType::Bits, source: None, checksum: None, image: None, app_ref: None }
     }
 
     #[test]
@@ -240,16 +183,7 @@ mod tests {
         ] {
             assert_eq!(image_reference(ok), Ok(()), "{ok}");
         }
-        for bad in [
-            "",
-            "Nginx",
-            "app:",
-            "app:-x",
-            "reg.io:notaport/app",
-            "app@sha256:xyz",
-            "a//b",
-            "/app",
-        ] {
+        for bad in ["", "Nginx", "app:", "app:-x", "reg.io:notaport/app", "app@sha256:xyz", "a//b", "/app"] {
             assert!(image_reference(bad).is_err(), "{bad}");
         }
     }
@@ -260,58 +194,29 @@ mod tests {
         spec.source = Some(Source::default());
         assert_eq!(package_spec(&spec).unwrap_err().field, "spec.source");
         spec.source = Some(Source {
-            http: Some(HttpSource {
-                url: "ftp://x/y".into(),
-                ..Default::default()
-            }),
+            http: Some(HttpSource { url: "ftp://x/y".into(), ..Default::default() }),
             ..Default::default()
         });
-        assert_eq!(
-            package_spec(&spec).unwrap_err().field,
-            "spec.source.http.url"
-        );
-        spec.source = Some(Source {
-            package: Some(PackageSourceRef {
-                name: "Bad_Name".into(),
-            }),
-            ..Default::default()
-        });
-        assert_eq!(
-            package_spec(&spec).unwrap_err().field,
-            "spec.source.package.name"
-        );
-        spec.source = Some(Source {
-            package: Some(PackageSourceRef {
-                name: "good.name-1".into(),
-            }),
-            ..Default::default()
-        });
+        assert_eq!(package_spec(&spec).unwrap_err().field, "spec.source.http.url");
+        spec.source =
+            Some(Source { package: Some(PackageSourceRef { name: "Bad_Name".into() }), ..Default::default() });
+        assert_eq!(package_spec(&spec).unwrap_err().field, "spec.source.package.name");
+        spec.source =
+            Some(Source { package: Some(PackageSourceRef { name: "good.name-1".into() }), ..Default::default() });
         assert_eq!(package_spec(&spec), Ok(()));
     }
 
     #[test]
     fn checksum_pins_and_docker_rules() {
         let mut spec = bits();
-        spec.checksum = Some(Checksum {
-            checksum_type: ChecksumType::Sha1,
-            value: "abc".into(),
-        });
-        assert_eq!(
-            package_spec(&spec).unwrap_err().field,
-            "spec.checksum.value"
-        );
-        spec.checksum = Some(Checksum {
-            checksum_type: ChecksumType::Sha1,
-            value: "a".repeat(40),
-        });
+        spec.checksum = Some(Checksum { checksum_type: ChecksumType::Sha1, value: "abc".into() });
+        assert_eq!(package_spec(&spec).unwrap_err().field, "spec.checksum.value");
+        spec.checksum = Some(Checksum { checksum_type: ChecksumType::Sha1, value: "a".repeat(40) });
         assert_eq!(package_spec(&spec), Ok(()));
         let mut docker = bits();
         docker.package_type = PackageType::Docker;
         assert_eq!(package_spec(&docker).unwrap_err().field, "spec.image");
-        docker.image = Some(ImageSpec {
-            reference: "nginx:1".into(),
-            pull_secret_ref: None,
-        });
+        docker.image = Some(ImageSpec { reference: "nginx:1".into(), pull_secret_ref: None });
         assert_eq!(package_spec(&docker), Ok(()));
     }
 }

@@ -23,22 +23,10 @@ use super::shared::{BitsStatus, Checksum, Source};
     namespaced,
     status = "DropletStatus",
     derive = "PartialEq",
-    printcolumn(
-        name = "Package",
-        type_ = "string",
-        json_path = ".spec.packageRef.name"
-    ),
+    printcolumn(name = "Package", type_ = "string", json_path = ".spec.packageRef.name"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
-    printcolumn(
-        name = "Checksum",
-        type_ = "string",
-        json_path = ".status.checksum.value"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Checksum", type_ = "string", json_path = ".status.checksum.value"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DropletSpec {

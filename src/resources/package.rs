@@ -23,16 +23,8 @@ use super::shared::{BitsStatus, Checksum, SecretRef, Source};
     derive = "PartialEq",
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
-    printcolumn(
-        name = "Checksum",
-        type_ = "string",
-        json_path = ".status.checksum.value"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Checksum", type_ = "string", json_path = ".status.checksum.value"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PackageSpec {

@@ -211,10 +211,7 @@ pub struct Link {
 
 /// The status of a Package or Droplet; only the set of Cloud Foundry states differs between the two.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(
-    rename_all = "camelCase",
-    bound(deserialize = "S: Deserialize<'de>", serialize = "S: Serialize")
-)]
+#[serde(rename_all = "camelCase", bound(deserialize = "S: Deserialize<'de>", serialize = "S: Serialize"))]
 pub struct BitsStatus<S> {
     /// The Cloud Foundry state.
     #[serde(default, skip_serializing_if = "Option::is_none")]

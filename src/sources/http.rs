@@ -57,20 +57,12 @@ impl HttpFetcher {
         let shown = redacted(&url);
         let auth = HttpAuth::from_secret(secret)?;
         let mut certs = Vec::new();
-        for pem in spec
-            .ca_bundle
-            .iter()
-            .map(|s| s.as_bytes().to_vec())
-            .chain(auth.ca.clone())
-        {
+        for pem in spec.ca_bundle.iter().map(|s| s.as_bytes().to_vec()).chain(auth.ca.clone()) {
             let invalid = |detail: String| SourceError::InvalidCredentials {
-                secret: secret
-                    .map(|s| s.name.clone())
-                    .unwrap_or_else(|| "caBundle".into()),
+                secret: secret.map(|s| s.name.clone()).unwrap_or_else(|| "caBundle".into()),
                 reason: format!("CA bundle: {detail}"),
             };
-            let parsed = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| invalid(error_chain(&e)))?;
+            let parsed = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| invalid(error_chain(&e)))?;
             if parsed.is_empty() {
                 return Err(invalid("holds no PEM certificate".into()));
             }
@@ -80,9 +72,7 @@ impl HttpFetcher {
             self.shared.clone()
         } else {
             client(&self.options, certs).map_err(|e| SourceError::InvalidCredentials {
-                secret: secret
-                    .map(|s| s.name.clone())
-                    .unwrap_or_else(|| "caBundle".into()),
+                secret: secret.map(|s| s.name.clone()).unwrap_or_else(|| "caBundle".into()),
                 reason: format!("CA bundle rejected: {}", error_chain(&e)),
             })?
         };
@@ -90,47 +80,31 @@ impl HttpFetcher {
         let mut headers = HeaderMap::new();
         for h in &spec.headers {
             let (name, value) =
-                header(&h.name, &h.value).map_err(|reason| SourceError::InvalidUrl {
-                    url: shown.clone(),
-                    reason,
-                })?;
+                header(&h.name, &h.value).map_err(|reason| SourceError::InvalidUrl { url: shown.clone(), reason })?;
             headers.append(name, value);
         }
         for (name, value) in &auth.headers {
-            let (name, value) =
-                header(name, value).map_err(|reason| SourceError::InvalidCredentials {
-                    secret: secret.map(|s| s.name.clone()).unwrap_or_default(),
-                    reason,
-                })?;
+            let (name, value) = header(name, value).map_err(|reason| SourceError::InvalidCredentials {
+                secret: secret.map(|s| s.name.clone()).unwrap_or_default(),
+                reason,
+            })?;
             headers.insert(name, value);
         }
         let mut request = client.get(url.clone()).headers(headers);
         request = match &auth.scheme {
-            Some(Auth::Basic { username, password }) => {
-                request.basic_auth(username, Some(password))
-            }
+            Some(Auth::Basic { username, password }) => request.basic_auth(username, Some(password)),
             Some(Auth::Bearer(token)) => request.bearer_auth(token),
             None => request,
         };
 
-        let response = request
-            .send()
-            .await
-            .map_err(|e| classify(&shown, &e, self.options.max_redirects))?;
+        let response = request.send().await.map_err(|e| classify(&shown, &e, self.options.max_redirects))?;
         let status = response.status();
         if !status.is_success() {
-            return Err(SourceError::HttpStatus {
-                url: shown,
-                status: status.as_u16(),
-            });
+            return Err(SourceError::HttpStatus { url: shown, status: status.as_u16() });
         }
         let length = response.content_length();
         if let Some(size) = length.filter(|&n| n > max_size) {
-            return Err(SourceError::TooLarge {
-                url: shown,
-                size,
-                max: max_size,
-            });
+            return Err(SourceError::TooLarge { url: shown, size, max: max_size });
         }
         let max_redirects = self.options.max_redirects;
         let stream_url = shown.clone();
@@ -138,18 +112,11 @@ impl HttpFetcher {
             .bytes_stream()
             .map(move |chunk| chunk.map_err(|e| classify(&stream_url, &e, max_redirects)))
             .boxed();
-        Ok(OpenedSource {
-            stream,
-            length,
-            description: shown,
-        })
+        Ok(OpenedSource { stream, length, description: shown })
     }
 }
 
-fn client(
-    options: &HttpOptions,
-    extra_roots: Vec<reqwest::Certificate>,
-) -> reqwest::Result<reqwest::Client> {
+fn client(options: &HttpOptions, extra_roots: Vec<reqwest::Certificate>) -> reqwest::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(options.connect_timeout)
         .read_timeout(options.read_timeout)
@@ -162,16 +129,11 @@ fn client(
 }
 
 fn parse_url(raw: &str) -> Result<url::Url, SourceError> {
-    let url = url::Url::parse(raw).map_err(|e| SourceError::InvalidUrl {
-        url: raw.to_string(),
-        reason: e.to_string(),
-    })?;
+    let url =
+        url::Url::parse(raw).map_err(|e| SourceError::InvalidUrl { url: raw.to_string(), reason: e.to_string() })?;
     match url.scheme() {
         "http" | "https" if url.host_str().is_some() => Ok(url),
-        "http" | "https" => Err(SourceError::InvalidUrl {
-            url: raw.to_string(),
-            reason: "no host".into(),
-        }),
+        "http" | "https" => Err(SourceError::InvalidUrl { url: raw.to_string(), reason: "no host".into() }),
         other => Err(SourceError::InvalidUrl {
             url: raw.to_string(),
             reason: format!("scheme {other:?} is not http or https"),
@@ -188,16 +150,11 @@ fn redacted(url: &url::Url) -> String {
 }
 
 fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
-    let name = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| format!("invalid header name {name:?}"))?;
+    let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("invalid header name {name:?}"))?;
     if name == AUTHORIZATION {
-        return Err(
-            "set credentials in the Secret as username/password or bearerToken, not as a header"
-                .into(),
-        );
+        return Err("set credentials in the Secret as username/password or bearerToken, not as a header".into());
     }
-    let mut value =
-        HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name}"))?;
+    let mut value = HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name}"))?;
     value.set_sensitive(true);
     Ok((name, value))
 }
@@ -207,10 +164,7 @@ fn classify(url: &str, error: &reqwest::Error, max_redirects: usize) -> SourceEr
     let detail = error_chain(error);
     let url = url.to_string();
     if error.is_redirect() {
-        SourceError::TooManyRedirects {
-            url,
-            limit: max_redirects,
-        }
+        SourceError::TooManyRedirects { url, limit: max_redirects }
     } else if error.is_timeout() {
         SourceError::Timeout { url, detail }
     } else if is_tls(error) {
@@ -230,23 +184,16 @@ fn classify(url: &str, error: &reqwest::Error, max_redirects: usize) -> SourceEr
 fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(e) = current {
-        let io_inner = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref());
+        let io_inner = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
         if e.downcast_ref::<rustls::Error>().is_some()
             || io_inner.is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
         {
             return true;
         }
         let text = e.to_string();
-        if [
-            "invalid peer certificate",
-            "received corrupt message",
-            "peer is incompatible",
-            "handshake",
-        ]
-        .iter()
-        .any(|needle| text.contains(needle))
+        if ["invalid peer certificate", "received corrupt message", "peer is incompatible", "handshake"]
+            .iter()
+            .any(|needle| text.contains(needle))
         {
             return true;
         }
@@ -273,10 +220,8 @@ impl HttpAuth {
         let Some(secret) = secret else {
             return Ok(HttpAuth::default());
         };
-        let invalid = |reason: &str| SourceError::InvalidCredentials {
-            secret: secret.name.clone(),
-            reason: reason.into(),
-        };
+        let invalid =
+            |reason: &str| SourceError::InvalidCredentials { secret: secret.name.clone(), reason: reason.into() };
         let username = secret.text("username")?;
         let password = secret.text("password")?;
         let token = secret.text("bearerToken")?;
@@ -287,9 +232,7 @@ impl HttpAuth {
             (Some(_), None, _) => return Err(invalid("has username but no password")),
             (None, Some(_), _) => return Err(invalid("has password but no username")),
             (Some(_), Some(_), Some(_)) => {
-                return Err(invalid(
-                    "has both username/password and bearerToken: keep one",
-                ));
+                return Err(invalid("has both username/password and bearerToken: keep one"));
             }
         };
         let mut headers = Vec::new();
@@ -300,14 +243,8 @@ impl HttpAuth {
         }
         let ca = secret.entries.get("ca.crt").cloned();
         if scheme.is_none() && headers.is_empty() && ca.is_none() {
-            return Err(invalid(
-                "has none of username/password, bearerToken, ca.crt or header.<Name>",
-            ));
+            return Err(invalid("has none of username/password, bearerToken, ca.crt or header.<Name>"));
         }
-        Ok(HttpAuth {
-            scheme,
-            ca,
-            headers,
-        })
+        Ok(HttpAuth { scheme, ca, headers })
     }
 }

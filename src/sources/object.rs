@@ -19,9 +19,7 @@ pub async fn open_object(
     let mut options: BTreeMap<String, String> = spec.options.clone();
     if let Some(endpoint) = &spec.endpoint {
         options.insert("endpoint".into(), endpoint.clone());
-        options
-            .entry("path_style".into())
-            .or_insert_with(|| "true".into());
+        options.entry("path_style".into()).or_insert_with(|| "true".into());
     }
     if let Some(region) = &spec.region {
         options.insert("region".into(), region.clone());
@@ -29,111 +27,70 @@ pub async fn open_object(
     let credentials = match secret {
         Some(secret) => {
             for key in secret.entries.keys() {
-                options.insert(
-                    key.to_ascii_lowercase(),
-                    secret.text(key)?.unwrap_or_default(),
-                );
+                options.insert(key.to_ascii_lowercase(), secret.text(key)?.unwrap_or_default());
             }
             CredentialPolicy::Options
         }
         None => CredentialPolicy::Anonymous,
     };
     let client = object_url::connect(&spec.url, &options, credentials).map_err(|e| match e {
-        object_url::ObjectUrlError::MissingCredentials { url, hint } => {
-            SourceError::InvalidCredentials {
-                secret: secret.map(|s| s.name.clone()).unwrap_or_default(),
-                reason: format!("no credentials for {url}: {hint}"),
-            }
-        }
+        object_url::ObjectUrlError::MissingCredentials { url, hint } => SourceError::InvalidCredentials {
+            secret: secret.map(|s| s.name.clone()).unwrap_or_default(),
+            reason: format!("no credentials for {url}: {hint}"),
+        },
         other => SourceError::ObjectUrl(other),
     })?;
     let url = client.display_url.clone();
     match client.scheme {
         Scheme::File => check_file_allowed(&url, client.path.as_ref(), policy)?,
         Scheme::Memory => {
-            return Err(SourceError::InvalidUrl {
-                url,
-                reason: "memory:// holds nothing to read from".into(),
-            });
+            return Err(SourceError::InvalidUrl { url, reason: "memory:// holds nothing to read from".into() });
         }
         Scheme::S3 | Scheme::Gcs | Scheme::Azure => {}
     }
     if client.path.as_ref().is_empty() {
-        return Err(SourceError::InvalidUrl {
-            url,
-            reason: "the URL names a bucket but no object".into(),
-        });
+        return Err(SourceError::InvalidUrl { url, reason: "the URL names a bucket but no object".into() });
     }
-    let meta = client
-        .store
-        .head(&client.path)
-        .await
-        .map_err(|e| read_error(&url, e))?;
+    let meta = client.store.head(&client.path).await.map_err(|e| read_error(&url, e))?;
     if meta.size > max_size {
-        return Err(SourceError::TooLarge {
-            url,
-            size: meta.size,
-            max: max_size,
-        });
+        return Err(SourceError::TooLarge { url, size: meta.size, max: max_size });
     }
     let stream_url = url.clone();
     let stream = object_url::ranged_stream(client.store, client.path, meta.size)
         .map_err(move |e| read_error(&stream_url, e))
         .boxed();
-    Ok(OpenedSource {
-        stream,
-        length: Some(meta.size),
-        description: url,
-    })
+    Ok(OpenedSource { stream, length: Some(meta.size), description: url })
 }
 
 fn read_error(url: &str, error: object_store::Error) -> SourceError {
     match error {
-        object_store::Error::NotFound { .. } => SourceError::NotFound {
-            url: url.to_string(),
-        },
-        object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => SourceError::InvalidCredentials {
-            secret: String::new(),
-            reason: format!("{url}: {}", error_chain(&error)),
-        },
-        other => SourceError::ObjectRead {
-            url: url.to_string(),
-            detail: error_chain(&other),
-        },
+        object_store::Error::NotFound { .. } => SourceError::NotFound { url: url.to_string() },
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            SourceError::InvalidCredentials { secret: String::new(), reason: format!("{url}: {}", error_chain(&error)) }
+        }
+        other => SourceError::ObjectRead { url: url.to_string(), detail: error_chain(&other) },
     }
 }
 
 /// A file source must resolve (after symlinks and `..`) to a path under the policy's root.
 fn check_file_allowed(url: &str, path: &str, policy: &SourcePolicy) -> Result<(), SourceError> {
     let Some(root) = &policy.file_root else {
-        return Err(SourceError::FileNotAllowed {
-            url: url.to_string(),
-            allowed: "none".into(),
-        });
+        return Err(SourceError::FileNotAllowed { url: url.to_string(), allowed: "none".into() });
     };
     let file = std::path::Path::new("/").join(path);
     let resolved = match file.canonicalize() {
         Ok(p) => p,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(SourceError::NotFound {
-                url: url.to_string(),
-            });
+            return Err(SourceError::NotFound { url: url.to_string() });
         }
         Err(e) => {
-            return Err(SourceError::ObjectRead {
-                url: url.to_string(),
-                detail: e.to_string(),
-            });
+            return Err(SourceError::ObjectRead { url: url.to_string(), detail: e.to_string() });
         }
     };
     let root = root.canonicalize().unwrap_or_else(|_| root.clone());
     if resolved.starts_with(&root) {
         Ok(())
     } else {
-        Err(SourceError::FileNotAllowed {
-            url: url.to_string(),
-            allowed: root.display().to_string(),
-        })
+        Err(SourceError::FileNotAllowed { url: url.to_string(), allowed: root.display().to_string() })
     }
 }

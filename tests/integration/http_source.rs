@@ -9,25 +9,12 @@ use bitsmith::sources::{HttpOptions, SecretData, SourceError};
 
 use crate::support::data::coreutils_digests;
 use crate::support::http_server::{Reply, TestServer};
-use crate::support::{fetcher, file_fetcher, file_store, files_under, owner};
-
-fn http(url: String) -> Source {
-    Source {
-        http: Some(HttpSource {
-            url,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
+use crate::support::{fetcher, file_fetcher, file_store, files_under, http_source, owner, plain_fetch};
 
 fn secret(entries: &[(&str, &str)]) -> SecretData {
     SecretData {
         name: "creds".into(),
-        entries: entries
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-            .collect(),
+        entries: entries.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
     }
 }
 
@@ -37,43 +24,18 @@ async fn digests_match_coreutils_for_every_size() {
     let dir = tempfile::tempdir().unwrap();
     let fetcher = file_fetcher(dir.path(), 1 << 30);
     let mib = 1u64 << 20;
-    for (i, size) in [0, 1, mib - 1, mib, mib + 1, 8 * mib + 3, 33 * mib + 7]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, size) in [0, 1, mib - 1, mib, mib + 1, 8 * mib + 3, 33 * mib + 7].into_iter().enumerate() {
         for length in [true, false] {
             let path = format!("/data-{i}-{length}");
-            server.route(
-                &path,
-                Reply::Body {
-                    seed: i as u64,
-                    size,
-                    length,
-                },
-            );
-            let stored = fetcher
-                .fetch(
-                    &owner("sizes"),
-                    &http(server.url(&path)),
-                    None,
-                    Inputs::default(),
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                stored.digests,
-                coreutils_digests(i as u64, size),
-                "size {size}, content-length {length}"
-            );
+            server.route(&path, Reply::Body { seed: i as u64, size, length });
+            let stored = plain_fetch(&fetcher, "sizes", &http_source(server.url(&path))).await.unwrap();
+            assert_eq!(stored.digests, coreutils_digests(i as u64, size), "size {size}, content-length {length}");
             let blob = dir.path().join(&stored.blob.key);
             assert_eq!(std::fs::metadata(&blob).unwrap().len(), size);
             assert!(stored.blob.key.ends_with(&stored.digests.sha256));
         }
     }
-    assert!(
-        files_under(&dir.path().join("staging")).is_empty(),
-        "no staging leftovers"
-    );
+    assert!(files_under(&dir.path().join("staging")).is_empty(), "no staging leftovers");
 }
 
 #[tokio::test]
@@ -81,79 +43,34 @@ async fn more_than_a_gibibyte_streams_through() {
     let server = TestServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let size = (1u64 << 30) + 4097;
-    server.route(
-        "/big",
-        Reply::Body {
-            seed: 77,
-            size,
-            length: true,
-        },
-    );
+    server.route("/big", Reply::Body { seed: 77, size, length: true });
     let fetcher = file_fetcher(dir.path(), 2 << 30);
-    let stored = fetcher
-        .fetch(
-            &owner("big"),
-            &http(server.url("/big")),
-            None,
-            Inputs::default(),
-        )
-        .await
-        .unwrap();
+    let stored = plain_fetch(&fetcher, "big", &http_source(server.url("/big"))).await.unwrap();
     assert_eq!(stored.digests, coreutils_digests(77, size));
-    assert_eq!(
-        files_under(dir.path()).len(),
-        1,
-        "exactly the blob: {:?}",
-        files_under(dir.path())
-    );
-    assert_eq!(
-        std::fs::metadata(dir.path().join(&stored.blob.key))
-            .unwrap()
-            .len(),
-        size
-    );
+    assert_eq!(files_under(dir.path()).len(), 1, "exactly the blob: {:?}", files_under(dir.path()));
+    assert_eq!(std::fs::metadata(dir.path().join(&stored.blob.key)).unwrap().len(), size);
 }
 
 /// Fetch `reply` with `fetcher` and return the error; the store must hold nothing afterwards.
-async fn failure(
-    reply: Reply,
-    max_size: u64,
-    http_options: HttpOptions,
-    pin: Option<Checksum>,
-) -> PipelineError {
+async fn failure(reply: Reply, max_size: u64, http_options: HttpOptions, pin: Option<Checksum>) -> PipelineError {
     let server = TestServer::start().await;
     server.route("/x", reply);
     let dir = tempfile::tempdir().unwrap();
     let fetcher = fetcher(file_store(dir.path()), http_options, max_size);
     let err = fetcher
-        .fetch(
-            &owner("bad"),
-            &http(server.url("/x")),
-            pin.as_ref(),
-            Inputs::default(),
-        )
+        .fetch(&owner("bad"), &http_source(server.url("/x")), pin.as_ref(), Inputs::default())
         .await
         .unwrap_err();
     // The store's writers clean up in the background when dropped; give them a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        files_under(dir.path()).is_empty(),
-        "{err}: left {:?}",
-        files_under(dir.path())
-    );
+    assert!(files_under(dir.path()).is_empty(), "{err}: left {:?}", files_under(dir.path()));
     err
 }
 
 #[tokio::test]
 async fn http_status_errors_say_whether_to_retry() {
     let err = failure(Reply::Status(404), 1 << 20, HttpOptions::default(), None).await;
-    assert!(
-        matches!(
-            err,
-            PipelineError::Source(SourceError::HttpStatus { status: 404, .. })
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, PipelineError::Source(SourceError::HttpStatus { status: 404, .. })), "{err}");
     assert!(!err.is_permanent(), "a missing artifact may appear later");
     assert!(err.to_string().contains("404"), "{err}");
     let err = failure(Reply::Status(500), 1 << 20, HttpOptions::default(), None).await;
@@ -164,121 +81,50 @@ async fn http_status_errors_say_whether_to_retry() {
 
 #[tokio::test]
 async fn unreachable_source() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let err = file_fetcher(dir.path(), 1 << 20)
-        .fetch(
-            &owner("x"),
-            &http(format!("http://{closed}/app.zip")),
-            None,
-            Inputs::default(),
-        )
+        .fetch(&owner("x"), &http_source(format!("http://{closed}/app.zip")), None, Inputs::default())
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, PipelineError::Source(SourceError::Unreachable { .. })),
-        "{err}"
-    );
+    assert!(matches!(err, PipelineError::Source(SourceError::Unreachable { .. })), "{err}");
     assert!(!err.is_permanent());
     assert!(files_under(dir.path()).is_empty());
 }
 
 #[tokio::test]
 async fn truncated_body_is_an_interruption() {
-    let err = failure(
-        Reply::Truncated {
-            seed: 1,
-            announced: 5 << 20,
-            sent: 3 << 20,
-        },
-        1 << 30,
-        HttpOptions::default(),
-        None,
-    )
-    .await;
-    assert!(
-        matches!(err, PipelineError::Source(SourceError::Interrupted { .. })),
-        "{err}"
-    );
+    let err =
+        failure(Reply::Truncated { seed: 1, announced: 5 << 20, sent: 3 << 20 }, 1 << 30, HttpOptions::default(), None)
+            .await;
+    assert!(matches!(err, PipelineError::Source(SourceError::Interrupted { .. })), "{err}");
 }
 
 #[tokio::test]
 async fn stalled_server_times_out() {
-    let options = HttpOptions {
-        read_timeout: Duration::from_millis(500),
-        ..HttpOptions::default()
-    };
-    let err = failure(
-        Reply::Stall {
-            seed: 1,
-            announced: 4 << 20,
-            sent: 1 << 20,
-        },
-        1 << 30,
-        options,
-        None,
-    )
-    .await;
-    assert!(
-        matches!(err, PipelineError::Source(SourceError::Timeout { .. })),
-        "{err}"
-    );
+    let options = HttpOptions { read_timeout: Duration::from_millis(500), ..HttpOptions::default() };
+    let err = failure(Reply::Stall { seed: 1, announced: 4 << 20, sent: 1 << 20 }, 1 << 30, options, None).await;
+    assert!(matches!(err, PipelineError::Source(SourceError::Timeout { .. })), "{err}");
 }
 
 #[tokio::test]
 async fn too_large_is_refused_early_or_while_streaming() {
-    let announced = failure(
-        Reply::Body {
-            seed: 1,
-            size: 2 << 20,
-            length: true,
-        },
-        1 << 20,
-        HttpOptions::default(),
-        None,
-    )
-    .await;
+    let announced =
+        failure(Reply::Body { seed: 1, size: 2 << 20, length: true }, 1 << 20, HttpOptions::default(), None).await;
     assert!(
         matches!(announced, PipelineError::Source(SourceError::TooLarge { size, max: 1048576, .. }) if size == 2 << 20),
         "{announced}"
     );
     assert!(announced.is_permanent());
-    let chunked = failure(
-        Reply::Body {
-            seed: 1,
-            size: 3 << 20,
-            length: false,
-        },
-        1 << 20,
-        HttpOptions::default(),
-        None,
-    )
-    .await;
-    assert!(
-        matches!(chunked, PipelineError::TooLarge { max: 1048576, .. }),
-        "{chunked}"
-    );
+    let chunked =
+        failure(Reply::Body { seed: 1, size: 3 << 20, length: false }, 1 << 20, HttpOptions::default(), None).await;
+    assert!(matches!(chunked, PipelineError::TooLarge { max: 1048576, .. }), "{chunked}");
     // Exactly at the limit is fine.
     let server = TestServer::start().await;
-    server.route(
-        "/exact",
-        Reply::Body {
-            seed: 2,
-            size: 1 << 20,
-            length: false,
-        },
-    );
+    server.route("/exact", Reply::Body { seed: 2, size: 1 << 20, length: false });
     let dir = tempfile::tempdir().unwrap();
     let stored = file_fetcher(dir.path(), 1 << 20)
-        .fetch(
-            &owner("exact"),
-            &http(server.url("/exact")),
-            None,
-            Inputs::default(),
-        )
+        .fetch(&owner("exact"), &http_source(server.url("/exact")), None, Inputs::default())
         .await
         .unwrap();
     assert_eq!(stored.digests.size, 1 << 20);
@@ -287,56 +133,23 @@ async fn too_large_is_refused_early_or_while_streaming() {
 #[tokio::test]
 async fn checksum_pins_are_enforced() {
     let expected = coreutils_digests(5, 3 << 20);
-    let wrong = Checksum {
-        checksum_type: ChecksumType::Sha256,
-        value: "0".repeat(64),
-    };
-    let err = failure(
-        Reply::Body {
-            seed: 5,
-            size: 3 << 20,
-            length: true,
-        },
-        1 << 30,
-        HttpOptions::default(),
-        Some(wrong),
-    )
-    .await;
-    assert!(
-        matches!(&err, PipelineError::ChecksumMismatch { actual, .. } if *actual == expected.sha256),
-        "{err}"
-    );
+    let wrong = Checksum { checksum_type: ChecksumType::Sha256, value: "0".repeat(64) };
+    let err =
+        failure(Reply::Body { seed: 5, size: 3 << 20, length: true }, 1 << 30, HttpOptions::default(), Some(wrong))
+            .await;
+    assert!(matches!(&err, PipelineError::ChecksumMismatch { actual, .. } if *actual == expected.sha256), "{err}");
     assert!(err.is_permanent());
 
     let server = TestServer::start().await;
-    server.route(
-        "/app.zip",
-        Reply::Body {
-            seed: 5,
-            size: 3 << 20,
-            length: true,
-        },
-    );
+    server.route("/app.zip", Reply::Body { seed: 5, size: 3 << 20, length: true });
     let dir = tempfile::tempdir().unwrap();
     let fetcher = file_fetcher(dir.path(), 1 << 30);
     for pin in [
-        Checksum {
-            checksum_type: ChecksumType::Sha256,
-            value: expected.sha256.clone(),
-        },
-        Checksum {
-            checksum_type: ChecksumType::Sha1,
-            value: expected.sha1.clone(),
-        },
+        Checksum { checksum_type: ChecksumType::Sha256, value: expected.sha256.clone() },
+        Checksum { checksum_type: ChecksumType::Sha1, value: expected.sha1.clone() },
     ] {
-        let stored = fetcher
-            .fetch(
-                &owner("pinned"),
-                &http(server.url("/app.zip")),
-                Some(&pin),
-                Inputs::default(),
-            )
-            .await;
+        let stored =
+            fetcher.fetch(&owner("pinned"), &http_source(server.url("/app.zip")), Some(&pin), Inputs::default()).await;
         assert_eq!(stored.unwrap().digests, expected);
     }
 }
@@ -345,82 +158,35 @@ async fn checksum_pins_are_enforced() {
 async fn redirects_are_followed_up_to_the_limit() {
     let server = TestServer::start().await;
     server.route("/old", Reply::Redirect("/new".into()));
-    server.route(
-        "/new",
-        Reply::Body {
-            seed: 9,
-            size: 1000,
-            length: true,
-        },
-    );
+    server.route("/new", Reply::Body { seed: 9, size: 1000, length: true });
     server.route("/loop", Reply::Redirect("/loop".into()));
     let dir = tempfile::tempdir().unwrap();
     let fetcher = file_fetcher(dir.path(), 1 << 20);
-    let stored = fetcher
-        .fetch(
-            &owner("r"),
-            &http(server.url("/old")),
-            None,
-            Inputs::default(),
-        )
-        .await
-        .unwrap();
+    let stored = plain_fetch(&fetcher, "r", &http_source(server.url("/old"))).await.unwrap();
     assert_eq!(stored.digests, coreutils_digests(9, 1000));
-    let err = fetcher
-        .fetch(
-            &owner("r"),
-            &http(server.url("/loop")),
-            None,
-            Inputs::default(),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PipelineError::Source(SourceError::TooManyRedirects { limit: 10, .. })
-        ),
-        "{err}"
-    );
+    let err = plain_fetch(&fetcher, "r", &http_source(server.url("/loop"))).await.unwrap_err();
+    assert!(matches!(err, PipelineError::Source(SourceError::TooManyRedirects { limit: 10, .. })), "{err}");
 }
 
 #[tokio::test]
 async fn credentials_and_headers_come_from_the_secret() {
     let server = TestServer::start().await;
-    let body = || {
-        Box::new(Reply::Body {
-            seed: 3,
-            size: 4096,
-            length: true,
-        })
-    };
+    let body = || Box::new(Reply::Body { seed: 3, size: 4096, length: true });
     // "alice:s3cret" in base64.
     server.route(
         "/basic",
-        Reply::Require {
-            header: "authorization".into(),
-            value: "Basic YWxpY2U6czNjcmV0".into(),
-            then: body(),
-        },
+        Reply::Require { header: "authorization".into(), value: "Basic YWxpY2U6czNjcmV0".into(), then: body() },
     );
     server.route(
         "/bearer",
-        Reply::Require {
-            header: "authorization".into(),
-            value: "Bearer t0ken".into(),
-            then: body(),
-        },
+        Reply::Require { header: "authorization".into(), value: "Bearer t0ken".into(), then: body() },
     );
     server.route(
         "/headers",
         Reply::Require {
             header: "x-api-key".into(),
             value: "k3y".into(),
-            then: Box::new(Reply::Require {
-                header: "x-team".into(),
-                value: "blue".into(),
-                then: body(),
-            }),
+            then: Box::new(Reply::Require { header: "x-team".into(), value: "blue".into(), then: body() }),
         },
     );
     let dir = tempfile::tempdir().unwrap();
@@ -428,9 +194,7 @@ async fn credentials_and_headers_come_from_the_secret() {
     let with_ref = |path: &str, headers: Vec<Header>| Source {
         http: Some(HttpSource {
             url: server.url(path),
-            secret_ref: Some(SecretRef {
-                name: "creds".into(),
-            }),
+            secret_ref: Some(SecretRef { name: "creds".into() }),
             headers,
             ca_bundle: None,
         }),
@@ -443,64 +207,23 @@ async fn credentials_and_headers_come_from_the_secret() {
     for (path, secret, headers) in [
         ("/basic", &basic, vec![]),
         ("/bearer", &bearer, vec![]),
-        (
-            "/headers",
-            &header,
-            vec![Header {
-                name: "X-Team".into(),
-                value: "blue".into(),
-            }],
-        ),
+        ("/headers", &header, vec![Header { name: "X-Team".into(), value: "blue".into() }]),
     ] {
-        let inputs = Inputs {
-            secret: Some(secret),
-            source_package: None,
-        };
-        let stored = fetcher
-            .fetch(&owner("auth"), &with_ref(path, headers), None, inputs)
-            .await;
+        let inputs = Inputs { secret: Some(secret), source_package: None };
+        let stored = fetcher.fetch(&owner("auth"), &with_ref(path, headers), None, inputs).await;
         assert_eq!(stored.unwrap().digests, expected, "{path}");
     }
-    let err = fetcher
-        .fetch(
-            &owner("auth"),
-            &http(server.url("/basic")),
-            None,
-            Inputs::default(),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PipelineError::Source(SourceError::HttpStatus { status: 401, .. })
-        ),
-        "{err}"
-    );
+    let err = plain_fetch(&fetcher, "auth", &http_source(server.url("/basic"))).await.unwrap_err();
+    assert!(matches!(err, PipelineError::Source(SourceError::HttpStatus { status: 401, .. })), "{err}");
     let seen = server.seen.lock().unwrap().clone();
     let last = seen.last().unwrap();
     assert_eq!(last.path, "/basic");
-    assert!(
-        !last.headers.contains_key("authorization"),
-        "no credentials without a secretRef"
-    );
+    assert!(!last.headers.contains_key("authorization"), "no credentials without a secretRef");
     assert!(last.headers["user-agent"].starts_with("bitsmith/"));
     let incomplete = secret(&[("username", "alice")]);
-    let inputs = Inputs {
-        secret: Some(&incomplete),
-        source_package: None,
-    };
-    let err = fetcher
-        .fetch(&owner("auth"), &with_ref("/basic", vec![]), None, inputs)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PipelineError::Source(SourceError::InvalidCredentials { .. })
-        ),
-        "{err}"
-    );
+    let inputs = Inputs { secret: Some(&incomplete), source_package: None };
+    let err = fetcher.fetch(&owner("auth"), &with_ref("/basic", vec![]), None, inputs).await.unwrap_err();
+    assert!(matches!(err, PipelineError::Source(SourceError::InvalidCredentials { .. })), "{err}");
     assert!(err.to_string().contains("no password"), "{err}");
 }
 
@@ -509,24 +232,8 @@ fn self_signed() -> (Vec<u8>, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=bitsmith test CA",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-addext",
-        ])
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=bitsmith test CA", "-addext", "subjectAltName=IP:127.0.0.1", "-addext"])
         .args(["basicConstraints=critical,CA:FALSE", "-keyout"])
         .arg(&key)
         .arg("-out")
@@ -542,29 +249,11 @@ fn self_signed() -> (Vec<u8>, Vec<u8>) {
 async fn tls_with_a_private_ca() {
     let (cert, key) = self_signed();
     let server = TestServer::start_tls(&cert, &key).await;
-    server.route(
-        "/app.zip",
-        Reply::Body {
-            seed: 4,
-            size: 70_000,
-            length: true,
-        },
-    );
+    server.route("/app.zip", Reply::Body { seed: 4, size: 70_000, length: true });
     let dir = tempfile::tempdir().unwrap();
     let fetcher = file_fetcher(dir.path(), 1 << 20);
-    let err = fetcher
-        .fetch(
-            &owner("tls"),
-            &http(server.url("/app.zip")),
-            None,
-            Inputs::default(),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, PipelineError::Source(SourceError::Tls { .. })),
-        "{err}"
-    );
+    let err = plain_fetch(&fetcher, "tls", &http_source(server.url("/app.zip"))).await.unwrap_err();
+    assert!(matches!(err, PipelineError::Source(SourceError::Tls { .. })), "{err}");
     assert!(err.is_permanent());
     assert!(files_under(dir.path()).is_empty());
 
@@ -576,10 +265,7 @@ async fn tls_with_a_private_ca() {
         }),
         ..Default::default()
     };
-    let stored = fetcher
-        .fetch(&owner("tls"), &trusted, None, Inputs::default())
-        .await
-        .unwrap();
+    let stored = plain_fetch(&fetcher, "tls", &trusted).await.unwrap();
     assert_eq!(stored.digests, coreutils_digests(4, 70_000));
 
     let garbage = Source {
@@ -590,15 +276,6 @@ async fn tls_with_a_private_ca() {
         }),
         ..Default::default()
     };
-    let err = fetcher
-        .fetch(&owner("tls"), &garbage, None, Inputs::default())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PipelineError::Source(SourceError::InvalidCredentials { .. })
-        ),
-        "{err}"
-    );
+    let err = plain_fetch(&fetcher, "tls", &garbage).await.unwrap_err();
+    assert!(matches!(err, PipelineError::Source(SourceError::InvalidCredentials { .. })), "{err}");
 }

@@ -70,16 +70,7 @@ pub fn coreutils_digests(seed: u64, size: u64) -> Digests {
     }
     let hex = |child: std::process::Child| {
         let out = child.wait_with_output().unwrap();
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
+        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
     };
-    Digests {
-        sha1: hex(sha1),
-        sha256: hex(sha256),
-        size,
-    }
+    Digests { sha1: hex(sha1), sha256: hex(sha256), size }
 }

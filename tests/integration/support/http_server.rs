@@ -19,25 +19,13 @@ pub enum Reply {
     /// An empty answer with this status.
     Status(u16),
     /// Announce `announced` bytes, send `sent`, then close the connection.
-    Truncated {
-        seed: u64,
-        announced: u64,
-        sent: u64,
-    },
+    Truncated { seed: u64, announced: u64, sent: u64 },
     /// Announce `announced` bytes, send `sent`, then go silent without closing.
-    Stall {
-        seed: u64,
-        announced: u64,
-        sent: u64,
-    },
+    Stall { seed: u64, announced: u64, sent: u64 },
     /// 302 to another path on this server.
     Redirect(String),
     /// Answer `then` only if the request carries this header value; 401 otherwise.
-    Require {
-        header: String,
-        value: String,
-        then: Box<Reply>,
-    },
+    Require { header: String, value: String, then: Box<Reply> },
 }
 
 /// A request as the server saw it.
@@ -70,9 +58,7 @@ impl TestServer {
 
     /// HTTPS on 127.0.0.1 with the given certificate chain and key (PEM).
     pub async fn start_tls(cert_pem: &[u8], key_pem: &[u8]) -> Self {
-        let certs: Vec<_> = rustls_pki_types::pem::PemObject::pem_slice_iter(cert_pem)
-            .map(|c| c.unwrap())
-            .collect();
+        let certs: Vec<_> = rustls_pki_types::pem::PemObject::pem_slice_iter(cert_pem).map(|c| c.unwrap()).collect();
         let key = rustls_pki_types::pem::PemObject::from_pem_slice(key_pem).unwrap();
         let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
             tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
@@ -110,13 +96,7 @@ impl TestServer {
                 });
             }
         });
-        TestServer {
-            addr,
-            scheme,
-            routes,
-            seen,
-            task,
-        }
+        TestServer { addr, scheme, routes, seen, task }
     }
 
     /// Answer `path` with `reply`.
@@ -145,36 +125,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let text = String::from_utf8_lossy(&head).to_string();
     let mut lines = text.lines();
-    let path = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("/")
-        .to_string();
+    let path = lines.next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("/").to_string();
     let headers: HashMap<String, String> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    seen.lock().unwrap().push(Seen {
-        path: path.clone(),
-        headers: headers.clone(),
-    });
-    let mut reply = routes
-        .lock()
-        .unwrap()
-        .get(&path)
-        .cloned()
-        .unwrap_or(Reply::Status(404));
-    while let Reply::Require {
-        header,
-        value,
-        then,
-    } = reply.clone()
-    {
-        reply = if headers.get(&header.to_ascii_lowercase()) == Some(&value) {
-            *then
-        } else {
-            Reply::Status(401)
-        };
+    seen.lock().unwrap().push(Seen { path: path.clone(), headers: headers.clone() });
+    let mut reply = routes.lock().unwrap().get(&path).cloned().unwrap_or(Reply::Status(404));
+    while let Reply::Require { header, value, then } = reply.clone() {
+        reply = if headers.get(&header.to_ascii_lowercase()) == Some(&value) { *then } else { Reply::Status(401) };
     }
     let _ = answer(&mut stream, reply).await;
 }
@@ -182,58 +141,31 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, reply: Reply) -> std::io::Result<()> {
     match reply {
         Reply::Status(code) => {
-            let head =
-                format!("HTTP/1.1 {code} Status\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let head = format!("HTTP/1.1 {code} Status\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
             stream.write_all(head.as_bytes()).await?;
         }
         Reply::Redirect(to) => {
-            let head = format!(
-                "HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-            );
+            let head =
+                format!("HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
             stream.write_all(head.as_bytes()).await?;
         }
-        Reply::Body {
-            seed,
-            size,
-            length: true,
-        } => {
-            let head =
-                format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n");
+        Reply::Body { seed, size, length: true } => {
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n");
             stream.write_all(head.as_bytes()).await?;
             send(stream, seed, size, false).await?;
         }
-        Reply::Body {
-            seed,
-            size,
-            length: false,
-        } => {
-            stream
-                .write_all(
-                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
-                )
-                .await?;
+        Reply::Body { seed, size, length: false } => {
+            stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n").await?;
             send(stream, seed, size, true).await?;
             stream.write_all(b"0\r\n\r\n").await?;
         }
-        Reply::Truncated {
-            seed,
-            announced,
-            sent,
-        } => {
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {announced}\r\nconnection: close\r\n\r\n"
-            );
+        Reply::Truncated { seed, announced, sent } => {
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {announced}\r\nconnection: close\r\n\r\n");
             stream.write_all(head.as_bytes()).await?;
             send(stream, seed, sent, false).await?;
         }
-        Reply::Stall {
-            seed,
-            announced,
-            sent,
-        } => {
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {announced}\r\nconnection: close\r\n\r\n"
-            );
+        Reply::Stall { seed, announced, sent } => {
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {announced}\r\nconnection: close\r\n\r\n");
             stream.write_all(head.as_bytes()).await?;
             send(stream, seed, sent, false).await?;
             stream.flush().await?;
@@ -245,17 +177,10 @@ async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, reply: Reply) -> std::io:
     stream.shutdown().await
 }
 
-async fn send<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    seed: u64,
-    size: u64,
-    chunked: bool,
-) -> std::io::Result<()> {
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, seed: u64, size: u64, chunked: bool) -> std::io::Result<()> {
     for chunk in data::chunks(seed, size, 256 << 10) {
         if chunked {
-            stream
-                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
-                .await?;
+            stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await?;
         }
         stream.write_all(&chunk).await?;
         if chunked {

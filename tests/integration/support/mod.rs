@@ -41,9 +41,7 @@ pub fn fetcher(store: BlobStore, http: HttpOptions, max_size: u64) -> Fetcher {
     Fetcher {
         store,
         http: HttpFetcher::new(http).unwrap(),
-        policy: SourcePolicy {
-            file_root: Some("/".into()),
-        },
+        policy: SourcePolicy { file_root: Some("/".into()) },
         max_size,
     }
 }
@@ -62,4 +60,21 @@ pub fn owner(name: &str) -> BlobOwner {
         name: name.into(),
         uid: Some(uuid::Uuid::new_v4().to_string()),
     }
+}
+
+/// An http source without credentials.
+pub fn http_source(url: String) -> bitsmith::resources::Source {
+    bitsmith::resources::Source {
+        http: Some(bitsmith::resources::HttpSource { url, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Fetch `source` for a fresh owner named `name`, with no pin, Secret or source Package.
+pub async fn plain_fetch(
+    fetcher: &Fetcher,
+    name: &str,
+    source: &bitsmith::resources::Source,
+) -> Result<bitsmith::pipeline::Stored, bitsmith::pipeline::PipelineError> {
+    fetcher.fetch(&owner(name), source, None, bitsmith::fetch::Inputs::default()).await
 }

@@ -1,4 +1,4 @@
-//! The S3 server of record (Garage), started by `scripts/test-env.sh` and described by environment variables.
+//! The S3 server of record (Garage), started by `scripts/with-s3.sh` and described by environment variables.
 //! A test that needs it fails, with the command to run, when it is missing.
 
 use std::collections::BTreeMap;
@@ -20,7 +20,9 @@ impl S3 {
     pub fn from_env() -> S3 {
         let var = |name: &str| {
             std::env::var(name).unwrap_or_else(|_| {
-                panic!("{name} is not set: S3 tests need the Garage server that `make test` starts (scripts/test-env.sh)")
+                panic!(
+                    "{name} is not set: S3 tests need the Garage server that `make test` starts (scripts/with-s3.sh)"
+                )
             })
         };
         S3 {
@@ -52,8 +54,7 @@ impl S3 {
     pub fn store(&self, test: &str) -> (BlobStore, Lister) {
         let url = self.store_url(test);
         let store = BlobStore::open(&url, &self.credentials()).expect("open S3 store");
-        let client =
-            object_url::connect(&url, &self.credentials(), CredentialPolicy::Options).unwrap();
+        let client = object_url::connect(&url, &self.credentials(), CredentialPolicy::Options).unwrap();
         (store, Lister(client))
     }
 }
@@ -63,12 +64,6 @@ pub struct Lister(ObjectClient);
 
 impl Lister {
     pub async fn keys(&self) -> Vec<String> {
-        self.0
-            .store
-            .list(Some(&self.0.path))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap()
+        self.0.store.list(Some(&self.0.path)).map_ok(|m| m.location.to_string()).try_collect().await.unwrap()
     }
 }

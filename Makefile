@@ -10,7 +10,7 @@ build:
 
 # Starts the S3 server the tests need (installing it on first use), runs every test, stops it.
 test:
-	scripts/with-s3.sh $(CARGO) test --locked
+	scripts/with-test-env.sh $(CARGO) test --locked
 
 # Regenerate the committed CRDs from the Rust types.
 crds:
@@ -18,7 +18,7 @@ crds:
 
 # Throughput and memory, printed as a table.
 bench:
-	scripts/with-s3.sh $(CARGO) bench --locked --bench pipeline
+	scripts/with-test-env.sh $(CARGO) bench --locked --bench pipeline
 
 # Serve examples/ on loopback and fetch its Packages and Droplet into the local store (.bitsmith/store).
 run: build

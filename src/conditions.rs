@@ -26,7 +26,8 @@ impl Status {
     }
 }
 
-/// Build a condition.
+/// Build a condition. An empty message becomes the reason: Kubernetes 1.20 turns an empty string in a custom
+/// resource into null and then refuses it, so a condition must always say something.
 pub fn new(
     type_: &str,
     status: Status,
@@ -35,11 +36,12 @@ pub fn new(
     generation: Option<i64>,
     now: Timestamp,
 ) -> Condition {
+    let message = message.into();
     Condition {
         type_: type_.to_string(),
         status: status.as_str().to_string(),
         reason: reason.to_string(),
-        message: message.into(),
+        message: if message.is_empty() { reason.to_string() } else { message },
         observed_generation: generation,
         last_transition_time: Time(now),
     }
@@ -75,6 +77,12 @@ mod tests {
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(seconds).unwrap()
+    }
+
+    #[test]
+    fn messages_are_never_empty() {
+        assert_eq!(new(READY, Status::True, "Succeeded", "", None, at(1)).message, "Succeeded");
+        assert_eq!(new(READY, Status::True, "Succeeded", "done", None, at(1)).message, "done");
     }
 
     #[test]

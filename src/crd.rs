@@ -10,7 +10,32 @@ use crate::resources::{Droplet, Package};
 
 /// Every CRD bitsmith serves.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![Package::crd(), Droplet::crd()]
+    vec![Package::crd(), Droplet::crd()].into_iter().map(without_null_enum_members).collect()
+}
+
+/// An `Option` of an enum comes out of the schema generator as `enum: [..., null]` next to `nullable: true`.
+/// Kubernetes refuses a null enum member (the `nullable` already allows null), so drop it everywhere.
+fn without_null_enum_members(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::Array(members)) = map.get_mut("enum") {
+                    members.retain(|m| !m.is_null());
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
+            let mut json = serde_json::to_value(&*schema).expect("a schema always serializes");
+            walk(&mut json);
+            *schema = serde_json::from_value(json).expect("removing enum members keeps a valid schema");
+        }
+    }
+    crd
 }
 
 /// The file a CRD is kept in, e.g. `packages.bitsmith.dev.yaml`.

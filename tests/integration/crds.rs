@@ -31,6 +31,43 @@ fn crds_need_no_cel_and_declare_the_printer_columns() {
     let schema = serde_json::to_value(&version.schema).unwrap();
     let source = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["source"];
     assert_eq!(source["oneOf"].as_array().map(|a| a.len()), Some(3), "source must say exactly one variant");
-    let states = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["state"]["enum"];
-    assert!(states.as_array().unwrap().iter().any(|s| s == "AWAITING_UPLOAD"));
+    let state = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["state"];
+    let states = state["enum"].as_array().unwrap();
+    assert!(states.iter().any(|s| s == "AWAITING_UPLOAD"));
+    assert!(states.iter().all(|s| s.is_string()), "Kubernetes refuses null enum members: {states:?}");
+    assert_eq!(state["nullable"], true);
+}
+
+#[test]
+fn a_kubernetes_1_20_apiserver_serves_the_crds() {
+    use crate::support::kube::{install_crds, kubectl, kubectl_ok, namespace};
+    install_crds();
+    let version = kubectl_ok(&["version", "-o", "json"], None);
+    assert!(version.contains("\"gitVersion\": \"v1.20"), "the test control plane is Kubernetes 1.20: {version}");
+    let ns = namespace("crds");
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    kubectl_ok(&["apply", "-n", &ns, "-f", &format!("{examples}/packages.yaml")], None);
+    kubectl_ok(&["apply", "-n", &ns, "-f", &format!("{examples}/droplet.yaml")], None);
+
+    let table = kubectl_ok(&["get", "pkg", "-n", &ns, "hello"], None);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "TYPE", "STATE", "CHECKSUM", "AGE"]);
+    assert!(table.contains("hello") && table.contains("bits"), "{table}");
+
+    let two_sources = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: two\nspec:\n  type: bits\n  source:\n    http: {url: 'http://127.0.0.1/a.zip'}\n    package: {name: hello}\n";
+    let out = kubectl(&["apply", "-n", &ns, "-f", "-"], Some(two_sources));
+    assert!(!out.status.success(), "a source with two variants must be refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.source"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bad_type = two_sources.replace("type: bits", "type: zip").replace("    package: {name: hello}\n", "");
+    let out = kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&bad_type));
+    assert!(!out.status.success(), "an unknown package type must be refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.type"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The status subresource takes a status in the shape `bitsmith fetch` prints.
+    let status = r#"{"status":{"state":"READY","checksum":{"type":"sha256","value":"ab"},"size":3,"conditions":[{"type":"Ready","status":"True","reason":"Succeeded","message":"stored 3 bytes","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
+    kubectl_ok(&["patch", "pkg", "hello", "-n", &ns, "--subresource=status", "--type=merge", "-p", status], None);
+    let state = kubectl_ok(&["get", "pkg", "hello", "-n", &ns, "-o", "jsonpath={.status.state}"], None);
+    assert_eq!(state, "READY");
+    kubectl_ok(&["delete", "pkg,droplet", "--all", "-n", &ns], None);
 }

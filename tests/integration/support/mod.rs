@@ -2,6 +2,7 @@
 
 pub mod data;
 pub mod http_server;
+pub mod kube;
 pub mod s3;
 
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! The S3 server of record (Garage), started by `scripts/with-s3.sh` and described by environment variables.
+//! The S3 server of record (Garage), started by `scripts/with-test-env.sh` and described by environment variables.
 //! A test that needs it fails, with the command to run, when it is missing.
 
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ impl S3 {
         let var = |name: &str| {
             std::env::var(name).unwrap_or_else(|_| {
                 panic!(
-                    "{name} is not set: S3 tests need the Garage server that `make test` starts (scripts/with-s3.sh)"
+                    "{name} is not set: S3 tests need the Garage server that `make test` starts (scripts/with-test-env.sh)"
                 )
             })
         };

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Start or stop etcd + kube-apiserver on 127.0.0.1 for the tests: HTTPS with its own CA, a static admin token,
+# RBAC authorization, service-account tokens.
+#   scripts/apiserver.sh start DIR   builds the binaries if needed, starts them with state in DIR, writes
+#                                    DIR/kubeconfig and prints `export KUBECONFIG=...`
+#   scripts/apiserver.sh stop DIR
+set -euo pipefail
+cmd=${1:?usage: apiserver.sh start|stop DIR}
+dir=${2:?usage: apiserver.sh start|stop DIR}
+here=$(cd "$(dirname "$0")" && pwd)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+certs() {
+  local d="$dir/certs"
+  mkdir -p "$d"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=bitsmith-test-ca \
+    -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >"$d/ext.cnf"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 30 \
+    -extfile "$d/ext.cnf" -out "$d/server.crt" 2>/dev/null
+  openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
+  echo "$token,admin,admin,system:masters" >"$d/tokens.csv"
+}
+
+stop_pid() {
+  [ -f "$dir/$1.pid" ] || return 0
+  local pid
+  pid=$(cat "$dir/$1.pid")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$dir/$1.pid"
+}
+
+case "$cmd" in
+start)
+  root=$("$here/install-apiserver.sh")
+  mkdir -p "$dir"
+  token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+  api_port=$(free_port) etcd_port=$(free_port) etcd_peer=$(free_port)
+  certs
+  setsid "$root/bin/etcd" --data-dir "$dir/etcd" --name bitsmith-test \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
+    --initial-cluster "bitsmith-test=http://127.0.0.1:$etcd_peer" >"$dir/etcd.log" 2>&1 </dev/null &
+  echo $! >"$dir/etcd.pid"
+  setsid "$root/bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --secure-port "$api_port" --advertise-address 127.0.0.1 \
+    --tls-cert-file "$dir/certs/server.crt" --tls-private-key-file "$dir/certs/server.key" \
+    --client-ca-file "$dir/certs/ca.crt" \
+    --token-auth-file "$dir/certs/tokens.csv" --authorization-mode RBAC \
+    --service-cluster-ip-range 10.0.0.0/24 --endpoint-reconciler-type none \
+    --service-account-key-file "$dir/certs/sa.pub" --service-account-signing-key-file "$dir/certs/sa.key" \
+    --service-account-issuer https://kubernetes.default.svc \
+    --enable-priority-and-fairness=false >"$dir/apiserver.log" 2>&1 </dev/null &
+  echo $! >"$dir/apiserver.pid"
+  cat >"$dir/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: bitsmith-test
+  cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$dir/certs/ca.crt"}
+users:
+- name: admin
+  user: {token: "$token"}
+contexts:
+- name: bitsmith-test
+  context: {cluster: bitsmith-test, user: admin, namespace: default}
+current-context: bitsmith-test
+KC
+  for _ in $(seq 1 240); do
+    if ! kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null; then
+      echo "kube-apiserver exited; its log:" >&2
+      tail -20 "$dir/apiserver.log" >&2
+      exit 1
+    fi
+    if curl -fsS --cacert "$dir/certs/ca.crt" -H "Authorization: Bearer $token" \
+      "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then
+      echo "export KUBECONFIG=$dir/kubeconfig"
+      exit 0
+    fi
+    sleep 0.25
+  done
+  echo "kube-apiserver did not become ready; its log:" >&2
+  tail -20 "$dir/apiserver.log" >&2
+  exit 1
+  ;;
+stop)
+  stop_pid apiserver
+  stop_pid etcd
+  ;;
+*) echo "usage: apiserver.sh start|stop DIR" >&2; exit 2 ;;
+esac

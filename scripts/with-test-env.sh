@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run a command beside what the tests need, all on loopback: a Garage S3 server and a real control plane
+# (etcd + kube-apiserver). Each is installed on first use (cached outside the checkout), started here, and
+# stopped when the command ends. The command sees BITSMITH_TEST_S3_{ENDPOINT,BUCKET,ACCESS_KEY,SECRET_KEY} and
+# KUBECONFIG.
+#   scripts/with-test-env.sh cargo test --locked
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubectl; }
+state=$(mktemp -d "${TMPDIR:-/tmp}/bitsmith-env.XXXXXX")
+cleanup() {
+  scripts/apiserver.sh stop "$state/apiserver"
+  scripts/garage.sh stop "$state/garage"
+  rm -rf "$state"
+}
+trap cleanup EXIT
+eval "$(scripts/garage.sh start "$state/garage")"
+eval "$(scripts/apiserver.sh start "$state/apiserver")"
+"$@"

@@ -1,0 +1,57 @@
+//! The real control plane (etcd + kube-apiserver) that `scripts/with-test-env.sh` starts, driven with the real
+//! `kubectl`. A test that needs it fails, with the command to run, when it is missing.
+
+use std::process::{Command, Output, Stdio};
+
+/// The kubeconfig of the test control plane, or a loud failure.
+pub fn kubeconfig() -> String {
+    std::env::var("KUBECONFIG").unwrap_or_else(|_| {
+        panic!("KUBECONFIG is not set: this test needs the control plane that `make test` starts (scripts/with-test-env.sh)")
+    })
+}
+
+/// Run kubectl against the test control plane, feeding `stdin`.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .env("KUBECONFIG", kubeconfig())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    child.stdin.take().unwrap().write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Run kubectl and require success; returns stdout.
+pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
+    let out = kubectl(args, stdin);
+    assert!(out.status.success(), "kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Install the CRDs from `crds/` and wait until they are served.
+pub fn install_crds() {
+    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds");
+    kubectl_ok(&["apply", "-f", crds], None);
+    kubectl_ok(
+        &[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            "crd/packages.bitsmith.dev",
+            "crd/droplets.bitsmith.dev",
+        ],
+        None,
+    );
+}
+
+/// A fresh namespace for one test.
+pub fn namespace(test: &str) -> String {
+    let name = format!("{test}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    kubectl_ok(&["create", "namespace", &name], None);
+    name
+}

@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod object_url;
 pub mod offline;
 pub mod pipeline;
+pub mod plan;
 pub mod resources;
 pub mod sources;
 pub mod status;

@@ -10,11 +10,12 @@ use serde::Serialize;
 
 use crate::fetch::{Fetcher, Inputs};
 use crate::pipeline::PipelineError;
-use crate::resources::{BitsObject, BitsStatus, Droplet, Package, PackageType, Source};
+use crate::plan::{Plan, Planned, plan};
+use crate::resources::{BitsObject, BitsStatus, Droplet, Package, Source};
 use crate::sources::SecretData;
 use crate::status::{self, CfState};
 use crate::store::BlobOwner;
-use crate::validate::{self, SpecError};
+use crate::validate::SpecError;
 
 /// One document of the input.
 #[derive(Clone, Debug)]
@@ -104,28 +105,14 @@ pub async fn run(
             }
             Manifest::Package(mut package) => {
                 let namespace = claim_namespace(package.as_mut(), default_namespace);
-                let object = describe(package.as_ref(), &namespace);
-                validate::package_spec(&package.spec)
-                    .map_err(|source| OfflineError::Spec { object: object.clone(), source })?;
-                let status = match &package.spec.image {
-                    // A docker Package is READY once its image reference is valid: it has no bits to fetch.
-                    Some(image) if package.spec.package_type == PackageType::Docker => {
-                        let prev = package.status.clone().unwrap_or_default();
-                        let message = format!("image {}", image.reference);
-                        status::done_without_bits(&prev, &message, package.metadata.generation, Timestamp::now())
-                    }
-                    _ => fetch_status(package.as_ref(), &namespace, &object, fetcher, &seen).await?,
-                };
+                let status = next_status(package.as_ref(), &namespace, fetcher, &seen).await?;
                 package.set_bits_status(status);
                 seen.packages.insert((namespace, package.name_any()), (*package).clone());
                 results.push(Manifest::Package(package));
             }
             Manifest::Droplet(mut droplet) => {
                 let namespace = claim_namespace(droplet.as_mut(), default_namespace);
-                let object = describe(droplet.as_ref(), &namespace);
-                validate::droplet_spec(&droplet.spec)
-                    .map_err(|source| OfflineError::Spec { object: object.clone(), source })?;
-                let status = fetch_status(droplet.as_ref(), &namespace, &object, fetcher, &seen).await?;
+                let status = next_status(droplet.as_ref(), &namespace, fetcher, &seen).await?;
                 droplet.set_bits_status(status);
                 results.push(Manifest::Droplet(droplet));
             }
@@ -144,27 +131,33 @@ fn describe<O: BitsObject>(object: &O, namespace: &str) -> String {
     format!("{} {namespace}/{}", O::NOUN, object.meta().name.as_deref().unwrap_or_default())
 }
 
-/// The status after fetching `object`'s source, or AWAITING_UPLOAD when it has none.
-async fn fetch_status<O: BitsObject>(
+/// The status after following `object`'s plan: fetched, ready without bits, awaiting an upload, or unchanged.
+async fn next_status<O: Planned>(
     object: &O,
     namespace: &str,
-    description: &str,
     fetcher: &Fetcher,
     seen: &Seen,
 ) -> Result<BitsStatus<O::State>, OfflineError>
 where
     O::State: CfState,
 {
+    let description = describe(object, namespace);
     let prev = object.bits_status().cloned().unwrap_or_default();
     let generation = object.meta().generation;
-    let Some(source) = object.source() else {
-        return Ok(status::awaiting_upload(&prev, generation, Timestamp::now()));
+    let source = match plan(object) {
+        Plan::Invalid(source) => return Err(OfflineError::Spec { object: description, source }),
+        Plan::ReadyWithoutBits { message } => {
+            return Ok(status::done_without_bits(&prev, &message, generation, Timestamp::now()));
+        }
+        Plan::AwaitUpload => return Ok(status::awaiting_upload(&prev, generation, Timestamp::now())),
+        Plan::UpToDate => return Ok(prev),
+        Plan::Fetch(source) => source,
     };
     let secret = match secret_name(source) {
         Some(name) => Some(
             seen.secrets
                 .get(&(namespace.to_string(), name.clone()))
-                .ok_or_else(|| OfflineError::MissingSecret { object: description.to_string(), secret: name })?,
+                .ok_or_else(|| OfflineError::MissingSecret { object: description.clone(), secret: name })?,
         ),
         None => None,
     };
@@ -173,7 +166,7 @@ where
     let stored = fetcher
         .fetch(&BlobOwner::of(object, namespace), source, object.checksum_pin(), Inputs { secret, source_package })
         .await
-        .map_err(|source| OfflineError::Pipeline { object: description.to_string(), source: Box::new(source) })?;
+        .map_err(|source| OfflineError::Pipeline { object: description, source: Box::new(source) })?;
     let digests = status::stored_digests(&stored.digests, stored.blob);
     Ok(status::done(&prev, digests, generation, Timestamp::now()))
 }

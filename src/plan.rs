@@ -1,0 +1,119 @@
+//! What to do with a Package or Droplet, decided from the object alone. Pure: `bitsmith fetch` follows it
+//! today, and the reconciler's decisions are the same ones.
+
+use crate::resources::{BitsObject, Droplet, Package, PackageType, Source};
+use crate::status::CfState;
+use crate::validate::{self, SpecError};
+
+/// The next step for an object.
+#[derive(Debug, PartialEq)]
+pub enum Plan<'a> {
+    /// The spec is invalid: FAILED and Stalled until the spec changes.
+    Invalid(SpecError),
+    /// Nothing to fetch: a docker Package is READY once its image reference is valid.
+    ReadyWithoutBits { message: String },
+    /// No source: wait for an upload through the API.
+    AwaitUpload,
+    /// The bits of the current generation are stored already.
+    UpToDate,
+    /// Fetch the bits from this source.
+    Fetch(&'a Source),
+}
+
+/// Kind-specific rules: validation, and whether an object has bits at all.
+pub trait Planned: BitsObject {
+    fn validate(&self) -> Result<(), SpecError>;
+    /// For objects that are ready without bits (docker Packages), the message that says so.
+    fn ready_without_bits(&self) -> Option<String>;
+}
+
+impl Planned for Package {
+    fn validate(&self) -> Result<(), SpecError> {
+        validate::package_spec(&self.spec)
+    }
+    fn ready_without_bits(&self) -> Option<String> {
+        match (&self.spec.package_type, &self.spec.image) {
+            (PackageType::Docker, Some(image)) => Some(format!("image {}", image.reference)),
+            _ => None,
+        }
+    }
+}
+
+impl Planned for Droplet {
+    fn validate(&self) -> Result<(), SpecError> {
+        validate::droplet_spec(&self.spec)
+    }
+    fn ready_without_bits(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Decide the next step for `object`.
+pub fn plan<O: Planned>(object: &O) -> Plan<'_>
+where
+    O::State: CfState,
+{
+    if let Err(e) = object.validate() {
+        return Plan::Invalid(e);
+    }
+    if let Some(message) = object.ready_without_bits() {
+        return Plan::ReadyWithoutBits { message };
+    }
+    let Some(source) = object.source() else { return Plan::AwaitUpload };
+    let done_for_this_generation = object.bits_status().is_some_and(|s| {
+        s.state == Some(O::State::DONE) && s.stored.blob.is_some() && s.observed_generation == object.meta().generation
+    });
+    if done_for_this_generation { Plan::UpToDate } else { Plan::Fetch(source) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{BitsStatus, BlobRef, HttpSource, ImageSpec, PackageSpec, PackageState, StoredDigests};
+
+    fn package(source: Option<Source>) -> Package {
+        let mut p = Package::new(
+            "p",
+            PackageSpec { package_type: PackageType::Bits, source, checksum: None, image: None, app_ref: None },
+        );
+        p.metadata.generation = Some(2);
+        p
+    }
+
+    fn http() -> Source {
+        Source {
+            http: Some(HttpSource { url: "https://example.com/a.zip".into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        assert_eq!(plan(&package(None)), Plan::AwaitUpload);
+        let fetching = package(Some(http()));
+        assert!(matches!(plan(&fetching), Plan::Fetch(_)));
+        assert!(matches!(plan(&package(Some(Source::default()))), Plan::Invalid(_)));
+
+        let mut docker = package(None);
+        docker.spec.package_type = PackageType::Docker;
+        docker.spec.image = Some(ImageSpec { reference: "nginx:1".into(), pull_secret_ref: None });
+        assert_eq!(plan(&docker), Plan::ReadyWithoutBits { message: "image nginx:1".into() });
+    }
+
+    #[test]
+    fn a_ready_object_is_fetched_again_only_for_a_new_generation() {
+        let mut ready = package(Some(http()));
+        ready.status = Some(BitsStatus {
+            state: Some(PackageState::Ready),
+            stored: StoredDigests {
+                blob: Some(BlobRef { store: "memory://".into(), key: "k".into() }),
+                ..Default::default()
+            },
+            observed_generation: Some(2),
+            ..Default::default()
+        });
+        assert_eq!(plan(&ready), Plan::UpToDate);
+        ready.metadata.generation = Some(3);
+        assert!(matches!(plan(&ready), Plan::Fetch(_)));
+    }
+}

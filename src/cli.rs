@@ -30,6 +30,30 @@ pub enum Command {
     /// Fetch the bits of Package and Droplet manifests into a store, without a cluster, and print the objects
     /// with their status as YAML.
     Fetch(FetchArgs),
+    /// Reconcile Packages and Droplets in the cluster of the current kubeconfig (or the in-cluster config).
+    Controller(ControllerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Largest accepted size, e.g. 1GiB, 512MiB, 1000000.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub max_size: u64,
+    /// Objects reconciled at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: u16,
+    /// Watch one namespace only (default: all).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Directory that file:// sources may read from; without it file:// sources are refused, because the
+    /// controller's filesystem is not its users'.
+    #[arg(long)]
+    pub allow_files_under: Option<PathBuf>,
+    /// Name of this instance in Events (e.g. the Pod's name).
+    #[arg(long, env = "POD_NAME")]
+    pub instance: Option<String>,
 }
 
 /// Where blobs are kept.
@@ -119,7 +143,24 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             crate::crd::write_dir(&dir).map_err(|e| format!("writing CRDs to {}: {e}", dir.display()))
         }
         Command::Fetch(args) => fetch(args).await,
+        Command::Controller(args) => controller(args).await,
     }
+}
+
+async fn controller(args: ControllerArgs) -> Result<(), String> {
+    let client =
+        kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {}", error_chain(&e)))?;
+    let fetcher = Fetcher {
+        store: args.store.open()?,
+        http: HttpFetcher::new(HttpOptions::default()).map_err(|e| e.to_string())?,
+        policy: SourcePolicy { file_root: args.allow_files_under },
+        max_size: args.max_size,
+    };
+    let reporter = kube::runtime::events::Reporter { controller: "bitsmith".into(), instance: args.instance };
+    let options = crate::controller::Options { concurrency: args.concurrency, namespace: args.namespace, reporter };
+    tracing::info!(store = fetcher.store.url(), "controller starting");
+    crate::controller::run(client, fetcher, options).await;
+    Ok(())
 }
 
 async fn fetch(args: FetchArgs) -> Result<(), String> {

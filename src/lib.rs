@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod conditions;
+pub mod controller;
 pub mod crd;
 pub mod digest;
 pub mod fetch;

@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod controller;
 mod crds;
 mod http_source;
 mod object_source;

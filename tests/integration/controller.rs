@@ -31,39 +31,116 @@ async fn wait_for(ns: &str, object: &str, jsonpath: &str, want: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn packages_go_ready_and_their_blobs_go_with_them() {
+/// A namespace of its own, a loopback source server, a file store, and a controller watching that namespace.
+struct Setup {
+    ns: String,
+    server: TestServer,
+    store: tempfile::TempDir,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.running.abort();
+    }
+}
+
+async fn setup(test: &str) -> Setup {
     tokio::task::block_in_place(install_crds);
-    let ns = tokio::task::block_in_place(|| namespace("controller"));
+    let ns = tokio::task::block_in_place(|| namespace(test));
     let server = TestServer::start().await;
-    server.route("/app.zip", Reply::Body { seed: 51, size: 5 << 20, length: true });
     let store = tempfile::tempdir().unwrap();
     let client = kube::Client::try_default().await.expect("a client for the test control plane");
     let options = Options { concurrency: 4, namespace: Some(ns.clone()), reporter: "bitsmith-test".into() };
     let running = tokio::spawn(controller::run(client, file_fetcher(store.path(), 1 << 30), options));
+    Setup { ns, server, store, running }
+}
+
+fn http_package(name: &str, url: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {name}\nspec:\n  type: bits\n  source:\n    http:\n      url: {url}\n{extra_spec}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_go_ready_and_their_blobs_go_with_them() {
+    let Setup { ns, server, store, .. } = &setup("controller").await;
+    server.route("/app.zip", Reply::Body { seed: 51, size: 5 << 20, length: true });
 
     let manifests = format!(
         "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: app\nspec:\n  type: bits\n  source:\n    http:\n      url: {}\n---\napiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: image\nspec:\n  type: docker\n  image:\n    reference: registry.example.com/team/app:1.0\n---\napiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: upload\nspec:\n  type: bits\n",
         server.url("/app.zip")
     );
-    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&manifests));
-    wait_for(&ns, "pkg/app", "{.status.state}", "READY").await;
-    wait_for(&ns, "pkg/image", "{.status.state}", "READY").await;
-    wait_for(&ns, "pkg/upload", "{.status.state}", "AWAITING_UPLOAD").await;
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&manifests));
+    wait_for(ns, "pkg/app", "{.status.state}", "READY").await;
+    wait_for(ns, "pkg/image", "{.status.state}", "READY").await;
+    wait_for(ns, "pkg/upload", "{.status.state}", "AWAITING_UPLOAD").await;
 
     let expected = coreutils_digests(51, 5 << 20);
-    wait_for(&ns, "pkg/app", "{.status.checksum.value}", &expected.sha256).await;
-    wait_for(&ns, "pkg/app", "{.status.hash.value}", &expected.sha1).await;
-    wait_for(&ns, "pkg/app", "{.status.size}", &(5u64 << 20).to_string()).await;
-    wait_for(&ns, "pkg/app", "{.status.conditions[?(@.type==\"Ready\")].status}", "True").await;
+    wait_for(ns, "pkg/app", "{.status.checksum.value}", &expected.sha256).await;
+    wait_for(ns, "pkg/app", "{.status.hash.value}", &expected.sha1).await;
+    wait_for(ns, "pkg/app", "{.status.size}", &(5u64 << 20).to_string()).await;
+    wait_for(ns, "pkg/app", "{.status.conditions[?(@.type==\"Ready\")].status}", "True").await;
     let table = kube_ok(&["get", "pkg", "app", "-n", &ns], None);
     assert!(table.contains("READY") && table.contains(&expected.sha256), "{table}");
-    let events = kube_ok(&["get", "events", "-n", &ns, "-o", "jsonpath={.items[*].reason}"], None);
+    let events = kube_ok(&["get", "events", "-n", ns, "-o", "jsonpath={.items[*].reason}"], None);
     assert!(events.contains("Succeeded"), "an Event for the transition: {events}");
     assert_eq!(files_under(store.path()).len(), 1, "one blob: {:?}", files_under(store.path()));
 
     // Deleting the Package removes its blob through the finalizer, and the object goes.
-    kube_ok(&["delete", "pkg", "app", "-n", &ns, "--wait=true", "--timeout=60s"], None);
+    kube_ok(&["delete", "pkg", "app", "-n", ns, "--wait=true", "--timeout=60s"], None);
     assert!(files_under(store.path()).is_empty(), "{:?}", files_under(store.path()));
-    running.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checksum_mismatch_fails_stalls_and_keeps_nothing() {
+    let Setup { ns, server, store, .. } = &setup("mismatch").await;
+    server.route("/app.zip", Reply::Body { seed: 52, size: 100_000, length: true });
+    let pin = format!("  checksum:\n    type: sha256\n    value: {}\n", "f".repeat(64));
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&http_package("pinned", &server.url("/app.zip"), &pin)));
+    wait_for(ns, "pkg/pinned", "{.status.state}", "FAILED").await;
+    wait_for(ns, "pkg/pinned", "{.status.conditions[?(@.type==\"Stalled\")].reason}", "ChecksumMismatch").await;
+    wait_for(ns, "pkg/pinned", "{.status.conditions[?(@.type==\"Ready\")].status}", "False").await;
+    let error = kube_ok(&["get", "pkg/pinned", "-n", ns, "-o", "jsonpath={.status.error}"], None);
+    assert!(error.contains("checksum mismatch"), "{error}");
+    let events = kube_ok(&["get", "events", "-n", ns, "-o", "jsonpath={.items[*].type}"], None);
+    assert!(events.contains("Warning"), "a Warning Event: {events}");
+    assert!(files_under(store.path()).is_empty(), "{:?}", files_under(store.path()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_source_is_retried_until_it_appears() {
+    let Setup { ns, server, .. } = &setup("retry").await;
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&http_package("later", &server.url("/later.zip"), "")));
+    wait_for(ns, "pkg/later", "{.status.conditions[?(@.type==\"Reconciling\")].reason}", "SourceUnavailable").await;
+    wait_for(ns, "pkg/later", "{.status.state}", "PROCESSING_UPLOAD").await;
+    server.route("/later.zip", Reply::Body { seed: 53, size: 70_000, length: true });
+    wait_for(ns, "pkg/later", "{.status.state}", "READY").await;
+    wait_for(ns, "pkg/later", "{.status.checksum.value}", &coreutils_digests(53, 70_000).sha256).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_generation_replaces_the_bits_and_copies_follow() {
+    let Setup { ns, server, store, .. } = &setup("generation").await;
+    server.route("/v1.zip", Reply::Body { seed: 54, size: 80_000, length: true });
+    server.route("/v2.zip", Reply::Body { seed: 55, size: 90_000, length: true });
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&http_package("app", &server.url("/v1.zip"), "")));
+    let v1 = coreutils_digests(54, 80_000).sha256;
+    wait_for(ns, "pkg/app", "{.status.checksum.value}", &v1).await;
+
+    let copy = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: copy\nspec:\n  type: bits\n  source:\n    package:\n      name: app\n";
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(copy));
+    wait_for(ns, "pkg/copy", "{.status.state}", "READY").await;
+    wait_for(ns, "pkg/copy", "{.status.checksum.value}", &v1).await;
+
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&http_package("app", &server.url("/v2.zip"), "")));
+    let v2 = coreutils_digests(55, 90_000).sha256;
+    wait_for(ns, "pkg/app", "{.status.checksum.value}", &v2).await;
+    wait_for(ns, "pkg/app", "{.status.observedGeneration}", "2").await;
+    let blobs = files_under(store.path());
+    assert_eq!(blobs.len(), 2, "the copy's blob and app's new one; app's old blob is gone: {blobs:?}");
+    assert!(
+        blobs.iter().any(|b| b.ends_with(&v2))
+            && blobs.iter().all(|b| !b.starts_with(format!("packages/{ns}/app")) || b.ends_with(&v2))
+    );
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{Predicate, predicates};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 
 pub use reconcile::{Context, FIELD_MANAGER, FINALIZER, ReconcileError};
@@ -37,17 +38,33 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options) {
     let config = controller::Config::default().concurrency(options.concurrency);
     let packages: Api<Package> = scoped(&client, &options.namespace);
     let droplets: Api<Droplet> = scoped(&client, &options.namespace);
-    let packages = Controller::new(packages, watcher::Config::default())
+    let packages = controller_for(packages)
         .with_config(config.clone())
         .shutdown_on_signal()
         .run(reconcile::reconcile::<Package>, reconcile::error_policy::<Package>, context.clone())
         .for_each(|result| async move { reconcile::log_outcome(result) });
-    let droplets = Controller::new(droplets, watcher::Config::default())
+    let droplets = controller_for(droplets)
         .with_config(config)
         .shutdown_on_signal()
         .run(reconcile::reconcile::<Droplet>, reconcile::error_policy::<Droplet>, context)
         .for_each(|result| async move { reconcile::log_outcome(result) });
     tokio::join!(packages, droplets);
+}
+
+/// A controller that reconciles when the spec changes (a new generation) or the finalizers do, and not when
+/// only the status does: the controller's own status writes would otherwise trigger it again at once.
+/// Retries are scheduled by the reconciler's requeues.
+fn controller_for<K>(api: Api<K>) -> Controller<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let triggers = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation.combine(predicates::finalizers), Default::default());
+    Controller::for_stream(triggers, reader)
 }
 
 fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>

@@ -81,7 +81,7 @@ async fn packages_go_ready_and_their_blobs_go_with_them() {
     wait_for(ns, "pkg/app", "{.status.hash.value}", &expected.sha1).await;
     wait_for(ns, "pkg/app", "{.status.size}", &(5u64 << 20).to_string()).await;
     wait_for(ns, "pkg/app", "{.status.conditions[?(@.type==\"Ready\")].status}", "True").await;
-    let table = kube_ok(&["get", "pkg", "app", "-n", &ns], None);
+    let table = kube_ok(&["get", "pkg", "app", "-n", ns], None);
     assert!(table.contains("READY") && table.contains(&expected.sha256), "{table}");
     let events = kube_ok(&["get", "events", "-n", ns, "-o", "jsonpath={.items[*].reason}"], None);
     assert!(events.contains("Succeeded"), "an Event for the transition: {events}");

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::fetch::{Fetcher, Inputs};
 use crate::pipeline::PipelineError;
 use crate::plan::{Plan, Planned, plan};
-use crate::resources::{BitsObject, BitsStatus, Droplet, Package, Source};
+use crate::resources::{BitsObject, BitsStatus, Droplet, Package};
 use crate::sources::SecretData;
 use crate::status::{self, CfState};
 use crate::store::BlobOwner;
@@ -153,7 +153,7 @@ where
         Plan::UpToDate => return Ok(prev),
         Plan::Fetch(source) => source,
     };
-    let secret = match secret_name(source) {
+    let secret = match source.secret_name().map(str::to_string) {
         Some(name) => Some(
             seen.secrets
                 .get(&(namespace.to_string(), name.clone()))
@@ -169,13 +169,6 @@ where
         .map_err(|source| OfflineError::Pipeline { object: description, source: Box::new(source) })?;
     let digests = status::stored_digests(&stored.digests, stored.blob);
     Ok(status::done(&prev, digests, generation, Timestamp::now()))
-}
-
-/// The Secret a source names for its credentials, if any.
-fn secret_name(source: &Source) -> Option<String> {
-    let http = source.http.as_ref().and_then(|h| h.secret_ref.as_ref());
-    let object = source.object_store.as_ref().and_then(|o| o.secret_ref.as_ref());
-    http.or(object).map(|r| r.name.clone())
 }
 
 /// A Secret's `data` and `stringData`, decoded.

@@ -6,13 +6,16 @@ mod reconcile;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Predicate, predicates};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
-pub use reconcile::{Context, FIELD_MANAGER, FINALIZER, ReconcileError};
+pub use reconcile::{Context, FIELD_MANAGER, FINALIZER, Managed, ReconcileError};
 
 use crate::fetch::Fetcher;
 use crate::resources::{Droplet, Package};
@@ -38,12 +41,12 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options) {
     let config = controller::Config::default().concurrency(options.concurrency);
     let packages: Api<Package> = scoped(&client, &options.namespace);
     let droplets: Api<Droplet> = scoped(&client, &options.namespace);
-    let packages = controller_for(packages)
+    let packages = with_secret_triggers(controller_for(packages), &client, &options.namespace)
         .with_config(config.clone())
         .shutdown_on_signal()
         .run(reconcile::reconcile::<Package>, reconcile::error_policy::<Package>, context.clone())
         .for_each(|result| async move { reconcile::log_outcome(result) });
-    let droplets = controller_for(droplets)
+    let droplets = with_secret_triggers(controller_for(droplets), &client, &options.namespace)
         .with_config(config)
         .shutdown_on_signal()
         .run(reconcile::reconcile::<Droplet>, reconcile::error_policy::<Droplet>, context)
@@ -75,4 +78,25 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// Reconcile an object again when the Secret its source names appears, changes or goes. Secrets are watched as
+/// metadata only: the controller reads a Secret's data when it reconciles, and never keeps it.
+fn with_secret_triggers<K: Managed>(
+    controller: Controller<K>,
+    client: &Client,
+    namespace: &Option<String>,
+) -> Controller<K> {
+    let objects = controller.store();
+    let secrets: Api<PartialObjectMeta<Secret>> = scoped(client, namespace);
+    let changes = watcher(secrets, watcher::Config::default()).default_backoff().touched_objects();
+    controller.watches_stream(changes, move |secret: PartialObjectMeta<Secret>| {
+        let (namespace, name) = (secret.namespace(), secret.name_any());
+        objects
+            .state()
+            .into_iter()
+            .filter(|o| o.namespace() == namespace && o.source().and_then(|s| s.secret_name()) == Some(name.as_str()))
+            .map(|o| ObjectRef::from(o.as_ref()))
+            .collect::<Vec<_>>()
+    })
 }

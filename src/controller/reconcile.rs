@@ -153,22 +153,15 @@ where
     O::State: CfState,
 {
     let generation = object.meta().generation;
-    let secret_name = source
-        .http
-        .as_ref()
-        .and_then(|h| h.secret_ref.as_ref())
-        .or(source.object_store.as_ref().and_then(|o| o.secret_ref.as_ref()));
-    let secret = match secret_name {
-        Some(reference) => {
-            match Api::<Secret>::namespaced(ctx.client.clone(), namespace).get_opt(&reference.name).await? {
-                Some(secret) => Some(secret_data(&secret)),
-                None => {
-                    let message = format!("Secret {:?} not found", reference.name);
-                    let next = status::failed(current, "SecretNotFound", &message, false, generation, Timestamp::now());
-                    return Ok((next, Action::requeue(retry_delay(current))));
-                }
+    let secret = match source.secret_name() {
+        Some(name) => match Api::<Secret>::namespaced(ctx.client.clone(), namespace).get_opt(name).await? {
+            Some(secret) => Some(secret_data(&secret)),
+            None => {
+                let message = format!("Secret {name:?} not found; waiting for it");
+                let next = status::failed(current, "SecretNotFound", &message, false, generation, Timestamp::now());
+                return Ok((next, Action::requeue(retry_delay(current))));
             }
-        }
+        },
         None => None,
     };
     let source_package = match &source.package {

@@ -32,6 +32,13 @@ pub enum SourceKind<'a> {
 }
 
 impl Source {
+    /// The Secret this source takes credentials from, if any.
+    pub fn secret_name(&self) -> Option<&str> {
+        let http = self.http.as_ref().and_then(|h| h.secret_ref.as_ref());
+        let object = self.object_store.as_ref().and_then(|o| o.secret_ref.as_ref());
+        http.or(object).map(|r| r.name.as_str())
+    }
+
     /// The one source variant that is set, or `None` when zero or several are.
     pub fn kind(&self) -> Option<SourceKind<'_>> {
         match (&self.http, &self.object_store, &self.package) {

@@ -144,3 +144,33 @@ async fn a_new_generation_replaces_the_bits_and_copies_follow() {
             && blobs.iter().all(|b| !b.starts_with(format!("packages/{ns}/app")) || b.ends_with(&v2))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_created_after_its_package_is_picked_up() {
+    let Setup { ns, server, .. } = &setup("secret").await;
+    let body = Box::new(Reply::Body { seed: 56, size: 60_000, length: true });
+    server.route(
+        "/private.zip",
+        Reply::Require { header: "authorization".into(), value: "Bearer s3cret-token".into(), then: body },
+    );
+    let package = http_package("private", &server.url("/private.zip"), "")
+        .replace("      url:", "      secretRef:\n        name: creds\n      url:");
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&package));
+    wait_for(ns, "pkg/private", "{.status.conditions[?(@.type==\"Reconciling\")].reason}", "SecretNotFound").await;
+    kube_ok(&["create", "secret", "generic", "creds", "-n", ns, "--from-literal=bearerToken=s3cret-token"], None);
+    wait_for(ns, "pkg/private", "{.status.state}", "READY").await;
+    wait_for(ns, "pkg/private", "{.status.checksum.value}", &coreutils_digests(56, 60_000).sha256).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn droplets_are_staged() {
+    let Setup { ns, server, .. } = &setup("droplet").await;
+    server.route("/droplet.tgz", Reply::Body { seed: 57, size: 40_000, length: true });
+    let droplet = format!(
+        "apiVersion: bitsmith.dev/v1alpha1\nkind: Droplet\nmetadata:\n  name: web\nspec:\n  processTypes:\n    web: ./start\n  source:\n    http:\n      url: {}\n",
+        server.url("/droplet.tgz")
+    );
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&droplet));
+    wait_for(ns, "droplet/web", "{.status.state}", "STAGED").await;
+    wait_for(ns, "droplet/web", "{.status.checksum.value}", &coreutils_digests(57, 40_000).sha256).await;
+}

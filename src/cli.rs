@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::fetch::Fetcher;
+use crate::leader::{LeaseConfig, run_as_leader};
 use crate::offline;
 use crate::sources::{HttpFetcher, HttpOptions, SourcePolicy, error_chain};
 use crate::store::BlobStore;
@@ -51,9 +52,18 @@ pub struct ControllerArgs {
     /// controller's filesystem is not its users'.
     #[arg(long)]
     pub allow_files_under: Option<PathBuf>,
-    /// Name of this instance in Events (e.g. the Pod's name).
+    /// Name of this instance in Events and as the Lease holder (default: the Pod's name, else the host's).
     #[arg(long, env = "POD_NAME")]
     pub instance: Option<String>,
+    /// Take part in leader election, so that of several replicas only one reconciles.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "bitsmith-controller")]
+    pub leader_election_id: String,
 }
 
 /// Where blobs are kept.
@@ -156,11 +166,20 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         policy: SourcePolicy { file_root: args.allow_files_under },
         max_size: args.max_size,
     };
-    let reporter = kube::runtime::events::Reporter { controller: "bitsmith".into(), instance: args.instance };
+    let identity = args.instance.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+    });
+    let reporter = kube::runtime::events::Reporter { controller: "bitsmith".into(), instance: Some(identity.clone()) };
     let options = crate::controller::Options { concurrency: args.concurrency, namespace: args.namespace, reporter };
-    tracing::info!(store = fetcher.store.url(), "controller starting");
-    crate::controller::run(client, fetcher, options).await;
-    Ok(())
+    tracing::info!(store = fetcher.store.url(), identity, "controller starting");
+    let controller = crate::controller::run(client.clone(), fetcher, options);
+    if !args.leader_elect {
+        controller.await;
+        return Ok(());
+    }
+    let lease = LeaseConfig::new(args.leader_election_namespace, args.leader_election_id, identity);
+    run_as_leader(client, lease, controller).await.map_err(|e| e.to_string())
 }
 
 async fn fetch(args: FetchArgs) -> Result<(), String> {

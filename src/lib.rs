@@ -10,6 +10,7 @@ pub mod controller;
 pub mod crd;
 pub mod digest;
 pub mod fetch;
+pub mod leader;
 pub mod object_url;
 pub mod offline;
 pub mod pipeline;

@@ -174,3 +174,46 @@ async fn droplets_are_staged() {
     wait_for(ns, "droplet/web", "{.status.state}", "STAGED").await;
     wait_for(ns, "droplet/web", "{.status.checksum.value}", &coreutils_digests(57, 40_000).sha256).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
+    use bitsmith::leader::{LeaseConfig, run_as_leader};
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("leader"));
+    let server = TestServer::start().await;
+    server.route("/one.zip", Reply::Body { seed: 58, size: 10_000, length: true });
+    server.route("/two.zip", Reply::Body { seed: 59, size: 20_000, length: true });
+    let replica = |identity: &str, store: &std::path::Path| {
+        let lease = LeaseConfig {
+            duration: Duration::from_secs(3),
+            renew_every: Duration::from_millis(500),
+            retry_every: Duration::from_millis(300),
+            ..LeaseConfig::new(ns.clone(), "bitsmith-test".into(), identity.into())
+        };
+        let options = Options { concurrency: 2, namespace: Some(ns.clone()), reporter: identity.into() };
+        let fetcher = file_fetcher(store, 1 << 30);
+        async move {
+            let client = kube::Client::try_default().await.unwrap();
+            let _ = run_as_leader(client.clone(), lease, controller::run(client, fetcher, options)).await;
+        }
+    };
+    let (store_a, store_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = tokio::spawn(replica("replica-a", store_a.path()));
+    wait_for(&ns, "lease/bitsmith-test", "{.spec.holderIdentity}", "replica-a").await;
+    let b = tokio::spawn(replica("replica-b", store_b.path()));
+
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&http_package("one", &server.url("/one.zip"), "")));
+    wait_for(&ns, "pkg/one", "{.status.state}", "READY").await;
+    assert_eq!(files_under(store_a.path()).len(), 1, "the leader fetched");
+    assert!(files_under(store_b.path()).is_empty(), "the follower did nothing");
+
+    // The leader dies without a word; the follower takes over once the lease expires.
+    a.abort();
+    let died = Instant::now();
+    wait_for(&ns, "lease/bitsmith-test", "{.spec.holderIdentity}", "replica-b").await;
+    assert!(died.elapsed() < Duration::from_secs(10), "took over after {:?}", died.elapsed());
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&http_package("two", &server.url("/two.zip"), "")));
+    wait_for(&ns, "pkg/two", "{.status.state}", "READY").await;
+    assert_eq!(files_under(store_b.path()).len(), 1, "the new leader fetched");
+    b.abort();
+}

@@ -64,6 +64,9 @@ pub struct ControllerArgs {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "bitsmith-controller")]
     pub leader_election_id: String,
+    /// Address of the operations endpoint: /metrics, /healthz, /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_listen: std::net::SocketAddr,
 }
 
 /// Where blobs are kept.
@@ -158,6 +161,11 @@ pub async fn run(cli: Cli) -> Result<(), String> {
 }
 
 async fn controller(args: ControllerArgs) -> Result<(), String> {
+    let ops = crate::ops::Ops { metrics: Default::default(), ready: Default::default() };
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .map_err(|e| format!("--metrics-listen {}: {e}", args.metrics_listen))?;
+    tokio::spawn(crate::ops::serve(listener, ops.clone()));
     let client =
         kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {}", error_chain(&e)))?;
     let fetcher = Fetcher {
@@ -171,9 +179,16 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         format!("{}-{}", host.trim(), &uuid::Uuid::new_v4().simple().to_string()[..8])
     });
     let reporter = kube::runtime::events::Reporter { controller: "bitsmith".into(), instance: Some(identity.clone()) };
-    let options = crate::controller::Options { concurrency: args.concurrency, namespace: args.namespace, reporter };
+    let options = crate::controller::Options {
+        concurrency: args.concurrency,
+        namespace: args.namespace,
+        reporter,
+        metrics: ops.metrics.clone(),
+    };
     tracing::info!(store = fetcher.store.url(), identity, "controller starting");
     let controller = crate::controller::run(client.clone(), fetcher, options);
+    // Connected and the store opened: ready, as a leader or as a follower waiting to take over.
+    ops.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     if !args.leader_elect {
         controller.await;
         return Ok(());

@@ -18,6 +18,7 @@ use kube::{Api, Client, ResourceExt};
 pub use reconcile::{Context, FIELD_MANAGER, FINALIZER, Managed, ReconcileError};
 
 use crate::fetch::Fetcher;
+use crate::metrics::Metrics;
 use crate::resources::{Droplet, Package};
 
 /// How the controller runs.
@@ -29,6 +30,8 @@ pub struct Options {
     pub namespace: Option<String>,
     /// Who publishes Events (the Deployment's name, the Pod's name).
     pub reporter: Reporter,
+    /// Where reconciles are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Reconcile Packages and Droplets until the process is asked to stop (SIGTERM or Ctrl-C).
@@ -37,6 +40,7 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options) {
         client: client.clone(),
         fetcher,
         recorder: Recorder::new(client.clone(), options.reporter.clone()),
+        metrics: options.metrics.clone(),
     });
     let config = controller::Config::default().concurrency(options.concurrency);
     let packages: Api<Package> = scoped(&client, &options.namespace);

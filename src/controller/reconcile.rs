@@ -3,7 +3,7 @@
 
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 
 use crate::conditions::{self, RECONCILING};
 use crate::fetch::{Fetcher, Inputs};
+use crate::metrics::Metrics;
 use crate::offline::secret_data;
 use crate::plan::{Plan, Planned, plan};
 use crate::resources::{BitsStatus, Package};
@@ -35,6 +36,7 @@ pub struct Context {
     pub client: Client,
     pub fetcher: Fetcher,
     pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why a reconcile did not finish; the controller retries it.
@@ -78,16 +80,30 @@ pub async fn reconcile<O: Managed>(object: Arc<O>, ctx: Arc<Context>) -> Result<
 where
     O::State: CfState + Serialize + Send + Sync,
 {
+    let started = Instant::now();
     let namespace = object.namespace().unwrap_or_default();
     let api: Api<O> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&api, FINALIZER, object, |event| async {
+    let outcome = finalizer(&api, FINALIZER, object, |event| async {
         match event {
             finalizer::Event::Apply(object) => apply(&api, object.as_ref(), &namespace, &ctx).await,
             finalizer::Event::Cleanup(object) => cleanup(object.as_ref(), &ctx).await,
         }
     })
     .await
-    .map_err(|e| ReconcileError::Finalizer(Box::new(e)))
+    .map_err(|e| ReconcileError::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(&O::kind(&()), started.elapsed(), outcome.is_err());
+    outcome
+}
+
+/// Record the state `object` was left in, for the `objects` gauges.
+fn record_state<O: Managed>(ctx: &Context, object: &O, state: Option<O::State>)
+where
+    O::State: Serialize,
+{
+    let kind = O::kind(&());
+    let key = format!("{kind}/{}/{}", object.namespace().unwrap_or_default(), object.name_any());
+    let state = state.and_then(|s| serde_json::to_value(s).ok()).and_then(|v| v.as_str().map(str::to_string));
+    ctx.metrics.object_state(&kind, key, state);
 }
 
 /// Retry a failed reconcile (an API or store error) after a pause.
@@ -114,7 +130,10 @@ where
     let generation = object.meta().generation;
     let now = Timestamp::now();
     let (next, action) = match plan(object) {
-        Plan::UpToDate => return Ok(Action::await_change()),
+        Plan::UpToDate => {
+            record_state(ctx, object, prev.state);
+            return Ok(Action::await_change());
+        }
         Plan::Invalid(error) => {
             (status::failed(&prev, "InvalidSpec", &error.to_string(), true, generation, now), Action::await_change())
         }
@@ -134,10 +153,13 @@ where
             {
                 ctx.fetcher.store.delete(&old.key).await?;
             }
-            return write_status(api, object, &started, &next, ctx).await.map(|()| action);
+            write_status(api, object, &started, &next, ctx).await?;
+            record_state(ctx, object, next.state);
+            return Ok(action);
         }
     };
     write_status(api, object, &prev, &next, ctx).await?;
+    record_state(ctx, object, next.state);
     Ok(action)
 }
 
@@ -173,6 +195,7 @@ where
     let now = Timestamp::now();
     Ok(match ctx.fetcher.fetch(&owner, source, object.checksum_pin(), inputs).await {
         Ok(stored) => {
+            ctx.metrics.stored(stored.digests.size);
             let digests = status::stored_digests(&stored.digests, stored.blob);
             (status::done(current, digests, generation, now), Action::await_change())
         }
@@ -217,6 +240,7 @@ where
         "status": next,
     });
     api.patch_status(&object.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.metrics.status_written(&O::kind(&()));
     let ready = conditions::find(&next.conditions, conditions::READY);
     let (reason, note) = ready.map(|c| (c.reason.clone(), c.message.clone())).unwrap_or_default();
     let changed = prev.state != next.state
@@ -239,7 +263,11 @@ where
 }
 
 /// Remove the object's blob; a blob that is already gone counts as removed, so deletion never blocks on it.
-async fn cleanup<O: Managed>(object: &O, ctx: &Context) -> Result<Action, ReconcileError> {
+async fn cleanup<O: Managed>(object: &O, ctx: &Context) -> Result<Action, ReconcileError>
+where
+    O::State: Serialize,
+{
+    record_state(ctx, object, None);
     if let Some(blob) = object.bits_status().and_then(|s| s.stored.blob.as_ref())
         && ctx.fetcher.store.holds(blob)
     {

@@ -3,7 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
 use bitsmith::controller::{self, Options};
+use bitsmith::ops::Ops;
 
 use crate::support::data::coreutils_digests;
 use crate::support::http_server::{Reply, TestServer};
@@ -36,6 +40,8 @@ struct Setup {
     ns: String,
     server: TestServer,
     store: tempfile::TempDir,
+    /// The controller's operations endpoint.
+    ops_url: String,
     running: tokio::task::JoinHandle<()>,
 }
 
@@ -51,9 +57,14 @@ async fn setup(test: &str) -> Setup {
     let server = TestServer::start().await;
     let store = tempfile::tempdir().unwrap();
     let client = kube::Client::try_default().await.expect("a client for the test control plane");
-    let options = Options { concurrency: 4, namespace: Some(ns.clone()), reporter: "bitsmith-test".into() };
+    let ops = Ops { metrics: Default::default(), ready: Arc::new(AtomicBool::new(true)) };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(bitsmith::ops::serve(listener, ops.clone()));
+    let options =
+        Options { concurrency: 4, namespace: Some(ns.clone()), reporter: "bitsmith-test".into(), metrics: ops.metrics };
     let running = tokio::spawn(controller::run(client, file_fetcher(store.path(), 1 << 30), options));
-    Setup { ns, server, store, running }
+    Setup { ns, server, store, ops_url, running }
 }
 
 fn http_package(name: &str, url: &str, extra_spec: &str) -> String {
@@ -64,7 +75,7 @@ fn http_package(name: &str, url: &str, extra_spec: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_go_ready_and_their_blobs_go_with_them() {
-    let Setup { ns, server, store, .. } = &setup("controller").await;
+    let Setup { ns, server, store, ops_url, .. } = &setup("controller").await;
     server.route("/app.zip", Reply::Body { seed: 51, size: 5 << 20, length: true });
 
     let manifests = format!(
@@ -86,6 +97,20 @@ async fn packages_go_ready_and_their_blobs_go_with_them() {
     let events = kube_ok(&["get", "events", "-n", ns, "-o", "jsonpath={.items[*].reason}"], None);
     assert!(events.contains("Succeeded"), "an Event for the transition: {events}");
     assert_eq!(files_under(store.path()).len(), 1, "one blob: {:?}", files_under(store.path()));
+
+    let metrics = reqwest::get(format!("{ops_url}/metrics")).await.unwrap().text().await.unwrap();
+    for line in [
+        "bitsmith_objects{kind=\"Package\",state=\"READY\"} 2",
+        "bitsmith_objects{kind=\"Package\",state=\"AWAITING_UPLOAD\"} 1",
+        &format!("bitsmith_stored_bytes_total {}", 5u64 << 20),
+    ] {
+        assert!(metrics.contains(line), "{line:?} not in\n{metrics}");
+    }
+    assert!(metrics.contains("bitsmith_status_writes_total{kind=\"Package\"}"), "{metrics}");
+    assert!(metrics.contains("bitsmith_reconcile_duration_seconds_bucket"), "{metrics}");
+    for probe in ["healthz", "readyz"] {
+        assert_eq!(reqwest::get(format!("{ops_url}/{probe}")).await.unwrap().status(), 200, "{probe}");
+    }
 
     // Deleting the Package removes its blob through the finalizer, and the object goes.
     kube_ok(&["delete", "pkg", "app", "-n", ns, "--wait=true", "--timeout=60s"], None);
@@ -190,7 +215,12 @@ async fn of_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
             retry_every: Duration::from_millis(300),
             ..LeaseConfig::new(ns.clone(), "bitsmith-test".into(), identity.into())
         };
-        let options = Options { concurrency: 2, namespace: Some(ns.clone()), reporter: identity.into() };
+        let options = Options {
+            concurrency: 2,
+            namespace: Some(ns.clone()),
+            reporter: identity.into(),
+            metrics: Default::default(),
+        };
         let fetcher = file_fetcher(store, 1 << 30);
         async move {
             let client = kube::Client::try_default().await.unwrap();

@@ -1,0 +1,142 @@
+//! Prometheus metrics of the controller: what it reconciled, how long that took, what it wrote, and how many
+//! objects are in each state.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    kind: String,
+    state: String,
+}
+
+type HistogramFamily = Family<KindLabel, Histogram, fn() -> Histogram>;
+
+/// The controller's metrics, registered once and shared by every reconcile.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<KindLabel, Counter>,
+    reconcile_errors: Family<KindLabel, Counter>,
+    reconcile_seconds: HistogramFamily,
+    status_writes: Family<KindLabel, Counter>,
+    stored_bytes: Counter,
+    objects: Family<StateLabels, Gauge>,
+    /// The last state each object was seen in, by `kind/namespace/name`; the `objects` gauges are counted from
+    /// it at scrape time, so they never drift from what the controller saw.
+    states: Mutex<HashMap<String, (String, String)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("bitsmith");
+        let reconciles = Family::<KindLabel, Counter>::default();
+        let reconcile_errors = Family::<KindLabel, Counter>::default();
+        let reconcile_seconds: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14)));
+        let status_writes = Family::<KindLabel, Counter>::default();
+        let stored_bytes = Counter::default();
+        let objects = Family::<StateLabels, Gauge>::default();
+        registry.register("reconciles", "Reconciles finished", reconciles.clone());
+        registry.register("reconcile_errors", "Reconciles that failed and will be retried", reconcile_errors.clone());
+        registry.register("reconcile_duration_seconds", "How long reconciles took", reconcile_seconds.clone());
+        registry.register("status_writes", "Status writes to the Kubernetes API", status_writes.clone());
+        registry.register("stored_bytes", "Bytes of bits stored", stored_bytes.clone());
+        registry.register("objects", "Objects by kind and CF state, as last reconciled", objects.clone());
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_seconds,
+            status_writes,
+            stored_bytes,
+            objects,
+            states: Mutex::default(),
+        }
+    }
+
+    fn kind(kind: &str) -> KindLabel {
+        KindLabel { kind: kind.to_string() }
+    }
+
+    /// A reconcile of a `kind` finished after `took`; `failed` when it will be retried.
+    pub fn reconciled(&self, kind: &str, took: Duration, failed: bool) {
+        self.reconciles.get_or_create(&Self::kind(kind)).inc();
+        self.reconcile_seconds.get_or_create(&Self::kind(kind)).observe(took.as_secs_f64());
+        if failed {
+            self.reconcile_errors.get_or_create(&Self::kind(kind)).inc();
+        }
+    }
+
+    /// A status was written.
+    pub fn status_written(&self, kind: &str) {
+        self.status_writes.get_or_create(&Self::kind(kind)).inc();
+    }
+
+    /// Bytes were stored.
+    pub fn stored(&self, bytes: u64) {
+        self.stored_bytes.inc_by(bytes);
+    }
+
+    /// The object `key` (`kind/namespace/name`) is in `state`, or gone when `None`.
+    pub fn object_state(&self, kind: &str, key: String, state: Option<String>) {
+        let mut states = self.states.lock().expect("metrics lock");
+        match state {
+            Some(state) => states.insert(key, (kind.to_string(), state)),
+            None => states.remove(&key),
+        };
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn encode(&self) -> String {
+        self.objects.clear();
+        for (kind, state) in self.states.lock().expect("metrics lock").values() {
+            self.objects.get_or_create(&StateLabels { kind: kind.clone(), state: state.clone() }).inc();
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_states() {
+        let metrics = Metrics::new();
+        metrics.reconciled("Package", Duration::from_millis(20), false);
+        metrics.reconciled("Package", Duration::from_millis(20), true);
+        metrics.status_written("Package");
+        metrics.stored(1234);
+        metrics.object_state("Package", "Package/ns/a".into(), Some("READY".into()));
+        metrics.object_state("Package", "Package/ns/b".into(), Some("READY".into()));
+        metrics.object_state("Package", "Package/ns/b".into(), None);
+        let text = metrics.encode();
+        assert!(text.contains("bitsmith_reconciles_total{kind=\"Package\"} 2"), "{text}");
+        assert!(text.contains("bitsmith_reconcile_errors_total{kind=\"Package\"} 1"), "{text}");
+        assert!(text.contains("bitsmith_status_writes_total{kind=\"Package\"} 1"), "{text}");
+        assert!(text.contains("bitsmith_stored_bytes_total 1234"), "{text}");
+        assert!(text.contains("bitsmith_objects{kind=\"Package\",state=\"READY\"} 1"), "{text}");
+    }
+}

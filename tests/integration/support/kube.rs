@@ -32,21 +32,25 @@ pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Install the CRDs from `crds/` and wait until they are served.
+/// Install the CRDs from `crds/` and wait until they are served. Once per test process: tests run in parallel,
+/// and two concurrent first applies race to create the same CRD.
 pub fn install_crds() {
-    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds");
-    kubectl_ok(&["apply", "-f", crds], None);
-    kubectl_ok(
-        &[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout=60s",
-            "crd/packages.bitsmith.dev",
-            "crd/droplets.bitsmith.dev",
-        ],
-        None,
-    );
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds");
+        kubectl_ok(&["apply", "-f", crds], None);
+        kubectl_ok(
+            &[
+                "wait",
+                "--for",
+                "condition=established",
+                "--timeout=60s",
+                "crd/packages.bitsmith.dev",
+                "crd/droplets.bitsmith.dev",
+            ],
+            None,
+        );
+    });
 }
 
 /// A fresh namespace for one test.

@@ -247,3 +247,36 @@ async fn of_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
     assert_eq!(files_under(store_b.path()).len(), 1, "the new leader fetched");
     b.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_binary_leads_serves_probes_and_stops_on_sigterm() {
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("binary"));
+    let store = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["controller", "--namespace", &ns, "--leader-election-namespace", &ns, "--instance", "only-replica"])
+        .args(["--metrics-listen", &format!("127.0.0.1:{port}"), "--store"])
+        .arg(store.path())
+        .env("KUBECONFIG", crate::support::kube::kubeconfig())
+        .spawn()
+        .unwrap();
+    let docker = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: image\nspec:\n  type: docker\n  image:\n    reference: nginx:1.27\n";
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(docker));
+    wait_for(&ns, "pkg/image", "{.status.state}", "READY").await;
+    wait_for(&ns, "lease/bitsmith-controller", "{.spec.holderIdentity}", "only-replica").await;
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the controller did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "a graceful stop exits 0: {status}");
+}

@@ -4,6 +4,7 @@
 mod reconcile;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -20,6 +21,7 @@ pub use reconcile::{Context, FIELD_MANAGER, FINALIZER, Managed, ReconcileError};
 use crate::fetch::Fetcher;
 use crate::metrics::Metrics;
 use crate::resources::{Droplet, Package};
+use crate::store::BlobStore;
 
 /// How the controller runs.
 #[derive(Clone, Debug)]
@@ -34,8 +36,12 @@ pub struct Options {
     pub metrics: Arc<Metrics>,
 }
 
+/// Staged writes older than this were left by a process that died mid-write.
+const STALE_STAGING: Duration = Duration::from_secs(3600);
+
 /// Reconcile Packages and Droplets until the process is asked to stop (SIGTERM or Ctrl-C).
 pub async fn run(client: Client, fetcher: Fetcher, options: Options) {
+    let sweeper = tokio::spawn(sweep_staging(fetcher.store.clone()));
     let context = Arc::new(Context {
         client: client.clone(),
         fetcher,
@@ -56,6 +62,19 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options) {
         .run(reconcile::reconcile::<Droplet>, reconcile::error_policy::<Droplet>, context)
         .for_each(|result| async move { reconcile::log_outcome(result) });
     tokio::join!(packages, droplets);
+    sweeper.abort();
+}
+
+/// Remove what writers killed mid-write left under `staging/` (never visible as blobs), every 10 minutes.
+async fn sweep_staging(store: BlobStore) {
+    loop {
+        match store.sweep_staging(STALE_STAGING).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "removed stale staged writes"),
+            Err(error) => tracing::warn!(%error, "sweeping stale staged writes"),
+        }
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
 }
 
 /// A controller that reconciles when the spec changes (a new generation) or the finalizers do, and not when

@@ -146,15 +146,17 @@ where
             let started = status::in_progress(&prev, copying, "fetching the bits", generation, now);
             write_status(api, object, &prev, &started, ctx).await?;
             let (next, action) = fetch(object, namespace, source, &started, ctx).await?;
-            // The blob of an earlier generation goes once the new one is in place.
+            write_status(api, object, &started, &next, ctx).await?;
+            record_state(ctx, object, next.state);
+            // The blob of an earlier generation goes only once the status names the new one, so that a READY
+            // status never points at a deleted blob.
             if let (Some(old), Some(new)) = (&prev.stored.blob, &next.stored.blob)
                 && old != new
                 && ctx.fetcher.store.holds(old)
+                && let Err(error) = ctx.fetcher.store.delete(&old.key).await
             {
-                ctx.fetcher.store.delete(&old.key).await?;
+                tracing::warn!(%error, key = old.key, "removing the blob of an earlier generation; it stays behind");
             }
-            write_status(api, object, &started, &next, ctx).await?;
-            record_state(ctx, object, next.state);
             return Ok(action);
         }
     };

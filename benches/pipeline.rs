@@ -16,7 +16,7 @@ use std::time::Instant;
 use bitsmith::digest::Digester;
 use bitsmith::fetch::{Fetcher, Inputs};
 use bitsmith::resources::{HttpSource, ObjectStoreSource, Source};
-use bitsmith::sources::{HttpFetcher, HttpOptions, SourcePolicy};
+use bitsmith::sources::SourcePolicy;
 use bitsmith::store::{BlobOwner, BlobStore};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,12 +64,7 @@ fn owner(name: &str) -> BlobOwner {
 }
 
 fn fetcher(store: BlobStore) -> Fetcher {
-    Fetcher {
-        store,
-        http: HttpFetcher::new(HttpOptions::default()).unwrap(),
-        policy: SourcePolicy { file_root: Some("/".into()) },
-        max_size: 64 * GIB,
-    }
+    Fetcher::new(store, SourcePolicy { file_root: Some("/".into()) }, 64 * GIB).unwrap()
 }
 
 fn file_source(path: &Path) -> Source {

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::fetch::Fetcher;
 use crate::leader::{LeaseConfig, run_as_leader};
 use crate::offline;
-use crate::sources::{HttpFetcher, HttpOptions, SourcePolicy, error_chain};
+use crate::sources::{SourcePolicy, error_chain};
 use crate::store::BlobStore;
 
 #[derive(Parser, Debug)]
@@ -168,12 +168,8 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     tokio::spawn(crate::ops::serve(listener, ops.clone()));
     let client =
         kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {}", error_chain(&e)))?;
-    let fetcher = Fetcher {
-        store: args.store.open()?,
-        http: HttpFetcher::new(HttpOptions::default()).map_err(|e| e.to_string())?,
-        policy: SourcePolicy { file_root: args.allow_files_under },
-        max_size: args.max_size,
-    };
+    let fetcher = Fetcher::new(args.store.open()?, SourcePolicy { file_root: args.allow_files_under }, args.max_size)
+        .map_err(|e| e.to_string())?;
     let identity = args.instance.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), &uuid::Uuid::new_v4().simple().to_string()[..8])
@@ -211,12 +207,12 @@ async fn fetch(args: FetchArgs) -> Result<(), String> {
         };
         manifests.extend(offline::parse_manifests(&text, &origin).map_err(|e| e.to_string())?);
     }
-    let fetcher = Fetcher {
-        store: args.store.open()?,
-        http: HttpFetcher::new(HttpOptions::default()).map_err(|e| e.to_string())?,
-        policy: SourcePolicy { file_root: Some(args.allow_files_under.clone()) },
-        max_size: args.max_size,
-    };
+    let fetcher = Fetcher::new(
+        args.store.open()?,
+        SourcePolicy { file_root: Some(args.allow_files_under.clone()) },
+        args.max_size,
+    )
+    .map_err(|e| e.to_string())?;
     let results = offline::run(manifests, &fetcher, &args.namespace).await.map_err(|e| error_chain(&e))?;
     print!("{}", offline::to_yaml(&results).map_err(|e| format!("printing results: {e}"))?);
     Ok(())

@@ -3,7 +3,7 @@
 
 use crate::pipeline::{self, PipelineError, Stored};
 use crate::resources::{Checksum, Package, Source, SourceKind};
-use crate::sources::{self, HttpFetcher, SecretData, SourceError, SourcePolicy};
+use crate::sources::{self, HttpFetcher, HttpOptions, SecretData, SourceError, SourcePolicy};
 use crate::store::{BlobOwner, BlobStore};
 
 /// Everything needed to fetch bits into the store.
@@ -26,6 +26,11 @@ pub struct Inputs<'a> {
 }
 
 impl Fetcher {
+    /// A fetcher into `store` with default http timeouts.
+    pub fn new(store: BlobStore, policy: SourcePolicy, max_size: u64) -> Result<Self, SourceError> {
+        Ok(Fetcher { store, http: HttpFetcher::new(HttpOptions::default())?, policy, max_size })
+    }
+
     /// Fetch `source` into the store as `owner`'s blob.
     pub async fn fetch(
         &self,

@@ -101,7 +101,7 @@ pub async fn run(
         match manifest {
             Manifest::Secret(secret) => {
                 let namespace = secret.namespace().unwrap_or_else(|| default_namespace.to_string());
-                seen.secrets.insert((namespace, secret.name_any()), secret_data(&secret));
+                seen.secrets.insert((namespace, secret.name_any()), SecretData::from_secret(&secret));
             }
             Manifest::Package(mut package) => {
                 let namespace = claim_namespace(package.as_mut(), default_namespace);
@@ -169,14 +169,6 @@ where
         .map_err(|source| OfflineError::Pipeline { object: description, source: Box::new(source) })?;
     let digests = status::stored_digests(&stored.digests, stored.blob);
     Ok(status::done(&prev, digests, generation, Timestamp::now()))
-}
-
-/// A Secret's `data` and `stringData`, decoded.
-pub fn secret_data(secret: &Secret) -> SecretData {
-    let mut entries: BTreeMap<String, Vec<u8>> =
-        secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
-    entries.extend(secret.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone().into_bytes())));
-    SecretData { name: secret.name_any(), entries }
 }
 
 /// The results as a multi-document YAML stream.

@@ -102,11 +102,6 @@ impl BlobStore {
         &self.client.display_url
     }
 
-    /// Which backend this is.
-    pub fn scheme(&self) -> Scheme {
-        self.client.scheme
-    }
-
     /// Whether `blob` lives in this store.
     pub fn holds(&self, blob: &BlobRef) -> bool {
         blob.store == self.url()

@@ -20,9 +20,9 @@ use serde::de::DeserializeOwned;
 use crate::conditions::{self, RECONCILING};
 use crate::fetch::{Fetcher, Inputs};
 use crate::metrics::Metrics;
-use crate::offline::secret_data;
 use crate::plan::{Plan, Planned, plan};
 use crate::resources::{BitsStatus, Package};
+use crate::sources::SecretData;
 use crate::status::{self, CfState};
 use crate::store::BlobOwner;
 
@@ -179,7 +179,7 @@ where
     let generation = object.meta().generation;
     let secret = match source.secret_name() {
         Some(name) => match Api::<Secret>::namespaced(ctx.client.clone(), namespace).get_opt(name).await? {
-            Some(secret) => Some(secret_data(&secret)),
+            Some(secret) => Some(SecretData::from_secret(&secret)),
             None => {
                 let message = format!("Secret {name:?} not found; waiting for it");
                 let next = status::failed(current, "SecretNotFound", &message, false, generation, Timestamp::now());

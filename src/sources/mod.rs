@@ -33,6 +33,14 @@ pub struct SecretData {
 }
 
 impl SecretData {
+    /// A Secret's `data` and `stringData`, decoded.
+    pub fn from_secret(secret: &k8s_openapi::api::core::v1::Secret) -> Self {
+        let mut entries: BTreeMap<String, Vec<u8>> =
+            secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+        entries.extend(secret.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone().into_bytes())));
+        SecretData { name: secret.metadata.name.clone().unwrap_or_default(), entries }
+    }
+
     /// An entry as UTF-8 text, or an error naming the Secret and key.
     pub fn text(&self, key: &str) -> Result<Option<String>, SourceError> {
         self.entries

@@ -1,6 +1,7 @@
 //! What to do with a Package or Droplet, decided from the object alone. Pure: `bitsmith fetch` follows it
 //! today, and the reconciler's decisions are the same ones.
 
+use crate::conditions::{RECONCILING, STALLED, find};
 use crate::resources::{BitsObject, Droplet, Package, PackageType, Source};
 use crate::status::CfState;
 use crate::validate::{self, SpecError};
@@ -60,8 +61,13 @@ where
         return Plan::ReadyWithoutBits { message };
     }
     let Some(source) = object.source() else { return Plan::AwaitUpload };
+    // A READY object whose newer generation failed keeps its old bits and state, so READY alone does not say
+    // the current generation is stored: a pending retry (Reconciling) or a stalled attempt (Stalled) says not.
     let done_for_this_generation = object.bits_status().is_some_and(|s| {
-        s.state == Some(O::State::DONE) && s.stored.blob.is_some() && s.observed_generation == object.meta().generation
+        s.state == Some(O::State::DONE)
+            && s.stored.blob.is_some()
+            && s.observed_generation == object.meta().generation
+            && ![RECONCILING, STALLED].iter().any(|t| find(&s.conditions, t).is_some_and(|c| c.status == "True"))
     });
     if done_for_this_generation { Plan::UpToDate } else { Plan::Fetch(source) }
 }
@@ -70,6 +76,8 @@ where
 mod tests {
     use super::*;
     use crate::resources::{BitsStatus, BlobRef, HttpSource, ImageSpec, PackageSpec, PackageState, StoredDigests};
+    use crate::status;
+    use k8s_openapi::jiff::Timestamp;
 
     fn package(source: Option<Source>) -> Package {
         let mut p = Package::new(
@@ -115,5 +123,21 @@ mod tests {
         assert_eq!(plan(&ready), Plan::UpToDate);
         ready.metadata.generation = Some(3);
         assert!(matches!(plan(&ready), Plan::Fetch(_)));
+    }
+
+    #[test]
+    fn a_failed_attempt_at_a_new_generation_is_not_mistaken_for_its_ready_bits() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let stored =
+            StoredDigests { blob: Some(BlobRef { store: "memory://".into(), key: "k".into() }), ..Default::default() };
+        let mut ready = package(Some(http()));
+        ready.status = Some(status::done(&Default::default(), stored, Some(1), now));
+        // Generation 2 failed transiently: the status stays READY with generation 1's bits, and observes 2.
+        let retrying = status::failed(ready.status.as_ref().unwrap(), "SourceUnavailable", "503", false, Some(2), now);
+        ready.status = Some(retrying);
+        assert!(matches!(plan(&ready), Plan::Fetch(_)), "the retry must fetch");
+        let stalled = status::failed(ready.status.as_ref().unwrap(), "ChecksumMismatch", "bad", true, Some(2), now);
+        ready.status = Some(stalled);
+        assert!(matches!(plan(&ready), Plan::Fetch(_)), "a new trigger tries a stalled generation again");
     }
 }

@@ -1,6 +1,8 @@
 //! The in-cluster controller: reconciles Packages and Droplets by following their [`plan`](crate::plan), and
 //! records each outcome as status (server-side apply under one field manager) and as Events.
 
+#[cfg(test)]
+mod fixtures;
 mod reconcile;
 
 use std::sync::Arc;

@@ -277,3 +277,200 @@ where
     }
     Ok(Action::await_change())
 }
+
+/// Reconcile decisions against a mocked API: which writes one reconcile makes, in which state, with which
+/// conditions and Events.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::Method;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+    use kube::runtime::controller::Action;
+    use serde_json::Value;
+
+    use super::super::fixtures::{Mocked, World};
+    use super::*;
+    use crate::resources::{
+        BlobRef, HttpSource, ImageSpec, PackageSourceRef, PackageSpec, PackageState, PackageStatus, PackageType,
+        SecretRef, Source,
+    };
+    use crate::status;
+
+    fn package(spec: PackageSpec) -> Package {
+        let mut package = Package::new("app", spec);
+        package.metadata.namespace = Some("team".into());
+        package.metadata.uid = Some("5e7b1c1e-0000-4000-8000-000000000001".into());
+        package.metadata.generation = Some(1);
+        package.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        package
+    }
+
+    fn bits(source: Option<Source>) -> PackageSpec {
+        PackageSpec { package_type: PackageType::Bits, source, checksum: None, image: None, app_ref: None }
+    }
+
+    fn http(url: &str, secret: Option<&str>) -> Source {
+        let secret_ref = secret.map(|name| SecretRef { name: name.into() });
+        Source { http: Some(HttpSource { url: url.into(), secret_ref, ..Default::default() }), ..Default::default() }
+    }
+
+    async fn reconciled(package: Package, world: World) -> (Action, Mocked) {
+        let mocked = Mocked::new(World { object: serde_json::to_value(&package).unwrap(), ..world });
+        let action = reconcile(Arc::new(package), mocked.context.clone()).await.expect("reconcile");
+        (action, mocked)
+    }
+
+    fn condition<'a>(status: &'a Value, type_: &str) -> Option<(&'a str, &'a str)> {
+        let conditions = status["conditions"].as_array()?;
+        let c = conditions.iter().find(|c| c["type"] == type_)?;
+        Some((c["status"].as_str()?, c["reason"].as_str()?))
+    }
+
+    fn events(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(t, r)| (t.to_string(), r.to_string())).collect()
+    }
+
+    #[tokio::test]
+    async fn a_new_object_first_gets_the_finalizer_and_nothing_else() {
+        let mut new = package(bits(None));
+        new.metadata.finalizers = None;
+        let (action, mocked) = reconciled(new, World::default()).await;
+        assert_eq!(action, Action::await_change());
+        let calls = mocked.calls();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0].method, Method::PATCH);
+        assert!(calls[0].path.starts_with("/apis/bitsmith.dev/v1alpha1/namespaces/team/packages/app?"));
+        assert!(calls[0].body.to_string().contains(FINALIZER), "{}", calls[0].body);
+    }
+
+    #[tokio::test]
+    async fn a_docker_package_is_ready_at_once() {
+        let mut spec = bits(None);
+        spec.package_type = PackageType::Docker;
+        spec.image = Some(ImageSpec { reference: "nginx:1.27".into(), pull_secret_ref: None });
+        let (action, mocked) = reconciled(package(spec), World::default()).await;
+        assert_eq!(action, Action::await_change());
+        let statuses = mocked.statuses();
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(statuses[0]["state"], "READY");
+        assert_eq!(condition(&statuses[0], "Ready"), Some(("True", "Succeeded")));
+        assert_eq!(statuses[0]["observedGeneration"], 1);
+        assert_eq!(mocked.events(), events(&[("Normal", "Succeeded")]));
+    }
+
+    #[tokio::test]
+    async fn a_bits_package_without_a_source_awaits_its_upload() {
+        let (action, mocked) = reconciled(package(bits(None)), World::default()).await;
+        assert_eq!(action, Action::await_change());
+        let statuses = mocked.statuses();
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(statuses[0]["state"], "AWAITING_UPLOAD");
+        assert_eq!(condition(&statuses[0], "Ready"), Some(("False", "AwaitingUpload")));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_spec_fails_and_stalls_without_a_retry() {
+        let (action, mocked) = reconciled(package(bits(Some(Source::default()))), World::default()).await;
+        assert_eq!(action, Action::await_change(), "retrying cannot fix a spec");
+        let statuses = mocked.statuses();
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(statuses[0]["state"], "FAILED");
+        assert_eq!(condition(&statuses[0], "Stalled"), Some(("True", "InvalidSpec")));
+        assert_eq!(condition(&statuses[0], "Reconciling"), None);
+        assert_eq!(mocked.events(), events(&[("Warning", "InvalidSpec")]));
+    }
+
+    #[tokio::test]
+    async fn an_up_to_date_package_makes_no_calls() {
+        let mut ready = package(bits(Some(http("https://example.com/a.zip", None))));
+        let stored = status::stored_digests(
+            &crate::digest::Digests { sha1: "a".repeat(40), sha256: "b".repeat(64), size: 1 },
+            BlobRef { store: "memory:///".into(), key: "k".into() },
+        );
+        ready.status = Some(status::done(&Default::default(), stored, Some(1), Timestamp::now()));
+        let (action, mocked) = reconciled(ready, World::default()).await;
+        assert_eq!(action, Action::await_change());
+        assert!(mocked.calls().is_empty(), "{:?}", mocked.calls());
+    }
+
+    #[tokio::test]
+    async fn a_missing_secret_is_a_condition_and_is_retried() {
+        let missing = package(bits(Some(http("https://example.com/a.zip", Some("creds")))));
+        let (action, mocked) = reconciled(missing, World::default()).await;
+        assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+        let statuses = mocked.statuses();
+        assert_eq!(statuses.len(), 2, "in progress, then the outcome");
+        assert_eq!(statuses[0]["state"], "PROCESSING_UPLOAD");
+        assert_eq!(condition(&statuses[0], "Reconciling"), Some(("True", "Fetching")));
+        assert_eq!(statuses[1]["state"], "PROCESSING_UPLOAD");
+        assert_eq!(condition(&statuses[1], "Reconciling"), Some(("True", "SecretNotFound")));
+        assert_eq!(condition(&statuses[1], "Ready"), Some(("False", "SecretNotFound")));
+        assert!(statuses[1]["error"].as_str().unwrap().contains("\"creds\""), "{}", statuses[1]);
+        let gets: Vec<_> = mocked.calls().into_iter().filter(|c| c.method == Method::GET).collect();
+        assert_eq!(gets.len(), 1);
+        assert_eq!(gets[0].path, "/api/v1/namespaces/team/secrets/creds");
+    }
+
+    #[tokio::test]
+    async fn a_failing_new_generation_keeps_the_ready_bits_and_retries() {
+        let mut ready = package(bits(Some(http("http://127.0.0.1:1/app.zip", None))));
+        let stored = status::stored_digests(
+            &crate::digest::Digests { sha1: "a".repeat(40), sha256: "b".repeat(64), size: 1 },
+            BlobRef { store: "memory:///".into(), key: "packages/team/app/old".into() },
+        );
+        ready.status = Some(status::done(&Default::default(), stored, Some(1), Timestamp::now()));
+        ready.metadata.generation = Some(2);
+        let (action, mocked) = reconciled(ready, World::default()).await;
+        assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+        let last = mocked.statuses().pop().unwrap();
+        assert_eq!(last["state"], "READY", "a failed retry never downgrades READY");
+        assert_eq!(last["checksum"]["value"], "b".repeat(64));
+        assert_eq!(condition(&last, "Ready"), Some(("True", "Succeeded")));
+        assert_eq!(condition(&last, "Reconciling"), Some(("True", "SourceUnavailable")));
+        assert_eq!(last["observedGeneration"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_copy_of_a_package_that_is_not_ready_waits_copying() {
+        let copy = Source { package: Some(PackageSourceRef { name: "origin".into() }), ..Default::default() };
+        let mut origin = package(bits(None));
+        origin.metadata.name = Some("origin".into());
+        origin.status = Some(status::awaiting_upload(&Default::default(), Some(1), Timestamp::now()));
+        let world = World { packages: vec![origin], ..Default::default() };
+        let (action, mocked) = reconciled(package(bits(Some(copy))), world).await;
+        assert_ne!(action, Action::await_change(), "it looks again later");
+        let statuses = mocked.statuses();
+        assert_eq!(statuses[0]["state"], "COPYING");
+        assert_eq!(condition(&statuses[0], "Reconciling"), Some(("True", "Copying")));
+        assert_eq!(condition(statuses.last().unwrap(), "Reconciling"), Some(("True", "SourcePackageNotReady")));
+    }
+
+    #[tokio::test]
+    async fn deletion_removes_the_blob_and_then_the_finalizer() {
+        let store = super::super::fixtures::memory_store();
+        let mut write = store.begin_write().await.unwrap();
+        write.write(Bytes::from_static(b"bits")).await.unwrap();
+        let blob = write.commit("packages/team/app/blob").await.unwrap();
+
+        let mut going = package(bits(None));
+        going.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        going.status = Some(PackageStatus {
+            state: Some(PackageState::Ready),
+            stored: crate::resources::StoredDigests { blob: Some(blob.clone()), ..Default::default() },
+            ..Default::default()
+        });
+        let world = World { object: serde_json::to_value(&going).unwrap(), ..Default::default() };
+        let mocked = Mocked::with_store(world, store.clone());
+        assert_eq!(mocked.context.fetcher.store.size(&blob.key).await.unwrap(), 4, "the reconciler sees the blob");
+        let action = reconcile(Arc::new(going), mocked.context.clone()).await.expect("reconcile");
+        assert_eq!(action, Action::await_change());
+        assert!(store.size(&blob.key).await.is_err(), "the blob is gone");
+        let calls = mocked.calls();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0].method, Method::PATCH);
+        assert!(calls[0].body.to_string().contains("remove"), "{}", calls[0].body);
+    }
+}

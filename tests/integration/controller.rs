@@ -248,19 +248,39 @@ async fn of_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
     b.abort();
 }
 
+/// Start `bitsmith controller` on the test control plane, watching `ns` and leading as `identity`.
+fn spawn_controller(ns: &str, store: &std::path::Path, metrics_port: u16, identity: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["controller", "--namespace", ns, "--leader-election-namespace", ns, "--instance", identity])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--store"])
+        .arg(store)
+        .env("KUBECONFIG", crate::support::kube::kubeconfig())
+        .spawn()
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the controller did not stop within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_binary_leads_serves_probes_and_stops_on_sigterm() {
     tokio::task::block_in_place(install_crds);
     let ns = tokio::task::block_in_place(|| namespace("binary"));
     let store = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(["controller", "--namespace", &ns, "--leader-election-namespace", &ns, "--instance", "only-replica"])
-        .args(["--metrics-listen", &format!("127.0.0.1:{port}"), "--store"])
-        .arg(store.path())
-        .env("KUBECONFIG", crate::support::kube::kubeconfig())
-        .spawn()
-        .unwrap();
+    let port = free_port();
+    let mut child = spawn_controller(&ns, store.path(), port, "only-replica");
     let docker = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: image\nspec:\n  type: docker\n  image:\n    reference: nginx:1.27\n";
     kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(docker));
     wait_for(&ns, "pkg/image", "{.status.state}", "READY").await;
@@ -270,13 +290,82 @@ async fn the_controller_binary_leads_serves_probes_and_stops_on_sigterm() {
 
     // SAFETY: signals our own child process.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the controller did not stop on SIGTERM");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(20)).await;
     assert!(status.success(), "a graceful stop exits 0: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_fetch_finishes_after_a_restart() {
+    use bitsmith::resources::{Package, PackageState};
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("sigkill"));
+    let server = TestServer::start().await;
+    let size = 48u64 << 20;
+    server.route("/big.zip", Reply::Slow { seed: 60, size, per_second: 16 << 20 });
+    let store = tempfile::tempdir().unwrap();
+
+    // Every status the Package ever shows, to check that none names bits that are not the whole download.
+    let client = kube::Client::try_default().await.unwrap();
+    let packages: kube::Api<Package> = kube::Api::namespaced(client, &ns);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = seen.clone();
+    let watching =
+        tokio::spawn(watcher(packages, watcher::Config::default()).applied_objects().for_each(move |package| {
+            if let Ok(Package { status: Some(status), .. }) = package {
+                recorder.lock().unwrap().push(status);
+            }
+            async {}
+        }));
+
+    let mut first = spawn_controller(&ns, store.path(), free_port(), "replica-0");
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&http_package("big", &server.url("/big.zip"), "")));
+    wait_for(&ns, "pkg/big", "{.status.state}", "PROCESSING_UPLOAD").await;
+    // Kill it once a good part of the bits has been staged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let staged = || {
+        files_under(store.path())
+            .iter()
+            .filter(|f| f.starts_with("staging"))
+            .map(|f| std::fs::metadata(store.path().join(f)).map(|m| m.len()).unwrap_or(0))
+            .sum::<u64>()
+    };
+    while staged() < size / 4 {
+        assert!(Instant::now() < deadline, "nothing was staged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let partial = staged();
+    assert!(partial > 0 && partial < size, "killed mid-fetch, {partial} of {size} bytes staged");
+    assert!(files_under(store.path()).iter().all(|f| f.starts_with("staging")), "no blob from a partial fetch");
+    wait_for(&ns, "pkg/big", "{.status.state}", "PROCESSING_UPLOAD").await;
+    wait_for(&ns, "pkg/big", "{.status.checksum}", "").await;
+
+    // The same replica comes back (as a restarted container does) and finishes the job.
+    let mut second = spawn_controller(&ns, store.path(), free_port(), "replica-0");
+    let expected = coreutils_digests(60, size);
+    wait_for(&ns, "pkg/big", "{.status.state}", "READY").await;
+    wait_for(&ns, "pkg/big", "{.status.checksum.value}", &expected.sha256).await;
+    wait_for(&ns, "pkg/big", "{.status.size}", &size.to_string()).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    watching.abort();
+
+    let blob = kube_ok(&["get", "pkg/big", "-n", &ns, "-o", "jsonpath={.status.blob.key}"], None);
+    let blobs: Vec<_> = files_under(store.path()).into_iter().filter(|f| !f.starts_with("staging")).collect();
+    assert_eq!(blobs, [std::path::PathBuf::from(&blob)], "one blob, the one the status names");
+    assert_eq!(std::fs::metadata(store.path().join(&blob)).unwrap().len(), size);
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() >= 2, "the watch saw the statuses: {seen:?}");
+    for status in seen.iter() {
+        if status.stored.blob.is_some() || status.stored.checksum.is_some() || status.state == Some(PackageState::Ready)
+        {
+            assert_eq!(status.state, Some(PackageState::Ready), "{status:?}");
+            assert_eq!(status.stored.checksum.as_ref().unwrap().value, expected.sha256, "{status:?}");
+            assert_eq!(status.stored.blob.as_ref().unwrap().key, blob, "{status:?}");
+        }
+    }
 }

@@ -1,9 +1,10 @@
-# bitsmith: `make run` fetches the examples into the local store; `make test` runs every test.
+# bitsmith: `make run` runs the operator (on a local control plane when there is no cluster); `make test` runs
+# every test.
 CARGO ?= cargo
 BIN := target/release/bitsmith
 EXAMPLES_PORT ?= 8765
 
-.PHONY: build test crds bench run lint clean
+.PHONY: build test crds bench run fetch lint clean
 
 build:
 	$(CARGO) build --release --locked
@@ -18,10 +19,15 @@ crds:
 
 # Throughput and memory, printed as a table.
 bench:
-	scripts/with-test-env.sh $(CARGO) bench --locked --bench pipeline
+	scripts/with-test-env.sh $(CARGO) bench --locked --bench pipeline --bench controller
 
-# Serve examples/ on loopback and fetch its Packages and Droplet into the local store (.bitsmith/store).
+# The operator against the current kubeconfig's cluster; without one, on a local control plane with the CRDs
+# and examples/ applied (scripts/run.sh).
 run: build
+	scripts/run.sh
+
+# Without any cluster: serve examples/ on loopback and fetch its Packages and Droplet into .bitsmith/store.
+fetch: build
 	@python3 -m http.server --bind 127.0.0.1 --directory examples $(EXAMPLES_PORT) >/dev/null 2>&1 & \
 	server=$$!; trap 'kill $$server' EXIT; \
 	for i in $$(seq 1 50); do curl -sf -o /dev/null http://127.0.0.1:$(EXAMPLES_PORT)/ && break; sleep 0.1; done; \

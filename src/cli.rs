@@ -1,4 +1,4 @@
-//! The command line: `bitsmith crd` and `bitsmith fetch`.
+//! The command line: `bitsmith crd`, `fetch`, `controller` and `api`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -31,8 +31,51 @@ pub enum Command {
     /// Fetch the bits of Package and Droplet manifests into a store, without a cluster, and print the objects
     /// with their status as YAML.
     Fetch(FetchArgs),
-    /// Reconcile Packages and Droplets in the cluster of the current kubeconfig (or the in-cluster config).
+    /// Reconcile Packages and Droplets in the cluster of the current kubeconfig (or the in-cluster config);
+    /// with --listen, also serve the CF v3 API.
     Controller(ControllerArgs),
+    /// Serve the CF v3 API alone (any number of replicas behind one Service).
+    Api(ApiServerArgs),
+}
+
+/// The CF v3 API's settings.
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Address of the CF v3 API; plain HTTP unless --tls-cert and --tls-key are given.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// The API's URL as clients reach it (e.g. https://bits.example.com); every link points under it.
+    /// Default: derived from --listen.
+    #[arg(long)]
+    pub external_url: Option<url::Url>,
+    /// PEM certificate chain to serve the API with.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    /// The external URL: as given, or the listen address with the scheme TLS implies.
+    pub fn urls(&self) -> Option<crate::links::ApiUrls> {
+        let url = self.external_url.clone().or_else(|| {
+            let scheme = if self.tls_cert.is_some() { "https" } else { "http" };
+            url::Url::parse(&format!("{scheme}://{}", self.listen?)).ok()
+        })?;
+        Some(crate::links::ApiUrls::new(&url))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ApiServerArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Serve objects of one namespace only (default: all).
+    #[arg(long)]
+    pub namespace: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +110,8 @@ pub struct ControllerArgs {
     /// Address of the operations endpoint: /metrics, /healthz, /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// Where blobs are kept.
@@ -157,6 +202,66 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Fetch(args) => fetch(args).await,
         Command::Controller(args) => controller(args).await,
+        Command::Api(args) => api(args).await,
+    }
+}
+
+async fn connect() -> Result<kube::Client, String> {
+    kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {}", error_chain(&e)))
+}
+
+/// Bind the API's address and load its TLS settings, so that mistakes in them fail at start.
+async fn bind_api(args: &ApiArgs) -> Result<Option<(tokio::net::TcpListener, Option<rustls::ServerConfig>)>, String> {
+    let Some(addr) = args.listen else { return Ok(None) };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::api::tls::server_config(cert, key).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
+    Ok(Some((listener, tls)))
+}
+
+/// Start serving the API, once its watch cache is filled.
+fn spawn_api(
+    client: &kube::Client,
+    store: BlobStore,
+    namespace: Option<&str>,
+    args: &ApiArgs,
+    bound: (tokio::net::TcpListener, Option<rustls::ServerConfig>),
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let config = crate::api::ApiConfig {
+        urls: args.urls().expect("an external URL: --listen is set"),
+        download_url_ttl: std::time::Duration::from_secs(600),
+        auth_cache_ttl: std::time::Duration::from_secs(10),
+    };
+    let index = crate::api::Index::start(client, namespace);
+    let state = crate::api::AppState::new(client.clone(), store, index.clone(), config);
+    let (listener, tls) = bound;
+    tokio::spawn(async move {
+        index.ready().await;
+        tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "CF v3 API serving");
+        crate::api::serve(listener, tls, state, shutdown_signal()).await
+    })
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn api(args: ApiServerArgs) -> Result<(), String> {
+    let bound = bind_api(&args.api).await?.ok_or("--listen is required")?;
+    let client = connect().await?;
+    let store = args.store.open()?;
+    let served = spawn_api(&client, store, args.namespace.as_deref(), &args.api, bound);
+    match served.await {
+        Ok(result) => result.map_err(|e| format!("serving the API: {e}")),
+        Err(e) => Err(format!("the API stopped: {e}")),
     }
 }
 
@@ -166,10 +271,14 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("--metrics-listen {}: {e}", args.metrics_listen))?;
     tokio::spawn(crate::ops::serve(listener, ops.clone()));
-    let client =
-        kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {}", error_chain(&e)))?;
+    let api = bind_api(&args.api).await?;
+    let client = connect().await?;
     let fetcher = Fetcher::new(args.store.open()?, SourcePolicy { file_root: args.allow_files_under }, args.max_size)
         .map_err(|e| e.to_string())?;
+    // Every replica serves the API; only the leader reconciles.
+    if let Some(bound) = api {
+        spawn_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, bound);
+    }
     let identity = args.instance.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), &uuid::Uuid::new_v4().simple().to_string()[..8])

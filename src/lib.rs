@@ -4,6 +4,8 @@
 //! records the outcome. [`pipeline`] joins the first three; [`fetch`] picks a source for an object.
 //! Modules without I/O ([`conditions`], [`status`], [`validate`]) are tested without a cluster.
 
+pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod conditions;
 pub mod controller;
@@ -11,6 +13,7 @@ pub mod crd;
 pub mod digest;
 pub mod fetch;
 pub mod leader;
+pub mod links;
 pub mod metrics;
 pub mod object_url;
 pub mod offline;

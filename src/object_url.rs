@@ -324,18 +324,16 @@ fn s3_aliases(mut opts: BTreeMap<String, String>) -> BTreeMap<String, String> {
     opts
 }
 
-/// Stream an object of known `size` as ranged GETs, [`READ_CONCURRENCY`] at a time, in order. Ranged reads keep
+/// Stream the bytes `range` of an object as ranged GETs, [`READ_CONCURRENCY`] at a time, in order. Ranged reads keep
 /// each request short (so timeouts and retries work per range) and are much faster than one streaming GET on
 /// the local filesystem.
 pub fn ranged_stream(
     store: Arc<dyn ObjectStore>,
     path: Path,
-    size: u64,
+    range: Range<u64>,
 ) -> BoxStream<'static, Result<Bytes, object_store::Error>> {
-    let ranges = (0..size.div_ceil(READ_RANGE)).map(move |i| {
-        let start = i * READ_RANGE;
-        start..(start + READ_RANGE).min(size)
-    });
+    let end = range.end;
+    let ranges = (range.start..end).step_by(READ_RANGE as usize).map(move |start| start..(start + READ_RANGE).min(end));
     stream::iter(ranges)
         .map(move |range: Range<u64>| {
             let store = store.clone();

@@ -156,12 +156,16 @@ impl BlobStore {
     /// Stream the blob at `key`, returning its size and its bytes.
     pub async fn read(&self, key: &str) -> Result<(u64, BoxStream<'static, Result<Bytes, StoreError>>), StoreError> {
         let size = self.size(key).await?;
+        Ok((size, self.read_range(key, 0..size)))
+    }
+
+    /// Stream the bytes `range` of the blob at `key` (which the caller knows to lie within it).
+    pub fn read_range(&self, key: &str, range: std::ops::Range<u64>) -> BoxStream<'static, Result<Bytes, StoreError>> {
         let this = self.clone();
         let owned_key = key.to_string();
-        let stream = object_url::ranged_stream(self.client.store.clone(), self.path(key), size)
+        object_url::ranged_stream(self.client.store.clone(), self.path(key), range)
             .map_err(move |e| this.backend_error("read", &owned_key, e))
-            .boxed();
-        Ok((size, stream))
+            .boxed()
     }
 
     /// Copy a blob inside the store without moving its bytes through bitsmith. The copy appears whole or not at

@@ -13,7 +13,7 @@ use super::package::AppRef;
 use super::shared::{BitsStatus, Checksum, Source};
 
 /// A staged application: the droplet tarball a lifecycle built from a Package, with its start commands.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "bitsmith.dev",
     version = "v1alpha1",

@@ -204,6 +204,9 @@ pub struct Links {
     pub download: Option<Link>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<Link>,
+    /// A Droplet's Package.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package: Option<Link>,
 }
 
 /// One link.

@@ -56,7 +56,7 @@ pub async fn open_object(
         return Err(SourceError::TooLarge { url, size: meta.size, max: max_size });
     }
     let stream_url = url.clone();
-    let stream = object_url::ranged_stream(client.store, client.path, meta.size)
+    let stream = object_url::ranged_stream(client.store, client.path, 0..meta.size)
         .map_err(move |e| read_error(&stream_url, e))
         .boxed();
     Ok(OpenedSource { stream, length: Some(meta.size), description: url })

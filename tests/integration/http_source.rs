@@ -227,27 +227,9 @@ async fn credentials_and_headers_come_from_the_secret() {
     assert!(err.to_string().contains("no password"), "{err}");
 }
 
-/// A self-signed certificate for 127.0.0.1, made with the openssl command line.
-fn self_signed() -> (Vec<u8>, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let status = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=bitsmith test CA", "-addext", "subjectAltName=IP:127.0.0.1", "-addext"])
-        .args(["basicConstraints=critical,CA:FALSE", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(status.success());
-    (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())
-}
-
 #[tokio::test]
 async fn tls_with_a_private_ca() {
-    let (cert, key) = self_signed();
+    let (cert, key) = crate::support::self_signed();
     let server = TestServer::start_tls(&cert, &key).await;
     server.route("/app.zip", Reply::Body { seed: 4, size: 70_000, length: true });
     let dir = tempfile::tempdir().unwrap();

@@ -59,3 +59,16 @@ pub fn namespace(test: &str) -> String {
     kubectl_ok(&["create", "namespace", &name], None);
     name
 }
+
+/// A new ServiceAccount `name` in `ns` and a token for it; with `rules` (the `rules:` of a Role, as YAML),
+/// also a Role and RoleBinding granting them.
+pub fn service_account_token(ns: &str, name: &str, rules: Option<&str>) -> String {
+    kubectl_ok(&["create", "serviceaccount", name, "-n", ns], None);
+    if let Some(rules) = rules {
+        let role = format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: {name}\nrules:\n{rules}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: {name}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: {name}\nsubjects:\n- kind: ServiceAccount\n  name: {name}\n  namespace: {ns}\n"
+        );
+        kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&role));
+    }
+    kubectl_ok(&["create", "token", name, "-n", ns, "--duration=1h"], None).trim().to_string()
+}

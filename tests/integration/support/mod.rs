@@ -79,3 +79,21 @@ pub async fn plain_fetch(
 ) -> Result<bitsmith::pipeline::Stored, bitsmith::pipeline::PipelineError> {
     fetcher.fetch(&owner(name), source, None, bitsmith::fetch::Inputs::default()).await
 }
+
+/// A self-signed certificate for 127.0.0.1, made with the openssl command line.
+pub fn self_signed() -> (Vec<u8>, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=bitsmith test CA", "-addext", "subjectAltName=IP:127.0.0.1", "-addext"])
+        .args(["basicConstraints=critical,CA:FALSE", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())
+}

@@ -1,0 +1,116 @@
+//! The CF v3 API: package and droplet JSON, downloads, uploads and jobs, with Kubernetes doing authentication
+//! (TokenReview) and authorization (SubjectAccessReview). Guids are the objects' `metadata.uid`, resolved from
+//! a watch cache; every body is streamed.
+
+mod blobs;
+mod droplets;
+pub mod errors;
+mod index;
+mod packages;
+pub mod tls;
+pub mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use axum::routing::get;
+use kube::{Client, Resource, ResourceExt};
+
+pub use errors::CfError;
+pub use index::Index;
+
+use crate::auth::{Access, Authorizer};
+use crate::links::ApiUrls;
+use crate::store::BlobStore;
+
+/// How the API behaves.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Where clients reach the API; every `href` is under it.
+    pub urls: ApiUrls,
+    /// How long a presigned download URL stays valid.
+    pub download_url_ttl: Duration,
+    /// How long TokenReview and SubjectAccessReview answers are reused.
+    pub auth_cache_ttl: Duration,
+}
+
+/// What every request shares.
+pub struct AppState {
+    pub client: Client,
+    pub store: BlobStore,
+    pub index: Index,
+    pub auth: Authorizer,
+    pub config: ApiConfig,
+}
+
+impl AppState {
+    pub fn new(client: Client, store: BlobStore, index: Index, config: ApiConfig) -> Arc<Self> {
+        let auth = Authorizer::new(client.clone(), config.auth_cache_ttl);
+        Arc::new(AppState { client, store, index, auth, config })
+    }
+
+    /// The object `guid` names, once the caller may `verb` it (or its `subresource`): 401 without a valid token,
+    /// 404 for an unknown guid, 403 when Kubernetes' RBAC says no.
+    async fn authorized<O: Resource<DynamicType = ()>>(
+        &self,
+        headers: &HeaderMap,
+        found: impl FnOnce() -> Option<Arc<O>>,
+        not_found: &'static str,
+        verb: &'static str,
+        subresource: Option<&'static str>,
+    ) -> Result<Arc<O>, CfError> {
+        let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let caller = self.auth.authenticate(authorization).await?;
+        let object = found().ok_or(CfError::ResourceNotFound { what: not_found })?;
+        let access = Access {
+            verb,
+            resource: leak_plural::<O>(),
+            subresource,
+            namespace: object.namespace().unwrap_or_default(),
+            name: object.name_any(),
+        };
+        self.auth.authorize(&caller, &access).await?;
+        Ok(object)
+    }
+}
+
+/// The plural of a kind known at compile time, as the `'static` name RBAC rules use.
+fn leak_plural<O: Resource<DynamicType = ()>>() -> &'static str {
+    match O::plural(&()).as_ref() {
+        "packages" => "packages",
+        "droplets" => "droplets",
+        other => unreachable!("the API serves packages and droplets, not {other}"),
+    }
+}
+
+/// Every route of the API.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v3/packages/{guid}", get(packages::show))
+        .route("/v3/packages/{guid}/download", get(packages::download))
+        .route("/v3/droplets/{guid}", get(droplets::show))
+        .route("/v3/droplets/{guid}/download", get(droplets::download))
+        .route("/v3/jobs/{guid}", get(droplets::job))
+        .fallback(|| async { CfError::UnknownRequest })
+        .with_state(state)
+}
+
+/// Serve the API on `listener`, over TLS when `tls` is given, until `shutdown` completes; requests in flight
+/// are finished first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<rustls::ServerConfig>,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state);
+    match tls {
+        Some(config) => {
+            axum::serve(tls::TlsListener::new(listener, config)?, app).with_graceful_shutdown(shutdown).await
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+    }
+}

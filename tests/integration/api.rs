@@ -1,0 +1,327 @@
+//! The CF v3 API over real loopback sockets with a real client, beside the controller, against the real control
+//! plane: real ServiceAccount tokens, checked by TokenReview and SubjectAccessReview.
+
+use std::time::{Duration, Instant};
+
+use bitsmith::api::{ApiConfig, AppState, Index};
+use bitsmith::controller::{self, Options};
+use bitsmith::fetch::Fetcher;
+use bitsmith::links::ApiUrls;
+use bitsmith::store::BlobStore;
+use reqwest::StatusCode;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::support::data::coreutils_digests;
+use crate::support::http_server::{Reply, TestServer};
+use crate::support::kube::{install_crds, kubectl, kubectl_ok, namespace, service_account_token};
+use crate::support::{fetcher, file_store};
+
+/// What an uploader may do (the ClusterRole the chart ships for editors grants the same).
+const UPLOADER_RULES: &str = "- apiGroups: [bitsmith.dev]\n  resources: [packages, packages/download, packages/upload, droplets, droplets/download, droplets/upload]\n  verbs: [get, create]\n";
+
+fn kube_ok(args: &[&str], stdin: Option<&str>) -> String {
+    tokio::task::block_in_place(|| kubectl_ok(args, stdin))
+}
+
+async fn wait_for(ns: &str, object: &str, jsonpath: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = tokio::task::block_in_place(|| {
+            kubectl(&["get", object, "-n", ns, "-o", &format!("jsonpath={jsonpath}")], None)
+        });
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{object}: {jsonpath} is {got:?}, not {want:?}, after 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A namespace with a controller, an API on loopback over the same store, a source server, and tokens.
+struct Setup {
+    ns: String,
+    server: TestServer,
+    /// The API's base URL.
+    base: String,
+    /// A token RBAC allows uploads and downloads.
+    allowed: String,
+    /// A valid token RBAC allows nothing.
+    denied: String,
+    http: reqwest::Client,
+    _store: Option<tempfile::TempDir>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
+}
+
+/// The API over `store`, served with `tls` when given, and a controller fetching into the same store.
+async fn setup_with(test: &str, store: BlobStore, tls: Option<rustls::ServerConfig>) -> Setup {
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace(test));
+    let server = TestServer::start().await;
+    let client = kube::Client::try_default().await.expect("a client for the test control plane");
+    let options = Options {
+        concurrency: 4,
+        namespace: Some(ns.clone()),
+        reporter: "bitsmith-test".into(),
+        metrics: Default::default(),
+    };
+    let fetcher: Fetcher = fetcher(store.clone(), Default::default(), 1 << 30);
+    let running = tokio::spawn(controller::run(client.clone(), fetcher, options));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let base = format!("{scheme}://{}", listener.local_addr().unwrap());
+    let config = ApiConfig {
+        urls: ApiUrls::new(&url::Url::parse(&base).unwrap()),
+        download_url_ttl: Duration::from_secs(60),
+        auth_cache_ttl: Duration::from_secs(5),
+    };
+    let index = Index::start(&client, Some(&ns));
+    index.ready().await;
+    let state = AppState::new(client, store, index, config);
+    let api = tokio::spawn(async move {
+        bitsmith::api::serve(listener, tls, state, std::future::pending()).await.unwrap();
+    });
+    let (allowed, denied) = tokio::task::block_in_place(|| {
+        (service_account_token(&ns, "uploader", Some(UPLOADER_RULES)), service_account_token(&ns, "stranger", None))
+    });
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    Setup { ns, server, base, allowed, denied, http, _store: None, tasks: vec![running, api] }
+}
+
+async fn setup(test: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let mut setup = setup_with(test, file_store(dir.path()), None).await;
+    setup._store = Some(dir);
+    setup
+}
+
+impl Setup {
+    async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("bearer {token}"));
+        }
+        request.send().await.unwrap()
+    }
+
+    fn uid(&self, object: &str) -> String {
+        kube_ok(&["get", object, "-n", &self.ns, "-o", "jsonpath={.metadata.uid}"], None)
+    }
+
+    fn apply(&self, manifest: &str) {
+        kube_ok(&["apply", "-n", &self.ns, "-f", "-"], Some(manifest));
+    }
+}
+
+/// Status and CF error `(title, code, detail)` of an answer.
+async fn cf_error(response: reqwest::Response) -> (StatusCode, String, u64, String) {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    let error = &body["errors"][0];
+    (
+        status,
+        error["title"].as_str().unwrap().into(),
+        error["code"].as_u64().unwrap(),
+        error["detail"].as_str().unwrap().into(),
+    )
+}
+
+fn http_package(name: &str, url: &str) -> String {
+    format!(
+        "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {name}\nspec:\n  type: bits\n  appRef:\n    name: web\n  source:\n    http:\n      url: {url}\n"
+    )
+}
+
+const OTHER_PACKAGES: &str = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: image\nspec:\n  type: docker\n  image:\n    reference: nginx:1.27\n---\napiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: empty\nspec:\n  type: bits\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_are_shown_and_downloaded_to_those_rbac_allows() {
+    let s = setup("api-packages").await;
+    let size = 3u64 << 20;
+    s.server.route("/app.zip", Reply::Body { seed: 70, size, length: true });
+    s.apply(&http_package("app", &s.server.url("/app.zip")));
+    s.apply(OTHER_PACKAGES);
+    wait_for(&s.ns, "pkg/app", "{.status.state}", "READY").await;
+    wait_for(&s.ns, "pkg/image", "{.status.state}", "READY").await;
+    wait_for(&s.ns, "pkg/empty", "{.status.state}", "AWAITING_UPLOAD").await;
+    let expected = coreutils_digests(70, size);
+    let guid = s.uid("pkg/app");
+    let path = format!("/v3/packages/{guid}");
+
+    let response = s.get(&path, Some(&s.allowed)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+    let package: Value = response.json().await.unwrap();
+    assert_eq!(package["guid"], guid.as_str());
+    assert_eq!(package["type"], "bits");
+    assert_eq!(package["state"], "READY");
+    assert_eq!(package["data"]["checksum"], serde_json::json!({"type": "sha256", "value": expected.sha256}));
+    assert_eq!(package["data"]["error"], Value::Null);
+    assert_eq!(package["relationships"]["app"]["data"]["guid"], "web");
+    assert_eq!(package["links"]["download"]["href"], format!("{}{path}/download", s.base));
+    let created = package["created_at"].as_str().unwrap();
+    assert!(created.len() == 20 && created.ends_with('Z') && created.as_bytes()[10] == b'T', "{created}");
+
+    // Who may see it.
+    let cases = [
+        (Some(s.denied.as_str()), StatusCode::FORBIDDEN, "CF-NotAuthorized", 10003),
+        (Some("not-a-token"), StatusCode::UNAUTHORIZED, "CF-InvalidAuthToken", 1000),
+        (None, StatusCode::UNAUTHORIZED, "CF-NotAuthenticated", 10002),
+    ];
+    for (token, status, title, code) in cases {
+        let (got_status, got_title, got_code, _) = cf_error(s.get(&path, token).await).await;
+        assert_eq!((got_status, got_title.as_str(), got_code), (status, title, code), "token {token:?}");
+    }
+    let unknown = cf_error(s.get("/v3/packages/7d5e2f3c-0000-4000-8000-000000000000", Some(&s.allowed)).await).await;
+    assert_eq!(unknown, (StatusCode::NOT_FOUND, "CF-ResourceNotFound".into(), 10010, "Package not found".into()));
+    let route = cf_error(s.get("/v3/nothing-here", Some(&s.allowed)).await).await;
+    assert_eq!(route, (StatusCode::NOT_FOUND, "CF-NotFound".into(), 10000, "Unknown request".into()));
+
+    // The bits, whole and in part.
+    let response = s.get(&format!("{path}/download"), Some(&s.allowed)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-length"], size.to_string().as_str());
+    let body = response.bytes().await.unwrap();
+    assert_eq!(bitsmith::digest::to_hex(&Sha256::digest(&body)), expected.sha256);
+    let ranged = s
+        .http
+        .get(format!("{}{path}/download", s.base))
+        .header("Authorization", format!("bearer {}", s.allowed))
+        .header("Range", "bytes=1000-1999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ranged.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(ranged.headers()["content-range"], format!("bytes 1000-1999/{size}").as_str());
+    assert_eq!(ranged.bytes().await.unwrap(), body.slice(1000..2000));
+    let denied = cf_error(s.get(&format!("{path}/download"), Some(&s.denied)).await).await;
+    assert_eq!(denied.0, StatusCode::FORBIDDEN);
+
+    let docker =
+        cf_error(s.get(&format!("/v3/packages/{}/download", s.uid("pkg/image")), Some(&s.allowed)).await).await;
+    assert_eq!(
+        docker,
+        (StatusCode::UNPROCESSABLE_ENTITY, "CF-UnprocessableEntity".into(), 10008, "Package type must be bits.".into())
+    );
+    let empty = cf_error(s.get(&format!("/v3/packages/{}/download", s.uid("pkg/empty")), Some(&s.allowed)).await).await;
+    assert_eq!(empty.3, "Package has no bits to download.");
+    let image: Value =
+        s.get(&format!("/v3/packages/{}", s.uid("pkg/image")), Some(&s.allowed)).await.json().await.unwrap();
+    assert_eq!(image["data"]["image"], "nginx:1.27");
+    assert!(image["links"].get("download").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn droplets_and_their_jobs_are_shown() {
+    let s = setup("api-droplets").await;
+    s.server.route("/droplet.tgz", Reply::Body { seed: 71, size: 50_000, length: true });
+    s.apply(OTHER_PACKAGES);
+    let droplet = format!(
+        "apiVersion: bitsmith.dev/v1alpha1\nkind: Droplet\nmetadata:\n  name: web\nspec:\n  packageRef:\n    name: empty\n  processTypes:\n    web: ./start\n  source:\n    http:\n      url: {}\n",
+        s.server.url("/droplet.tgz")
+    );
+    s.apply(&droplet);
+    wait_for(&s.ns, "droplet/web", "{.status.state}", "STAGED").await;
+    let guid = s.uid("droplet/web");
+    let json: Value = s.get(&format!("/v3/droplets/{guid}"), Some(&s.allowed)).await.json().await.unwrap();
+    assert_eq!(json["state"], "STAGED");
+    assert_eq!(json["checksum"]["value"], coreutils_digests(71, 50_000).sha256);
+    assert_eq!(json["process_types"]["web"], "./start");
+    assert_eq!(json["links"]["package"]["href"], format!("{}/v3/packages/{}", s.base, s.uid("pkg/empty")));
+    assert!(json["links"].get("upload").is_none());
+    let download = s.get(&format!("/v3/droplets/{guid}/download"), Some(&s.allowed)).await;
+    assert_eq!(download.status(), StatusCode::OK);
+    assert_eq!(download.bytes().await.unwrap().len(), 50_000);
+
+    let job: Value = s.get(&format!("/v3/jobs/{guid}"), Some(&s.allowed)).await.json().await.unwrap();
+    assert_eq!((job["operation"].as_str(), job["state"].as_str()), (Some("droplet.upload"), Some("COMPLETE")));
+    assert_eq!(job["links"]["droplet"]["href"], format!("{}/v3/droplets/{guid}", s.base));
+    let missing = cf_error(s.get("/v3/jobs/7d5e2f3c-0000-4000-8000-000000000000", Some(&s.allowed)).await).await;
+    assert_eq!(missing.3, "Job not found");
+    let denied = cf_error(s.get(&format!("/v3/droplets/{guid}"), Some(&s.denied)).await).await;
+    assert_eq!(denied.0, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_store_answers_downloads_with_a_presigned_redirect() {
+    let s3 = crate::support::s3::S3::from_env();
+    let (store, _) = s3.store("api-presigned");
+    let s = setup_with("api-presigned", store, None).await;
+    s.server.route("/app.zip", Reply::Body { seed: 72, size: 200_000, length: true });
+    s.apply(&http_package("app", &s.server.url("/app.zip")));
+    wait_for(&s.ns, "pkg/app", "{.status.state}", "READY").await;
+    let response = s.get(&format!("/v3/packages/{}/download", s.uid("pkg/app")), Some(&s.allowed)).await;
+    assert_eq!(response.status(), StatusCode::FOUND);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with(&s3.endpoint), "{location}");
+    assert_eq!(response.text().await.unwrap(), "You are being redirected.");
+    // The signed URL is enough on its own: no Authorization is forwarded.
+    let bits = reqwest::get(&location).await.unwrap();
+    assert_eq!(bits.status(), StatusCode::OK);
+    assert_eq!(
+        bitsmith::digest::to_hex(&Sha256::digest(bits.bytes().await.unwrap())),
+        coreutils_digests(72, 200_000).sha256
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_binary_serves_tls_on_its_own() {
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("api-binary"));
+    let (cert, key) = crate::support::self_signed();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.crt"), &cert).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &key).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["api", "--namespace", &ns, "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--tls-cert")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.path().join("tls.key"))
+        .arg("--store")
+        .arg(dir.path().join("store"))
+        .env("KUBECONFIG", crate::support::kube::kubeconfig())
+        .spawn()
+        .unwrap();
+    let docker = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: image\nspec:\n  type: docker\n  image:\n    reference: nginx:1.27\n";
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(docker));
+    let guid = kube_ok(&["get", "pkg/image", "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let token = tokio::task::block_in_place(|| service_account_token(&ns, "uploader", Some(UPLOADER_RULES)));
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{port}/v3/packages/{guid}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let json: Value = loop {
+        match client.get(&url).bearer_auth(&token).send().await {
+            Ok(response) if response.status() == StatusCode::OK => break response.json().await.unwrap(),
+            other => assert!(Instant::now() < deadline, "the API did not answer: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(json["links"]["self"]["href"], url.as_str());
+    assert_eq!(json["state"], "READY", "a docker Package is READY on creation, before any controller ran");
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/v3/packages/{guid}")).await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP is not served");
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the API did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+}

@@ -94,6 +94,7 @@ async fn main() {
         namespace: Some(ns.clone()),
         reporter: "bitsmith-bench".into(),
         metrics: metrics.clone(),
+        urls: None,
     };
     tokio::spawn(controller::run(client.clone(), fetcher, options));
 

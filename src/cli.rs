@@ -54,6 +54,12 @@ pub struct ApiArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Largest upload body, e.g. 2048MiB.
+    #[arg(long, default_value = "2048MiB", value_parser = parse_size)]
+    pub max_upload_size: u64,
+    /// Largest package: the sum of its files' uncompressed sizes.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub max_package_size: u64,
 }
 
 impl ApiArgs {
@@ -228,14 +234,13 @@ fn spawn_api(
     namespace: Option<&str>,
     args: &ApiArgs,
     bound: (tokio::net::TcpListener, Option<rustls::ServerConfig>),
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    let config = crate::api::ApiConfig {
-        urls: args.urls().expect("an external URL: --listen is set"),
-        download_url_ttl: std::time::Duration::from_secs(600),
-        auth_cache_ttl: std::time::Duration::from_secs(10),
-    };
+    let mut config = crate::api::ApiConfig::new(args.urls().expect("an external URL: --listen is set"));
+    config.max_upload_size = args.max_upload_size;
+    config.max_package_size = args.max_package_size;
     let index = crate::api::Index::start(client, namespace);
-    let state = crate::api::AppState::new(client.clone(), store, index.clone(), config);
+    let state = crate::api::AppState::new(client.clone(), store, index.clone(), config, metrics);
     let (listener, tls) = bound;
     tokio::spawn(async move {
         index.ready().await;
@@ -258,7 +263,7 @@ async fn api(args: ApiServerArgs) -> Result<(), String> {
     let bound = bind_api(&args.api).await?.ok_or("--listen is required")?;
     let client = connect().await?;
     let store = args.store.open()?;
-    let served = spawn_api(&client, store, args.namespace.as_deref(), &args.api, bound);
+    let served = spawn_api(&client, store, args.namespace.as_deref(), &args.api, bound, Default::default());
     match served.await {
         Ok(result) => result.map_err(|e| format!("serving the API: {e}")),
         Err(e) => Err(format!("the API stopped: {e}")),
@@ -277,7 +282,7 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     // Every replica serves the API; only the leader reconciles.
     if let Some(bound) = api {
-        spawn_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, bound);
+        spawn_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, bound, ops.metrics.clone());
     }
     let identity = args.instance.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -289,6 +294,7 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         namespace: args.namespace,
         reporter,
         metrics: ops.metrics.clone(),
+        urls: args.api.urls(),
     };
     tracing::info!(store = fetcher.store.url(), identity, "controller starting");
     let controller = crate::controller::run(client.clone(), fetcher, options);

@@ -5,6 +5,7 @@
 //! Modules without I/O ([`conditions`], [`status`], [`validate`]) are tested without a cluster.
 
 pub mod api;
+pub mod archive;
 pub mod auth;
 pub mod cli;
 pub mod conditions;
@@ -20,6 +21,7 @@ pub mod offline;
 pub mod ops;
 pub mod pipeline;
 pub mod plan;
+pub mod record;
 pub mod resources;
 pub mod sources;
 pub mod status;

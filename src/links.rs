@@ -4,7 +4,7 @@
 
 use url::Url;
 
-use crate::resources::{DropletState, Link, Links};
+use crate::resources::{BitsObject, Droplet, DropletState, Link, Links, Package, PackageType};
 
 /// The external URL of the CF v3 API, e.g. `https://bits.example.com` (a path prefix is kept).
 #[derive(Clone, Debug, PartialEq)]
@@ -66,6 +66,27 @@ impl ApiUrls {
             app: app.map(|a| link(self.app(a), None)),
             package: package.map(|p| link(self.package(p), None)),
         }
+    }
+}
+
+/// The links an object's status carries.
+pub trait Linked: BitsObject {
+    fn links(&self, urls: &ApiUrls, state: Option<Self::State>) -> Links;
+}
+
+impl Linked for Package {
+    fn links(&self, urls: &ApiUrls, _state: Option<Self::State>) -> Links {
+        let guid = self.metadata.uid.as_deref().unwrap_or_default();
+        let app = self.spec.app_ref.as_ref().map(|a| a.name.as_str());
+        urls.package_links(guid, app, self.spec.package_type == PackageType::Bits)
+    }
+}
+
+impl Linked for Droplet {
+    /// Without the Package's link, which needs the Package's guid; the API's answers carry it.
+    fn links(&self, urls: &ApiUrls, state: Option<Self::State>) -> Links {
+        let guid = self.metadata.uid.as_deref().unwrap_or_default();
+        urls.droplet_links(guid, self.spec.app_ref.as_ref().map(|a| a.name.as_str()), None, state)
     }
 }
 

@@ -35,6 +35,9 @@ pub enum PipelineError {
     ChecksumMismatch { expected: Checksum, actual: String },
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The bytes are not what they must be (e.g. not a valid archive).
+    #[error("{detail}")]
+    Invalid { detail: String },
 }
 
 impl PipelineError {
@@ -48,6 +51,7 @@ impl PipelineError {
             PipelineError::Source(_) => "SourceUnavailable",
             PipelineError::ChecksumMismatch { .. } => "ChecksumMismatch",
             PipelineError::Store(_) => "StoreError",
+            PipelineError::Invalid { .. } => "InvalidBits",
         }
     }
 
@@ -55,7 +59,9 @@ impl PipelineError {
     pub fn is_permanent(&self) -> bool {
         match self {
             PipelineError::Source(e) => e.is_permanent(),
-            PipelineError::TooLarge { .. } | PipelineError::ChecksumMismatch { .. } => true,
+            PipelineError::TooLarge { .. } | PipelineError::ChecksumMismatch { .. } | PipelineError::Invalid { .. } => {
+                true
+            }
             PipelineError::Store(_) => false,
         }
     }
@@ -72,23 +78,92 @@ pub async fn store_stream(
     if let Some(size) = source.length.filter(|&n| n > max_size) {
         return Err(SourceError::TooLarge { url: source.description, size, max: max_size }.into());
     }
+    store_checked(source.stream, &source.description, store, owner, pin, max_size, None).await
+}
+
+/// A check of the bytes' content (e.g. that they form a valid archive), run beside the digests on a worker of
+/// its own. Nothing is stored when it fails.
+pub trait ContentCheck: Send + 'static {
+    /// Look at the next block. After an error no more blocks come.
+    fn update(&mut self, block: &[u8]) -> Result<(), String>;
+    /// The stream ended: the final verdict.
+    fn finish(self: Box<Self>) -> Result<(), String>;
+}
+
+/// Runs a [`ContentCheck`] on a blocking worker fed through a bounded channel, like the digests.
+struct CheckWorker {
+    blocks: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    verdict: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl CheckWorker {
+    fn spawn(mut check: Box<dyn ContentCheck>) -> Self {
+        let (blocks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let verdict = tokio::task::spawn_blocking(move || {
+            while let Some(block) = rx.blocking_recv() {
+                check.update(&block)?;
+            }
+            check.finish()
+        });
+        CheckWorker { blocks: Some(blocks), verdict }
+    }
+
+    /// False once the check has failed (its worker stopped taking blocks): the caller can stop early.
+    async fn update(&mut self, block: Bytes) -> bool {
+        match &self.blocks {
+            Some(blocks) => blocks.send(block).await.is_ok(),
+            None => false,
+        }
+    }
+
+    async fn finish(mut self) -> Result<(), String> {
+        self.blocks = None;
+        self.verdict.await.map_err(|e| format!("content check failed: {e}"))?
+    }
+}
+
+/// Stream `chunks` (described as `description` in errors) into `store` as `owner`'s blob: hashed, checked by
+/// `check` when given, limited to `max_size` bytes, verified against `pin`, and committed only if all agree.
+pub async fn store_checked<S>(
+    chunks: S,
+    description: &str,
+    store: &BlobStore,
+    owner: &BlobOwner,
+    pin: Option<&Checksum>,
+    max_size: u64,
+    check: Option<Box<dyn ContentCheck>>,
+) -> Result<Stored, PipelineError>
+where
+    S: Stream<Item = Result<Bytes, SourceError>> + Unpin,
+{
     let mut staged = store.begin_write().await?;
     let mut digester = Digester::new();
-    let mut blocks = Blocks::new(source.stream);
+    let mut checker = check.map(CheckWorker::spawn);
+    let mut blocks = Blocks::new(chunks);
     let streamed: Result<(), PipelineError> = async {
         while let Some(block) = blocks.next().await {
             let block = block?;
             if digester.size() + block.len() as u64 > max_size {
-                return Err(PipelineError::TooLarge { source_name: source.description.clone(), max: max_size });
+                return Err(PipelineError::TooLarge { source_name: description.to_string(), max: max_size });
             }
             digester.update(block.clone()).await;
+            if let Some(checker) = &mut checker
+                && !checker.update(block.clone()).await
+            {
+                // The check failed: its verdict says why.
+                return Ok(());
+            }
             staged.write(block).await?;
         }
         Ok(())
     }
     .await;
     let digests = digester.finish().await;
-    let verified = streamed.and_then(|()| verify_pin(pin, &digests));
+    let checked = match checker {
+        Some(checker) => checker.finish().await.map_err(|detail| PipelineError::Invalid { detail }),
+        None => Ok(()),
+    };
+    let verified = streamed.and(checked).and_then(|()| verify_pin(pin, &digests));
     if let Err(e) = verified {
         staged.abort().await;
         return Err(e);

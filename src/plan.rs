@@ -60,7 +60,11 @@ where
     if let Some(message) = object.ready_without_bits() {
         return Plan::ReadyWithoutBits { message };
     }
-    let Some(source) = object.source() else { return Plan::AwaitUpload };
+    let Some(source) = object.source() else {
+        // Without a source the bits come through the API, which takes the state on from AWAITING_UPLOAD.
+        let uploading = object.bits_status().and_then(|s| s.state).is_some_and(|s| s != O::State::AWAITING_UPLOAD);
+        return if uploading { Plan::UpToDate } else { Plan::AwaitUpload };
+    };
     // A READY object whose newer generation failed keeps its old bits and state, so READY alone does not say
     // the current generation is stored: a pending retry (Reconciling) or a stalled attempt (Stalled) says not.
     let done_for_this_generation = object.bits_status().is_some_and(|s| {
@@ -123,6 +127,22 @@ mod tests {
         assert_eq!(plan(&ready), Plan::UpToDate);
         ready.metadata.generation = Some(3);
         assert!(matches!(plan(&ready), Plan::Fetch(_)));
+    }
+
+    #[test]
+    fn an_upload_in_progress_or_done_is_left_to_the_api() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let mut uploaded = package(None);
+        uploaded.status = Some(status::awaiting_upload(&Default::default(), Some(2), now));
+        assert_eq!(plan(&uploaded), Plan::AwaitUpload);
+        uploaded.status = Some(status::in_progress(
+            uploaded.status.as_ref().unwrap(),
+            status::Activity::Uploading,
+            "up",
+            Some(2),
+            now,
+        ));
+        assert_eq!(plan(&uploaded), Plan::UpToDate);
     }
 
     #[test]

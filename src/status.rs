@@ -97,19 +97,41 @@ pub fn awaiting_upload<S: CfState>(prev: &BitsStatus<S>, generation: Option<i64>
     status
 }
 
+/// What work is in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activity {
+    /// From the spec's source, by the controller.
+    Fetching,
+    /// Another Package's bits, inside the store.
+    Copying,
+    /// Bits arriving through the API.
+    Uploading,
+}
+
+impl Activity {
+    /// The condition reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Activity::Fetching => "Fetching",
+            Activity::Copying => "Copying",
+            Activity::Uploading => "Uploading",
+        }
+    }
+}
+
 /// Work is in flight: PROCESSING_UPLOAD, or COPYING for a copy. Bits already READY stay visible until the new
 /// ones replace them, so a consumer never loses a working version.
 pub fn in_progress<S: CfState>(
     prev: &BitsStatus<S>,
-    copying: bool,
+    activity: Activity,
     message: &str,
     generation: Option<i64>,
     now: Timestamp,
 ) -> BitsStatus<S> {
     let mut status = prev.clone();
-    let reason = if copying { "Copying" } else { "Fetching" };
+    let reason = activity.reason();
     if status.state != Some(S::DONE) {
-        status.state = Some(if copying { S::COPYING } else { S::PROCESSING_UPLOAD });
+        status.state = Some(if activity == Activity::Copying { S::COPYING } else { S::PROCESSING_UPLOAD });
     }
     conditions::upsert(
         &mut status.conditions,
@@ -217,7 +239,7 @@ mod tests {
         assert_eq!(after.state, Some(PackageState::Ready));
         assert_eq!(after.stored, ready.stored);
         assert_eq!(find(&after.conditions, READY).unwrap().status, "True");
-        let progressing = in_progress(&ready, false, "fetching generation 2", Some(2), now());
+        let progressing = in_progress(&ready, Activity::Fetching, "fetching generation 2", Some(2), now());
         assert_eq!(progressing.state, Some(PackageState::Ready));
     }
 
@@ -225,7 +247,7 @@ mod tests {
     fn droplets_finish_as_staged() {
         let status = done(&BitsStatus::<DropletState>::default(), stored_digests(&digests(), blob()), None, now());
         assert_eq!(status.state, Some(DropletState::Staged));
-        let copying = in_progress(&BitsStatus::<DropletState>::default(), true, "", None, now());
+        let copying = in_progress(&BitsStatus::<DropletState>::default(), Activity::Copying, "", None, now());
         assert_eq!(copying.state, Some(DropletState::ProcessingUpload));
     }
 }

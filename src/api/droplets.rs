@@ -3,14 +3,19 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{Multipart, Path, State};
+use axum::http::header::LOCATION;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use kube::ResourceExt;
 use serde_json::Value;
 
-use super::{AppState, CfError, blobs, views};
+use super::{AppState, CfError, blobs, upload, views};
+use crate::archive::tgz::TgzCheck;
+use crate::pipeline::{self, PipelineError};
 use crate::resources::DropletState;
+use crate::store::BlobOwner;
 
 /// `GET /v3/droplets/:guid`.
 pub async fn show(
@@ -53,3 +58,41 @@ pub async fn job(
     let droplet = state.authorized(&headers, || state.index.droplet(&guid), "Job", "get", None).await?;
     Ok(Json(views::droplet_upload_job(&droplet, &state.config.urls)))
 }
+
+/// `POST /v3/droplets/:guid/upload`: a `.tgz` in the form's `bits` part. Answers 202 with the droplet as the
+/// upload left it and the job to follow in `Location`.
+pub async fn upload(
+    State(state): State<Arc<AppState>>,
+    Path(guid): Path<String>,
+    headers: HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<Response, CfError> {
+    let droplet =
+        state.authorized(&headers, || state.index.droplet(&guid), "Droplet", "create", Some("upload")).await?;
+    let mut form = upload::form(form)?;
+    let claimed = upload::claim(&state, droplet.as_ref()).await?;
+    let owner = BlobOwner::of(&claimed.object, &claimed.object.namespace().unwrap_or_default());
+    let max = state.config.max_upload_size;
+    let outcome = async {
+        while let Some(field) = upload::next_field(&mut form).await? {
+            if field.name() == Some("bits") {
+                let check = Box::new(TgzCheck::new(max.saturating_mul(INFLATION_LIMIT)));
+                let chunks = upload::field_stream(field);
+                return pipeline::store_checked(chunks, "the droplet", &state.store, &owner, None, max, Some(check))
+                    .await;
+            }
+        }
+        Err(PipelineError::Invalid { detail: "the form has no bits".into() })
+    }
+    .await
+    .map_err(|e| {
+        upload::store_or(e, |e| CfError::UnprocessableEntity(format!("Uploaded droplet file is invalid: {e}")))
+    });
+    upload::settle(&state, &claimed, outcome).await?;
+    let job = state.config.urls.job(&guid);
+    let body = views::droplet(&claimed.object, None, &state.config.urls);
+    Ok((StatusCode::ACCEPTED, [(LOCATION, job)], Json(body)).into_response())
+}
+
+/// A droplet may inflate to at most this many times its compressed size before the check gives up on it.
+const INFLATION_LIMIT: u64 = 20;

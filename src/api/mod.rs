@@ -8,15 +8,17 @@ pub mod errors;
 mod index;
 mod packages;
 pub mod tls;
+mod upload;
 pub mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
-use axum::routing::get;
+use axum::routing::{get, post};
 use kube::{Client, Resource, ResourceExt};
 
 pub use errors::CfError;
@@ -24,7 +26,10 @@ pub use index::Index;
 
 use crate::auth::{Access, Authorizer};
 use crate::links::ApiUrls;
+use crate::metrics::Metrics;
+use crate::record::Recorder;
 use crate::store::BlobStore;
+use kube::runtime::events::Reporter;
 
 /// How the API behaves.
 #[derive(Clone, Debug)]
@@ -35,6 +40,24 @@ pub struct ApiConfig {
     pub download_url_ttl: Duration,
     /// How long TokenReview and SubjectAccessReview answers are reused.
     pub auth_cache_ttl: Duration,
+    /// The largest upload body (Cloud Controller's default is 2048 MiB).
+    pub max_upload_size: u64,
+    /// The largest package, counted as the sum of its files' uncompressed sizes (Cloud Controller's default is
+    /// 1 GiB).
+    pub max_package_size: u64,
+}
+
+impl ApiConfig {
+    /// Cloud Controller's limits, and brief caches.
+    pub fn new(urls: ApiUrls) -> Self {
+        ApiConfig {
+            urls,
+            download_url_ttl: Duration::from_secs(600),
+            auth_cache_ttl: Duration::from_secs(10),
+            max_upload_size: 2048 << 20,
+            max_package_size: 1 << 30,
+        }
+    }
 }
 
 /// What every request shares.
@@ -43,13 +66,17 @@ pub struct AppState {
     pub store: BlobStore,
     pub index: Index,
     pub auth: Authorizer,
+    /// Writes the statuses uploads move objects through, and their Events.
+    pub recorder: Recorder,
     pub config: ApiConfig,
 }
 
 impl AppState {
-    pub fn new(client: Client, store: BlobStore, index: Index, config: ApiConfig) -> Arc<Self> {
+    pub fn new(client: Client, store: BlobStore, index: Index, config: ApiConfig, metrics: Arc<Metrics>) -> Arc<Self> {
         let auth = Authorizer::new(client.clone(), config.auth_cache_ttl);
-        Arc::new(AppState { client, store, index, auth, config })
+        let reporter = Reporter { controller: "bitsmith-api".into(), instance: None };
+        let recorder = Recorder::new(client.clone(), reporter, metrics);
+        Arc::new(AppState { client, store, index, auth, recorder, config })
     }
 
     /// The object `guid` names, once the caller may `verb` it (or its `subresource`): 401 without a valid token,
@@ -86,6 +113,11 @@ fn leak_plural<O: Resource<DynamicType = ()>>() -> &'static str {
     }
 }
 
+/// A body limit for axum (a `usize`), with room for the multipart framing around the file.
+fn body_limit(max_upload_size: u64) -> usize {
+    usize::try_from(max_upload_size.saturating_add(1 << 20)).unwrap_or(usize::MAX)
+}
+
 /// Every route of the API.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -94,6 +126,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v3/droplets/{guid}", get(droplets::show))
         .route("/v3/droplets/{guid}/download", get(droplets::download))
         .route("/v3/jobs/{guid}", get(droplets::job))
+        .route(
+            "/v3/droplets/{guid}/upload",
+            post(droplets::upload).layer(DefaultBodyLimit::max(body_limit(state.config.max_upload_size))),
+        )
         .fallback(|| async { CfError::UnknownRequest })
         .with_state(state)
 }

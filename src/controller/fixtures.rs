@@ -4,11 +4,11 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::record::Recorder;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::client::Body;
-use kube::runtime::events::Recorder;
 use serde_json::{Value, json};
 
 use super::reconcile::Context;
@@ -80,10 +80,11 @@ impl Mocked {
         let client = Client::new(service, "default");
         let fetcher = Fetcher::new(store, SourcePolicy::default(), 1 << 20).expect("an http client");
         let context = Arc::new(Context {
-            recorder: Recorder::new(client.clone(), "bitsmith-test".into()),
+            recorder: Recorder::new(client.clone(), "bitsmith-test".into(), Default::default()),
             client,
             fetcher,
             metrics: Default::default(),
+            urls: None,
         });
         Mocked { context, calls }
     }

@@ -12,16 +12,17 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Predicate, predicates};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 
-pub use reconcile::{Context, FIELD_MANAGER, FINALIZER, Managed, ReconcileError};
+pub use reconcile::{Context, FINALIZER, ReconcileError};
 
 use crate::fetch::Fetcher;
 use crate::metrics::Metrics;
+use crate::record::Managed;
 use crate::resources::{Droplet, Package};
 use crate::store::BlobStore;
 
@@ -36,6 +37,8 @@ pub struct Options {
     pub reporter: Reporter,
     /// Where reconciles are counted.
     pub metrics: Arc<Metrics>,
+    /// Where the CF v3 API serves the objects; their statuses link there. No links without it.
+    pub urls: Option<crate::links::ApiUrls>,
 }
 
 /// Staged writes older than this were left by a process that died mid-write.
@@ -47,8 +50,9 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options) {
     let context = Arc::new(Context {
         client: client.clone(),
         fetcher,
-        recorder: Recorder::new(client.clone(), options.reporter.clone()),
+        recorder: crate::record::Recorder::new(client.clone(), options.reporter.clone(), options.metrics.clone()),
         metrics: options.metrics.clone(),
+        urls: options.urls.clone(),
     });
     let config = controller::Config::default().concurrency(options.concurrency);
     let packages: Api<Package> = scoped(&client, &options.namespace);

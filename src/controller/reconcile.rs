@@ -7,27 +7,23 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
-use kube::core::NamespaceResourceScope;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::conditions::{self, RECONCILING};
 use crate::fetch::{Fetcher, Inputs};
+use crate::links::ApiUrls;
 use crate::metrics::Metrics;
-use crate::plan::{Plan, Planned, plan};
+use crate::plan::{Plan, plan};
+use crate::record::{Managed, Recorder};
 use crate::resources::{BitsStatus, Package};
 use crate::sources::SecretData;
-use crate::status::{self, CfState};
+use crate::status::{self, Activity, CfState};
 use crate::store::BlobOwner;
 
-/// The field manager of every status bitsmith writes.
-pub const FIELD_MANAGER: &str = "bitsmith-controller";
 /// The finalizer that removes an object's blobs before it goes.
 pub const FINALIZER: &str = "bitsmith.dev/blobs";
 
@@ -37,6 +33,31 @@ pub struct Context {
     pub fetcher: Fetcher,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Where the CF v3 API serves the objects, for the links in their statuses.
+    pub urls: Option<ApiUrls>,
+}
+
+impl Context {
+    /// `status` with the links of `object` in its state.
+    fn linked<O: Managed>(&self, object: &O, status: &BitsStatus<O::State>) -> BitsStatus<O::State> {
+        let mut status = status.clone();
+        status.links = self.urls.as_ref().map(|urls| object.links(urls, status.state));
+        status
+    }
+
+    async fn write_status<O: Managed>(
+        &self,
+        api: &Api<O>,
+        object: &O,
+        prev: &BitsStatus<O::State>,
+        next: &BitsStatus<O::State>,
+    ) -> Result<(), ReconcileError>
+    where
+        O::State: CfState + Serialize,
+    {
+        self.recorder.status(api, object, prev, &self.linked(object, next), None).await?;
+        Ok(())
+    }
 }
 
 /// Why a reconcile did not finish; the controller retries it.
@@ -48,31 +69,6 @@ pub enum ReconcileError {
     Store(#[from] crate::store::StoreError),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<ReconcileError>>),
-}
-
-/// The objects the controller manages.
-pub trait Managed:
-    Planned
-    + Resource<DynamicType = (), Scope = NamespaceResourceScope>
-    + DeserializeOwned
-    + Serialize
-    + Debug
-    + Send
-    + Sync
-    + 'static
-{
-}
-
-impl<T> Managed for T where
-    T: Planned
-        + Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + DeserializeOwned
-        + Serialize
-        + Debug
-        + Send
-        + Sync
-        + 'static
-{
 }
 
 /// Reconcile one object, behind the finalizer that cleans up its blobs.
@@ -131,6 +127,8 @@ where
     let now = Timestamp::now();
     let (next, action) = match plan(object) {
         Plan::UpToDate => {
+            // Links change only when the API's external URL does.
+            ctx.write_status(api, object, &prev, &prev).await?;
             record_state(ctx, object, prev.state);
             return Ok(Action::await_change());
         }
@@ -142,11 +140,11 @@ where
         }
         Plan::AwaitUpload => (status::awaiting_upload(&prev, generation, now), Action::await_change()),
         Plan::Fetch(source) => {
-            let copying = source.package.is_some();
-            let started = status::in_progress(&prev, copying, "fetching the bits", generation, now);
-            write_status(api, object, &prev, &started, ctx).await?;
+            let activity = if source.package.is_some() { Activity::Copying } else { Activity::Fetching };
+            let started = status::in_progress(&prev, activity, "fetching the bits", generation, now);
+            ctx.write_status(api, object, &prev, &started).await?;
             let (next, action) = fetch(object, namespace, source, &started, ctx).await?;
-            write_status(api, object, &started, &next, ctx).await?;
+            ctx.write_status(api, object, &started, &next).await?;
             record_state(ctx, object, next.state);
             // The blob of an earlier generation goes only once the status names the new one, so that a READY
             // status never points at a deleted blob.
@@ -160,7 +158,7 @@ where
             return Ok(action);
         }
     };
-    write_status(api, object, &prev, &next, ctx).await?;
+    ctx.write_status(api, object, &prev, &next).await?;
     record_state(ctx, object, next.state);
     Ok(action)
 }
@@ -219,49 +217,6 @@ fn retry_delay<S>(status: &BitsStatus<S>) -> Duration {
         .map(|c| Timestamp::now().duration_since(c.last_transition_time.0).unsigned_abs())
         .unwrap_or_default();
     (failing_for / 2).clamp(Duration::from_secs(5), Duration::from_secs(300))
-}
-
-/// Write `next` with server-side apply when it differs from `prev`, and publish an Event for a new state or
-/// reason.
-async fn write_status<O: Managed>(
-    api: &Api<O>,
-    object: &O,
-    prev: &BitsStatus<O::State>,
-    next: &BitsStatus<O::State>,
-    ctx: &Context,
-) -> Result<(), ReconcileError>
-where
-    O::State: CfState + Serialize,
-{
-    if prev == next {
-        return Ok(());
-    }
-    let patch = serde_json::json!({
-        "apiVersion": O::api_version(&()),
-        "kind": O::kind(&()),
-        "status": next,
-    });
-    api.patch_status(&object.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-    ctx.metrics.status_written(&O::kind(&()));
-    let ready = conditions::find(&next.conditions, conditions::READY);
-    let (reason, note) = ready.map(|c| (c.reason.clone(), c.message.clone())).unwrap_or_default();
-    let changed = prev.state != next.state
-        || conditions::find(&prev.conditions, conditions::READY).map(|c| &c.reason) != Some(&reason);
-    if changed {
-        let failed = next.state == Some(O::State::FAILED) || next.error.is_some();
-        let event = Event {
-            type_: if failed { EventType::Warning } else { EventType::Normal },
-            reason,
-            note: Some(next.error.clone().unwrap_or(note)),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        // An Event that cannot be published must not fail the reconcile that already wrote the status.
-        if let Err(error) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
-            tracing::warn!(%error, "publishing an Event failed");
-        }
-    }
-    Ok(())
 }
 
 /// Remove the object's blob; a blob that is already gone counts as removed, so deletion never blocks on it.

@@ -66,26 +66,26 @@ async fn setup_with(test: &str, store: BlobStore, tls: Option<rustls::ServerConf
     let ns = tokio::task::block_in_place(|| namespace(test));
     let server = TestServer::start().await;
     let client = kube::Client::try_default().await.expect("a client for the test control plane");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let base = format!("{scheme}://{}", listener.local_addr().unwrap());
+    let urls = ApiUrls::new(&url::Url::parse(&base).unwrap());
     let options = Options {
         concurrency: 4,
         namespace: Some(ns.clone()),
         reporter: "bitsmith-test".into(),
         metrics: Default::default(),
+        urls: Some(urls.clone()),
     };
     let fetcher: Fetcher = fetcher(store.clone(), Default::default(), 1 << 30);
     let running = tokio::spawn(controller::run(client.clone(), fetcher, options));
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let base = format!("{scheme}://{}", listener.local_addr().unwrap());
-    let config = ApiConfig {
-        urls: ApiUrls::new(&url::Url::parse(&base).unwrap()),
-        download_url_ttl: Duration::from_secs(60),
-        auth_cache_ttl: Duration::from_secs(5),
-    };
+    let mut config = ApiConfig::new(urls);
+    config.download_url_ttl = Duration::from_secs(60);
+    config.auth_cache_ttl = Duration::from_secs(5);
     let index = Index::start(&client, Some(&ns));
     index.ready().await;
-    let state = AppState::new(client, store, index, config);
+    let state = AppState::new(client, store, index, config, Default::default());
     let api = tokio::spawn(async move {
         bitsmith::api::serve(listener, tls, state, std::future::pending()).await.unwrap();
     });
@@ -155,6 +155,8 @@ async fn packages_are_shown_and_downloaded_to_those_rbac_allows() {
     let expected = coreutils_digests(70, size);
     let guid = s.uid("pkg/app");
     let path = format!("/v3/packages/{guid}");
+    let status_link = kube_ok(&["get", "pkg/app", "-n", &s.ns, "-o", "jsonpath={.status.links.download.href}"], None);
+    assert_eq!(status_link, format!("{}{path}/download", s.base), "the status links to the API");
 
     let response = s.get(&path, Some(&s.allowed)).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -324,4 +326,87 @@ async fn the_api_binary_serves_tls_on_its_own() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(status.success(), "{status}");
+}
+
+/// A real `.tgz` made with tar, and its sha256 from sha256sum.
+fn droplet_tgz(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let app = dir.join("app");
+    std::fs::create_dir_all(app.join("bin")).unwrap();
+    std::fs::write(app.join("bin/start"), "#!/bin/sh\nexec ./web\n").unwrap();
+    std::fs::write(app.join("web.bin"), vec![7u8; 300_000]).unwrap();
+    let tgz = dir.join("droplet.tgz");
+    let status = std::process::Command::new("tar").arg("-czf").arg(&tgz).arg("-C").arg(&app).arg(".").status().unwrap();
+    assert!(status.success());
+    let sum = std::process::Command::new("sha256sum").arg(&tgz).output().unwrap();
+    let sha256 = String::from_utf8(sum.stdout).unwrap().split_whitespace().next().unwrap().to_string();
+    (tgz, sha256)
+}
+
+/// `curl -F bits=@file` as a CF client uploads: status, headers and body.
+fn curl_upload(url: &str, token: &str, file: &std::path::Path) -> (u16, String, Value) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-D", "-", "-X", "POST", "-H", &format!("Authorization: bearer {token}"), "-F"])
+        .arg(format!("bits=@{}", file.display()))
+        .arg(url)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head.to_ascii_lowercase(), serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_droplet_upload_is_followed_through_its_job() {
+    let s = setup("api-droplet-upload").await;
+    let awaiting = "apiVersion: bitsmith.dev/v1alpha1\nkind: Droplet\nmetadata:\n  name: web\nspec:\n  processTypes:\n    web: ./start\n---\napiVersion: bitsmith.dev/v1alpha1\nkind: Droplet\nmetadata:\n  name: bad\nspec: {}\n";
+    s.apply(awaiting);
+    wait_for(&s.ns, "droplet/web", "{.status.state}", "AWAITING_UPLOAD").await;
+    wait_for(&s.ns, "droplet/bad", "{.status.state}", "AWAITING_UPLOAD").await;
+    let guid = s.uid("droplet/web");
+    let shown: Value = s.get(&format!("/v3/droplets/{guid}"), Some(&s.allowed)).await.json().await.unwrap();
+    assert_eq!(shown["links"]["upload"]["href"], format!("{}/v3/droplets/{guid}/upload", s.base));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (tgz, sha256) = droplet_tgz(dir.path());
+    let url = format!("{}/v3/droplets/{guid}/upload", s.base);
+    let denied = tokio::task::block_in_place(|| curl_upload(&url, &s.denied, &tgz));
+    assert_eq!((denied.0, denied.2["errors"][0]["title"].as_str()), (403, Some("CF-NotAuthorized")));
+
+    let (status, head, body) = tokio::task::block_in_place(|| curl_upload(&url, &s.allowed, &tgz));
+    assert_eq!(status, 202, "{body}");
+    assert!(head.contains(&format!("location: {}/v3/jobs/{guid}\r\n", s.base)), "{head}");
+    assert_eq!(body["guid"], guid.as_str());
+    assert_eq!(body["state"], "PROCESSING_UPLOAD");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job: Value = s.get(&format!("/v3/jobs/{guid}"), Some(&s.allowed)).await.json().await.unwrap();
+        if job["state"] == "COMPLETE" {
+            break;
+        }
+        assert_eq!(job["state"], "PROCESSING", "{job}");
+        assert!(Instant::now() < deadline, "the job never completed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(&s.ns, "droplet/web", "{.status.state}", "STAGED").await;
+    wait_for(&s.ns, "droplet/web", "{.status.checksum.value}", &sha256).await;
+    let bits = s.get(&format!("/v3/droplets/{guid}/download"), Some(&s.allowed)).await.bytes().await.unwrap();
+    assert_eq!(bits, std::fs::read(&tgz).unwrap());
+
+    // Once staged, a droplet takes no more uploads.
+    let again = tokio::task::block_in_place(|| curl_upload(&url, &s.allowed, &tgz));
+    assert_eq!((again.0, again.2["errors"][0]["title"].as_str()), (422, Some("CF-UnprocessableEntity")));
+
+    // What is not a .tgz is refused, and the droplet says why.
+    let bad = dir.path().join("app.zip");
+    std::fs::write(&bad, b"PK\x03\x04 not a tarball").unwrap();
+    let bad_url = format!("{}/v3/droplets/{}/upload", s.base, s.uid("droplet/bad"));
+    let (status, _, body) = tokio::task::block_in_place(|| curl_upload(&bad_url, &s.allowed, &bad));
+    assert_eq!(status, 422);
+    let detail = body["errors"][0]["detail"].as_str().unwrap();
+    assert!(detail.starts_with("Uploaded droplet file is invalid: "), "{detail}");
+    wait_for(&s.ns, "droplet/bad", "{.status.state}", "FAILED").await;
+    let events = kube_ok(&["get", "events", "-n", &s.ns, "-o", "jsonpath={.items[*].reason}"], None);
+    assert!(events.contains("InvalidBits") && events.contains("Uploading"), "{events}");
 }

@@ -61,8 +61,13 @@ async fn setup(test: &str) -> Setup {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ops_url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(bitsmith::ops::serve(listener, ops.clone()));
-    let options =
-        Options { concurrency: 4, namespace: Some(ns.clone()), reporter: "bitsmith-test".into(), metrics: ops.metrics };
+    let options = Options {
+        urls: None,
+        concurrency: 4,
+        namespace: Some(ns.clone()),
+        reporter: "bitsmith-test".into(),
+        metrics: ops.metrics,
+    };
     let running = tokio::spawn(controller::run(client, file_fetcher(store.path(), 1 << 30), options));
     Setup { ns, server, store, ops_url, running }
 }
@@ -216,6 +221,7 @@ async fn of_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
             ..LeaseConfig::new(ns.clone(), "bitsmith-test".into(), identity.into())
         };
         let options = Options {
+            urls: None,
             concurrency: 2,
             namespace: Some(ns.clone()),
             reporter: identity.into(),

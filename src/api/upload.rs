@@ -1,0 +1,158 @@
+//! What package and droplet uploads share: claiming the object (AWAITING_UPLOAD → PROCESSING_UPLOAD, so that of
+//! two concurrent uploads exactly one wins), reading the multipart form, and settling the outcome in the status.
+
+use axum::extract::Multipart;
+use axum::extract::multipart::{Field, MultipartRejection};
+use futures::TryStreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::{Api, ResourceExt};
+use serde::Serialize;
+
+use super::{AppState, CfError, views};
+use crate::pipeline::{PipelineError, Stored};
+use crate::record::Managed;
+use crate::resources::{BitsStatus, Droplet, DropletState, Package, PackageState};
+use crate::sources::SourceError;
+use crate::status::{self, Activity, CfState};
+
+/// What an upload needs to know of its kind.
+pub(super) trait Uploadable: Managed<State: CfState + Serialize + Send + Sync> {
+    /// The state the API shows, also before the controller wrote one.
+    fn shown_state(&self) -> Self::State;
+    /// The answer to an upload when the object is not AWAITING_UPLOAD.
+    fn not_awaiting_upload() -> CfError;
+}
+
+impl Uploadable for Package {
+    fn shown_state(&self) -> PackageState {
+        views::package_state(self)
+    }
+    fn not_awaiting_upload() -> CfError {
+        CfError::PackageBitsAlreadyUploaded
+    }
+}
+
+impl Uploadable for Droplet {
+    fn shown_state(&self) -> DropletState {
+        views::droplet_state(self)
+    }
+    fn not_awaiting_upload() -> CfError {
+        CfError::UnprocessableEntity("Droplet must be in AWAITING_UPLOAD state to upload bits.".into())
+    }
+}
+
+/// An object this upload holds: written in PROCESSING_UPLOAD, with the status it was written with.
+pub(super) struct Claimed<O: Uploadable> {
+    pub object: O,
+    pub status: BitsStatus<O::State>,
+}
+
+fn api_of<O: Uploadable>(state: &AppState, object: &O) -> Api<O> {
+    Api::namespaced(state.client.clone(), &object.namespace().unwrap_or_default())
+}
+
+fn with_links<O: Uploadable>(state: &AppState, object: &O, mut status: BitsStatus<O::State>) -> BitsStatus<O::State> {
+    status.links = Some(object.links(&state.config.urls, status.state));
+    status
+}
+
+/// Move `object` from AWAITING_UPLOAD to PROCESSING_UPLOAD. The write carries the resourceVersion just read, so
+/// when two uploads race, the second write conflicts and that upload is refused.
+pub(super) async fn claim<O: Uploadable>(state: &AppState, object: &O) -> Result<Claimed<O>, CfError> {
+    let api = api_of(state, object);
+    let fresh = api
+        .get_opt(&object.name_any())
+        .await
+        .map_err(|e| CfError::internal("reading the object to upload to", &e))?
+        .filter(|fresh| fresh.uid() == object.uid())
+        .ok_or_else(|| CfError::ResourceNotFound { what: leak_kind::<O>() })?;
+    if fresh.shown_state() != O::State::AWAITING_UPLOAD || fresh.source().is_some() {
+        return Err(O::not_awaiting_upload());
+    }
+    let prev = fresh.bits_status().cloned().unwrap_or_default();
+    let generation = fresh.meta().generation;
+    let started = status::in_progress(&prev, Activity::Uploading, "receiving an upload", generation, Timestamp::now());
+    let started = with_links(state, &fresh, started);
+    let version = fresh.resource_version();
+    match state.recorder.status(&api, &fresh, &prev, &started, version.as_deref()).await {
+        Ok(written) => Ok(Claimed { object: written.unwrap_or(fresh), status: started }),
+        Err(kube::Error::Api(e)) if e.code == 409 => Err(O::not_awaiting_upload()),
+        Err(e) => Err(CfError::internal("claiming the object for an upload", &e)),
+    }
+}
+
+fn leak_kind<O: Uploadable>() -> &'static str {
+    if O::PLURAL == "packages" { "Package" } else { "Droplet" }
+}
+
+/// Record how the upload ended: stored bits make the object READY (STAGED). Content that is not acceptable
+/// makes it FAILED, as in Cloud Foundry; an upload that broke off, or a store that failed, returns it to
+/// AWAITING_UPLOAD so that the client can simply try again. Returns the error to answer with, if any.
+pub(super) async fn settle<O: Uploadable>(
+    state: &AppState,
+    claimed: &Claimed<O>,
+    outcome: Result<Stored, (PipelineError, CfError)>,
+) -> Result<(), CfError> {
+    let api = api_of(state, &claimed.object);
+    let generation = claimed.object.meta().generation;
+    let now = Timestamp::now();
+    let (next, answer) = match outcome {
+        Ok(stored) => {
+            let digests = status::stored_digests(&stored.digests, stored.blob);
+            (status::done(&claimed.status, digests, generation, now), Ok(()))
+        }
+        Err((error, answer)) if retry_can_help(&error) => {
+            let mut next = status::awaiting_upload(&claimed.status, generation, now);
+            next.error = Some(format!("the last upload failed: {error}"));
+            (next, Err(answer))
+        }
+        Err((error, answer)) => {
+            (status::failed(&claimed.status, error.reason(), &error.to_string(), true, generation, now), Err(answer))
+        }
+    };
+    let next = with_links(state, &claimed.object, next);
+    if let Err(error) = state.recorder.status(&api, &claimed.object, &claimed.status, &next, None).await {
+        return Err(CfError::internal("recording the upload's outcome", &error));
+    }
+    answer
+}
+
+fn retry_can_help(error: &PipelineError) -> bool {
+    matches!(error, PipelineError::Store(_) | PipelineError::Source(SourceError::Interrupted { .. }))
+}
+
+/// The multipart form, or 422 when the body is not one.
+pub(super) fn form(multipart: Result<Multipart, MultipartRejection>) -> Result<Multipart, CfError> {
+    multipart.map_err(|e| CfError::UnprocessableEntity(format!("The request must be multipart/form-data: {e}")))
+}
+
+/// The next part of the form; a body that breaks off mid-form is an upload that broke off.
+pub(super) async fn next_field(form: &mut Multipart) -> Result<Option<Field<'_>>, PipelineError> {
+    form.next_field().await.map_err(|e| interrupted(&e).into())
+}
+
+/// A form part's bytes, as a stream the pipeline takes.
+pub(super) fn field_stream<'a>(
+    field: Field<'a>,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, SourceError>> + Unpin + 'a {
+    Box::pin(field.map_err(|e| interrupted(&e)))
+}
+
+fn interrupted(error: &axum::extract::multipart::MultipartError) -> SourceError {
+    SourceError::Interrupted { url: "the upload".into(), detail: error.body_text() }
+}
+
+/// The store failing is the store's fault; the rest is the upload's.
+pub(super) fn store_or(
+    error: PipelineError,
+    upload_error: impl FnOnce(&PipelineError) -> CfError,
+) -> (PipelineError, CfError) {
+    let answer = match &error {
+        PipelineError::Store(e) => {
+            tracing::error!(error = %e, "storing an upload");
+            CfError::BlobstoreUnavailable
+        }
+        other => upload_error(other),
+    };
+    (error, answer)
+}

@@ -1,0 +1,3 @@
+//! Checks of uploaded archives, made on the bytes as they stream by. Pure: no I/O, tested on bytes in memory.
+
+pub mod tgz;

@@ -1,3 +1,4 @@
 //! Checks of uploaded archives, made on the bytes as they stream by. Pure: no I/O, tested on bytes in memory.
 
 pub mod tgz;
+pub mod zip;

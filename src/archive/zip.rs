@@ -1,0 +1,936 @@
+//! Application zips, read as they stream by and written anew.
+//!
+//! [`ZipReader`] is a push parser: it takes the upload's bytes in any chunking and reports each entry's header,
+//! its raw (still compressed) bytes and, at its end, the sha1, CRC and sizes of its inflated content. Every entry
+//! is inflated on the way to check it, but never kept: the raw bytes are passed on as they are, so a repacked
+//! zip costs no recompression. The central directory at the end must agree with the entries read; symlinks
+//! are only known from it, so [`ZipWriter::finish`] leaves them out of the new zip's directory.
+//!
+//! Refused: names that escape the root (absolute, `..`, drive letters), encrypted entries, methods other than
+//! stored and deflate, a stored entry whose size comes only after its data, a total inflated size over the
+//! limit, and entries that inflate at an absurd ratio.
+
+use bytes::{Bytes, BytesMut};
+use crc32fast::Hasher as Crc;
+use flate2::{Decompress, FlushDecompress, Status};
+use sha1::{Digest, Sha1};
+
+use crate::digest::to_hex;
+
+const LOCAL_HEADER: u32 = 0x0403_4b50;
+const CENTRAL_HEADER: u32 = 0x0201_4b50;
+const DESCRIPTOR: u32 = 0x0807_4b50;
+const END_OF_CENTRAL: u32 = 0x0605_4b50;
+const ZIP64_END_OF_CENTRAL: u32 = 0x0606_4b50;
+const ZIP64_LOCATOR: u32 = 0x0706_4b50;
+const ZIP64_EXTRA: u16 = 0x0001;
+
+const STORED: u16 = 0;
+const DEFLATED: u16 = 8;
+/// General purpose flag bits.
+const ENCRYPTED: u16 = 1;
+const SIZES_AFTER_DATA: u16 = 1 << 3;
+/// Names are UTF-8.
+const UTF8_NAMES: u16 = 1 << 11;
+
+/// An entry may inflate to at most this many times its compressed size once it is over [`RATIO_FLOOR`] bytes:
+/// ordinary files stay far below, the near-1000:1 streams of zip bombs do not.
+pub const MAX_RATIO: u64 = 200;
+const RATIO_FLOOR: u64 = 1 << 20;
+
+/// Why a zip was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ZipError {
+    #[error("Invalid zip archive: {0}")]
+    Invalid(String),
+    #[error("Package may not be larger than {max} bytes uncompressed")]
+    TooLarge { max: u64 },
+}
+
+fn invalid(reason: impl Into<String>) -> ZipError {
+    ZipError::Invalid(reason.into())
+}
+
+/// An entry's local header, as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryHeader {
+    pub name: String,
+    pub method: u16,
+    pub flags: u16,
+    pub mod_time: u16,
+    pub mod_date: u16,
+    /// CRC and sizes, when the header states them (not when they follow the data).
+    pub declared: Option<Sizes>,
+    /// Whether the entry carries 64-bit sizes.
+    pub zip64: bool,
+}
+
+impl EntryHeader {
+    pub fn is_dir(&self) -> bool {
+        self.name.ends_with('/')
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    pub crc: u32,
+    pub compressed: u64,
+    pub uncompressed: u64,
+}
+
+/// What the inflated content of an entry turned out to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryEnd {
+    pub sizes: Sizes,
+    /// Lowercase hex sha1 of the inflated content.
+    pub sha1: String,
+}
+
+/// What the reader saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Start(EntryHeader),
+    /// Raw bytes of the current entry, as they are in the zip.
+    Data(Bytes),
+    End(EntryEnd),
+}
+
+/// What the central directory says of an entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    pub name: String,
+    pub version_made_by: u16,
+    pub external_attributes: u32,
+}
+
+impl DirectoryEntry {
+    /// Unix symlinks: made on Unix, file type `S_IFLNK`.
+    pub fn is_symlink(&self) -> bool {
+        self.version_made_by >> 8 == 3 && (self.external_attributes >> 16) & 0o170_000 == 0o120_000
+    }
+}
+
+enum State {
+    Signature,
+    Local,
+    Data(Entry),
+    Descriptor(Entry),
+    Central,
+    Zip64End,
+    Zip64Locator,
+    End,
+    Comment(usize),
+    Done,
+}
+
+enum StoredEnd {
+    /// The data ends this many bytes into the buffer.
+    At(usize),
+    /// The data does not end before this many bytes.
+    Before(usize),
+}
+
+/// The entry being read.
+struct Entry {
+    header: EntryHeader,
+    offset: u64,
+    /// Raw bytes left, when known.
+    remaining: Option<u64>,
+    inflater: Option<Decompress>,
+    sha1: Sha1,
+    crc: Crc,
+    compressed: u64,
+}
+
+/// What the reader keeps of each entry to check the central directory against.
+struct Seen {
+    name: String,
+    offset: u64,
+    crc: u32,
+}
+
+/// Reads a zip pushed to it in chunks.
+pub struct ZipReader {
+    state: State,
+    buffer: BytesMut,
+    /// Bytes consumed so far: the offset of `buffer`'s start.
+    offset: u64,
+    max_inflated: u64,
+    inflated: u64,
+    seen: Vec<Seen>,
+    directory: Vec<DirectoryEntry>,
+    scratch: Vec<u8>,
+}
+
+impl ZipReader {
+    /// A reader that refuses more than `max_inflated` bytes of inflated content in all.
+    pub fn new(max_inflated: u64) -> Self {
+        ZipReader {
+            state: State::Signature,
+            buffer: BytesMut::new(),
+            offset: 0,
+            max_inflated,
+            inflated: 0,
+            seen: Vec::new(),
+            directory: Vec::new(),
+            scratch: vec![0; 64 << 10],
+        }
+    }
+
+    /// Take the next chunk; returns what it completed.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Event>, ZipError> {
+        self.buffer.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        while self.step(&mut events)? {}
+        Ok(events)
+    }
+
+    /// The input ended: the zip must be complete. Returns the central directory, in entry order.
+    pub fn finish(self) -> Result<Vec<DirectoryEntry>, ZipError> {
+        match self.state {
+            State::Done => Ok(self.directory),
+            State::Comment(n) if self.buffer.len() == n => Ok(self.directory),
+            _ => Err(invalid("the archive ends early")),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Bytes {
+        self.offset += n as u64;
+        self.buffer.split_to(n).freeze()
+    }
+
+    /// Advance as far as the buffer allows; false when more input is needed.
+    fn step(&mut self, events: &mut Vec<Event>) -> Result<bool, ZipError> {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Signature => {
+                if self.buffer.len() < 4 {
+                    self.state = State::Signature;
+                    return Ok(false);
+                }
+                self.state = match u32_at(&self.buffer, 0) {
+                    LOCAL_HEADER => State::Local,
+                    CENTRAL_HEADER => State::Central,
+                    ZIP64_END_OF_CENTRAL => State::Zip64End,
+                    END_OF_CENTRAL => State::End,
+                    _ if self.offset == 0 => return Err(invalid("it does not start like a zip")),
+                    _ => return Err(invalid(format!("unexpected data at offset {}", self.offset))),
+                };
+                if matches!(self.state, State::Local) && !self.directory.is_empty() {
+                    return Err(invalid("an entry after the central directory"));
+                }
+                Ok(true)
+            }
+            State::Local => self.local(events),
+            State::Data(entry) => self.data(entry, events),
+            State::Descriptor(entry) => self.descriptor(entry, events),
+            State::Central => self.central(),
+            State::Zip64End => {
+                self.sized_record(State::Zip64End, 56, |r| 12 + u64_at(r, 4) as usize, State::Zip64Locator)
+            }
+            State::Zip64Locator => {
+                if self.buffer.len() < 4 {
+                    self.state = State::Zip64Locator;
+                    return Ok(false);
+                }
+                if u32_at(&self.buffer, 0) != ZIP64_LOCATOR {
+                    return Err(invalid("a zip64 end record without its locator"));
+                }
+                self.sized_record(State::Zip64Locator, 20, |_| 20, State::End)
+            }
+            State::End => {
+                if self.buffer.len() < 22 {
+                    self.state = State::End;
+                    return Ok(false);
+                }
+                if u32_at(&self.buffer, 0) != END_OF_CENTRAL {
+                    return Err(invalid("no end of central directory"));
+                }
+                let comment = u16_at(&self.buffer, 20) as usize;
+                let recorded = u16_at(&self.buffer, 10) as usize;
+                if recorded != 0xffff && recorded != self.directory.len() % 0x10000 {
+                    return Err(invalid("the end record counts other entries than the directory holds"));
+                }
+                self.take(22);
+                if self.directory.len() != self.seen.len() {
+                    return Err(invalid(format!(
+                        "{} entries, but {} in the central directory",
+                        self.seen.len(),
+                        self.directory.len()
+                    )));
+                }
+                self.state = State::Comment(comment);
+                Ok(true)
+            }
+            State::Comment(n) => {
+                self.state = State::Comment(n);
+                if self.buffer.len() > n {
+                    return Err(invalid("data after the end of the archive"));
+                }
+                Ok(false)
+            }
+            State::Done => Ok(false),
+        }
+    }
+
+    /// A record of `min` bytes whose full length `len` tells, followed by `next`.
+    fn sized_record(
+        &mut self,
+        current: State,
+        min: usize,
+        len: impl Fn(&[u8]) -> usize,
+        next: State,
+    ) -> Result<bool, ZipError> {
+        if self.buffer.len() < min {
+            self.state = current;
+            return Ok(false);
+        }
+        let n = len(&self.buffer);
+        if n > 1 << 20 {
+            return Err(invalid("an oversized end record"));
+        }
+        if self.buffer.len() < n {
+            self.state = current;
+            return Ok(false);
+        }
+        self.take(n);
+        self.state = next;
+        Ok(true)
+    }
+
+    fn local(&mut self, events: &mut Vec<Event>) -> Result<bool, ZipError> {
+        if self.buffer.len() < 30 {
+            self.state = State::Local;
+            return Ok(false);
+        }
+        let (name_len, extra_len) = (u16_at(&self.buffer, 26) as usize, u16_at(&self.buffer, 28) as usize);
+        if self.buffer.len() < 30 + name_len + extra_len {
+            self.state = State::Local;
+            return Ok(false);
+        }
+        let offset = self.offset;
+        let raw = self.take(30 + name_len + extra_len);
+        let flags = u16_at(&raw, 6);
+        let method = u16_at(&raw, 8);
+        let name = entry_name(&raw[30..30 + name_len])?;
+        if flags & ENCRYPTED != 0 {
+            return Err(invalid(format!("{name}: encrypted entries are not supported")));
+        }
+        if method != STORED && method != DEFLATED {
+            return Err(invalid(format!("{name}: compression method {method} is not supported")));
+        }
+        let zip64 = find_extra(&raw[30 + name_len..], ZIP64_EXTRA);
+        let (mut compressed, mut uncompressed) = (u64::from(u32_at(&raw, 18)), u64::from(u32_at(&raw, 22)));
+        if let Some(extra) = zip64 {
+            if extra.len() < 16 {
+                return Err(invalid(format!("{name}: a short zip64 field")));
+            }
+            (uncompressed, compressed) = (u64_at(extra, 0), u64_at(extra, 8));
+        }
+        let declared =
+            (flags & SIZES_AFTER_DATA == 0).then_some(Sizes { crc: u32_at(&raw, 14), compressed, uncompressed });
+        if declared.is_some_and(|d| method == STORED && d.compressed != d.uncompressed) {
+            return Err(invalid(format!("{name}: a stored entry whose sizes differ")));
+        }
+        let header = EntryHeader {
+            name,
+            method,
+            flags,
+            mod_time: u16_at(&raw, 10),
+            mod_date: u16_at(&raw, 12),
+            declared,
+            zip64: zip64.is_some(),
+        };
+        events.push(Event::Start(header.clone()));
+        let entry = Entry {
+            remaining: declared.map(|d| d.compressed),
+            inflater: (method == DEFLATED).then(|| Decompress::new(false)),
+            header,
+            offset,
+            sha1: Sha1::new(),
+            crc: Crc::new(),
+            compressed: 0,
+        };
+        self.state = State::Data(entry);
+        Ok(true)
+    }
+
+    fn data(&mut self, mut entry: Entry, events: &mut Vec<Event>) -> Result<bool, ZipError> {
+        let mut available = entry.remaining.map_or(self.buffer.len(), |r| r.min(self.buffer.len() as u64) as usize);
+        let mut found_end = false;
+        if entry.inflater.is_none() && entry.remaining.is_none() {
+            // A stored entry whose size follows its data ends where a descriptor with its CRC and size follows.
+            match self.stored_end(&entry) {
+                StoredEnd::At(n) => (available, found_end) = (n, true),
+                StoredEnd::Before(n) => available = n,
+            }
+        }
+        let (consumed, finished) = match entry.inflater.as_mut() {
+            None if entry.remaining.is_none() => {
+                let chunk = &self.buffer[..available];
+                entry.sha1.update(chunk);
+                entry.crc.update(chunk);
+                self.inflated += available as u64;
+                (available, found_end)
+            }
+            None => {
+                let chunk = &self.buffer[..available];
+                entry.sha1.update(chunk);
+                entry.crc.update(chunk);
+                self.inflated += available as u64;
+                (available, entry.remaining == Some(available as u64))
+            }
+            Some(inflater) => {
+                let before = inflater.total_in();
+                let mut ended = false;
+                loop {
+                    let input = &self.buffer[(inflater.total_in() - before) as usize..available];
+                    let out_before = inflater.total_out();
+                    let status = inflater
+                        .decompress(input, &mut self.scratch, FlushDecompress::None)
+                        .map_err(|e| invalid(format!("{}: {e}", entry.header.name)))?;
+                    let produced = (inflater.total_out() - out_before) as usize;
+                    entry.sha1.update(&self.scratch[..produced]);
+                    entry.crc.update(&self.scratch[..produced]);
+                    self.inflated += produced as u64;
+                    if self.inflated > self.max_inflated {
+                        return Err(ZipError::TooLarge { max: self.max_inflated });
+                    }
+                    if status == Status::StreamEnd {
+                        ended = true;
+                        break;
+                    }
+                    let used_all = (inflater.total_in() - before) as usize == available;
+                    let stuck = produced == 0 && input.len() == available - (inflater.total_in() - before) as usize;
+                    if produced == 0 && (used_all || stuck) {
+                        break;
+                    }
+                }
+                let consumed = (inflater.total_in() - before) as usize;
+                if entry.remaining == Some(consumed as u64) && !ended {
+                    return Err(invalid(format!("{}: the compressed data ends early", entry.header.name)));
+                }
+                if ended && entry.remaining.is_some_and(|r| r != consumed as u64) {
+                    return Err(invalid(format!("{}: the compressed data is shorter than stated", entry.header.name)));
+                }
+                (consumed, ended)
+            }
+        };
+        if self.inflated > self.max_inflated {
+            return Err(ZipError::TooLarge { max: self.max_inflated });
+        }
+        entry.compressed += consumed as u64;
+        entry.remaining = entry.remaining.map(|r| r - consumed as u64);
+        let inflated_here = entry.inflater.as_ref().map_or(entry.compressed, |i| i.total_out());
+        if inflated_here > RATIO_FLOOR && inflated_here > entry.compressed.max(1) * MAX_RATIO {
+            return Err(invalid(format!(
+                "{}: it inflates more than {MAX_RATIO} times, like a zip bomb",
+                entry.header.name
+            )));
+        }
+        if consumed > 0 {
+            events.push(Event::Data(self.take(consumed)));
+        }
+        if !finished {
+            self.state = State::Data(entry);
+            return Ok(consumed > 0);
+        }
+        if entry.header.declared.is_some() {
+            self.end_entry(entry, None, events)?;
+        } else {
+            self.state = State::Descriptor(entry);
+        }
+        Ok(true)
+    }
+
+    /// Where the data of a stored entry of unknown size may end in the buffer: at a descriptor signature followed
+    /// by the CRC and size of exactly the bytes before it, or not before the returned length (the buffer's end
+    /// less what could be the start of a signature, or an unconfirmed signature's first byte).
+    fn stored_end(&self, entry: &Entry) -> StoredEnd {
+        let size_len = if entry.header.zip64 { 8 } else { 4 };
+        let signature = DESCRIPTOR.to_le_bytes();
+        let mut from = 0;
+        while let Some(i) = self.buffer[from..].windows(4).position(|w| w == signature).map(|i| i + from) {
+            if self.buffer.len() < i + 8 + size_len {
+                return StoredEnd::Before(i);
+            }
+            let mut crc = entry.crc.clone();
+            crc.update(&self.buffer[..i]);
+            let size = entry.compressed + i as u64;
+            let stated =
+                if size_len == 8 { u64_at(&self.buffer, i + 8) } else { u64::from(u32_at(&self.buffer, i + 8)) };
+            if u32_at(&self.buffer, i + 4) == crc.clone().finalize() && stated == size {
+                return StoredEnd::At(i);
+            }
+            from = i + 1;
+        }
+        StoredEnd::Before(self.buffer.len().saturating_sub(3).max(from.min(self.buffer.len())))
+    }
+
+    fn descriptor(&mut self, entry: Entry, events: &mut Vec<Event>) -> Result<bool, ZipError> {
+        let size_len = if entry.header.zip64 { 8 } else { 4 };
+        let with_signature = 4 + 4 + 2 * size_len;
+        if self.buffer.len() < with_signature {
+            // Without a signature the descriptor is 4 bytes shorter, but then the next record's signature follows:
+            // waiting for the longer form never waits for input that cannot come.
+            self.state = State::Descriptor(entry);
+            return Ok(false);
+        }
+        let crc = entry.crc.clone().finalize();
+        let signed = u32_at(&self.buffer, 0) == DESCRIPTOR && u32_at(&self.buffer, 4) == crc;
+        let at = if signed { 4 } else { 0 };
+        let read = |b: &[u8], i: usize| if size_len == 8 { u64_at(b, i) } else { u64::from(u32_at(b, i)) };
+        let stated = Sizes {
+            crc: u32_at(&self.buffer, at),
+            compressed: read(&self.buffer, at + 4),
+            uncompressed: read(&self.buffer, at + 4 + size_len),
+        };
+        self.take(at + 4 + 2 * size_len);
+        self.end_entry(entry, Some(stated), events)?;
+        Ok(true)
+    }
+
+    fn end_entry(&mut self, entry: Entry, descriptor: Option<Sizes>, events: &mut Vec<Event>) -> Result<(), ZipError> {
+        let uncompressed = entry.inflater.as_ref().map_or(entry.compressed, |i| i.total_out());
+        let sizes = Sizes { crc: entry.crc.clone().finalize(), compressed: entry.compressed, uncompressed };
+        let stated = descriptor.or(entry.header.declared).expect("sizes come from the header or a descriptor");
+        if stated != sizes {
+            return Err(invalid(format!("{}: its CRC or sizes do not match its content", entry.header.name)));
+        }
+        self.seen.push(Seen { name: entry.header.name.clone(), offset: entry.offset, crc: sizes.crc });
+        events.push(Event::End(EntryEnd { sizes, sha1: to_hex(&entry.sha1.finalize()) }));
+        self.state = State::Signature;
+        Ok(())
+    }
+
+    fn central(&mut self) -> Result<bool, ZipError> {
+        if self.buffer.len() < 46 {
+            self.state = State::Central;
+            return Ok(false);
+        }
+        let lens = [28, 30, 32].map(|i| u16_at(&self.buffer, i) as usize);
+        let total = 46 + lens.iter().sum::<usize>();
+        if self.buffer.len() < total {
+            self.state = State::Central;
+            return Ok(false);
+        }
+        let raw = self.take(total);
+        let name = entry_name(&raw[46..46 + lens[0]])?;
+        let mut offset = u64::from(u32_at(&raw, 42));
+        if offset == 0xffff_ffff {
+            // The zip64 field holds, in order, only the values that are saturated here.
+            let extra = find_extra(&raw[46 + lens[0]..46 + lens[0] + lens[1]], ZIP64_EXTRA)
+                .ok_or_else(|| invalid(format!("{name}: no zip64 field for its offset")))?;
+            let skip = [24, 20].iter().filter(|&&i| u32_at(&raw, i) == 0xffff_ffff).count() * 8;
+            if extra.len() < skip + 8 {
+                return Err(invalid(format!("{name}: a short zip64 field")));
+            }
+            offset = u64_at(extra, skip);
+        }
+        let index = self.directory.len();
+        let local =
+            self.seen.get(index).ok_or_else(|| invalid(format!("{name}: in the directory but not the archive")))?;
+        if local.name != name || local.offset != offset || local.crc != u32_at(&raw, 16) {
+            return Err(invalid(format!("{name}: the central directory does not match the entry")));
+        }
+        self.directory.push(DirectoryEntry {
+            name,
+            version_made_by: u16_at(&raw, 4),
+            external_attributes: u32_at(&raw, 38),
+        });
+        self.state = State::Signature;
+        Ok(true)
+    }
+}
+
+/// An entry name that stays inside the root: relative, without `..`, drive letters or NUL.
+pub fn entry_name(raw: &[u8]) -> Result<String, ZipError> {
+    let name = String::from_utf8_lossy(raw).into_owned();
+    safe_path(&name).map_err(|reason| invalid(format!("{name:?}: {reason}")))?;
+    Ok(name)
+}
+
+/// Whether `path` names a place inside the package's root.
+pub fn safe_path(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() || path.contains('\0') {
+        return Err("an empty or binary name");
+    }
+    let normal = path.replace('\\', "/");
+    if normal.starts_with('/') || normal.as_bytes().get(1) == Some(&b':') {
+        return Err("an absolute path");
+    }
+    if normal.split('/').any(|part| part == "..") {
+        return Err("a path that leaves the root");
+    }
+    Ok(())
+}
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[i], b[i + 1]])
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+}
+
+/// The data of the extra field `id`.
+fn find_extra(mut extra: &[u8], id: u16) -> Option<&[u8]> {
+    while extra.len() >= 4 {
+        let (field, len) = (u16_at(extra, 0), u16_at(extra, 2) as usize);
+        let data = extra.get(4..4 + len)?;
+        if field == id {
+            return Some(data);
+        }
+        extra = &extra[4 + len..];
+    }
+    None
+}
+
+/// An entry of the zip being written.
+#[derive(Clone, Debug)]
+pub struct WrittenEntry {
+    pub name: String,
+    pub method: u16,
+    pub flags: u16,
+    pub mod_time: u16,
+    pub mod_date: u16,
+    pub sizes: Sizes,
+    pub offset: u64,
+    pub version_made_by: u16,
+    pub external_attributes: u32,
+}
+
+/// Writes a zip as a sequence of byte blocks: entries one after another, then the central directory.
+#[derive(Default)]
+pub struct ZipWriter {
+    offset: u64,
+    entries: Vec<WrittenEntry>,
+    open: Option<(EntryHeader, u64)>,
+    /// Entries written but left out of the directory.
+    excluded: std::collections::HashSet<String>,
+}
+
+/// Unix, zip 3.0.
+pub const MADE_ON_UNIX: u16 = (3 << 8) | 30;
+
+impl ZipWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Start an entry with `header`'s name, method, time and flags (sizes as the header has them, or after the
+    /// data). Returns the local header's bytes.
+    pub fn start(&mut self, header: &EntryHeader) -> Bytes {
+        let mut out = BytesMut::with_capacity(30 + header.name.len() + 20);
+        let sizes = header.declared.unwrap_or(Sizes { crc: 0, compressed: 0, uncompressed: 0 });
+        let zip64 = header.zip64 || sizes.compressed >= 0xffff_ffff || sizes.uncompressed >= 0xffff_ffff;
+        out.extend_from_slice(&LOCAL_HEADER.to_le_bytes());
+        out.extend_from_slice(&(if zip64 { 45u16 } else { 20u16 }).to_le_bytes());
+        let flags = (header.flags & SIZES_AFTER_DATA) | if header.name.is_ascii() { 0 } else { UTF8_NAMES };
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&header.method.to_le_bytes());
+        out.extend_from_slice(&header.mod_time.to_le_bytes());
+        out.extend_from_slice(&header.mod_date.to_le_bytes());
+        out.extend_from_slice(&sizes.crc.to_le_bytes());
+        let saturated = |v: u64| if zip64 && header.declared.is_some() { 0xffff_ffffu32 } else { v as u32 };
+        out.extend_from_slice(&saturated(sizes.compressed).to_le_bytes());
+        out.extend_from_slice(&saturated(sizes.uncompressed).to_le_bytes());
+        out.extend_from_slice(&(header.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(if zip64 { 20u16 } else { 0u16 }).to_le_bytes());
+        out.extend_from_slice(header.name.as_bytes());
+        if zip64 {
+            out.extend_from_slice(&ZIP64_EXTRA.to_le_bytes());
+            out.extend_from_slice(&16u16.to_le_bytes());
+            out.extend_from_slice(&sizes.uncompressed.to_le_bytes());
+            out.extend_from_slice(&sizes.compressed.to_le_bytes());
+        }
+        let mut header = header.clone();
+        header.zip64 = zip64;
+        self.open = Some((header, self.offset));
+        self.offset += out.len() as u64;
+        out.freeze()
+    }
+
+    /// `n` raw bytes of the open entry were written.
+    pub fn data(&mut self, n: usize) {
+        self.offset += n as u64;
+    }
+
+    /// End the open entry; returns its data descriptor's bytes when its sizes come after the data.
+    pub fn end(&mut self, sizes: Sizes, version_made_by: u16, external_attributes: u32) -> Bytes {
+        let (header, offset) = self.open.take().expect("an open entry");
+        let mut out = BytesMut::new();
+        if header.flags & SIZES_AFTER_DATA != 0 {
+            out.extend_from_slice(&DESCRIPTOR.to_le_bytes());
+            out.extend_from_slice(&sizes.crc.to_le_bytes());
+            if header.zip64 {
+                out.extend_from_slice(&sizes.compressed.to_le_bytes());
+                out.extend_from_slice(&sizes.uncompressed.to_le_bytes());
+            } else {
+                out.extend_from_slice(&(sizes.compressed as u32).to_le_bytes());
+                out.extend_from_slice(&(sizes.uncompressed as u32).to_le_bytes());
+            }
+        }
+        self.offset += out.len() as u64;
+        let flags = (header.flags & SIZES_AFTER_DATA) | if header.name.is_ascii() { 0 } else { UTF8_NAMES };
+        self.entries.push(WrittenEntry {
+            name: header.name,
+            method: header.method,
+            flags,
+            mod_time: header.mod_time,
+            mod_date: header.mod_date,
+            sizes,
+            offset,
+            version_made_by,
+            external_attributes,
+        });
+        out.freeze()
+    }
+
+    /// The names written so far.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.name.as_str())
+    }
+
+    /// Set the directory attributes of the entry named `name` (known only from the input's central directory).
+    pub fn set_attributes(&mut self, name: &str, version_made_by: u16, external_attributes: u32) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.name == name) {
+            entry.version_made_by = version_made_by;
+            entry.external_attributes = external_attributes;
+        }
+    }
+
+    /// Leave the entry `name` out of the directory: its bytes stay where they are, but no reader finds it.
+    pub fn exclude(&mut self, name: &str) {
+        self.excluded.insert(name.to_string());
+    }
+
+    /// The central directory and the end records.
+    pub fn finish(self) -> Bytes {
+        let mut out = BytesMut::new();
+        let start = self.offset;
+        let mut count = 0u64;
+        for e in self.entries.iter().filter(|e| !self.excluded.contains(&e.name)) {
+            count += 1;
+            let mut zip64 = BytesMut::new();
+            for value in [e.sizes.uncompressed, e.sizes.compressed, e.offset] {
+                if value >= 0xffff_ffff {
+                    zip64.extend_from_slice(&value.to_le_bytes());
+                }
+            }
+            let capped = |v: u64| v.min(0xffff_ffff) as u32;
+            out.extend_from_slice(&CENTRAL_HEADER.to_le_bytes());
+            out.extend_from_slice(&e.version_made_by.to_le_bytes());
+            out.extend_from_slice(&(if zip64.is_empty() { 20u16 } else { 45u16 }).to_le_bytes());
+            out.extend_from_slice(&e.flags.to_le_bytes());
+            out.extend_from_slice(&e.method.to_le_bytes());
+            out.extend_from_slice(&e.mod_time.to_le_bytes());
+            out.extend_from_slice(&e.mod_date.to_le_bytes());
+            out.extend_from_slice(&e.sizes.crc.to_le_bytes());
+            out.extend_from_slice(&capped(e.sizes.compressed).to_le_bytes());
+            out.extend_from_slice(&capped(e.sizes.uncompressed).to_le_bytes());
+            out.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+            let extra_len = if zip64.is_empty() { 0 } else { 4 + zip64.len() as u16 };
+            out.extend_from_slice(&extra_len.to_le_bytes());
+            out.extend_from_slice(&[0; 6]); // comment length, disk, internal attributes
+            out.extend_from_slice(&e.external_attributes.to_le_bytes());
+            out.extend_from_slice(&capped(e.offset).to_le_bytes());
+            out.extend_from_slice(e.name.as_bytes());
+            if !zip64.is_empty() {
+                out.extend_from_slice(&ZIP64_EXTRA.to_le_bytes());
+                out.extend_from_slice(&(zip64.len() as u16).to_le_bytes());
+                out.extend_from_slice(&zip64);
+            }
+        }
+        let size = out.len() as u64;
+        if count >= 0xffff || start >= 0xffff_ffff || size >= 0xffff_ffff {
+            let record = start + size;
+            out.extend_from_slice(&ZIP64_END_OF_CENTRAL.to_le_bytes());
+            out.extend_from_slice(&44u64.to_le_bytes());
+            out.extend_from_slice(&MADE_ON_UNIX.to_le_bytes());
+            out.extend_from_slice(&45u16.to_le_bytes());
+            out.extend_from_slice(&[0; 8]); // this disk, directory disk
+            out.extend_from_slice(&count.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+            out.extend_from_slice(&size.to_le_bytes());
+            out.extend_from_slice(&start.to_le_bytes());
+            out.extend_from_slice(&ZIP64_LOCATOR.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+            out.extend_from_slice(&record.to_le_bytes());
+            out.extend_from_slice(&1u32.to_le_bytes());
+        }
+        let count16 = count.min(0xffff) as u16;
+        out.extend_from_slice(&END_OF_CENTRAL.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&count16.to_le_bytes());
+        out.extend_from_slice(&count16.to_le_bytes());
+        out.extend_from_slice(&(size.min(0xffff_ffff) as u32).to_le_bytes());
+        out.extend_from_slice(&(start.min(0xffff_ffff) as u32).to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.freeze()
+    }
+}
+
+/// A regular file's directory attributes for `mode` (permission bits).
+pub fn file_attributes(mode: u32) -> u32 {
+    (0o100_000 | (mode & 0o7777)) << 16
+}
+
+/// Rewrites an uploaded zip as it streams: each entry's raw bytes are copied behind a fresh local header, and
+/// symlinks are left out of the new directory. More entries can be added before [`ZipWriter::finish`].
+pub struct Repack {
+    reader: ZipReader,
+    writer: ZipWriter,
+}
+
+impl Repack {
+    pub fn new(max_inflated: u64) -> Self {
+        Repack { reader: ZipReader::new(max_inflated), writer: ZipWriter::new() }
+    }
+
+    /// Take the next chunk of the upload; returns the new zip's next bytes and what the reader saw.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(Vec<Bytes>, Vec<Event>), ZipError> {
+        let events = self.reader.push(chunk)?;
+        let mut out = Vec::with_capacity(events.len());
+        for event in &events {
+            match event {
+                Event::Start(header) => out.push(self.writer.start(header)),
+                Event::Data(bytes) => {
+                    self.writer.data(bytes.len());
+                    out.push(bytes.clone());
+                }
+                Event::End(end) => {
+                    // Attributes come with the central directory; until then, a plain file.
+                    let descriptor = self.writer.end(end.sizes, MADE_ON_UNIX, file_attributes(0o644));
+                    if !descriptor.is_empty() {
+                        out.push(descriptor);
+                    }
+                }
+            }
+        }
+        Ok((out, events))
+    }
+
+    /// The upload ended: check that it was a whole zip, take over its entries' attributes, drop its symlinks.
+    pub fn finish(self) -> Result<ZipWriter, ZipError> {
+        let mut writer = self.writer;
+        for entry in self.reader.finish()? {
+            if entry.is_symlink() {
+                writer.exclude(&entry.name);
+            } else {
+                writer.set_attributes(&entry.name, entry.version_made_by, entry.external_attributes);
+            }
+        }
+        Ok(writer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    /// A zip made by Python's zipfile. With `streamed`, written to a pipe, so that sizes follow the data.
+    fn python_zip(script: &str, streamed: bool) -> Vec<u8> {
+        let program = format!(
+            "import sys, zipfile, io\nout = sys.stdout.buffer if {streamed} else io.BytesIO()\nz = zipfile.ZipFile(out, 'w', zipfile.ZIP_DEFLATED)\n{script}\nz.close()\nif not {streamed}: sys.stdout.buffer.write(out.getvalue())\n",
+            streamed = if streamed { "True" } else { "False" }
+        );
+        let out = Command::new("python3").args(["-c", &program]).stdout(Stdio::piped()).output().expect("python3");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    /// Python's verdict on a zip: its names and each file's content length, or its error.
+    fn python_list(zip: &[u8]) -> String {
+        let program = "import sys, zipfile, io\nz = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))\nassert z.testzip() is None\nprint(' '.join(f'{i.filename}:{len(z.read(i))}:{oct(i.external_attr >> 16)}' for i in z.infolist()))";
+        let mut child = Command::new("python3")
+            .args(["-c", program])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(zip).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "python rejects the zip: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn repack(zip: &[u8], chunk: usize) -> Result<(Vec<u8>, Vec<EntryEnd>), ZipError> {
+        let mut repack = Repack::new(1 << 30);
+        let (mut out, mut ends) = (Vec::new(), Vec::new());
+        for piece in zip.chunks(chunk) {
+            let (bytes, events) = repack.push(piece)?;
+            bytes.iter().for_each(|b| out.extend_from_slice(b));
+            ends.extend(events.into_iter().filter_map(|e| match e {
+                Event::End(end) => Some(end),
+                _ => None,
+            }));
+        }
+        out.extend_from_slice(&repack.finish()?.finish());
+        Ok((out, ends))
+    }
+
+    const FILES: &str = "z.writestr('app/', '')\nz.writestr('app/main.py', 'print(1)\\n' * 5000)\nz.writestr(zipfile.ZipInfo('app/raw.bin'), bytes(range(256)) * 300)\nz.writestr('app/empty', '')";
+
+    #[test]
+    fn zips_are_copied_entry_for_entry_in_any_chunking() {
+        for streamed in [false, true] {
+            let zip = python_zip(FILES, streamed);
+            for chunk in [1, 13, 4096, 1 << 20] {
+                let (out, ends) =
+                    repack(&zip, chunk).unwrap_or_else(|e| panic!("streamed {streamed}, chunks of {chunk}: {e}"));
+                assert_eq!(
+                    python_list(&out),
+                    "app/:0:0o40775 app/main.py:45000:0o600 app/raw.bin:76800:0o600 app/empty:0:0o600",
+                    "streamed {streamed}, chunks of {chunk}"
+                );
+                let main = &ends[1];
+                assert_eq!(main.sizes.uncompressed, 45000);
+                assert_eq!(main.sha1, to_hex(&Sha1::digest("print(1)\n".repeat(5000))));
+            }
+        }
+    }
+
+    #[test]
+    fn symlinks_are_dropped() {
+        let script = "i = zipfile.ZipInfo('app/link')\ni.create_system = 3\ni.external_attr = 0o120777 << 16\nz.writestr(i, '/etc/passwd')\nz.writestr('app/file', 'x')";
+        let (out, _) = repack(&python_zip(script, false), 100).unwrap();
+        assert_eq!(python_list(&out), "app/file:1:0o600");
+    }
+
+    #[test]
+    fn dangerous_or_broken_zips_are_refused() {
+        for name in ["../evil", "app/../../evil", "/etc/cron.d/x", "C:/windows/x", "app\\..\\..\\x"] {
+            let zip = python_zip(&format!("z.writestr({name:?}, 'x')"), false);
+            let error = repack(&zip, 64).unwrap_err();
+            assert!(error.to_string().contains("Invalid zip archive"), "{name}: {error}");
+        }
+        let zip = python_zip(FILES, false);
+        assert!(repack(&zip[..zip.len() - 30], 64).is_err(), "truncated");
+        assert!(repack(b"not a zip at all", 64).is_err());
+        let mut corrupt = zip.clone();
+        corrupt[90] ^= 0x55; // inside app/main.py's deflate data
+        assert!(repack(&corrupt, 64).is_err(), "corrupt data");
+
+        let bomb = python_zip("z.writestr('zeros', bytes(50 << 20))", true);
+        assert!(repack(&bomb, 1 << 16).unwrap_err().to_string().contains("zip bomb"));
+        let mut small = Repack::new(10_000);
+        let error = small.push(&zip).map(|_| ()).and_then(|()| small.finish().map(|_| ())).unwrap_err();
+        assert_eq!(error, ZipError::TooLarge { max: 10_000 });
+    }
+
+    #[test]
+    fn names_must_stay_inside_the_root() {
+        assert!(safe_path("app/a/b.txt").is_ok());
+        assert!(safe_path("a..b/c").is_ok());
+        for bad in ["", "/abs", "..", "a/../../b", "a\\..\\b", "D:x", "a\0b"] {
+            assert!(safe_path(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod archive;
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod conditions;
 pub mod controller;

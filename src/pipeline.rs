@@ -203,13 +203,14 @@ fn verify_pin(pin: Option<&Checksum>, digests: &Digests) -> Result<(), PipelineE
 /// Regroups a stream's chunks into blocks of at least [`BLOCK_SIZE`]; chunks already that big pass through
 /// without a copy.
 struct Blocks<S> {
-    inner: S,
+    /// Fused: after the last partial block, the stream is asked again and must say "ended" again.
+    inner: futures::stream::Fuse<S>,
     buffer: BytesMut,
 }
 
 impl<S: Stream<Item = Result<Bytes, SourceError>> + Unpin> Blocks<S> {
     fn new(inner: S) -> Self {
-        Blocks { inner, buffer: BytesMut::new() }
+        Blocks { inner: inner.fuse(), buffer: BytesMut::new() }
     }
 
     async fn next(&mut self) -> Option<Result<Bytes, SourceError>> {

@@ -195,6 +195,21 @@ impl BlobStore {
         Ok(Some(url))
     }
 
+    /// Every blob under `prefix`: its key (relative to the store) and size.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let root = self.client.path.as_ref().to_string();
+        self.client
+            .store
+            .list(Some(&self.path(prefix)))
+            .map_ok(|meta| {
+                let key = meta.location.as_ref().strip_prefix(&root).unwrap_or(meta.location.as_ref());
+                (key.trim_start_matches('/').to_string(), meta.size)
+            })
+            .try_collect()
+            .await
+            .map_err(|e| self.backend_error("list", prefix, e))
+    }
+
     /// Remove staged writes older than `older_than`: what a killed process left behind. Returns how many.
     pub async fn sweep_staging(&self, older_than: Duration) -> Result<usize, StoreError> {
         let cutoff = SystemTime::now() - older_than;

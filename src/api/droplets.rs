@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use kube::ResourceExt;
 use serde_json::Value;
 
-use super::{AppState, CfError, blobs, upload, views};
+use super::upload::{self, Failure};
+use super::{AppState, CfError, blobs, views};
 use crate::archive::tgz::TgzCheck;
 use crate::pipeline::{self, PipelineError};
 use crate::resources::DropletState;
@@ -86,7 +87,7 @@ pub async fn upload(
     }
     .await
     .map_err(|e| {
-        upload::store_or(e, |e| CfError::UnprocessableEntity(format!("Uploaded droplet file is invalid: {e}")))
+        Failure::pipeline(e, |e| CfError::UnprocessableEntity(format!("Uploaded droplet file is invalid: {e}")))
     });
     upload::settle(&state, &claimed, outcome).await?;
     let job = state.config.urls.job(&guid);

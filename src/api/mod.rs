@@ -7,6 +7,7 @@ mod droplets;
 pub mod errors;
 mod index;
 mod packages;
+mod resources;
 pub mod tls;
 mod upload;
 pub mod views;
@@ -25,6 +26,7 @@ pub use errors::CfError;
 pub use index::Index;
 
 use crate::auth::{Access, Authorizer};
+use crate::cache::ResourceCache;
 use crate::links::ApiUrls;
 use crate::metrics::Metrics;
 use crate::record::Recorder;
@@ -45,6 +47,9 @@ pub struct ApiConfig {
     /// The largest package, counted as the sum of its files' uncompressed sizes (Cloud Controller's default is
     /// 1 GiB).
     pub max_package_size: u64,
+    /// Where an upload-offloading proxy (nginx's upload module) leaves request bodies; uploads naming a
+    /// `bits_path` are accepted only when set, and only for files inside it.
+    pub spool_dir: Option<std::path::PathBuf>,
 }
 
 impl ApiConfig {
@@ -56,6 +61,7 @@ impl ApiConfig {
             auth_cache_ttl: Duration::from_secs(10),
             max_upload_size: 2048 << 20,
             max_package_size: 1 << 30,
+            spool_dir: None,
         }
     }
 }
@@ -68,6 +74,8 @@ pub struct AppState {
     pub auth: Authorizer,
     /// Writes the statuses uploads move objects through, and their Events.
     pub recorder: Recorder,
+    /// Files of earlier uploads, for resource matching.
+    pub cache: ResourceCache,
     pub config: ApiConfig,
 }
 
@@ -76,7 +84,15 @@ impl AppState {
         let auth = Authorizer::new(client.clone(), config.auth_cache_ttl);
         let reporter = Reporter { controller: "bitsmith-api".into(), instance: None };
         let recorder = Recorder::new(client.clone(), reporter, metrics);
-        Arc::new(AppState { client, store, index, auth, recorder, config })
+        let cache = ResourceCache::new(store.clone());
+        tokio::spawn(cache.clone().keep_fresh(Duration::from_secs(300)));
+        Arc::new(AppState { client, store, index, auth, recorder, cache, config })
+    }
+
+    /// The caller, for routes that need no more than a valid token.
+    async fn authenticated(&self, headers: &HeaderMap) -> Result<crate::auth::Caller, CfError> {
+        let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        self.auth.authenticate(authorization).await
     }
 
     /// The object `guid` names, once the caller may `verb` it (or its `subresource`): 401 without a valid token,
@@ -89,8 +105,7 @@ impl AppState {
         verb: &'static str,
         subresource: Option<&'static str>,
     ) -> Result<Arc<O>, CfError> {
-        let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let caller = self.auth.authenticate(authorization).await?;
+        let caller = self.authenticated(headers).await?;
         let object = found().ok_or(CfError::ResourceNotFound { what: not_found })?;
         let access = Access {
             verb,
@@ -126,6 +141,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v3/droplets/{guid}", get(droplets::show))
         .route("/v3/droplets/{guid}/download", get(droplets::download))
         .route("/v3/jobs/{guid}", get(droplets::job))
+        .route(
+            "/v3/packages/{guid}/upload",
+            post(packages::upload).layer(DefaultBodyLimit::max(body_limit(state.config.max_upload_size))),
+        )
+        .route("/v3/resource_matches", post(packages::resource_matches))
         .route(
             "/v3/droplets/{guid}/upload",
             post(droplets::upload).layer(DefaultBodyLimit::max(body_limit(state.config.max_upload_size))),

@@ -2,14 +2,30 @@
 
 use std::sync::Arc;
 
-use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
-use serde_json::Value;
+use std::collections::HashMap;
 
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::TryStreamExt;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::resources::{self, Resource};
+use super::upload::{self, Failure};
 use super::{AppState, CfError, blobs, views};
-use crate::resources::{PackageState, PackageType};
+use crate::archive::zip::{
+    EntryCheck, EntryHeader, Event as ZipEvent, MADE_ON_UNIX, Repack, Sizes, ZipError, ZipWriter, file_attributes,
+};
+use crate::cache::{CachedFile, ResourceCache};
+use crate::pipeline::{self, Stored};
+use crate::resources::{Package, PackageState, PackageType};
+use crate::sources::SourceError;
+use crate::store::BlobOwner;
 
 /// `GET /v3/packages/:guid`.
 pub async fn show(
@@ -38,4 +54,291 @@ pub async fn download(
         .and_then(|s| s.stored.blob.as_ref())
         .ok_or_else(|| CfError::UnprocessableEntity("Package has no bits to download.".into()))?;
     blobs::download(&state, blob, &headers).await
+}
+
+/// `POST /v3/resource_matches`: which of the named files the cache holds, by Cloud Controller's rules. Any
+/// authenticated caller may ask, as in Cloud Foundry.
+pub async fn resource_matches(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, CfError> {
+    state.authenticated(&headers).await?;
+    let requested = resources::parse_matches(&body)?;
+    let matched: Vec<Value> = requested
+        .into_iter()
+        .filter(|(_, resource)| resource.matchable() && state.cache.get(&resource.sha1, resource.size).is_some())
+        .map(|(item, _)| item)
+        .collect();
+    Ok((StatusCode::CREATED, Json(json!({ "resources": matched }))).into_response())
+}
+
+/// `POST /v3/packages/:guid/upload`: a zip in the form's `bits` part and/or the files the cache should add, as
+/// JSON in its `resources` part. The zip is checked and rewritten while it streams into the store; its files go
+/// into the resource cache. Answers 200 with the package as the upload found it (PROCESSING_UPLOAD).
+pub async fn upload(
+    State(state): State<Arc<AppState>>,
+    Path(guid): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<Response, CfError> {
+    let package =
+        state.authorized(&headers, || state.index.package(&guid), "Package", "create", Some("upload")).await?;
+    if query.contains_key("bits_path") {
+        return Err(CfError::UnprocessableEntity("Bits path is invalid".into()));
+    }
+    if package.spec.package_type != PackageType::Bits {
+        return Err(CfError::UnprocessableEntity("Package type must be bits.".into()));
+    }
+    let mut form = upload::form(form)?;
+    let claimed = upload::claim(&state, package.as_ref()).await?;
+    let outcome = receive(&state, &claimed.object, &mut form).await;
+    upload::settle(&state, &claimed, outcome).await?;
+    Ok(Json(views::package(&claimed.object, &state.config.urls)).into_response())
+}
+
+/// Stream the new package zip into the store while the form is read.
+async fn receive(state: &AppState, package: &Package, form: &mut Multipart) -> Result<Stored, Failure> {
+    let owner = BlobOwner::of(package, &package.namespace().unwrap_or_default());
+    let (zip, rx) = mpsc::channel::<Result<Bytes, SourceError>>(8);
+    let chunks = Box::pin(futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|item| (item, rx)) }));
+    let limit = state.config.max_upload_size.saturating_add(state.config.max_package_size);
+    let storing = pipeline::store_checked(chunks, "the package", &state.store, &owner, None, limit, None);
+    let mut packing = Packing { state, zip, inflated: 0 };
+    let producing = async {
+        let produced = packing.run(form).await;
+        if produced.is_err() {
+            // Tell the store to throw away what it has so far; it commits only a stream that ends cleanly.
+            let _ = packing
+                .zip
+                .send(Err(SourceError::Interrupted { url: "the upload".into(), detail: "refused".into() }))
+                .await;
+        }
+        drop(packing);
+        produced
+    };
+    let (stored, produced) = tokio::join!(storing, producing);
+    match (stored, produced) {
+        (Ok(stored), Ok(())) => Ok(stored),
+        (Ok(stored), Err(failure)) => {
+            // Not reached (the store sees the refusal and commits nothing), but refused bits are never kept.
+            let _ = state.store.delete(&stored.blob.key).await;
+            Err(failure)
+        }
+        // Packing only saw the store stop: the store's error says why.
+        (Err(error), Ok(()) | Err(Failure::Retry { answer: CfError::BlobstoreUnavailable, .. })) => {
+            Err(Failure::pipeline(error, |e| CfError::AppPackageInvalid(e.to_string())))
+        }
+        (Err(_), Err(failure)) => Err(failure),
+    }
+}
+
+/// The work of one upload: the uploaded zip rewritten, files cached, resources added.
+struct Packing<'a> {
+    state: &'a AppState,
+    /// The new zip, on its way to the store.
+    zip: mpsc::Sender<Result<Bytes, SourceError>>,
+    /// Inflated bytes of resources added so far.
+    inflated: u64,
+}
+
+/// A zip problem, in Cloud Controller's terms.
+fn zip_failure(error: ZipError) -> Failure {
+    let answer = match &error {
+        ZipError::Invalid(_) => CfError::AppBitsUploadInvalid(error.to_string()),
+        ZipError::TooLarge { .. } => CfError::AppPackageInvalid(error.to_string()),
+    };
+    let reason = if matches!(error, ZipError::TooLarge { .. }) { "TooLarge" } else { "InvalidBits" };
+    Failure::Content { answer, reason, message: error.to_string() }
+}
+
+impl Packing<'_> {
+    async fn run(&mut self, form: &mut Multipart) -> Result<(), Failure> {
+        let max = self.state.config.max_package_size;
+        let mut repack = Some(Repack::new(max));
+        let (mut saw_bits, mut resources) = (false, None);
+        let mut cache = CacheWrite::default();
+        while let Some(field) =
+            upload::next_field(form).await.map_err(|e| Failure::pipeline(e, |_| CfError::Unknown))?
+        {
+            match field.name().unwrap_or_default() {
+                "resources" => {
+                    let text = field_text(field).await?;
+                    resources = Some(resources::parse_upload(&text).map_err(Failure::request)?);
+                }
+                "bits" if !saw_bits => {
+                    saw_bits = true;
+                    let mut chunks = upload::field_stream(field);
+                    let repack = repack.as_mut().expect("one bits part");
+                    while let Some(chunk) =
+                        chunks.try_next().await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?
+                    {
+                        let (out, events) = blocking(|| repack.push(&chunk)).map_err(zip_failure)?;
+                        for bytes in out {
+                            self.send(bytes).await?;
+                        }
+                        for event in events {
+                            cache.follow(&self.state.cache, event).await;
+                        }
+                    }
+                }
+                "bits_path" | "bits_name" | "upload_start_time" => {
+                    // Offloaded uploads (nginx's upload module) are accepted only from a configured spool.
+                    return Err(Failure::request(CfError::UnprocessableEntity("Bits path is invalid".into())));
+                }
+                _ => {}
+            }
+        }
+        if !saw_bits && resources.is_none() {
+            return Err(Failure::request(CfError::UnprocessableEntity(
+                "Upload must include either resources or bits".into(),
+            )));
+        }
+        let mut writer = match repack.take() {
+            Some(repack) if saw_bits => repack.finish().map_err(zip_failure)?,
+            _ => ZipWriter::new(),
+        };
+        for resource in resources.unwrap_or_default() {
+            self.add_resource(&mut writer, &resource).await?;
+        }
+        self.send(writer.finish()).await
+    }
+
+    async fn send(&self, bytes: Bytes) -> Result<(), Failure> {
+        // A closed channel means the store stopped; its own error says why.
+        self.zip.send(Ok(bytes)).await.map_err(|_| Failure::Retry {
+            answer: CfError::BlobstoreUnavailable,
+            message: "the store stopped taking the package".into(),
+        })
+    }
+
+    /// Add a file from the resource cache, checking on the way that it still inflates to its sha1.
+    async fn add_resource(&mut self, writer: &mut ZipWriter, resource: &Resource) -> Result<(), Failure> {
+        let path = resource.path.clone().unwrap_or_default();
+        if writer.names().any(|name| name == path) {
+            return Ok(()); // The upload's own file wins.
+        }
+        let cached = self.state.cache.get(&resource.sha1, resource.size).ok_or_else(|| {
+            Failure::request(CfError::UnprocessableEntity(format!(
+                "Resource {path:?} (sha1 {}) is not in the resource cache; upload it in bits.",
+                resource.sha1
+            )))
+        })?;
+        self.inflated += cached.size;
+        if self.inflated > self.state.config.max_package_size {
+            return Err(zip_failure(ZipError::TooLarge { max: self.state.config.max_package_size }));
+        }
+        let sizes = Sizes { crc: cached.crc, compressed: cached.compressed, uncompressed: cached.size };
+        let header = EntryHeader {
+            name: path.clone(),
+            method: cached.method,
+            flags: 0,
+            mod_time: 0,
+            mod_date: (1 << 5) | 1, // 1980-01-01, the zip epoch
+            declared: Some(sizes),
+            zip64: false,
+        };
+        self.send(writer.start(&header)).await?;
+        let mut check = EntryCheck::new(cached.method).map_err(zip_failure)?;
+        let (_, mut stream) = self
+            .state
+            .store
+            .read(&cached.key())
+            .await
+            .map_err(|e| Failure::pipeline(e.into(), |_| CfError::BlobstoreUnavailable))?;
+        while let Some(chunk) =
+            stream.try_next().await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::BlobstoreUnavailable))?
+        {
+            blocking(|| check.update(&chunk)).map_err(|_| self.mismatch(&path))?;
+            writer.data(chunk.len());
+            self.send(chunk).await?;
+        }
+        let (sha1, crc, size) = check.finish();
+        if (sha1.as_str(), crc, size) != (resource.sha1.as_str(), cached.crc, cached.size) {
+            self.state.cache.evict(&cached).await;
+            return Err(self.mismatch(&path));
+        }
+        let descriptor = writer.end(sizes, MADE_ON_UNIX, file_attributes(resource.mode));
+        debug_assert!(descriptor.is_empty(), "sizes are declared up front");
+        Ok(())
+    }
+
+    fn mismatch(&self, path: &str) -> Failure {
+        let answer = CfError::ResourceChecksumMismatch(format!("{path} no longer matches its checksum"));
+        Failure::Content { message: answer.to_string(), answer, reason: "ResourceChecksumMismatch" }
+    }
+}
+
+/// Copies the upload's files into the resource cache as their entries stream by; only files of a size worth
+/// matching are kept. A cache that cannot be written only costs later matches, never the upload.
+#[derive(Default)]
+struct CacheWrite {
+    open: Option<(EntryHeader, crate::store::StagedWrite)>,
+}
+
+impl CacheWrite {
+    async fn follow(&mut self, cache: &ResourceCache, event: ZipEvent) {
+        match event {
+            ZipEvent::Start(header) => {
+                let worth = header.declared.is_none_or(|d| crate::cache::cacheable(d.uncompressed));
+                if !header.is_dir() && worth {
+                    match cache.store.begin_write().await {
+                        Ok(write) => self.open = Some((header, write)),
+                        Err(error) => tracing::warn!(%error, "caching an uploaded file"),
+                    }
+                }
+            }
+            ZipEvent::Data(bytes) => {
+                if let Some((_, write)) = &mut self.open
+                    && let Err(error) = write.write(bytes).await
+                {
+                    tracing::warn!(%error, "caching an uploaded file");
+                    self.open = None;
+                }
+            }
+            ZipEvent::End(end) => {
+                let Some((header, write)) = self.open.take() else { return };
+                if !crate::cache::cacheable(end.sizes.uncompressed) || cache.contains(&end.sha1) {
+                    write.abort().await;
+                    return;
+                }
+                let file = CachedFile {
+                    sha1: end.sha1,
+                    size: end.sizes.uncompressed,
+                    compressed: end.sizes.compressed,
+                    crc: end.sizes.crc,
+                    method: header.method,
+                };
+                match write.commit(&file.key()).await {
+                    Ok(_) => cache.inserted(file),
+                    Err(error) => tracing::warn!(%error, "caching an uploaded file"),
+                }
+            }
+        }
+    }
+}
+
+/// Run CPU-heavy work (inflating) without stalling the other tasks of this worker thread.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
+/// A small text part (the resources JSON), at most 16 MiB.
+async fn field_text(field: axum::extract::multipart::Field<'_>) -> Result<String, Failure> {
+    let mut text = Vec::new();
+    let mut chunks = upload::field_stream(field);
+    while let Some(chunk) = chunks.try_next().await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))? {
+        text.extend_from_slice(&chunk);
+        if text.len() > 16 << 20 {
+            return Err(Failure::request(CfError::UnprocessableEntity(
+                "Resources must be at most 16 MiB of JSON.".into(),
+            )));
+        }
+    }
+    String::from_utf8(text)
+        .map_err(|_| Failure::request(CfError::UnprocessableEntity("Resources must be valid JSON.".into())))
 }

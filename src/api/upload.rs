@@ -85,13 +85,45 @@ fn leak_kind<O: Uploadable>() -> &'static str {
     if O::PLURAL == "packages" { "Package" } else { "Droplet" }
 }
 
-/// Record how the upload ended: stored bits make the object READY (STAGED). Content that is not acceptable
-/// makes it FAILED, as in Cloud Foundry; an upload that broke off, or a store that failed, returns it to
-/// AWAITING_UPLOAD so that the client can simply try again. Returns the error to answer with, if any.
+/// Why an upload stored no bits.
+pub(super) enum Failure {
+    /// The bits themselves are unacceptable: the object is FAILED, as in Cloud Foundry.
+    Content { answer: CfError, reason: &'static str, message: String },
+    /// The request was wrong, broke off, or the store failed: the object awaits another upload.
+    Retry { answer: CfError, message: String },
+}
+
+impl Failure {
+    /// A request the API refuses before looking at any bits.
+    pub fn request(answer: CfError) -> Self {
+        Failure::Retry { message: answer.to_string(), answer }
+    }
+
+    /// A pipeline failure; `content` answers for bits that are unacceptable.
+    pub fn pipeline(error: PipelineError, content: impl FnOnce(&PipelineError) -> CfError) -> Self {
+        match &error {
+            PipelineError::Store(e) => {
+                tracing::error!(error = %e, "storing an upload");
+                Failure::Retry { answer: CfError::BlobstoreUnavailable, message: error.to_string() }
+            }
+            PipelineError::Invalid { .. } | PipelineError::TooLarge { .. } | PipelineError::ChecksumMismatch { .. } => {
+                Failure::Content { answer: content(&error), reason: error.reason(), message: error.to_string() }
+            }
+            PipelineError::Source(SourceError::Interrupted { detail, .. }) => Failure::Retry {
+                answer: CfError::UnprocessableEntity(format!("The upload broke off: {detail}")),
+                message: error.to_string(),
+            },
+            PipelineError::Source(_) => Failure::Retry { answer: content(&error), message: error.to_string() },
+        }
+    }
+}
+
+/// Record how the upload ended: stored bits make the object READY (STAGED); see [`Failure`] for the rest.
+/// Returns the error to answer with, if any.
 pub(super) async fn settle<O: Uploadable>(
     state: &AppState,
     claimed: &Claimed<O>,
-    outcome: Result<Stored, (PipelineError, CfError)>,
+    outcome: Result<Stored, Failure>,
 ) -> Result<(), CfError> {
     let api = api_of(state, &claimed.object);
     let generation = claimed.object.meta().generation;
@@ -101,13 +133,13 @@ pub(super) async fn settle<O: Uploadable>(
             let digests = status::stored_digests(&stored.digests, stored.blob);
             (status::done(&claimed.status, digests, generation, now), Ok(()))
         }
-        Err((error, answer)) if retry_can_help(&error) => {
+        Err(Failure::Retry { answer, message }) => {
             let mut next = status::awaiting_upload(&claimed.status, generation, now);
-            next.error = Some(format!("the last upload failed: {error}"));
+            next.error = Some(format!("the last upload failed: {message}"));
             (next, Err(answer))
         }
-        Err((error, answer)) => {
-            (status::failed(&claimed.status, error.reason(), &error.to_string(), true, generation, now), Err(answer))
+        Err(Failure::Content { answer, reason, message }) => {
+            (status::failed(&claimed.status, reason, &message, true, generation, now), Err(answer))
         }
     };
     let next = with_links(state, &claimed.object, next);
@@ -115,10 +147,6 @@ pub(super) async fn settle<O: Uploadable>(
         return Err(CfError::internal("recording the upload's outcome", &error));
     }
     answer
-}
-
-fn retry_can_help(error: &PipelineError) -> bool {
-    matches!(error, PipelineError::Store(_) | PipelineError::Source(SourceError::Interrupted { .. }))
 }
 
 /// The multipart form, or 422 when the body is not one.
@@ -140,19 +168,4 @@ pub(super) fn field_stream<'a>(
 
 fn interrupted(error: &axum::extract::multipart::MultipartError) -> SourceError {
     SourceError::Interrupted { url: "the upload".into(), detail: error.body_text() }
-}
-
-/// The store failing is the store's fault; the rest is the upload's.
-pub(super) fn store_or(
-    error: PipelineError,
-    upload_error: impl FnOnce(&PipelineError) -> CfError,
-) -> (PipelineError, CfError) {
-    let answer = match &error {
-        PipelineError::Store(e) => {
-            tracing::error!(error = %e, "storing an upload");
-            CfError::BlobstoreUnavailable
-        }
-        other => upload_error(other),
-    };
-    (error, answer)
 }

@@ -779,6 +779,58 @@ pub fn file_attributes(mode: u32) -> u32 {
     (0o100_000 | (mode & 0o7777)) << 16
 }
 
+/// Checks raw entry data against the sha1 it should inflate to (for files taken from the resource cache).
+pub struct EntryCheck {
+    inflater: Option<Decompress>,
+    sha1: Sha1,
+    crc: Crc,
+    size: u64,
+    scratch: Vec<u8>,
+}
+
+impl EntryCheck {
+    pub fn new(method: u16) -> Result<Self, ZipError> {
+        if method != STORED && method != DEFLATED {
+            return Err(invalid(format!("compression method {method} is not supported")));
+        }
+        Ok(EntryCheck {
+            inflater: (method == DEFLATED).then(|| Decompress::new(false)),
+            sha1: Sha1::new(),
+            crc: Crc::new(),
+            size: 0,
+            scratch: vec![0; 64 << 10],
+        })
+    }
+
+    pub fn update(&mut self, mut raw: &[u8]) -> Result<(), ZipError> {
+        let Some(inflater) = self.inflater.as_mut() else {
+            self.sha1.update(raw);
+            self.crc.update(raw);
+            self.size += raw.len() as u64;
+            return Ok(());
+        };
+        loop {
+            let (in_before, out_before) = (inflater.total_in(), inflater.total_out());
+            let status = inflater
+                .decompress(raw, &mut self.scratch, FlushDecompress::None)
+                .map_err(|e| invalid(e.to_string()))?;
+            let produced = (inflater.total_out() - out_before) as usize;
+            raw = &raw[(inflater.total_in() - in_before) as usize..];
+            self.sha1.update(&self.scratch[..produced]);
+            self.crc.update(&self.scratch[..produced]);
+            self.size += produced as u64;
+            if status == Status::StreamEnd || (raw.is_empty() && produced == 0) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The inflated content's sha1 (hex), CRC and size.
+    pub fn finish(self) -> (String, u32, u64) {
+        (to_hex(&self.sha1.finalize()), self.crc.finalize(), self.size)
+    }
+}
+
 /// Rewrites an uploaded zip as it streams: each entry's raw bytes are copied behind a fresh local header, and
 /// symlinks are left out of the new directory. More entries can be added before [`ZipWriter::finish`].
 pub struct Repack {

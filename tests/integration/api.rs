@@ -61,7 +61,7 @@ impl Drop for Setup {
 }
 
 /// The API over `store`, served with `tls` when given, and a controller fetching into the same store.
-async fn setup_with(test: &str, store: BlobStore, tls: Option<rustls::ServerConfig>) -> Setup {
+async fn setup_with(test: &str, store: BlobStore, tls: Option<rustls::ServerConfig>, max_package_size: u64) -> Setup {
     tokio::task::block_in_place(install_crds);
     let ns = tokio::task::block_in_place(|| namespace(test));
     let server = TestServer::start().await;
@@ -83,6 +83,7 @@ async fn setup_with(test: &str, store: BlobStore, tls: Option<rustls::ServerConf
     let mut config = ApiConfig::new(urls);
     config.download_url_ttl = Duration::from_secs(60);
     config.auth_cache_ttl = Duration::from_secs(5);
+    config.max_package_size = max_package_size;
     let index = Index::start(&client, Some(&ns));
     index.ready().await;
     let state = AppState::new(client, store, index, config, Default::default());
@@ -98,7 +99,7 @@ async fn setup_with(test: &str, store: BlobStore, tls: Option<rustls::ServerConf
 
 async fn setup(test: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let mut setup = setup_with(test, file_store(dir.path()), None).await;
+    let mut setup = setup_with(test, file_store(dir.path()), None, 1 << 30).await;
     setup._store = Some(dir);
     setup
 }
@@ -256,7 +257,7 @@ async fn droplets_and_their_jobs_are_shown() {
 async fn a_remote_store_answers_downloads_with_a_presigned_redirect() {
     let s3 = crate::support::s3::S3::from_env();
     let (store, _) = s3.store("api-presigned");
-    let s = setup_with("api-presigned", store, None).await;
+    let s = setup_with("api-presigned", store, None, 1 << 30).await;
     s.server.route("/app.zip", Reply::Body { seed: 72, size: 200_000, length: true });
     s.apply(&http_package("app", &s.server.url("/app.zip")));
     wait_for(&s.ns, "pkg/app", "{.status.state}", "READY").await;
@@ -350,7 +351,11 @@ fn curl_upload(url: &str, token: &str, file: &std::path::Path) -> (u16, String, 
         .arg(url)
         .output()
         .expect("curl");
-    let text = String::from_utf8(out.stdout).unwrap();
+    let mut text = String::from_utf8(out.stdout).unwrap();
+    // curl asks before sending a big body: skip the interim "100 Continue".
+    while text.starts_with("HTTP/1.1 100") {
+        text = text.split_once("\r\n\r\n").map(|(_, rest)| rest.to_string()).unwrap_or_default();
+    }
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, head.to_ascii_lowercase(), serde_json::from_str(body).unwrap_or(Value::Null))
@@ -409,4 +414,240 @@ async fn a_droplet_upload_is_followed_through_its_job() {
     wait_for(&s.ns, "droplet/bad", "{.status.state}", "FAILED").await;
     let events = kube_ok(&["get", "events", "-n", &s.ns, "-o", "jsonpath={.items[*].reason}"], None);
     assert!(events.contains("InvalidBits") && events.contains("Uploading"), "{events}");
+}
+
+/// A zip made by Python's zipfile in `dir`: `script` adds entries to `z`.
+fn python_zip(dir: &std::path::Path, name: &str, script: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let program = format!(
+        "import zipfile, os\nz = zipfile.ZipFile({:?}, 'w', zipfile.ZIP_DEFLATED)\n{script}\nz.close()",
+        path.display().to_string()
+    );
+    let out = std::process::Command::new("python3").args(["-c", &program]).output().expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    path
+}
+
+/// Each file of a zip as `name:sha1` (directories as `name`), sorted; and Python's opinion of its integrity.
+fn zip_contents(zip: &[u8]) -> Vec<String> {
+    use std::io::Write;
+    let program = "import sys, zipfile, io, hashlib\nz = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))\nassert z.testzip() is None\nfor i in z.infolist(): print(i.filename if i.is_dir() else i.filename + ':' + hashlib.sha1(z.read(i)).hexdigest())";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", program])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(zip).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "not a valid zip");
+    let mut lines: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+fn sha1_hex(bytes: &[u8]) -> String {
+    bitsmith::digest::to_hex(&sha1::Sha1::digest(bytes))
+}
+
+/// Deterministic bytes that do not compress much.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+const UPLOAD_PACKAGES: &str = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: first\nspec:\n  type: bits\n---\napiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: second\nspec:\n  type: bits\n---\napiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: bomb\nspec:\n  type: bits\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_feed_the_resource_cache_and_matched_files_come_back() {
+    let s = setup("api-upload").await;
+    s.apply(UPLOAD_PACKAGES);
+    wait_for(&s.ns, "pkg/first", "{.status.state}", "AWAITING_UPLOAD").await;
+    wait_for(&s.ns, "pkg/second", "{.status.state}", "AWAITING_UPLOAD").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (lib, vendor) = (noise(1, 100_000), noise(2, 300_000));
+    std::fs::write(dir.path().join("lib.bin"), &lib).unwrap();
+    std::fs::write(dir.path().join("vendor.bin"), &vendor).unwrap();
+    let script = format!(
+        "z.write({lib:?}, 'app/lib.bin')\nz.write({vendor:?}, 'app/vendor.bin')\nz.writestr('app/main.py', 'print(1)')\nz.writestr('app/static/', '')\ni = zipfile.ZipInfo('app/passwd')\ni.create_system = 3\ni.external_attr = 0o120777 << 16\nz.writestr(i, '/etc/passwd')",
+        lib = dir.path().join("lib.bin").display().to_string(),
+        vendor = dir.path().join("vendor.bin").display().to_string(),
+    );
+    let zip = python_zip(dir.path(), "app.zip", &script);
+
+    // The first upload, with curl, as the cf CLI sends it.
+    let first = s.uid("pkg/first");
+    let url = format!("{}/v3/packages/{first}/upload", s.base);
+    let (status, _, body) = tokio::task::block_in_place(|| curl_upload(&url, &s.allowed, &zip));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "PROCESSING_UPLOAD");
+    wait_for(&s.ns, "pkg/first", "{.status.state}", "READY").await;
+    let stored = s.get(&format!("/v3/packages/{first}/download"), Some(&s.allowed)).await.bytes().await.unwrap();
+    let mut want = vec![
+        format!("app/lib.bin:{}", sha1_hex(&lib)),
+        format!("app/main.py:{}", sha1_hex(b"print(1)")),
+        "app/static/".to_string(),
+        format!("app/vendor.bin:{}", sha1_hex(&vendor)),
+    ];
+    assert_eq!(zip_contents(&stored), want, "the symlink is gone, every file intact");
+    let shown: Value = s.get(&format!("/v3/packages/{first}"), Some(&s.allowed)).await.json().await.unwrap();
+    assert_eq!(shown["data"]["checksum"]["value"], bitsmith::digest::to_hex(&Sha256::digest(&stored)));
+
+    // Which files does the server have? The two big ones: small files and unknown ones are never matched.
+    let item = |sha1: &str, size: usize, path: &str| serde_json::json!({"checksum": {"value": sha1}, "size_in_bytes": size, "path": path, "mode": "644"});
+    let request = serde_json::json!({"resources": [
+        item(&sha1_hex(&lib), lib.len(), "app/lib.bin"),
+        item(&sha1_hex(&vendor), vendor.len(), "app/vendor.bin"),
+        item(&sha1_hex(b"print(1)"), 8, "app/main.py"),
+        item(&"0".repeat(40), 100_000, "app/unknown.bin"),
+    ]});
+    let response = s
+        .http
+        .post(format!("{}/v3/resource_matches", s.base))
+        .bearer_auth(&s.allowed)
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let matched: Value = response.json().await.unwrap();
+    assert_eq!(matched["resources"], serde_json::json!([request["resources"][0], request["resources"][1]]));
+    let nobody = s.http.post(format!("{}/v3/resource_matches", s.base)).json(&request).send().await.unwrap();
+    assert_eq!(nobody.status(), StatusCode::UNAUTHORIZED);
+
+    // The second upload, with reqwest: only the new file in bits, the matched ones by reference.
+    let resources = serde_json::json!([
+        {"path": "app/lib.bin", "size_in_bytes": lib.len(), "checksum": {"value": sha1_hex(&lib)}, "mode": "644"},
+        {"fn": "app/vendor.bin", "size": vendor.len(), "sha1": sha1_hex(&vendor), "mode": "755"},
+    ]);
+    let only_new = python_zip(dir.path(), "new.zip", "z.writestr('app/main.py', 'print(2)')");
+    let form = reqwest::multipart::Form::new()
+        .text("resources", resources.to_string())
+        .part("bits", reqwest::multipart::Part::bytes(std::fs::read(&only_new).unwrap()).file_name("new.zip"));
+    let second = s.uid("pkg/second");
+    let response = s
+        .http
+        .post(format!("{}/v3/packages/{second}/upload", s.base))
+        .bearer_auth(&s.allowed)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
+    wait_for(&s.ns, "pkg/second", "{.status.state}", "READY").await;
+    let stored = s.get(&format!("/v3/packages/{second}/download"), Some(&s.allowed)).await.bytes().await.unwrap();
+    want.retain(|line| !line.starts_with("app/main.py") && line != "app/static/");
+    want.push(format!("app/main.py:{}", sha1_hex(b"print(2)")));
+    want.sort();
+    assert_eq!(zip_contents(&stored), want, "the package holds every file");
+
+    // A READY package takes no second upload.
+    let again = tokio::task::block_in_place(|| curl_upload(&url, &s.allowed, &zip));
+    assert_eq!((again.0, again.2["errors"][0]["code"].as_u64()), (400, Some(150004)));
+
+    // Well under the size limit, a zip bomb shows itself by its ratio.
+    wait_for(&s.ns, "pkg/bomb", "{.status.state}", "AWAITING_UPLOAD").await;
+    let bomb = python_zip(dir.path(), "bomb.zip", "z.writestr('zeros', bytes(50 << 20))");
+    let url = format!("{}/v3/packages/{}/upload", s.base, s.uid("pkg/bomb"));
+    let (status, _, body) = tokio::task::block_in_place(|| curl_upload(&url, &s.allowed, &bomb));
+    assert_eq!((status, body["errors"][0]["title"].as_str()), (400, Some("CF-AppBitsUploadInvalid")));
+    assert!(body["errors"][0]["detail"].as_str().unwrap().contains("zip bomb"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_are_refused_with_cf_errors() {
+    let s =
+        setup_with("api-bad-upload", file_store(tempfile::tempdir().unwrap().keep().as_path()), None, 1 << 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["slip", "bomb", "truncated", "oversize", "resources", "empty", "offload", "race"];
+    let manifests: Vec<String> = names
+        .iter()
+        .map(|n| {
+            format!("apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {n}\nspec:\n  type: bits\n")
+        })
+        .collect();
+    s.apply(&manifests.join("---\n"));
+    for name in names {
+        wait_for(&s.ns, &format!("pkg/{name}"), "{.status.state}", "AWAITING_UPLOAD").await;
+    }
+    let upload_url = |name: &str| format!("{}/v3/packages/{}/upload", s.base, s.uid(&format!("pkg/{name}")));
+    let curl = |name: &str, file: &std::path::Path| {
+        let url = upload_url(name);
+        let (status, _, body) = tokio::task::block_in_place(|| curl_upload(&url, &s.allowed, file));
+        let error = &body["errors"][0];
+        (
+            status,
+            error["title"].as_str().unwrap_or_default().to_string(),
+            error["detail"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+
+    let slip = python_zip(dir.path(), "slip.zip", "z.writestr('../../etc/cron.d/evil', 'x')");
+    let (status, title, detail) = curl("slip", &slip);
+    assert_eq!((status, title.as_str()), (400, "CF-AppBitsUploadInvalid"), "{detail}");
+    assert!(detail.starts_with("The app upload is invalid: Invalid zip archive"), "{detail}");
+    wait_for(&s.ns, "pkg/slip", "{.status.state}", "FAILED").await;
+
+    // Under this small limit a zip bomb is stopped as too large before its ratio shows.
+    let bomb = python_zip(dir.path(), "bomb.zip", "z.writestr('zeros', bytes(20 << 20))");
+    let (status, title, detail) = curl("bomb", &bomb);
+    assert_eq!((status, title.as_str()), (400, "CF-AppPackageInvalid"), "{detail}");
+
+    let whole = std::fs::read(python_zip(dir.path(), "whole.zip", "z.writestr('a.txt', 'hello' * 1000)")).unwrap();
+    let truncated = dir.path().join("truncated.zip");
+    std::fs::write(&truncated, &whole[..whole.len() - 40]).unwrap();
+    let (status, title, _) = curl("truncated", &truncated);
+    assert_eq!((status, title.as_str()), (400, "CF-AppBitsUploadInvalid"));
+
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, noise(3, 2 << 20)).unwrap();
+    let oversize =
+        python_zip(dir.path(), "oversize.zip", &format!("z.write({:?}, 'big.bin')", big.display().to_string()));
+    let (status, title, detail) = curl("oversize", &oversize);
+    assert_eq!((status, title.as_str()), (400, "CF-AppPackageInvalid"), "{detail}");
+
+    // Request errors leave the package waiting for a good upload.
+    let form = reqwest::multipart::Form::new().text("resources", "[{not json");
+    let response = s.http.post(upload_url("resources")).bearer_auth(&s.allowed).multipart(form).send().await.unwrap();
+    let (status, title, _, detail) = cf_error(response).await;
+    assert_eq!(
+        (status, title.as_str(), detail.as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "CF-UnprocessableEntity", "Resources must be valid JSON.")
+    );
+    wait_for(&s.ns, "pkg/resources", "{.status.state}", "AWAITING_UPLOAD").await;
+    let form = reqwest::multipart::Form::new().text("other", "x");
+    let response = s.http.post(upload_url("empty")).bearer_auth(&s.allowed).multipart(form).send().await.unwrap();
+    assert_eq!(cf_error(response).await.3, "Upload must include either resources or bits");
+    let form = reqwest::multipart::Form::new().text("bits_name", "app.zip").text("bits_path", "/tmp/upload/0001");
+    let response = s.http.post(upload_url("offload")).bearer_auth(&s.allowed).multipart(form).send().await.unwrap();
+    assert_eq!(cf_error(response).await.3, "Bits path is invalid");
+    let response = s
+        .http
+        .post(format!("{}?bits_path=/etc/passwd", upload_url("offload")))
+        .bearer_auth(&s.allowed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cf_error(response).await.0, StatusCode::UNPROCESSABLE_ENTITY);
+    wait_for(&s.ns, "pkg/offload", "{.status.state}", "AWAITING_UPLOAD").await;
+
+    // Of two uploads at once, exactly one wins.
+    let good = std::fs::read(python_zip(dir.path(), "good.zip", "z.writestr('a.txt', 'hello')")).unwrap();
+    let send = || {
+        let form = reqwest::multipart::Form::new()
+            .part("bits", reqwest::multipart::Part::bytes(good.clone()).file_name("a.zip"));
+        s.http.post(upload_url("race")).bearer_auth(&s.allowed).multipart(form).send()
+    };
+    let (a, b) = tokio::join!(send(), send());
+    let mut codes = [a.unwrap().status().as_u16(), b.unwrap().status().as_u16()];
+    codes.sort();
+    assert_eq!(codes, [200, 400]);
+    wait_for(&s.ns, "pkg/race", "{.status.state}", "READY").await;
 }

@@ -60,6 +60,10 @@ pub struct ApiArgs {
     /// Largest package: the sum of its files' uncompressed sizes.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub max_package_size: u64,
+    /// Directory where an upload-offloading proxy (nginx's upload module) spools request bodies; package
+    /// uploads naming a `bits_path` are accepted only for files inside it.
+    #[arg(long)]
+    pub upload_spool_dir: Option<PathBuf>,
 }
 
 impl ApiArgs {
@@ -239,6 +243,7 @@ fn spawn_api(
     let mut config = crate::api::ApiConfig::new(args.urls().expect("an external URL: --listen is set"));
     config.max_upload_size = args.max_upload_size;
     config.max_package_size = args.max_package_size;
+    config.spool_dir = args.upload_spool_dir.clone();
     let index = crate::api::Index::start(client, namespace);
     let state = crate::api::AppState::new(client.clone(), store, index.clone(), config, metrics);
     let (listener, tls) = bound;

@@ -169,23 +169,25 @@ impl Packing<'_> {
                 }
                 "bits" if !saw_bits => {
                     saw_bits = true;
-                    let mut chunks = upload::field_stream(field);
                     let repack = repack.as_mut().expect("one bits part");
-                    while let Some(chunk) =
-                        chunks.try_next().await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?
-                    {
-                        let (out, events) = blocking(|| repack.push(&chunk)).map_err(zip_failure)?;
-                        for bytes in out {
-                            self.send(bytes).await?;
-                        }
-                        for event in events {
-                            cache.follow(&self.state.cache, event).await;
-                        }
-                    }
+                    self.feed(repack, &mut cache, upload::field_stream(field)).await?;
                 }
-                "bits_path" | "bits_name" | "upload_start_time" => {
-                    // Offloaded uploads (nginx's upload module) are accepted only from a configured spool.
-                    return Err(Failure::request(CfError::UnprocessableEntity("Bits path is invalid".into())));
+                "bits_path" if !saw_bits => {
+                    // An upload an offloading proxy (nginx's upload module) spooled to disk, accepted only from
+                    // the configured spool directory.
+                    saw_bits = true;
+                    let path = self.spooled(&field_text(field).await?)?;
+                    let repack = repack.as_mut().expect("one bits part");
+                    let fed = self.feed(repack, &mut cache, spool_file(&path).await?).await;
+                    if let Err(error) = tokio::fs::remove_file(&path).await {
+                        tracing::warn!(%error, path = %path.display(), "removing a spooled upload");
+                    }
+                    fed?;
+                }
+                "bits" | "bits_path" => {
+                    return Err(Failure::request(CfError::UnprocessableEntity(
+                        "Upload must include one bits part".into(),
+                    )));
                 }
                 _ => {}
             }
@@ -203,6 +205,35 @@ impl Packing<'_> {
             self.add_resource(&mut writer, &resource).await?;
         }
         self.send(writer.finish()).await
+    }
+
+    /// Run the upload's bytes through the rewrite, into the new zip and the cache.
+    async fn feed<S>(&self, repack: &mut Repack, cache: &mut CacheWrite, mut chunks: S) -> Result<(), Failure>
+    where
+        S: futures::Stream<Item = Result<Bytes, SourceError>> + Unpin,
+    {
+        while let Some(chunk) =
+            chunks.try_next().await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?
+        {
+            let (out, events) = blocking(|| repack.push(&chunk)).map_err(zip_failure)?;
+            for bytes in out {
+                self.send(bytes).await?;
+            }
+            for event in events {
+                cache.follow(&self.state.cache, event).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The spooled file `bits_path` names, if it lies inside the spool directory.
+    fn spooled(&self, bits_path: &str) -> Result<std::path::PathBuf, Failure> {
+        let invalid = || Failure::request(CfError::UnprocessableEntity("Bits path is invalid".into()));
+        let spool = self.state.config.spool_dir.as_ref().ok_or_else(invalid)?;
+        let spool = std::fs::canonicalize(spool).map_err(|_| invalid())?;
+        // Resolving symlinks first means a link inside the spool cannot point out of it.
+        let path = std::fs::canonicalize(bits_path).map_err(|_| invalid())?;
+        if path.starts_with(&spool) && path != spool && path.is_file() { Ok(path) } else { Err(invalid()) }
     }
 
     async fn send(&self, bytes: Bytes) -> Result<(), Failure> {
@@ -317,6 +348,28 @@ impl CacheWrite {
             }
         }
     }
+}
+
+/// A spooled upload, read in 1 MiB chunks.
+async fn spool_file(
+    path: &std::path::Path,
+) -> Result<impl futures::Stream<Item = Result<Bytes, SourceError>> + Unpin + use<>, Failure> {
+    use tokio::io::AsyncReadExt;
+    let description = path.display().to_string();
+    let file = tokio::fs::File::open(path).await.map_err(|e| {
+        Failure::pipeline(SourceError::ObjectRead { url: description.clone(), detail: e.to_string() }.into(), |_| {
+            CfError::UnprocessableEntity("Bits path is invalid".into())
+        })
+    })?;
+    Ok(Box::pin(futures::stream::try_unfold((file, description), |(mut file, description)| async move {
+        let mut buffer = vec![0; 1 << 20];
+        let n = file
+            .read(&mut buffer)
+            .await
+            .map_err(|e| SourceError::ObjectRead { url: description.clone(), detail: e.to_string() })?;
+        buffer.truncate(n);
+        Ok((n > 0).then(|| (Bytes::from(buffer), (file, description))))
+    })))
 }
 
 /// Run CPU-heavy work (inflating) without stalling the other tasks of this worker thread.

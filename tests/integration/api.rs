@@ -61,7 +61,12 @@ impl Drop for Setup {
 }
 
 /// The API over `store`, served with `tls` when given, and a controller fetching into the same store.
-async fn setup_with(test: &str, store: BlobStore, tls: Option<rustls::ServerConfig>, max_package_size: u64) -> Setup {
+async fn setup_with(
+    test: &str,
+    store: BlobStore,
+    tls: Option<rustls::ServerConfig>,
+    tweak: impl FnOnce(&mut ApiConfig),
+) -> Setup {
     tokio::task::block_in_place(install_crds);
     let ns = tokio::task::block_in_place(|| namespace(test));
     let server = TestServer::start().await;
@@ -83,7 +88,7 @@ async fn setup_with(test: &str, store: BlobStore, tls: Option<rustls::ServerConf
     let mut config = ApiConfig::new(urls);
     config.download_url_ttl = Duration::from_secs(60);
     config.auth_cache_ttl = Duration::from_secs(5);
-    config.max_package_size = max_package_size;
+    tweak(&mut config);
     let index = Index::start(&client, Some(&ns));
     index.ready().await;
     let state = AppState::new(client, store, index, config, Default::default());
@@ -99,7 +104,7 @@ async fn setup_with(test: &str, store: BlobStore, tls: Option<rustls::ServerConf
 
 async fn setup(test: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let mut setup = setup_with(test, file_store(dir.path()), None, 1 << 30).await;
+    let mut setup = setup_with(test, file_store(dir.path()), None, |_| ()).await;
     setup._store = Some(dir);
     setup
 }
@@ -257,7 +262,7 @@ async fn droplets_and_their_jobs_are_shown() {
 async fn a_remote_store_answers_downloads_with_a_presigned_redirect() {
     let s3 = crate::support::s3::S3::from_env();
     let (store, _) = s3.store("api-presigned");
-    let s = setup_with("api-presigned", store, None, 1 << 30).await;
+    let s = setup_with("api-presigned", store, None, |_| ()).await;
     s.server.route("/app.zip", Reply::Body { seed: 72, size: 200_000, length: true });
     s.apply(&http_package("app", &s.server.url("/app.zip")));
     wait_for(&s.ns, "pkg/app", "{.status.state}", "READY").await;
@@ -563,8 +568,10 @@ async fn uploads_feed_the_resource_cache_and_matched_files_come_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_uploads_are_refused_with_cf_errors() {
-    let s =
-        setup_with("api-bad-upload", file_store(tempfile::tempdir().unwrap().keep().as_path()), None, 1 << 20).await;
+    let s = setup_with("api-bad-upload", file_store(tempfile::tempdir().unwrap().keep().as_path()), None, |c| {
+        c.max_package_size = 1 << 20
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let names = ["slip", "bomb", "truncated", "oversize", "resources", "empty", "offload", "race"];
     let manifests: Vec<String> = names
@@ -650,4 +657,41 @@ async fn bad_uploads_are_refused_with_cf_errors() {
     codes.sort();
     assert_eq!(codes, [200, 400]);
     wait_for(&s.ns, "pkg/race", "{.status.state}", "READY").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offloaded_uploads_are_taken_only_from_the_spool() {
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().to_path_buf();
+    let store = tempfile::tempdir().unwrap();
+    let s = setup_with("api-spool", file_store(store.path()), None, move |c| c.spool_dir = Some(spool_dir)).await;
+    s.apply(UPLOAD_PACKAGES);
+    wait_for(&s.ns, "pkg/first", "{.status.state}", "AWAITING_UPLOAD").await;
+    let outside = tempfile::tempdir().unwrap();
+    let zip = python_zip(outside.path(), "app.zip", "z.writestr('app/main.py', 'print(3)')");
+    std::os::unix::fs::symlink(&zip, spool.path().join("0002")).unwrap();
+    let url = format!("{}/v3/packages/{}/upload", s.base, s.uid("pkg/first"));
+    let offload = |path: &std::path::Path| {
+        let form = reqwest::multipart::Form::new()
+            .text("bits_name", "app.zip")
+            .text("bits_path", path.display().to_string())
+            .text("upload_start_time", "1700000000");
+        s.http.post(&url).bearer_auth(&s.allowed).multipart(form).send()
+    };
+    for refused in [zip.clone(), spool.path().join("0002"), spool.path().join("missing")] {
+        let (status, _, _, detail) = cf_error(offload(&refused).await.unwrap()).await;
+        assert_eq!(
+            (status, detail.as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "Bits path is invalid"),
+            "{refused:?}"
+        );
+    }
+    let spooled = spool.path().join("0001");
+    std::fs::copy(&zip, &spooled).unwrap();
+    let response = offload(&spooled).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
+    wait_for(&s.ns, "pkg/first", "{.status.state}", "READY").await;
+    assert!(!spooled.exists(), "the spooled body is removed once taken");
+    let stored = s.get(&format!("/v3/packages/{}/download", s.uid("pkg/first")), Some(&s.allowed)).await;
+    assert_eq!(zip_contents(&stored.bytes().await.unwrap()), [format!("app/main.py:{}", sha1_hex(b"print(3)"))]);
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start or stop etcd + kube-apiserver on 127.0.0.1 for the tests: HTTPS with its own CA, a static admin token,
-# RBAC authorization, service-account tokens.
+# RBAC authorization, service-account tokens, and a front proxy for aggregated APIs.
 #   scripts/apiserver.sh start DIR   builds the binaries if needed, starts them with state in DIR, writes
 #                                    DIR/kubeconfig and prints `export KUBECONFIG=...`
 #   scripts/apiserver.sh stop DIR
@@ -22,6 +22,14 @@ certs() {
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
   openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
   echo "$token,admin,admin,system:masters" >"$d/tokens.csv"
+  # The front proxy: the client certificate the aggregator presents to aggregated API servers, from its own CA.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=bitsmith-test-front-proxy-ca \
+    -keyout "$d/front-proxy-ca.key" -out "$d/front-proxy-ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj /CN=front-proxy-client \
+    -keyout "$d/front-proxy-client.key" -out "$d/front-proxy-client.csr" 2>/dev/null
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' >"$d/client.cnf"
+  openssl x509 -req -in "$d/front-proxy-client.csr" -CA "$d/front-proxy-ca.crt" -CAkey "$d/front-proxy-ca.key" \
+    -CAcreateserial -days 30 -extfile "$d/client.cnf" -out "$d/front-proxy-client.crt" 2>/dev/null
 }
 
 stop_pid() {
@@ -54,6 +62,11 @@ start)
     --service-cluster-ip-range 10.0.0.0/24 --endpoint-reconciler-type none \
     --service-account-key-file "$dir/certs/sa.pub" --service-account-signing-key-file "$dir/certs/sa.key" \
     --service-account-issuer https://kubernetes.default.svc \
+    --requestheader-client-ca-file "$dir/certs/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$dir/certs/front-proxy-client.crt" \
+    --proxy-client-key-file "$dir/certs/front-proxy-client.key" \
     --enable-priority-and-fairness=false >"$dir/apiserver.log" 2>&1 </dev/null &
   echo $! >"$dir/apiserver.pid"
   cat >"$dir/kubeconfig" <<KC

@@ -220,38 +220,51 @@ async fn connect() -> Result<kube::Client, String> {
     kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {}", error_chain(&e)))
 }
 
-/// Bind the API's address and load its TLS settings, so that mistakes in them fail at start.
-async fn bind_api(args: &ApiArgs) -> Result<Option<(tokio::net::TcpListener, Option<rustls::ServerConfig>)>, String> {
+/// Bind the API's address and check its TLS files, so that mistakes in them fail at start.
+async fn bind_api(args: &ApiArgs) -> Result<Option<tokio::net::TcpListener>, String> {
     let Some(addr) = args.listen else { return Ok(None) };
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::api::tls::server_config(cert, key).map_err(|e| e.to_string())?),
-        _ => None,
-    };
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        crate::api::tls::server_config(cert, key, None).map_err(|e| e.to_string())?;
+    }
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
-    Ok(Some((listener, tls)))
+    Ok(Some(listener))
 }
 
-/// Start serving the API, once its watch cache is filled.
-fn spawn_api(
+/// Start serving the API, once its watch cache is filled. Over TLS, the cluster's front proxy (when it has one)
+/// may present its client certificate, so that users reach the API through aggregation too.
+async fn start_api(
     client: &kube::Client,
     store: BlobStore,
     namespace: Option<&str>,
     args: &ApiArgs,
-    bound: (tokio::net::TcpListener, Option<rustls::ServerConfig>),
+    listener: tokio::net::TcpListener,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, String> {
     let mut config = crate::api::ApiConfig::new(args.urls().expect("an external URL: --listen is set"));
     config.max_upload_size = args.max_upload_size;
     config.max_package_size = args.max_package_size;
     config.spool_dir = args.upload_spool_dir.clone();
+    let (tls, front_proxy) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let front_proxy = match crate::api::FrontProxy::from_cluster(client).await {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::warn!(%error, "no front proxy: the API is reachable directly only");
+                    None
+                }
+            };
+            let verifier = front_proxy.as_ref().map(|p| p.client_verifier()).transpose().map_err(|e| e.to_string())?;
+            (Some(crate::api::tls::server_config(cert, key, verifier).map_err(|e| e.to_string())?), front_proxy)
+        }
+        _ => (None, None),
+    };
     let index = crate::api::Index::start(client, namespace);
-    let state = crate::api::AppState::new(client.clone(), store, index.clone(), config, metrics);
-    let (listener, tls) = bound;
-    tokio::spawn(async move {
+    let state = crate::api::AppState::new(client.clone(), store, index.clone(), config, metrics, front_proxy);
+    Ok(tokio::spawn(async move {
         index.ready().await;
         tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "CF v3 API serving");
         crate::api::serve(listener, tls, state, shutdown_signal()).await
-    })
+    }))
 }
 
 /// SIGTERM or Ctrl-C.
@@ -265,10 +278,10 @@ async fn shutdown_signal() {
 }
 
 async fn api(args: ApiServerArgs) -> Result<(), String> {
-    let bound = bind_api(&args.api).await?.ok_or("--listen is required")?;
+    let listener = bind_api(&args.api).await?.ok_or("--listen is required")?;
     let client = connect().await?;
     let store = args.store.open()?;
-    let served = spawn_api(&client, store, args.namespace.as_deref(), &args.api, bound, Default::default());
+    let served = start_api(&client, store, args.namespace.as_deref(), &args.api, listener, Default::default()).await?;
     match served.await {
         Ok(result) => result.map_err(|e| format!("serving the API: {e}")),
         Err(e) => Err(format!("the API stopped: {e}")),
@@ -286,8 +299,9 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     let fetcher = Fetcher::new(args.store.open()?, SourcePolicy { file_root: args.allow_files_under }, args.max_size)
         .map_err(|e| e.to_string())?;
     // Every replica serves the API; only the leader reconciles.
-    if let Some(bound) = api {
-        spawn_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, bound, ops.metrics.clone());
+    if let Some(listener) = api {
+        let metrics = ops.metrics.clone();
+        start_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, listener, metrics).await?;
     }
     let identity = args.instance.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();

@@ -14,7 +14,21 @@ use super::{AppState, CfError};
 use crate::resources::BlobRef;
 use crate::store::StoreError;
 
-pub async fn download(state: &AppState, blob: &BlobRef, headers: &HeaderMap) -> Result<Response, CfError> {
+/// How a download answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// A redirect when the store can presign, the bytes otherwise (the CF API).
+    RedirectWhenSigned,
+    /// Always the bytes (through the aggregated API, whose clients go through the Kubernetes API server).
+    Bytes,
+}
+
+pub async fn download(
+    state: &AppState,
+    blob: &BlobRef,
+    headers: &HeaderMap,
+    delivery: Delivery,
+) -> Result<Response, CfError> {
     let store = &state.store;
     if !store.holds(blob) {
         tracing::error!(blob.store, blob.key, store = store.url(), "the blob lives in another store");
@@ -24,7 +38,9 @@ pub async fn download(state: &AppState, blob: &BlobRef, headers: &HeaderMap) -> 
         tracing::error!(%error, "download");
         CfError::BlobstoreUnavailable
     };
-    if let Some(url) = store.presigned_get(&blob.key, state.config.download_url_ttl).await.map_err(unavailable)? {
+    if delivery == Delivery::RedirectWhenSigned
+        && let Some(url) = store.presigned_get(&blob.key, state.config.download_url_ttl).await.map_err(unavailable)?
+    {
         let location = HeaderValue::from_str(url.as_str()).map_err(|e| CfError::internal("presigned URL", &e))?;
         return Ok((StatusCode::FOUND, [(LOCATION, location)], "You are being redirected.").into_response());
     }

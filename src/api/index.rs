@@ -35,6 +35,10 @@ impl Index {
         self.packages.get(&ObjectRef::new(name).within(namespace))
     }
 
+    pub fn droplet_named(&self, namespace: &str, name: &str) -> Option<Arc<Droplet>> {
+        self.droplets.get(&ObjectRef::new(name).within(namespace))
+    }
+
     pub fn droplet(&self, guid: &str) -> Option<Arc<Droplet>> {
         self.droplets.find(|d| d.metadata.uid.as_deref() == Some(guid))
     }

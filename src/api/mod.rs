@@ -2,9 +2,11 @@
 //! (TokenReview) and authorization (SubjectAccessReview). Guids are the objects' `metadata.uid`, resolved from
 //! a watch cache; every body is streamed.
 
+pub mod aggregated;
 mod blobs;
 mod droplets;
 pub mod errors;
+pub mod front_proxy;
 mod index;
 mod packages;
 mod resources;
@@ -17,12 +19,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::HeaderMap;
-use axum::http::header::AUTHORIZATION;
 use axum::routing::{get, post};
 use kube::{Client, Resource, ResourceExt};
 
 pub use errors::CfError;
+pub use front_proxy::{Credentials, FrontProxy};
 pub use index::Index;
 
 use crate::auth::{Access, Authorizer};
@@ -76,36 +77,47 @@ pub struct AppState {
     pub recorder: Recorder,
     /// Files of earlier uploads, for resource matching.
     pub cache: ResourceCache,
+    /// The cluster's front proxy, whose users reach the API through aggregation.
+    pub front_proxy: Option<FrontProxy>,
     pub config: ApiConfig,
 }
 
 impl AppState {
-    pub fn new(client: Client, store: BlobStore, index: Index, config: ApiConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        store: BlobStore,
+        index: Index,
+        config: ApiConfig,
+        metrics: Arc<Metrics>,
+        front_proxy: Option<FrontProxy>,
+    ) -> Arc<Self> {
         let auth = Authorizer::new(client.clone(), config.auth_cache_ttl);
         let reporter = Reporter { controller: "bitsmith-api".into(), instance: None };
         let recorder = Recorder::new(client.clone(), reporter, metrics);
         let cache = ResourceCache::new(store.clone());
         tokio::spawn(cache.clone().keep_fresh(Duration::from_secs(300)));
-        Arc::new(AppState { client, store, index, auth, recorder, cache, config })
+        Arc::new(AppState { client, store, index, auth, recorder, cache, front_proxy, config })
     }
 
-    /// The caller, for routes that need no more than a valid token.
-    async fn authenticated(&self, headers: &HeaderMap) -> Result<crate::auth::Caller, CfError> {
-        let authorization = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        self.auth.authenticate(authorization).await
+    /// The caller: the user the front proxy vouches for, or the owner of the bearer token.
+    async fn authenticated(&self, credentials: &Credentials) -> Result<crate::auth::Caller, CfError> {
+        match &credentials.proxied {
+            Some(caller) => Ok(caller.clone()),
+            None => self.auth.authenticate(credentials.authorization.as_deref()).await,
+        }
     }
 
     /// The object `guid` names, once the caller may `verb` it (or its `subresource`): 401 without a valid token,
     /// 404 for an unknown guid, 403 when Kubernetes' RBAC says no.
     async fn authorized<O: Resource<DynamicType = ()>>(
         &self,
-        headers: &HeaderMap,
+        credentials: &Credentials,
         found: impl FnOnce() -> Option<Arc<O>>,
         not_found: &'static str,
         verb: &'static str,
         subresource: Option<&'static str>,
     ) -> Result<Arc<O>, CfError> {
-        let caller = self.authenticated(headers).await?;
+        let caller = self.authenticated(credentials).await?;
         let object = found().ok_or(CfError::ResourceNotFound { what: not_found })?;
         let access = Access {
             verb,
@@ -150,6 +162,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v3/droplets/{guid}/upload",
             post(droplets::upload).layer(DefaultBodyLimit::max(body_limit(state.config.max_upload_size))),
         )
+        .merge(aggregated::routes().layer(DefaultBodyLimit::max(body_limit(state.config.max_upload_size))))
         .fallback(|| async { CfError::UnknownRequest })
         .with_state(state)
 }
@@ -162,11 +175,12 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state);
+    // Each connection's verified client certificate rides along, for the front proxy's requests.
+    let service = router(state).into_make_service_with_connect_info::<front_proxy::PeerCert>();
     match tls {
         Some(config) => {
-            axum::serve(tls::TlsListener::new(listener, config)?, app).with_graceful_shutdown(shutdown).await
+            axum::serve(tls::TlsListener::new(listener, config)?, service).with_graceful_shutdown(shutdown).await
         }
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        None => axum::serve(listener, service).with_graceful_shutdown(shutdown).await,
     }
 }

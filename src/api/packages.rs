@@ -15,15 +15,17 @@ use kube::ResourceExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::blobs::Delivery;
+use super::front_proxy::Credentials;
 use super::resources::{self, Resource};
-use super::upload::{self, Failure};
+use super::upload::{self, Failure, UploadBody};
 use super::{AppState, CfError, blobs, views};
 use crate::archive::zip::{
     EntryCheck, EntryHeader, Event as ZipEvent, MADE_ON_UNIX, Repack, Sizes, ZipError, ZipWriter, file_attributes,
 };
 use crate::cache::{CachedFile, ResourceCache};
 use crate::pipeline::{self, Stored};
-use crate::resources::{Package, PackageState, PackageType};
+use crate::resources::{BlobRef, Package, PackageState, PackageType};
 use crate::sources::SourceError;
 use crate::store::BlobOwner;
 
@@ -31,9 +33,9 @@ use crate::store::BlobOwner;
 pub async fn show(
     State(state): State<Arc<AppState>>,
     Path(guid): Path<String>,
-    headers: HeaderMap,
+    credentials: Credentials,
 ) -> Result<Json<Value>, CfError> {
-    let package = state.authorized(&headers, || state.index.package(&guid), "Package", "get", None).await?;
+    let package = state.authorized(&credentials, || state.index.package(&guid), "Package", "get", None).await?;
     Ok(Json(views::package(&package, &state.config.urls)))
 }
 
@@ -41,29 +43,35 @@ pub async fn show(
 pub async fn download(
     State(state): State<Arc<AppState>>,
     Path(guid): Path<String>,
+    credentials: Credentials,
     headers: HeaderMap,
 ) -> Result<Response, CfError> {
-    let package = state.authorized(&headers, || state.index.package(&guid), "Package", "get", Some("download")).await?;
+    let package =
+        state.authorized(&credentials, || state.index.package(&guid), "Package", "get", Some("download")).await?;
+    blobs::download(&state, package_blob(&package)?, &headers, Delivery::RedirectWhenSigned).await
+}
+
+/// The blob of a READY bits package.
+pub(super) fn package_blob(package: &Package) -> Result<&BlobRef, CfError> {
     if package.spec.package_type != PackageType::Bits {
         return Err(CfError::UnprocessableEntity("Package type must be bits.".into()));
     }
-    let blob = package
+    package
         .status
         .as_ref()
         .filter(|s| s.state == Some(PackageState::Ready))
         .and_then(|s| s.stored.blob.as_ref())
-        .ok_or_else(|| CfError::UnprocessableEntity("Package has no bits to download.".into()))?;
-    blobs::download(&state, blob, &headers).await
+        .ok_or_else(|| CfError::UnprocessableEntity("Package has no bits to download.".into()))
 }
 
 /// `POST /v3/resource_matches`: which of the named files the cache holds, by Cloud Controller's rules. Any
 /// authenticated caller may ask, as in Cloud Foundry.
 pub async fn resource_matches(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    credentials: Credentials,
     body: Bytes,
 ) -> Result<Response, CfError> {
-    state.authenticated(&headers).await?;
+    state.authenticated(&credentials).await?;
     let requested = resources::parse_matches(&body)?;
     let matched: Vec<Value> = requested
         .into_iter()
@@ -80,26 +88,30 @@ pub async fn upload(
     State(state): State<Arc<AppState>>,
     Path(guid): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
+    credentials: Credentials,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, CfError> {
     let package =
-        state.authorized(&headers, || state.index.package(&guid), "Package", "create", Some("upload")).await?;
+        state.authorized(&credentials, || state.index.package(&guid), "Package", "create", Some("upload")).await?;
     if query.contains_key("bits_path") {
         return Err(CfError::UnprocessableEntity("Bits path is invalid".into()));
     }
+    upload_to(&state, &package, UploadBody::Form(upload::form(form)?)).await
+}
+
+/// Upload `body` to `package`, whoever asked.
+pub(super) async fn upload_to(state: &AppState, package: &Package, body: UploadBody) -> Result<Response, CfError> {
     if package.spec.package_type != PackageType::Bits {
         return Err(CfError::UnprocessableEntity("Package type must be bits.".into()));
     }
-    let mut form = upload::form(form)?;
-    let claimed = upload::claim(&state, package.as_ref()).await?;
-    let outcome = receive(&state, &claimed.object, &mut form).await;
-    upload::settle(&state, &claimed, outcome).await?;
+    let claimed = upload::claim(state, package).await?;
+    let outcome = receive(state, &claimed.object, body).await;
+    upload::settle(state, &claimed, outcome).await?;
     Ok(Json(views::package(&claimed.object, &state.config.urls)).into_response())
 }
 
 /// Stream the new package zip into the store while the form is read.
-async fn receive(state: &AppState, package: &Package, form: &mut Multipart) -> Result<Stored, Failure> {
+async fn receive(state: &AppState, package: &Package, body: UploadBody) -> Result<Stored, Failure> {
     let owner = BlobOwner::of(package, &package.namespace().unwrap_or_default());
     let (zip, rx) = mpsc::channel::<Result<Bytes, SourceError>>(8);
     let chunks = Box::pin(futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|item| (item, rx)) }));
@@ -107,7 +119,7 @@ async fn receive(state: &AppState, package: &Package, form: &mut Multipart) -> R
     let storing = pipeline::store_checked(chunks, "the package", &state.store, &owner, None, limit, None);
     let mut packing = Packing { state, zip, inflated: 0 };
     let producing = async {
-        let produced = packing.run(form).await;
+        let produced = packing.run(body).await;
         if produced.is_err() {
             // Tell the store to throw away what it has so far; it commits only a stream that ends cleanly.
             let _ = packing
@@ -154,7 +166,20 @@ fn zip_failure(error: ZipError) -> Failure {
 }
 
 impl Packing<'_> {
-    async fn run(&mut self, form: &mut Multipart) -> Result<(), Failure> {
+    async fn run(&mut self, body: UploadBody) -> Result<(), Failure> {
+        match body {
+            UploadBody::Form(mut form) => self.run_form(&mut form).await,
+            UploadBody::Raw(body) => {
+                let mut repack = Repack::new(self.state.config.max_package_size);
+                let chunks = upload::raw_stream(body, self.state.config.max_upload_size);
+                self.feed(&mut repack, &mut CacheWrite::default(), chunks).await?;
+                let writer = repack.finish().map_err(zip_failure)?;
+                self.send(writer.finish()).await
+            }
+        }
+    }
+
+    async fn run_form(&mut self, form: &mut Multipart) -> Result<(), Failure> {
         let max = self.state.config.max_package_size;
         let mut repack = Some(Repack::new(max));
         let (mut saw_bits, mut resources) = (false, None);

@@ -25,8 +25,13 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-/// A server configuration from PEM files: the certificate chain and its private key.
-pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
+/// A server configuration from PEM files: the certificate chain and its private key. With `clients`, client
+/// certificates are asked for and verified by it.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<ServerConfig, TlsError> {
     let pem_error = |path: &Path, e: rustls::pki_types::pem::Error| TlsError::Pem {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -40,10 +45,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> 
     }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, e))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let builder = ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
+    let builder = match clients {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }

@@ -149,6 +149,50 @@ pub(super) async fn settle<O: Uploadable>(
     answer
 }
 
+/// An upload's bytes, as the pipeline takes them.
+pub(super) type Chunks<'a> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<bytes::Bytes, SourceError>> + Send + 'a>>;
+
+/// What an upload request carries: a multipart form (the CF API), or the file itself (through the aggregated
+/// API, e.g. `kubectl create --raw .../upload -f app.zip`).
+pub(super) enum UploadBody {
+    Form(Multipart),
+    Raw(axum::body::Body),
+}
+
+impl UploadBody {
+    /// A form when the request says it is one, the bare file otherwise.
+    pub async fn from_request(
+        request: axum::extract::Request,
+        state: &std::sync::Arc<AppState>,
+    ) -> Result<Self, CfError> {
+        use axum::extract::FromRequest;
+        let multipart = request
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("multipart/form-data"));
+        if multipart {
+            Ok(UploadBody::Form(form(Multipart::from_request(request, state).await)?))
+        } else {
+            Ok(UploadBody::Raw(request.into_body()))
+        }
+    }
+}
+
+/// A bare request body as a stream the pipeline takes, cut off after `limit` bytes.
+pub(super) fn raw_stream(
+    body: axum::body::Body,
+    limit: u64,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, SourceError>> + Unpin + 'static {
+    let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    Box::pin(
+        axum::body::Body::new(limited)
+            .into_data_stream()
+            .map_err(|e| SourceError::Interrupted { url: "the upload".into(), detail: e.to_string() }),
+    )
+}
+
 /// The multipart form, or 422 when the body is not one.
 pub(super) fn form(multipart: Result<Multipart, MultipartRejection>) -> Result<Multipart, CfError> {
     multipart.map_err(|e| CfError::UnprocessableEntity(format!("The request must be multipart/form-data: {e}")))

@@ -91,7 +91,7 @@ async fn setup_with(
     tweak(&mut config);
     let index = Index::start(&client, Some(&ns));
     index.ready().await;
-    let state = AppState::new(client, store, index, config, Default::default());
+    let state = AppState::new(client, store, index, config, Default::default(), None);
     let api = tokio::spawn(async move {
         bitsmith::api::serve(listener, tls, state, std::future::pending()).await.unwrap();
     });
@@ -694,4 +694,162 @@ async fn offloaded_uploads_are_taken_only_from_the_spool() {
     assert!(!spooled.exists(), "the spooled body is removed once taken");
     let stored = s.get(&format!("/v3/packages/{}/download", s.uid("pkg/first")), Some(&s.allowed)).await;
     assert_eq!(zip_contents(&stored.bytes().await.unwrap()), [format!("app/main.py:{}", sha1_hex(b"print(3)"))]);
+}
+
+/// A CA and a serving certificate from it for `names` (DNS names), made with openssl: `(ca.crt, tls.crt, tls.key)`.
+fn serving_certificate(
+    dir: &std::path::Path,
+    names: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let [ca_key, ca, key, csr, cert, ext] =
+        ["ca.key", "ca.crt", "tls.key", "tls.csr", "tls.crt", "ext.cnf"].map(|f| dir.join(f));
+    let sans: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).chain(["IP:127.0.0.1".to_string()]).collect();
+    std::fs::write(&ext, format!("subjectAltName={}\nextendedKeyUsage=serverAuth\n", sans.join(","))).unwrap();
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let ok = std::process::Command::new("openssl").args(args).stderr(std::process::Stdio::null()).status().unwrap();
+        assert!(ok.success(), "openssl {args:?}");
+    };
+    let s = |v: &str| std::ffi::OsString::from(v);
+    openssl(&[
+        &s("req"),
+        &s("-x509"),
+        &s("-newkey"),
+        &s("rsa:2048"),
+        &s("-nodes"),
+        &s("-days"),
+        &s("1"),
+        &s("-subj"),
+        &s("/CN=bitsmith test serving CA"),
+        &s("-keyout"),
+        ca_key.as_os_str(),
+        &s("-out"),
+        ca.as_os_str(),
+    ]);
+    openssl(&[
+        &s("req"),
+        &s("-newkey"),
+        &s("rsa:2048"),
+        &s("-nodes"),
+        &s("-subj"),
+        &s("/CN=bitsmith-api"),
+        &s("-keyout"),
+        key.as_os_str(),
+        &s("-out"),
+        csr.as_os_str(),
+    ]);
+    openssl(&[
+        &s("x509"),
+        &s("-req"),
+        &s("-in"),
+        csr.as_os_str(),
+        &s("-CA"),
+        ca.as_os_str(),
+        &s("-CAkey"),
+        ca_key.as_os_str(),
+        &s("-CAcreateserial"),
+        &s("-days"),
+        &s("1"),
+        &s("-extfile"),
+        ext.as_os_str(),
+        &s("-out"),
+        cert.as_os_str(),
+    ]);
+    (ca, cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_uploads_and_downloads_through_the_aggregated_api() {
+    use base64::Engine;
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("aggregated"));
+    let dir = tempfile::tempdir().unwrap();
+    let service_name = format!("bitsmith-api.{ns}.svc");
+    let (ca, cert, key) = serving_certificate(dir.path(), &[&service_name, "localhost"]);
+
+    let client = kube::Client::try_default().await.unwrap();
+    let front_proxy =
+        bitsmith::api::FrontProxy::from_cluster(&client).await.unwrap().expect("the cluster's front proxy");
+    let tls = bitsmith::api::tls::server_config(&cert, &key, Some(front_proxy.client_verifier().unwrap())).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = ApiConfig::new(ApiUrls::new(&url::Url::parse(&format!("https://localhost:{port}")).unwrap()));
+    let store = tempfile::tempdir().unwrap();
+    let index = Index::start(&client, Some(&ns));
+    index.ready().await;
+    let state = AppState::new(client, file_store(store.path()), index, config, Default::default(), Some(front_proxy));
+    let api = tokio::spawn(bitsmith::api::serve(listener, Some(tls), state, std::future::pending()));
+
+    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&ca).unwrap());
+    let registration = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: bitsmith-api\n  namespace: {ns}\nspec:\n  type: ExternalName\n  externalName: localhost\n---\napiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata:\n  name: v1alpha1.api.bitsmith.dev\nspec:\n  group: api.bitsmith.dev\n  version: v1alpha1\n  groupPriorityMinimum: 1000\n  versionPriority: 15\n  caBundle: {ca_bundle}\n  service:\n    namespace: {ns}\n    name: bitsmith-api\n    port: {port}\n"
+    );
+    kube_ok(&["apply", "-f", "-"], Some(&registration));
+    kube_ok(&["wait", "--for=condition=Available", "--timeout=90s", "apiservice/v1alpha1.api.bitsmith.dev"], None);
+
+    let both_groups = "- apiGroups: [bitsmith.dev, api.bitsmith.dev]\n  resources: [packages, packages/upload, packages/download]\n  verbs: [get, create]\n";
+    let aggregated_only =
+        "- apiGroups: [api.bitsmith.dev]\n  resources: [packages/upload, packages/download]\n  verbs: [get, create]\n";
+    let (allowed, outsider) = tokio::task::block_in_place(|| {
+        (
+            service_account_token(&ns, "uploader", Some(both_groups)),
+            service_account_token(&ns, "outsider", Some(aggregated_only)),
+        )
+    });
+    kube_ok(
+        &["apply", "-n", &ns, "-f", "-"],
+        Some("apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: app\nspec:\n  type: bits\n"),
+    );
+    let zip = python_zip(
+        dir.path(),
+        "app.zip",
+        "z.writestr('app/main.py', 'print(4)')\nz.writestr('app/Procfile', 'web: python app/main.py')",
+    );
+    let path = format!("/apis/api.bitsmith.dev/v1alpha1/namespaces/{ns}/packages/app");
+    let kubectl_as = |token: &str, args: &[&str]| {
+        let mut all = vec!["--token", token];
+        all.extend_from_slice(args);
+        tokio::task::block_in_place(|| kubectl(&all, None))
+    };
+
+    let discovery = kube_ok(&["get", "--raw", "/apis/api.bitsmith.dev/v1alpha1"], None);
+    assert!(discovery.contains("packages/upload"), "{discovery}");
+
+    // The guid index may trail the apply by a moment.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let uploaded = loop {
+        let out = kubectl_as(&allowed, &["create", "--raw", &format!("{path}/upload"), "-f", zip.to_str().unwrap()]);
+        if out.status.success() {
+            break String::from_utf8(out.stdout).unwrap();
+        }
+        let error = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(error.contains("not found") && Instant::now() < deadline, "{error}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let answer: Value = serde_json::from_str(&uploaded).unwrap();
+    assert_eq!(answer["state"], "PROCESSING_UPLOAD", "{answer}");
+    wait_for(&ns, "pkg/app", "{.status.state}", "READY").await;
+
+    let downloaded = kubectl_as(&allowed, &["get", "--raw", &format!("{path}/download")]);
+    assert!(downloaded.status.success(), "{}", String::from_utf8_lossy(&downloaded.stderr));
+    assert_eq!(
+        zip_contents(&downloaded.stdout),
+        [
+            format!("app/Procfile:{}", sha1_hex(b"web: python app/main.py")),
+            format!("app/main.py:{}", sha1_hex(b"print(4)"))
+        ]
+    );
+    let digest = kube_ok(&["get", "pkg/app", "-n", &ns, "-o", "jsonpath={.status.checksum.value}"], None);
+    assert_eq!(digest, bitsmith::digest::to_hex(&Sha256::digest(&downloaded.stdout)));
+
+    // Allowed through the API server, but not by bitsmith's own check on bitsmith.dev.
+    let refused = kubectl_as(&outsider, &["get", "--raw", &format!("{path}/download")]);
+    assert!(!refused.status.success());
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(error.contains("Forbidden") || error.contains("403"), "{error}");
+    // Neither allowed by the API server.
+    let stranger = tokio::task::block_in_place(|| service_account_token(&ns, "stranger", None));
+    assert!(!kubectl_as(&stranger, &["get", "--raw", &format!("{path}/download")]).status.success());
+
+    kube_ok(&["delete", "apiservice", "v1alpha1.api.bitsmith.dev", "--wait=false"], None);
+    api.abort();
 }

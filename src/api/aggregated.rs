@@ -1,0 +1,107 @@
+//! The API as an aggregated Kubernetes API (`APIService` `v1alpha1.api.bitsmith.dev`): the same uploads and
+//! downloads, addressed by namespace and name, for kubectl users —
+//! `kubectl create --raw /apis/api.bitsmith.dev/v1alpha1/namespaces/NS/packages/NAME/upload -f app.zip` and
+//! `kubectl get --raw .../download`. The Kubernetes API server authenticates the user and authorizes the request
+//! on `api.bitsmith.dev`; this API then checks the same SubjectAccessReviews on `bitsmith.dev` as for CF clients.
+//! Downloads are always the bytes: kubectl's requests go through the API server and cannot follow a redirect to
+//! the store.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::blobs::{self, Delivery};
+use super::front_proxy::Credentials;
+use super::upload::UploadBody;
+use super::{AppState, CfError, droplets, packages};
+
+/// The aggregated API's group.
+pub const GROUP: &str = "api.bitsmith.dev";
+const VERSION: &str = "v1alpha1";
+
+/// The discovery documents and the upload and download routes.
+pub fn routes() -> Router<Arc<AppState>> {
+    let base = format!("/apis/{GROUP}/{VERSION}");
+    Router::new()
+        .route(&format!("/apis/{GROUP}"), get(group))
+        .route(&base, get(resources))
+        .route(&format!("{base}/namespaces/{{namespace}}/packages/{{name}}/upload"), post(upload_package))
+        .route(&format!("{base}/namespaces/{{namespace}}/packages/{{name}}/download"), get(download_package))
+        .route(&format!("{base}/namespaces/{{namespace}}/droplets/{{name}}/upload"), post(upload_droplet))
+        .route(&format!("{base}/namespaces/{{namespace}}/droplets/{{name}}/download"), get(download_droplet))
+}
+
+/// `GET /apis/api.bitsmith.dev`: the group and its one version.
+async fn group() -> Json<Value> {
+    let version = json!({"groupVersion": format!("{GROUP}/{VERSION}"), "version": VERSION});
+    Json(
+        json!({"kind": "APIGroup", "apiVersion": "v1", "name": GROUP, "versions": [version], "preferredVersion": version}),
+    )
+}
+
+/// `GET /apis/api.bitsmith.dev/v1alpha1`: the subresources served, which is also what the API server's
+/// availability check asks for.
+async fn resources() -> Json<Value> {
+    let resource = |name: &str, kind: &str, verb: &str| json!({"name": name, "singularName": "", "namespaced": true, "kind": kind, "verbs": [verb]});
+    Json(json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": format!("{GROUP}/{VERSION}"),
+        "resources": [
+            resource("packages/upload", "Package", "create"),
+            resource("packages/download", "Package", "get"),
+            resource("droplets/upload", "Droplet", "create"),
+            resource("droplets/download", "Droplet", "get"),
+        ],
+    }))
+}
+
+async fn upload_package(
+    State(state): State<Arc<AppState>>,
+    Path((namespace, name)): Path<(String, String)>,
+    credentials: Credentials,
+    request: Request,
+) -> Result<Response, CfError> {
+    let found = || state.index.package_named(&namespace, &name);
+    let package = state.authorized(&credentials, found, "Package", "create", Some("upload")).await?;
+    packages::upload_to(&state, &package, UploadBody::from_request(request, &state).await?).await
+}
+
+async fn download_package(
+    State(state): State<Arc<AppState>>,
+    Path((namespace, name)): Path<(String, String)>,
+    credentials: Credentials,
+    headers: HeaderMap,
+) -> Result<Response, CfError> {
+    let found = || state.index.package_named(&namespace, &name);
+    let package = state.authorized(&credentials, found, "Package", "get", Some("download")).await?;
+    blobs::download(&state, packages::package_blob(&package)?, &headers, Delivery::Bytes).await
+}
+
+async fn upload_droplet(
+    State(state): State<Arc<AppState>>,
+    Path((namespace, name)): Path<(String, String)>,
+    credentials: Credentials,
+    request: Request,
+) -> Result<Response, CfError> {
+    let found = || state.index.droplet_named(&namespace, &name);
+    let droplet = state.authorized(&credentials, found, "Droplet", "create", Some("upload")).await?;
+    droplets::upload_to(&state, &droplet, UploadBody::from_request(request, &state).await?).await
+}
+
+async fn download_droplet(
+    State(state): State<Arc<AppState>>,
+    Path((namespace, name)): Path<(String, String)>,
+    credentials: Credentials,
+    headers: HeaderMap,
+) -> Result<Response, CfError> {
+    let found = || state.index.droplet_named(&namespace, &name);
+    let droplet = state.authorized(&credentials, found, "Droplet", "get", Some("download")).await?;
+    blobs::download(&state, droplets::droplet_blob(&droplet)?, &headers, Delivery::Bytes).await
+}

@@ -14,11 +14,10 @@ use sha2::{Digest, Sha256};
 
 use crate::support::data::coreutils_digests;
 use crate::support::http_server::{Reply, TestServer};
-use crate::support::kube::{install_crds, kubectl, kubectl_ok, namespace, service_account_token};
+use crate::support::kube::{
+    install_crds, kubectl, kubectl_ok, namespace, service_account_token, service_account_with_role,
+};
 use crate::support::{fetcher, file_store};
-
-/// What an uploader may do (the ClusterRole the chart ships for editors grants the same).
-const UPLOADER_RULES: &str = "- apiGroups: [bitsmith.dev]\n  resources: [packages, packages/download, packages/upload, droplets, droplets/download, droplets/upload]\n  verbs: [get, create]\n";
 
 fn kube_ok(args: &[&str], stdin: Option<&str>) -> String {
     tokio::task::block_in_place(|| kubectl_ok(args, stdin))
@@ -96,7 +95,7 @@ async fn setup_with(
         bitsmith::api::serve(listener, tls, state, std::future::pending()).await.unwrap();
     });
     let (allowed, denied) = tokio::task::block_in_place(|| {
-        (service_account_token(&ns, "uploader", Some(UPLOADER_RULES)), service_account_token(&ns, "stranger", None))
+        (service_account_with_role(&ns, "uploader", "bitsmith-uploader"), service_account_token(&ns, "stranger", None))
     });
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     Setup { ns, server, base, allowed, denied, http, _store: None, tasks: vec![running, api] }
@@ -303,7 +302,7 @@ async fn the_api_binary_serves_tls_on_its_own() {
     let docker = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: image\nspec:\n  type: docker\n  image:\n    reference: nginx:1.27\n";
     kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(docker));
     let guid = kube_ok(&["get", "pkg/image", "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
-    let token = tokio::task::block_in_place(|| service_account_token(&ns, "uploader", Some(UPLOADER_RULES)));
+    let token = tokio::task::block_in_place(|| service_account_with_role(&ns, "viewer", "bitsmith-viewer"));
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
         .build()
@@ -786,12 +785,11 @@ async fn kubectl_uploads_and_downloads_through_the_aggregated_api() {
     kube_ok(&["apply", "-f", "-"], Some(&registration));
     kube_ok(&["wait", "--for=condition=Available", "--timeout=90s", "apiservice/v1alpha1.api.bitsmith.dev"], None);
 
-    let both_groups = "- apiGroups: [bitsmith.dev, api.bitsmith.dev]\n  resources: [packages, packages/upload, packages/download]\n  verbs: [get, create]\n";
     let aggregated_only =
         "- apiGroups: [api.bitsmith.dev]\n  resources: [packages/upload, packages/download]\n  verbs: [get, create]\n";
     let (allowed, outsider) = tokio::task::block_in_place(|| {
         (
-            service_account_token(&ns, "uploader", Some(both_groups)),
+            service_account_with_role(&ns, "uploader", "bitsmith-uploader"),
             service_account_token(&ns, "outsider", Some(aggregated_only)),
         )
     });

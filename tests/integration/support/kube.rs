@@ -60,6 +60,25 @@ pub fn namespace(test: &str) -> String {
     name
 }
 
+/// Install the user ClusterRoles bitsmith ships (config/rbac/user-roles.yaml), once per test process.
+pub fn install_user_roles() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        kubectl_ok(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/config/rbac/user-roles.yaml")], None);
+    });
+}
+
+/// A new ServiceAccount `name` in `ns`, bound in `ns` to the shipped ClusterRole `role`, and a token for it.
+pub fn service_account_with_role(ns: &str, name: &str, role: &str) -> String {
+    install_user_roles();
+    kubectl_ok(&["create", "serviceaccount", name, "-n", ns], None);
+    kubectl_ok(
+        &["create", "rolebinding", name, "-n", ns, "--clusterrole", role, "--serviceaccount", &format!("{ns}:{name}")],
+        None,
+    );
+    kubectl_ok(&["create", "token", name, "-n", ns, "--duration=1h"], None).trim().to_string()
+}
+
 /// A new ServiceAccount `name` in `ns` and a token for it; with `rules` (the `rules:` of a Role, as YAML),
 /// also a Role and RoleBinding granting them.
 pub fn service_account_token(ns: &str, name: &str, rules: Option<&str>) -> String {

@@ -17,9 +17,9 @@ test:
 crds:
 	$(CARGO) run --quiet --locked -- crd --out-dir crds
 
-# Throughput and memory, printed as a table.
+# Throughput, memory and latency, printed as tables: the pipeline, the controller, the API.
 bench:
-	scripts/with-test-env.sh $(CARGO) bench --locked --bench pipeline --bench controller
+	scripts/with-test-env.sh $(CARGO) bench --locked --bench pipeline --bench controller --bench api
 
 # The operator against the current kubeconfig's cluster; without one, on a local control plane with the CRDs
 # and examples/ applied (scripts/run.sh).

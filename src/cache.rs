@@ -20,9 +20,12 @@ pub const MIN_SIZE: u64 = 65_536;
 /// ...and smaller than this (its maximum).
 pub const MAX_SIZE: u64 = 536_870_912;
 
+/// The sizes of files worth caching and matching.
+pub const CACHED_SIZES: std::ops::Range<u64> = MIN_SIZE + 1..MAX_SIZE;
+
 /// Whether a file of `size` bytes is worth caching and matching.
 pub fn cacheable(size: u64) -> bool {
-    MIN_SIZE < size && size < MAX_SIZE
+    CACHED_SIZES.contains(&size)
 }
 
 /// A cached file: enough to write it as a zip entry.

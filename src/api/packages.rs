@@ -146,6 +146,9 @@ async fn receive(state: &AppState, package: &Package, body: UploadBody) -> Resul
     }
 }
 
+/// How much of an upload's body the rewrite takes at once.
+const FEED_BATCH: usize = 1 << 20;
+
 /// The work of one upload: the uploaded zip rewritten, files cached, resources added.
 struct Packing<'a> {
     state: &'a AppState,
@@ -170,7 +173,7 @@ impl Packing<'_> {
         match body {
             UploadBody::Form(mut form) => self.run_form(&mut form).await,
             UploadBody::Raw(body) => {
-                let mut repack = Repack::new(self.state.config.max_package_size);
+                let mut repack = Repack::new(self.state.config.max_package_size, crate::cache::CACHED_SIZES);
                 let chunks = upload::raw_stream(body, self.state.config.max_upload_size);
                 self.feed(&mut repack, &mut CacheWrite::default(), chunks).await?;
                 let writer = repack.finish().map_err(zip_failure)?;
@@ -181,7 +184,7 @@ impl Packing<'_> {
 
     async fn run_form(&mut self, form: &mut Multipart) -> Result<(), Failure> {
         let max = self.state.config.max_package_size;
-        let mut repack = Some(Repack::new(max));
+        let mut repack = Some(Repack::new(max, crate::cache::CACHED_SIZES));
         let (mut saw_bits, mut resources) = (false, None);
         let mut cache = CacheWrite::default();
         while let Some(field) =
@@ -237,18 +240,30 @@ impl Packing<'_> {
     where
         S: futures::Stream<Item = Result<Bytes, SourceError>> + Unpin,
     {
-        while let Some(chunk) =
-            chunks.try_next().await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?
-        {
-            let (out, events) = blocking(|| repack.push(&chunk)).map_err(zip_failure)?;
-            for bytes in out {
-                self.send(bytes).await?;
+        // The body arrives in small pieces; the rewrite takes them a megabyte at a time.
+        let mut batch = bytes::BytesMut::new();
+        loop {
+            let chunk = chunks.try_next().await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?;
+            if let Some(chunk) = &chunk {
+                batch.extend_from_slice(chunk);
+                if batch.len() < FEED_BATCH {
+                    continue;
+                }
             }
-            for event in events {
-                cache.follow(&self.state.cache, event).await;
+            if !batch.is_empty() {
+                let input = batch.split();
+                let (out, events) = blocking(|| repack.push(&input)).map_err(zip_failure)?;
+                for bytes in out {
+                    self.send(bytes).await?;
+                }
+                for event in events {
+                    cache.follow(&self.state.cache, event).await;
+                }
+            }
+            if chunk.is_none() {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     /// The spooled file `bits_path` names, if it lies inside the spool directory.
@@ -306,7 +321,10 @@ impl Packing<'_> {
         while let Some(chunk) =
             stream.try_next().await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::BlobstoreUnavailable))?
         {
-            blocking(|| check.update(&chunk)).map_err(|_| self.mismatch(&path))?;
+            if blocking(|| check.update(&chunk)).is_err() {
+                self.state.cache.evict(&cached).await;
+                return Err(self.mismatch(&path));
+            }
             writer.data(chunk.len());
             self.send(chunk).await?;
         }
@@ -355,12 +373,12 @@ impl CacheWrite {
             }
             ZipEvent::End(end) => {
                 let Some((header, write)) = self.open.take() else { return };
-                if !crate::cache::cacheable(end.sizes.uncompressed) || cache.contains(&end.sha1) {
+                let Some(sha1) = end.sha1.filter(|sha1| !cache.contains(sha1)) else {
                     write.abort().await;
                     return;
-                }
+                };
                 let file = CachedFile {
-                    sha1: end.sha1,
+                    sha1,
                     size: end.sizes.uncompressed,
                     compressed: end.sizes.compressed,
                     crc: end.sizes.crc,

@@ -82,8 +82,8 @@ pub struct Sizes {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryEnd {
     pub sizes: Sizes,
-    /// Lowercase hex sha1 of the inflated content.
-    pub sha1: String,
+    /// Lowercase hex sha1 of the inflated content, for entries of a size the reader was asked to hash.
+    pub sha1: Option<String>,
 }
 
 /// What the reader saw.
@@ -137,7 +137,8 @@ struct Entry {
     /// Raw bytes left, when known.
     remaining: Option<u64>,
     inflater: Option<Decompress>,
-    sha1: Sha1,
+    /// Only for entries whose size may lie in [`ZipReader::hashed_sizes`].
+    sha1: Option<Sha1>,
     crc: Crc,
     compressed: u64,
 }
@@ -160,11 +161,14 @@ pub struct ZipReader {
     seen: Vec<Seen>,
     directory: Vec<DirectoryEntry>,
     scratch: Vec<u8>,
+    /// Entries whose inflated size lies in this range are hashed with sha1; hashing the others would be wasted.
+    hashed_sizes: std::ops::Range<u64>,
 }
 
 impl ZipReader {
-    /// A reader that refuses more than `max_inflated` bytes of inflated content in all.
-    pub fn new(max_inflated: u64) -> Self {
+    /// A reader that refuses more than `max_inflated` bytes of inflated content in all, and reports the sha1 of
+    /// entries whose inflated size lies in `hashed_sizes`.
+    pub fn new(max_inflated: u64, hashed_sizes: std::ops::Range<u64>) -> Self {
         ZipReader {
             state: State::Signature,
             buffer: BytesMut::new(),
@@ -174,6 +178,7 @@ impl ZipReader {
             seen: Vec::new(),
             directory: Vec::new(),
             scratch: vec![0; 64 << 10],
+            hashed_sizes,
         }
     }
 
@@ -346,7 +351,7 @@ impl ZipReader {
             inflater: (method == DEFLATED).then(|| Decompress::new(false)),
             header,
             offset,
-            sha1: Sha1::new(),
+            sha1: declared.is_none_or(|d| self.hashed_sizes.contains(&d.uncompressed)).then(Sha1::new),
             crc: Crc::new(),
             compressed: 0,
         };
@@ -367,14 +372,18 @@ impl ZipReader {
         let (consumed, finished) = match entry.inflater.as_mut() {
             None if entry.remaining.is_none() => {
                 let chunk = &self.buffer[..available];
-                entry.sha1.update(chunk);
+                if let Some(sha1) = &mut entry.sha1 {
+                    sha1.update(chunk);
+                }
                 entry.crc.update(chunk);
                 self.inflated += available as u64;
                 (available, found_end)
             }
             None => {
                 let chunk = &self.buffer[..available];
-                entry.sha1.update(chunk);
+                if let Some(sha1) = &mut entry.sha1 {
+                    sha1.update(chunk);
+                }
                 entry.crc.update(chunk);
                 self.inflated += available as u64;
                 (available, entry.remaining == Some(available as u64))
@@ -389,7 +398,9 @@ impl ZipReader {
                         .decompress(input, &mut self.scratch, FlushDecompress::None)
                         .map_err(|e| invalid(format!("{}: {e}", entry.header.name)))?;
                     let produced = (inflater.total_out() - out_before) as usize;
-                    entry.sha1.update(&self.scratch[..produced]);
+                    if let Some(sha1) = &mut entry.sha1 {
+                        sha1.update(&self.scratch[..produced]);
+                    }
                     entry.crc.update(&self.scratch[..produced]);
                     self.inflated += produced as u64;
                     if self.inflated > self.max_inflated {
@@ -497,7 +508,8 @@ impl ZipReader {
             return Err(invalid(format!("{}: its CRC or sizes do not match its content", entry.header.name)));
         }
         self.seen.push(Seen { name: entry.header.name.clone(), offset: entry.offset, crc: sizes.crc });
-        events.push(Event::End(EntryEnd { sizes, sha1: to_hex(&entry.sha1.finalize()) }));
+        let sha1 = entry.sha1.filter(|_| self.hashed_sizes.contains(&uncompressed)).map(|h| to_hex(&h.finalize()));
+        events.push(Event::End(EntryEnd { sizes, sha1 }));
         self.state = State::Signature;
         Ok(())
     }
@@ -839,8 +851,8 @@ pub struct Repack {
 }
 
 impl Repack {
-    pub fn new(max_inflated: u64) -> Self {
-        Repack { reader: ZipReader::new(max_inflated), writer: ZipWriter::new() }
+    pub fn new(max_inflated: u64, hashed_sizes: std::ops::Range<u64>) -> Self {
+        Repack { reader: ZipReader::new(max_inflated, hashed_sizes), writer: ZipWriter::new() }
     }
 
     /// Take the next chunk of the upload; returns the new zip's next bytes and what the reader saw.
@@ -914,7 +926,7 @@ mod tests {
     }
 
     fn repack(zip: &[u8], chunk: usize) -> Result<(Vec<u8>, Vec<EntryEnd>), ZipError> {
-        let mut repack = Repack::new(1 << 30);
+        let mut repack = Repack::new(1 << 30, 0..u64::MAX);
         let (mut out, mut ends) = (Vec::new(), Vec::new());
         for piece in zip.chunks(chunk) {
             let (bytes, events) = repack.push(piece)?;
@@ -944,8 +956,18 @@ mod tests {
                 );
                 let main = &ends[1];
                 assert_eq!(main.sizes.uncompressed, 45000);
-                assert_eq!(main.sha1, to_hex(&Sha1::digest("print(1)\n".repeat(5000))));
+                assert_eq!(main.sha1, Some(to_hex(&Sha1::digest("print(1)\n".repeat(5000)))));
             }
+        }
+    }
+
+    #[test]
+    fn zip64_entries_are_read() {
+        let script = "with z.open('app/big.bin', 'w', force_zip64=True) as f:\n    f.write(bytes(range(256)) * 4000)\nz.writestr('app/small.txt', 'x')";
+        for streamed in [false, true] {
+            let (out, ends) = repack(&python_zip(script, streamed), 777).unwrap();
+            assert_eq!(python_list(&out), "app/big.bin:1024000:0o600 app/small.txt:1:0o600", "streamed {streamed}");
+            assert_eq!(ends[0].sizes.uncompressed, 1_024_000);
         }
     }
 
@@ -972,7 +994,7 @@ mod tests {
 
         let bomb = python_zip("z.writestr('zeros', bytes(50 << 20))", true);
         assert!(repack(&bomb, 1 << 16).unwrap_err().to_string().contains("zip bomb"));
-        let mut small = Repack::new(10_000);
+        let mut small = Repack::new(10_000, 0..u64::MAX);
         let error = small.push(&zip).map(|_| ()).and_then(|()| small.finish().map(|_| ())).unwrap_err();
         assert_eq!(error, ZipError::TooLarge { max: 10_000 });
     }

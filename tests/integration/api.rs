@@ -15,28 +15,9 @@ use sha2::{Digest, Sha256};
 use crate::support::data::coreutils_digests;
 use crate::support::http_server::{Reply, TestServer};
 use crate::support::kube::{
-    install_crds, kubectl, kubectl_ok, namespace, service_account_token, service_account_with_role,
+    install_crds, kube_ok, kubectl, namespace, service_account_token, service_account_with_role, wait_for,
 };
 use crate::support::{fetcher, file_store};
-
-fn kube_ok(args: &[&str], stdin: Option<&str>) -> String {
-    tokio::task::block_in_place(|| kubectl_ok(args, stdin))
-}
-
-async fn wait_for(ns: &str, object: &str, jsonpath: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = tokio::task::block_in_place(|| {
-            kubectl(&["get", object, "-n", ns, "-o", &format!("jsonpath={jsonpath}")], None)
-        });
-        let got = String::from_utf8_lossy(&out.stdout).to_string();
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{object}: {jsonpath} is {got:?}, not {want:?}, after 60 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// A namespace with a controller, an API on loopback over the same store, a source server, and tokens.
 struct Setup {
@@ -224,6 +205,12 @@ async fn packages_are_shown_and_downloaded_to_those_rbac_allows() {
         s.get(&format!("/v3/packages/{}", s.uid("pkg/image")), Some(&s.allowed)).await.json().await.unwrap();
     assert_eq!(image["data"]["image"], "nginx:1.27");
     assert!(image["links"].get("download").is_none());
+
+    // A store that lost the bits answers 502, not a broken stream.
+    let blob = kube_ok(&["get", "pkg/app", "-n", &s.ns, "-o", "jsonpath={.status.blob.key}"], None);
+    std::fs::remove_file(s._store.as_ref().unwrap().path().join(blob)).unwrap();
+    let gone = cf_error(s.get(&format!("{path}/download"), Some(&s.allowed)).await).await;
+    assert_eq!((gone.0, gone.1.as_str(), gone.2), (StatusCode::BAD_GATEWAY, "CF-BlobstoreUnavailable", 150006));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -556,6 +543,28 @@ async fn uploads_feed_the_resource_cache_and_matched_files_come_back() {
     let again = tokio::task::block_in_place(|| curl_upload(&url, &s.allowed, &zip));
     assert_eq!((again.0, again.2["errors"][0]["code"].as_u64()), (400, Some(150004)));
 
+    // A cached file that no longer matches its sha1 fails the upload that names it, and leaves the cache.
+    let store = s._store.as_ref().unwrap().path();
+    let cached: Vec<_> = crate::support::files_under(store)
+        .into_iter()
+        .filter(|f| f.starts_with(format!("resource-cache/{}", sha1_hex(&lib))))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let mut bytes = std::fs::read(store.join(&cached[0])).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(store.join(&cached[0]), bytes).unwrap();
+    s.apply("apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: third\nspec:\n  type: bits\n");
+    wait_for(&s.ns, "pkg/third", "{.status.state}", "AWAITING_UPLOAD").await;
+    let form = reqwest::multipart::Form::new().text("resources", serde_json::json!([resources[0]]).to_string());
+    let third = format!("{}/v3/packages/{}/upload", s.base, s.uid("pkg/third"));
+    let response = s.http.post(&third).bearer_auth(&s.allowed).multipart(form).send().await.unwrap();
+    let (status, title, code, _) = cf_error(response).await;
+    assert_eq!(
+        (status, title.as_str(), code),
+        (StatusCode::INTERNAL_SERVER_ERROR, "CF-ResourceChecksumMismatch", 150010)
+    );
+    assert!(!store.join(&cached[0]).exists(), "the corrupt file left the cache");
+
     // Well under the size limit, a zip bomb shows itself by its ratio.
     wait_for(&s.ns, "pkg/bomb", "{.status.state}", "AWAITING_UPLOAD").await;
     let bomb = python_zip(dir.path(), "bomb.zip", "z.writestr('zeros', bytes(50 << 20))");
@@ -849,5 +858,36 @@ async fn kubectl_uploads_and_downloads_through_the_aggregated_api() {
     assert!(!kubectl_as(&stranger, &["get", "--raw", &format!("{path}/download")]).status.success());
 
     kube_ok(&["delete", "apiservice", "v1alpha1.api.bitsmith.dev", "--wait=false"], None);
+    api.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_whose_identity_may_not_review_tokens_answers_unknown_error_and_no_internals() {
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("api-unknown"));
+    let (weak, caller) = tokio::task::block_in_place(|| {
+        (service_account_token(&ns, "weak-api", None), service_account_with_role(&ns, "uploader", "bitsmith-uploader"))
+    });
+    let mut config = kube::Config::infer().await.unwrap();
+    config.auth_info = kube::config::AuthInfo { token: Some(weak.into()), ..Default::default() };
+    let client = kube::Client::try_from(config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let store = tempfile::tempdir().unwrap();
+    let index = Index::start(&client, Some(&ns));
+    let config = ApiConfig::new(ApiUrls::new(&url::Url::parse(&base).unwrap()));
+    let state = AppState::new(client, file_store(store.path()), index, config, Default::default(), None);
+    let api = tokio::spawn(bitsmith::api::serve(listener, None, state, std::future::pending()));
+    let response = reqwest::Client::new()
+        .get(format!("{base}/v3/packages/7d5e2f3c-0000-4000-8000-000000000000"))
+        .bearer_auth(&caller)
+        .send()
+        .await
+        .unwrap();
+    let error = cf_error(response).await;
+    assert_eq!(
+        error,
+        (StatusCode::INTERNAL_SERVER_ERROR, "CF-UnknownError".into(), 10001, "An unknown error occurred.".into())
+    );
     api.abort();
 }

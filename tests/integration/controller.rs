@@ -11,29 +11,8 @@ use bitsmith::ops::Ops;
 
 use crate::support::data::coreutils_digests;
 use crate::support::http_server::{Reply, TestServer};
-use crate::support::kube::{install_crds, kubectl, kubectl_ok, namespace};
+use crate::support::kube::{install_crds, kube_ok, namespace, wait_for};
 use crate::support::{file_fetcher, files_under};
-
-/// kubectl blocks; let the runtime's other worker serve the controller and the source meanwhile.
-fn kube_ok(args: &[&str], stdin: Option<&str>) -> String {
-    tokio::task::block_in_place(|| kubectl_ok(args, stdin))
-}
-
-/// Poll `jsonpath` of an object until it equals `want`.
-async fn wait_for(ns: &str, object: &str, jsonpath: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = tokio::task::block_in_place(|| {
-            kubectl(&["get", object, "-n", ns, "-o", &format!("jsonpath={jsonpath}")], None)
-        });
-        let got = String::from_utf8_lossy(&out.stdout).to_string();
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{object}: {jsonpath} is {got:?}, not {want:?}, after 60 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// A namespace of its own, a loopback source server, a file store, and a controller watching that namespace.
 struct Setup {

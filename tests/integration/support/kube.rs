@@ -91,3 +91,25 @@ pub fn service_account_token(ns: &str, name: &str, rules: Option<&str>) -> Strin
     }
     kubectl_ok(&["create", "token", name, "-n", ns, "--duration=1h"], None).trim().to_string()
 }
+
+/// kubectl blocks; let the runtime's other worker serve the controller and the API meanwhile.
+pub fn kube_ok(args: &[&str], stdin: Option<&str>) -> String {
+    tokio::task::block_in_place(|| kubectl_ok(args, stdin))
+}
+
+/// Poll `jsonpath` of an object until it equals `want`, for at most a minute.
+pub async fn wait_for(ns: &str, object: &str, jsonpath: &str, want: &str) {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = tokio::task::block_in_place(|| {
+            kubectl(&["get", object, "-n", ns, "-o", &format!("jsonpath={jsonpath}")], None)
+        });
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{object}: {jsonpath} is {got:?}, not {want:?}, after 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

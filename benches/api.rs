@@ -1,0 +1,309 @@
+//! CF v3 API benchmark against the control plane `make bench` starts (scripts/with-test-env.sh), with the real
+//! `bitsmith api` binary on loopback and a `file://` store. Prints a table; asserts nothing about time.
+//!
+//! - Upload throughput of a zip (default 2 GiB, `BITSMITH_BENCH_UPLOAD_SIZE`) of four stored entries, against
+//!   the pipeline alone (file source → file store) on the same bytes.
+//! - Peak RSS of the API process during that upload, above its idle RSS.
+//! - `POST /v3/resource_matches` with 5000 entries: median latency of 20 requests.
+//! - `GET /v3/packages/:guid` requests per second under `wrk` (installed with apt when missing).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use bitsmith::archive::zip::{EntryHeader, MADE_ON_UNIX, Sizes, ZipWriter, file_attributes};
+use bitsmith::fetch::{Fetcher, Inputs};
+use bitsmith::resources::{ObjectStoreSource, Source};
+use bitsmith::sources::SourcePolicy;
+use bitsmith::store::{BlobOwner, BlobStore};
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> String {
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    child.stdin.take().unwrap().write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "kubectl {args:?} failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Pseudo-random bytes that do not compress.
+fn noise(seed: u64, buf: &mut [u8]) {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for word in buf.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+    }
+}
+
+/// Write one stored entry of `data_blocks` (each `repeat` times) to `out`.
+fn stored_entry(out: &mut impl Write, writer: &mut ZipWriter, name: String, block: &[u8], repeat: u64) {
+    let mut crc = crc32fast::Hasher::new();
+    for _ in 0..repeat {
+        crc.update(block);
+    }
+    let size = block.len() as u64 * repeat;
+    let sizes = Sizes { crc: crc.finalize(), compressed: size, uncompressed: size };
+    let header =
+        EntryHeader { name, method: 0, flags: 0, mod_time: 0, mod_date: 33, declared: Some(sizes), zip64: false };
+    out.write_all(&writer.start(&header)).unwrap();
+    for _ in 0..repeat {
+        out.write_all(block).unwrap();
+        writer.data(block.len());
+    }
+    out.write_all(&writer.end(sizes, MADE_ON_UNIX, file_attributes(0o644))).unwrap();
+}
+
+/// A zip of `count` stored entries of `each` bytes (a multiple of 8 MiB), written with bitsmith's own writer.
+fn write_zip(path: &Path, count: u64, each: u64) {
+    let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path).unwrap());
+    let mut writer = ZipWriter::new();
+    let mut block = vec![0u8; 8 << 20];
+    for n in 0..count {
+        noise(n + 1, &mut block);
+        stored_entry(&mut file, &mut writer, format!("app/part-{n}.bin"), &block, each / block.len() as u64);
+    }
+    file.write_all(&writer.finish()).unwrap();
+    file.into_inner().unwrap().sync_all().unwrap();
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+struct Api(Child);
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn package(client: &reqwest::Client, base: &str, token: &str, ns: &str, name: &str) -> String {
+    kubectl(
+        &["apply", "-n", ns, "-f", "-"],
+        Some(&format!(
+            "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {name}\nspec:\n  type: bits\n"
+        )),
+    );
+    let guid = kubectl(&["get", "pkg", name, "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
+    // Wait for the API's watch cache to know it.
+    for _ in 0..100 {
+        let response = client.get(format!("{base}/v3/packages/{guid}")).bearer_auth(token).send().await.unwrap();
+        if response.status() == 200 {
+            return guid;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the API never saw package {name}");
+}
+
+async fn upload(client: &reqwest::Client, url: &str, token: &str, form: reqwest::multipart::Form) -> Duration {
+    let started = Instant::now();
+    let response = client.post(url).bearer_auth(token).multipart(form).send().await.unwrap();
+    let status = response.status();
+    assert_eq!(status, 200, "upload failed: {}", response.text().await.unwrap());
+    started.elapsed()
+}
+
+async fn file_part(path: &Path) -> reqwest::multipart::Part {
+    use futures::StreamExt;
+    let len = std::fs::metadata(path).unwrap().len();
+    let file = tokio::fs::File::open(path).await.unwrap();
+    let chunks = futures::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 20];
+        let n = file.read(&mut buf).await.ok()?;
+        buf.truncate(n);
+        (n > 0).then(|| (Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), file))
+    })
+    .boxed();
+    reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(chunks), len).file_name("app.zip")
+}
+
+fn wrk(url: &str, token: &str) -> f64 {
+    let installed = Command::new("sh").args(["-c", "command -v wrk"]).output().unwrap().status.success();
+    if !installed {
+        let ok = Command::new("sh")
+            .args(["-c", "apt-get update -qq && apt-get install -y -qq wrk >/dev/null"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "installing wrk");
+    }
+    let out = Command::new("wrk")
+        .args(["-t2", "-c32", "-d10s", "-H", &format!("Authorization: bearer {token}"), url])
+        .output()
+        .expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk's output:\n{text}"))
+}
+
+#[tokio::main]
+async fn main() {
+    std::env::var("KUBECONFIG").expect("KUBECONFIG: run through `make bench`, which starts the control plane");
+    let size: u64 = std::env::var("BITSMITH_BENCH_UPLOAD_SIZE").map(|v| v.parse().expect("bytes")).unwrap_or(2 << 30);
+    let each = (size / 4).div_ceil(8 * MIB) * 8 * MIB;
+    let dir = tempfile::tempdir_in("target").unwrap();
+    let zip = dir.path().join("app.zip");
+    write_zip(&zip, 4, each);
+    let zip_len = std::fs::metadata(&zip).unwrap().len();
+
+    kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds")], None);
+    kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/config/rbac/user-roles.yaml")], None);
+    let ns = format!("bench-api-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    kubectl(&["create", "namespace", &ns], None);
+    kubectl(&["create", "serviceaccount", "uploader", "-n", &ns], None);
+    kubectl(
+        &[
+            "create",
+            "rolebinding",
+            "uploader",
+            "-n",
+            &ns,
+            "--clusterrole",
+            "bitsmith-uploader",
+            "--serviceaccount",
+            &format!("{ns}:uploader"),
+        ],
+        None,
+    );
+    let token = kubectl(&["create", "token", "uploader", "-n", &ns, "--duration=1h"], None).trim().to_string();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}");
+    let store_dir: PathBuf = dir.path().join("store");
+    let limit = format!("{}", 2 * size + 64 * MIB);
+    let api = Api(Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["api", "--namespace", &ns, "--listen", &format!("127.0.0.1:{port}"), "--store"])
+        .arg(&store_dir)
+        .args(["--max-upload-size", &limit, "--max-package-size", &limit])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap());
+    let pid = api.0.id();
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        if client.get(format!("{base}/v3/nothing")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Upload throughput and memory.
+    let big = package(&client, &base, &token, &ns, "big").await;
+    let idle = rss_kib(pid, "VmRSS:");
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("resetting the peak RSS");
+    let took = upload(&client, &format!("{base}/v3/packages/{big}/upload"), &token, {
+        reqwest::multipart::Form::new().part("bits", file_part(&zip).await)
+    })
+    .await;
+    let peak = rss_kib(pid, "VmHWM:");
+    let upload_mbs = zip_len as f64 / took.as_secs_f64() / 1e6;
+
+    // The pipeline alone on the same bytes.
+    let pipeline_store = BlobStore::open(
+        url::Url::from_directory_path(dir.path().join("pipeline")).unwrap().as_str(),
+        &Default::default(),
+    )
+    .unwrap();
+    let fetcher =
+        Fetcher::new(pipeline_store, SourcePolicy { file_root: Some(dir.path().to_path_buf()) }, 2 * size).unwrap();
+    let source = Source {
+        object_store: Some(ObjectStoreSource {
+            url: url::Url::from_file_path(&zip).unwrap().to_string(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let owner = BlobOwner { plural: "packages", namespace: "bench".into(), name: "pipeline".into(), uid: None };
+    let started = Instant::now();
+    fetcher.fetch(&owner, &source, None, Inputs::default()).await.unwrap();
+    let pipeline_mbs = zip_len as f64 / started.elapsed().as_secs_f64() / 1e6;
+
+    // Resource matches: 5000 entries, 50 of them cached.
+    let cached = package(&client, &base, &token, &ns, "cached").await;
+    let small = dir.path().join("small.zip");
+    let mut files = Vec::new();
+    {
+        let mut out = std::fs::File::create(&small).unwrap();
+        let mut writer = ZipWriter::new();
+        for n in 0..50u64 {
+            let mut data = vec![0u8; 70_000];
+            noise(1000 + n, &mut data);
+            stored_entry(&mut out, &mut writer, format!("lib/file-{n}.bin"), &data, 1);
+            files.push(bitsmith::digest::to_hex(&<sha1::Sha1 as sha1::Digest>::digest(&data)));
+        }
+        out.write_all(&writer.finish()).unwrap();
+    }
+    upload(&client, &format!("{base}/v3/packages/{cached}/upload"), &token, {
+        reqwest::multipart::Form::new().part("bits", file_part(&small).await)
+    })
+    .await;
+    let resources: Vec<Value> = (0..5000)
+        .map(|n| {
+            let sha1 = files.get(n).cloned().unwrap_or_else(|| format!("{:040x}", n * 7919 + 1));
+            json!({"checksum": {"value": sha1}, "size_in_bytes": 70_000, "path": format!("lib/file-{n}.bin"), "mode": "644"})
+        })
+        .collect();
+    let body = json!({ "resources": resources }).to_string();
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let response = client
+            .post(format!("{base}/v3/resource_matches"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let matched: Value = response.json().await.unwrap();
+        latencies.push(started.elapsed());
+        assert_eq!(matched["resources"].as_array().map(Vec::len), Some(50), "the 50 cached files match");
+    }
+    latencies.sort();
+    let matches_ms = latencies[latencies.len() / 2].as_secs_f64() * 1e3;
+
+    let rps = wrk(&format!("{base}/v3/packages/{big}"), &token);
+
+    println!(
+        "\nbitsmith API benchmark: {:.2} GiB zip upload, {} cores",
+        zip_len as f64 / (1u64 << 30) as f64,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!("| measurement | value | target |");
+    println!("|---|---:|---:|");
+    println!("| upload (multipart, zip checked and rewritten) | {upload_mbs:.0} MB/s | |");
+    println!("| pipeline only, same bytes (file → file store) | {pipeline_mbs:.0} MB/s | |");
+    println!("| upload / pipeline | {:.2} | ≥ 0.8 |", upload_mbs / pipeline_mbs);
+    println!(
+        "| API peak RSS during the upload, above idle | {:.1} MiB | ≤ 64 MiB |",
+        (peak.saturating_sub(idle)) as f64 / 1024.0
+    );
+    println!("| API idle RSS | {:.1} MiB | |", idle as f64 / 1024.0);
+    println!("| resource_matches, 5000 entries (median of 20) | {matches_ms:.1} ms | < 50 ms |");
+    println!("| GET /v3/packages/:guid (wrk, 2 threads, 32 connections, 10 s) | {rps:.0} req/s | |");
+
+    drop(api);
+    kubectl(&["delete", "namespace", &ns, "--wait=false"], None);
+}

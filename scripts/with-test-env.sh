@@ -6,7 +6,11 @@
 #   scripts/with-test-env.sh cargo test --locked
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubectl; }
+# kubectl drives the tests as a user would; lua5.4 runs the Argo CD health script.
+missing=""
+command -v kubectl >/dev/null || missing="$missing kubectl"
+command -v lua5.4 >/dev/null || missing="$missing lua5.4"
+if [ -n "$missing" ]; then apt-get update -qq && apt-get install -y -qq $missing >/dev/null; fi
 state=$(mktemp -d "${TMPDIR:-/tmp}/bitsmith-env.XXXXXX")
 cleanup() {
   scripts/apiserver.sh stop "$state/apiserver"

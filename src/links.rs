@@ -4,7 +4,7 @@
 
 use url::Url;
 
-use crate::resources::{BitsObject, Droplet, DropletState, Link, Links, Package, PackageType};
+use crate::resources::{BitsObject, BitsStatus, Droplet, DropletState, Link, Links, Package, PackageType};
 
 /// The external URL of the CF v3 API, e.g. `https://bits.example.com` (a path prefix is kept).
 #[derive(Clone, Debug, PartialEq)]
@@ -67,6 +67,16 @@ impl ApiUrls {
             package: package.map(|p| link(self.package(p), None)),
         }
     }
+}
+
+/// Set `status`'s links; a READY object's artifact is then downloaded through the API.
+pub fn set_links<S>(status: &mut BitsStatus<S>, links: Option<Links>) {
+    if let (Some(artifact), Some(download)) =
+        (status.artifact.as_mut(), links.as_ref().and_then(|l| l.download.as_ref()))
+    {
+        artifact.url = download.href.clone();
+    }
+    status.links = links;
 }
 
 /// The links an object's status carries.

@@ -1,11 +1,15 @@
 //! Status transitions of Packages and Droplets: what the CF state and the conditions become after each outcome.
 //! Pure functions of the previous status, the outcome and the clock.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::conditions::{self, READY, RECONCILING, STALLED, Status};
 use crate::digest::Digests;
-use crate::resources::{BitsStatus, BlobRef, Checksum, ChecksumType, DropletState, PackageState, StoredDigests};
+
+use crate::resources::{
+    Artifact, BitsStatus, BlobRef, Checksum, ChecksumType, DropletState, PackageState, StoredDigests,
+};
 
 /// The CF states a status can move through; Packages and Droplets name some of them differently.
 pub trait CfState: Copy + PartialEq {
@@ -54,6 +58,7 @@ pub fn done<S: CfState>(
 ) -> BitsStatus<S> {
     let mut status = prev.clone();
     status.state = Some(S::DONE);
+    status.artifact = artifact(prev, &stored, now);
     status.stored = stored;
     status.error = None;
     status.observed_generation = generation;
@@ -65,6 +70,27 @@ pub fn done<S: CfState>(
     conditions::remove(&mut status.conditions, RECONCILING);
     conditions::remove(&mut status.conditions, STALLED);
     status
+}
+
+/// The artifact of stored bits: new bits get a new update time, the same bits keep theirs. The URL names the blob
+/// in its store until [`crate::links::set_links`] points it at the API.
+fn artifact<S>(prev: &BitsStatus<S>, stored: &StoredDigests, now: Timestamp) -> Option<Artifact> {
+    let (blob, checksum) = (stored.blob.as_ref()?, stored.checksum.as_ref()?);
+    let digest = format!("sha256:{}", checksum.value);
+    let unchanged = prev.artifact.as_ref().filter(|a| a.digest == digest);
+    Some(Artifact {
+        url: unchanged.map_or_else(|| blob_url(blob), |a| a.url.clone()),
+        revision: digest.clone(),
+        size: stored.size.unwrap_or_default(),
+        last_update_time: unchanged.map_or(Time(now), |a| a.last_update_time.clone()),
+        digest,
+    })
+}
+
+/// The blob's URL in its store.
+fn blob_url(blob: &BlobRef) -> String {
+    let separator = if blob.store.ends_with('/') { "" } else { "/" };
+    format!("{}{separator}{}", blob.store, blob.key)
 }
 
 /// Ready without bits: a docker Package, which only references an image.
@@ -217,6 +243,12 @@ mod tests {
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!(find(&status.conditions, READY).unwrap().status, "True");
         assert!(find(&status.conditions, RECONCILING).is_none());
+        let artifact = status.artifact.as_ref().unwrap();
+        assert_eq!((artifact.digest.as_str(), artifact.size), (format!("sha256:{}", "b".repeat(64)).as_str(), 7));
+        assert_eq!(artifact.url, "memory://k");
+        let later = Timestamp::from_second(1_800_000_100).unwrap();
+        let again = done(&status, stored_digests(&digests(), blob()), Some(4), later);
+        assert_eq!(again.artifact, status.artifact, "the same bits keep their update time");
     }
 
     #[test]

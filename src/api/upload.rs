@@ -52,7 +52,8 @@ fn api_of<O: Uploadable>(state: &AppState, object: &O) -> Api<O> {
 }
 
 fn with_links<O: Uploadable>(state: &AppState, object: &O, mut status: BitsStatus<O::State>) -> BitsStatus<O::State> {
-    status.links = Some(object.links(&state.config.urls, status.state));
+    let links = object.links(&state.config.urls, status.state);
+    crate::links::set_links(&mut status, Some(links));
     status
 }
 

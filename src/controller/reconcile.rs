@@ -41,7 +41,8 @@ impl Context {
     /// `status` with the links of `object` in its state.
     fn linked<O: Managed>(&self, object: &O, status: &BitsStatus<O::State>) -> BitsStatus<O::State> {
         let mut status = status.clone();
-        status.links = self.urls.as_ref().map(|urls| object.links(urls, status.state));
+        let links = self.urls.as_ref().map(|urls| object.links(urls, status.state));
+        crate::links::set_links(&mut status, links);
         status
     }
 

@@ -10,8 +10,8 @@ mod shared;
 pub use droplet::{Droplet, DropletSpec, DropletState, DropletStatus, Lifecycle, LifecycleType, PackageRef};
 pub use package::{AppRef, ImageSpec, Package, PackageSpec, PackageState, PackageStatus, PackageType};
 pub use shared::{
-    BitsStatus, BlobRef, Checksum, ChecksumType, Header, HttpSource, Link, Links, ObjectStoreSource, PackageSourceRef,
-    SecretRef, Source, SourceKind, StoredDigests,
+    Artifact, BitsStatus, BlobRef, Checksum, ChecksumType, Header, HttpSource, Link, Links, ObjectStoreSource,
+    PackageSourceRef, SecretRef, Source, SourceKind, StoredDigests,
 };
 
 /// The API group of every bitsmith resource.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -219,6 +219,22 @@ pub struct Link {
     pub method: Option<String>,
 }
 
+/// Stored bits as Flux describes a source's artifact.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifact {
+    /// Where to download the bits: the API's download link when the API is served, else the blob in the store.
+    pub url: String,
+    /// `sha256:<hex>` of the bits.
+    pub digest: String,
+    /// The revision of the bits; content-addressed, so `sha256:<hex>` too.
+    pub revision: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// When these bits became the object's.
+    pub last_update_time: Time,
+}
+
 /// The status of a Package or Droplet; only the set of Cloud Foundry states differs between the two.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", bound(deserialize = "S: Deserialize<'de>", serialize = "S: Serialize"))]
@@ -235,6 +251,9 @@ pub struct BitsStatus<S> {
     /// Links to the API's actions on this object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub links: Option<Links>,
+    /// The stored bits as a Flux-style artifact, for GitOps tools; set while the bits are READY (STAGED).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<Artifact>,
     /// Ready, Reconciling and Stalled, with their kstatus meaning.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -250,6 +269,7 @@ impl<S> Default for BitsStatus<S> {
             stored: StoredDigests::default(),
             error: None,
             links: None,
+            artifact: None,
             conditions: Vec::new(),
             observed_generation: None,
         }

@@ -143,6 +143,22 @@ async fn packages_are_shown_and_downloaded_to_those_rbac_allows() {
     let path = format!("/v3/packages/{guid}");
     let status_link = kube_ok(&["get", "pkg/app", "-n", &s.ns, "-o", "jsonpath={.status.links.download.href}"], None);
     assert_eq!(status_link, format!("{}{path}/download", s.base), "the status links to the API");
+    let artifact = kube_ok(
+        &[
+            "get",
+            "pkg/app",
+            "-n",
+            &s.ns,
+            "-o",
+            "jsonpath={.status.artifact.url} {.status.artifact.digest} {.status.artifact.size}",
+        ],
+        None,
+    );
+    assert_eq!(
+        artifact,
+        format!("{status_link} sha256:{} {size}", coreutils_digests(70, size).sha256),
+        "a Flux-style artifact"
+    );
 
     let response = s.get(&path, Some(&s.allowed)).await;
     assert_eq!(response.status(), StatusCode::OK);

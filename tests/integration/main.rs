@@ -7,6 +7,7 @@ mod api;
 mod cli;
 mod controller;
 mod crds;
+mod gitops;
 mod http_source;
 mod object_source;
 mod s3;

@@ -44,7 +44,7 @@ pub struct ApiArgs {
     /// Address of the CF v3 API; plain HTTP unless --tls-cert and --tls-key are given.
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
-    /// The API's URL as clients reach it (e.g. https://bits.example.com); every link points under it.
+    /// The API's URL as clients reach it (e.g. `https://bits.example.com`); every link points under it.
     /// Default: derived from --listen.
     #[arg(long)]
     pub external_url: Option<url::Url>,

@@ -1,8 +1,10 @@
 //! bitsmith: Cloud Foundry application bits (packages and droplets) as Kubernetes resources.
 //!
-//! Bytes flow one way: [`sources`] open a stream, [`digest`] hashes it, [`store`] keeps it, and [`status`]
-//! records the outcome. [`pipeline`] joins the first three; [`fetch`] picks a source for an object.
-//! Modules without I/O ([`conditions`], [`status`], [`validate`]) are tested without a cluster.
+//! Bytes flow one way: [`sources`] open a stream (or [`api`] receives an upload), [`digest`] hashes it,
+//! [`store`] keeps it, and [`status`] records the outcome, which [`record`] writes. [`pipeline`] joins the
+//! first three; [`fetch`] picks a source for an object; [`controller`] and [`api`] are the two ways in.
+//! Modules without I/O ([`conditions`], [`status`], [`validate`], [`plan`], [`archive`], [`links`],
+//! [`api::views`]) are tested without a cluster.
 
 pub mod api;
 pub mod archive;

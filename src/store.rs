@@ -270,7 +270,7 @@ pub struct StagedWrite {
 }
 
 impl StagedWrite {
-    /// Append a block. Waits while [`PARTS_IN_FLIGHT`] parts are uploading.
+    /// Append a block. Waits while `PARTS_IN_FLIGHT` parts are uploading.
     pub async fn write(&mut self, block: Bytes) -> Result<(), StoreError> {
         let upload = self.upload.as_mut().expect("write after commit or abort");
         if let Err(e) = upload.wait_for_capacity(PARTS_IN_FLIGHT).await {

@@ -121,7 +121,7 @@ impl AppState {
         let object = found().ok_or(CfError::ResourceNotFound { what: not_found })?;
         let access = Access {
             verb,
-            resource: leak_plural::<O>(),
+            resource: plural_of::<O>(),
             subresource,
             namespace: object.namespace().unwrap_or_default(),
             name: object.name_any(),
@@ -132,7 +132,7 @@ impl AppState {
 }
 
 /// The plural of a kind known at compile time, as the `'static` name RBAC rules use.
-fn leak_plural<O: Resource<DynamicType = ()>>() -> &'static str {
+fn plural_of<O: Resource<DynamicType = ()>>() -> &'static str {
     match O::plural(&()).as_ref() {
         "packages" => "packages",
         "droplets" => "droplets",

@@ -66,7 +66,7 @@ pub(super) async fn claim<O: Uploadable>(state: &AppState, object: &O) -> Result
         .await
         .map_err(|e| CfError::internal("reading the object to upload to", &e))?
         .filter(|fresh| fresh.uid() == object.uid())
-        .ok_or_else(|| CfError::ResourceNotFound { what: leak_kind::<O>() })?;
+        .ok_or_else(|| CfError::ResourceNotFound { what: kind_name::<O>() })?;
     if fresh.shown_state() != O::State::AWAITING_UPLOAD || fresh.source().is_some() {
         return Err(O::not_awaiting_upload());
     }
@@ -82,7 +82,7 @@ pub(super) async fn claim<O: Uploadable>(state: &AppState, object: &O) -> Result
     }
 }
 
-fn leak_kind<O: Uploadable>() -> &'static str {
+fn kind_name<O: Uploadable>() -> &'static str {
     if O::PLURAL == "packages" { "Package" } else { "Droplet" }
 }
 

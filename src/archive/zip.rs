@@ -33,7 +33,7 @@ const SIZES_AFTER_DATA: u16 = 1 << 3;
 /// Names are UTF-8.
 const UTF8_NAMES: u16 = 1 << 11;
 
-/// An entry may inflate to at most this many times its compressed size once it is over [`RATIO_FLOOR`] bytes:
+/// An entry may inflate to at most this many times its compressed size once it is over a megabyte:
 /// ordinary files stay far below, the near-1000:1 streams of zip bombs do not.
 pub const MAX_RATIO: u64 = 200;
 const RATIO_FLOOR: u64 = 1 << 20;

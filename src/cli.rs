@@ -86,6 +86,9 @@ pub struct ApiServerArgs {
     /// Serve objects of one namespace only (default: all).
     #[arg(long)]
     pub namespace: Option<String>,
+    /// Address of the operations endpoint: /metrics, /healthz, /readyz (ready once the watch cache is filled).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_listen: std::net::SocketAddr,
 }
 
 #[derive(Args, Debug)]
@@ -238,7 +241,7 @@ async fn start_api(
     namespace: Option<&str>,
     args: &ApiArgs,
     listener: tokio::net::TcpListener,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ops: &crate::ops::Ops,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, String> {
     let mut config = crate::api::ApiConfig::new(args.urls().expect("an external URL: --listen is set"));
     config.max_upload_size = args.max_upload_size;
@@ -259,9 +262,12 @@ async fn start_api(
         _ => (None, None),
     };
     let index = crate::api::Index::start(client, namespace);
-    let state = crate::api::AppState::new(client.clone(), store, index.clone(), config, metrics, front_proxy);
+    let state =
+        crate::api::AppState::new(client.clone(), store, index.clone(), config, ops.metrics.clone(), front_proxy);
+    let ready = ops.ready.clone();
     Ok(tokio::spawn(async move {
         index.ready().await;
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "CF v3 API serving");
         crate::api::serve(listener, tls, state, shutdown_signal()).await
     }))
@@ -279,29 +285,33 @@ async fn shutdown_signal() {
 
 async fn api(args: ApiServerArgs) -> Result<(), String> {
     let listener = bind_api(&args.api).await?.ok_or("--listen is required")?;
+    let ops = serve_ops(args.metrics_listen).await?;
     let client = connect().await?;
     let store = args.store.open()?;
-    let served = start_api(&client, store, args.namespace.as_deref(), &args.api, listener, Default::default()).await?;
+    let served = start_api(&client, store, args.namespace.as_deref(), &args.api, listener, &ops).await?;
     match served.await {
         Ok(result) => result.map_err(|e| format!("serving the API: {e}")),
         Err(e) => Err(format!("the API stopped: {e}")),
     }
 }
 
-async fn controller(args: ControllerArgs) -> Result<(), String> {
+/// Serve /metrics, /healthz and /readyz on `addr`; not ready until the caller says so.
+async fn serve_ops(addr: std::net::SocketAddr) -> Result<crate::ops::Ops, String> {
     let ops = crate::ops::Ops { metrics: Default::default(), ready: Default::default() };
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .map_err(|e| format!("--metrics-listen {}: {e}", args.metrics_listen))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
     tokio::spawn(crate::ops::serve(listener, ops.clone()));
+    Ok(ops)
+}
+
+async fn controller(args: ControllerArgs) -> Result<(), String> {
+    let ops = serve_ops(args.metrics_listen).await?;
     let api = bind_api(&args.api).await?;
     let client = connect().await?;
     let fetcher = Fetcher::new(args.store.open()?, SourcePolicy { file_root: args.allow_files_under }, args.max_size)
         .map_err(|e| e.to_string())?;
     // Every replica serves the API; only the leader reconciles.
     if let Some(listener) = api {
-        let metrics = ops.metrics.clone();
-        start_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, listener, metrics).await?;
+        start_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, listener, &ops).await?;
     }
     let identity = args.instance.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();

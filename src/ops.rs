@@ -1,5 +1,5 @@
 //! The operations endpoint: `/metrics` for Prometheus, `/healthz` (the process answers) and `/readyz` (it has
-//! connected to the cluster and opened its store).
+//! connected to the cluster and opened its store; the API alone: its watch cache is filled).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

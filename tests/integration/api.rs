@@ -291,8 +291,10 @@ async fn the_api_binary_serves_tls_on_its_own() {
     std::fs::write(dir.path().join("tls.crt"), &cert).unwrap();
     std::fs::write(dir.path().join("tls.key"), &key).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ops_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
         .args(["api", "--namespace", &ns, "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{ops_port}")])
         .arg("--tls-cert")
         .arg(dir.path().join("tls.crt"))
         .arg("--tls-key")
@@ -321,6 +323,8 @@ async fn the_api_binary_serves_tls_on_its_own() {
     };
     assert_eq!(json["links"]["self"]["href"], url.as_str());
     assert_eq!(json["state"], "READY", "a docker Package is READY on creation, before any controller ran");
+    let ready = reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200, "ready once serving");
     let plain = reqwest::get(format!("http://127.0.0.1:{port}/v3/packages/{guid}")).await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP is not served");
     // SAFETY: signals our own child process.

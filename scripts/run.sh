@@ -4,12 +4,14 @@
 #   - Without one: starts a local control plane (etcd + kube-apiserver, built and cached on first use), installs
 #     the CRDs, serves examples/ on 127.0.0.1:8765, applies the example Packages and Droplet, and shows them once
 #     they have settled. Its state lives in .bitsmith/local and starts afresh on every run.
+# The controller also serves the CF v3 API on $API_LISTEN (default 127.0.0.1:9000), plain HTTP.
 # The store is the embedded file:// store in .bitsmith/ unless BITSMITH_STORE says otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=target/release/bitsmith
 examples_port=${EXAMPLES_PORT:-8765}
 metrics_listen=${METRICS_LISTEN:-127.0.0.1:8080}
+api_listen=${API_LISTEN:-127.0.0.1:9000}
 pids=()
 local_dir=""
 cleanup() {
@@ -49,7 +51,12 @@ if [ -n "$local_dir" ]; then
         echo
         kubectl get packages,droplets
         echo
-        echo "bitsmith: try 'KUBECONFIG=$KUBECONFIG kubectl get pkg hello -o yaml'; Ctrl-C stops everything"
+        echo "bitsmith: the CF v3 API is on http://$api_listen. Upload the waiting package's bits with:"
+        echo "  export KUBECONFIG=$KUBECONFIG"
+        echo "  TOKEN=\$(kubectl config view --raw -o jsonpath='{.users[0].user.token}')"
+        echo "  GUID=\$(kubectl get pkg hello-upload -o jsonpath='{.metadata.uid}')"
+        echo "  curl -H \"Authorization: bearer \$TOKEN\" -F bits=@examples/sample-app.zip http://$api_listen/v3/packages/\$GUID/upload"
+        echo "bitsmith: Ctrl-C stops everything"
         exit 0
       fi
       sleep 1
@@ -60,4 +67,5 @@ if [ -n "$local_dir" ]; then
   pids+=($!)
 fi
 
-"$bin" controller --store "$store" --metrics-listen "$metrics_listen" --instance "$(hostname)-make-run"
+"$bin" controller --store "$store" --metrics-listen "$metrics_listen" --listen "$api_listen" \
+  --instance "$(hostname)-make-run"

@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 
 pub use errors::CfError;
 pub use front_proxy::{Credentials, FrontProxy};
@@ -31,6 +31,7 @@ use crate::cache::ResourceCache;
 use crate::links::ApiUrls;
 use crate::metrics::Metrics;
 use crate::record::Recorder;
+use crate::resources::BitsObject;
 use crate::store::BlobStore;
 use kube::runtime::events::Reporter;
 
@@ -109,7 +110,7 @@ impl AppState {
 
     /// The object `guid` names, once the caller may `verb` it (or its `subresource`): 401 without a valid token,
     /// 404 for an unknown guid, 403 when Kubernetes' RBAC says no.
-    async fn authorized<O: Resource<DynamicType = ()>>(
+    async fn authorized<O: BitsObject>(
         &self,
         credentials: &Credentials,
         found: impl FnOnce() -> Option<Arc<O>>,
@@ -121,22 +122,13 @@ impl AppState {
         let object = found().ok_or(CfError::ResourceNotFound { what: not_found })?;
         let access = Access {
             verb,
-            resource: plural_of::<O>(),
+            resource: O::PLURAL,
             subresource,
             namespace: object.namespace().unwrap_or_default(),
             name: object.name_any(),
         };
         self.auth.authorize(&caller, &access).await?;
         Ok(object)
-    }
-}
-
-/// The plural of a kind known at compile time, as the `'static` name RBAC rules use.
-fn plural_of<O: Resource<DynamicType = ()>>() -> &'static str {
-    match O::plural(&()).as_ref() {
-        "packages" => "packages",
-        "droplets" => "droplets",
-        other => unreachable!("the API serves packages and droplets, not {other}"),
     }
 }
 

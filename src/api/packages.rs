@@ -252,7 +252,7 @@ impl Packing<'_> {
             }
             if !batch.is_empty() {
                 let input = batch.split();
-                let (out, events) = blocking(|| repack.push(&input)).map_err(zip_failure)?;
+                let (out, events) = blocking(|| repack.push(input)).map_err(zip_failure)?;
                 for bytes in out {
                     self.send(bytes).await?;
                 }

@@ -21,6 +21,8 @@ pub(super) trait Uploadable: Managed<State: CfState + Serialize + Send + Sync> {
     fn shown_state(&self) -> Self::State;
     /// The answer to an upload when the object is not AWAITING_UPLOAD.
     fn not_awaiting_upload() -> CfError;
+    /// The answer when the object has gone.
+    fn not_found() -> CfError;
 }
 
 impl Uploadable for Package {
@@ -30,6 +32,9 @@ impl Uploadable for Package {
     fn not_awaiting_upload() -> CfError {
         CfError::PackageBitsAlreadyUploaded
     }
+    fn not_found() -> CfError {
+        CfError::ResourceNotFound { what: "Package" }
+    }
 }
 
 impl Uploadable for Droplet {
@@ -38,6 +43,9 @@ impl Uploadable for Droplet {
     }
     fn not_awaiting_upload() -> CfError {
         CfError::UnprocessableEntity("Droplet must be in AWAITING_UPLOAD state to upload bits.".into())
+    }
+    fn not_found() -> CfError {
+        CfError::ResourceNotFound { what: "Droplet" }
     }
 }
 
@@ -66,7 +74,7 @@ pub(super) async fn claim<O: Uploadable>(state: &AppState, object: &O) -> Result
         .await
         .map_err(|e| CfError::internal("reading the object to upload to", &e))?
         .filter(|fresh| fresh.uid() == object.uid())
-        .ok_or_else(|| CfError::ResourceNotFound { what: kind_name::<O>() })?;
+        .ok_or_else(O::not_found)?;
     if fresh.shown_state() != O::State::AWAITING_UPLOAD || fresh.source().is_some() {
         return Err(O::not_awaiting_upload());
     }
@@ -80,10 +88,6 @@ pub(super) async fn claim<O: Uploadable>(state: &AppState, object: &O) -> Result
         Err(kube::Error::Api(e)) if e.code == 409 => Err(O::not_awaiting_upload()),
         Err(e) => Err(CfError::internal("claiming the object for an upload", &e)),
     }
-}
-
-fn kind_name<O: Uploadable>() -> &'static str {
-    if O::PLURAL == "packages" { "Package" } else { "Droplet" }
 }
 
 /// Why an upload stored no bits.

@@ -183,8 +183,13 @@ impl ZipReader {
     }
 
     /// Take the next chunk; returns what it completed.
-    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Event>, ZipError> {
-        self.buffer.extend_from_slice(chunk);
+    pub fn push(&mut self, chunk: BytesMut) -> Result<Vec<Event>, ZipError> {
+        // Most chunks arrive with nothing left over from the last: take them as they are, without a copy.
+        if self.buffer.is_empty() {
+            self.buffer = chunk;
+        } else {
+            self.buffer.extend_from_slice(&chunk);
+        }
         let mut events = Vec::new();
         while self.step(&mut events)? {}
         Ok(events)
@@ -856,7 +861,7 @@ impl Repack {
     }
 
     /// Take the next chunk of the upload; returns the new zip's next bytes and what the reader saw.
-    pub fn push(&mut self, chunk: &[u8]) -> Result<(Vec<Bytes>, Vec<Event>), ZipError> {
+    pub fn push(&mut self, chunk: BytesMut) -> Result<(Vec<Bytes>, Vec<Event>), ZipError> {
         let events = self.reader.push(chunk)?;
         let mut out = Vec::with_capacity(events.len());
         for event in &events {
@@ -929,7 +934,7 @@ mod tests {
         let mut repack = Repack::new(1 << 30, 0..u64::MAX);
         let (mut out, mut ends) = (Vec::new(), Vec::new());
         for piece in zip.chunks(chunk) {
-            let (bytes, events) = repack.push(piece)?;
+            let (bytes, events) = repack.push(BytesMut::from(piece))?;
             bytes.iter().for_each(|b| out.extend_from_slice(b));
             ends.extend(events.into_iter().filter_map(|e| match e {
                 Event::End(end) => Some(end),
@@ -995,7 +1000,8 @@ mod tests {
         let bomb = python_zip("z.writestr('zeros', bytes(50 << 20))", true);
         assert!(repack(&bomb, 1 << 16).unwrap_err().to_string().contains("zip bomb"));
         let mut small = Repack::new(10_000, 0..u64::MAX);
-        let error = small.push(&zip).map(|_| ()).and_then(|()| small.finish().map(|_| ())).unwrap_err();
+        let error =
+            small.push(BytesMut::from(&zip[..])).map(|_| ()).and_then(|()| small.finish().map(|_| ())).unwrap_err();
         assert_eq!(error, ZipError::TooLarge { max: 10_000 });
     }
 

@@ -4,7 +4,9 @@ CARGO ?= cargo
 BIN := target/release/bitsmith
 EXAMPLES_PORT ?= 8765
 
-.PHONY: build test crds bench run fetch lint clean
+IMAGE ?= ghcr.io/bitsmith-dev/bitsmith:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+
+.PHONY: build test crds bench run fetch lint image clean
 
 build:
 	$(CARGO) build --release --locked
@@ -13,9 +15,10 @@ build:
 test:
 	scripts/with-test-env.sh $(CARGO) test --locked
 
-# Regenerate the committed CRDs from the Rust types.
+# Regenerate the committed CRDs from the Rust types, for kubectl (crds/) and for the Helm chart.
 crds:
 	$(CARGO) run --quiet --locked -- crd --out-dir crds
+	$(CARGO) run --quiet --locked -- crd --out-dir charts/bitsmith/crds
 
 # Throughput, memory and latency, printed as tables: the pipeline, the controller, the API.
 bench:
@@ -32,6 +35,10 @@ fetch: build
 	server=$$!; trap 'kill $$server' EXIT; \
 	for i in $$(seq 1 50); do curl -sf -o /dev/null http://127.0.0.1:$(EXAMPLES_PORT)/ && break; sleep 0.1; done; \
 	$(BIN) fetch -f examples/packages.yaml -f examples/droplet.yaml
+
+# The container image (Dockerfile): needs a Docker engine with BuildKit.
+image:
+	docker build -t $(IMAGE) .
 
 lint:
 	$(CARGO) fmt --all -- --check

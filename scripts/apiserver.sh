@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start or stop etcd + kube-apiserver on 127.0.0.1 for the tests: HTTPS with its own CA, a static admin token,
-# RBAC authorization, service-account tokens, and a front proxy for aggregated APIs.
+# RBAC authorization, service-account tokens, and a front proxy for aggregated APIs. A kube-controller-manager
+# runs only the ClusterRole aggregation controller, so that roles labelled aggregate-to-edit/view reach the
+# built-in edit and view roles as on a real cluster; nothing else (no garbage collection, no namespace deletion).
 #   scripts/apiserver.sh start DIR   builds the binaries if needed, starts them with state in DIR, writes
 #                                    DIR/kubeconfig and prints `export KUBECONFIG=...`
 #   scripts/apiserver.sh stop DIR
@@ -91,6 +93,10 @@ KC
     fi
     if curl -fsS --cacert "$dir/certs/ca.crt" -H "Authorization: Bearer $token" \
       "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then
+      setsid "$root/bin/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \
+        --controllers clusterrole-aggregation --leader-elect=false --port 0 --secure-port 0 \
+        >"$dir/controller-manager.log" 2>&1 </dev/null &
+      echo $! >"$dir/controller-manager.pid"
       echo "export KUBECONFIG=$dir/kubeconfig"
       exit 0
     fi
@@ -101,6 +107,7 @@ KC
   exit 1
   ;;
 stop)
+  stop_pid controller-manager
   stop_pid apiserver
   stop_pid etcd
   ;;

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Build a real kube-apiserver (v1.20.2, from Debian's `kubernetes` source package) and take etcd from Debian,
-# for the tests that need a control plane. No registry ships a kube-apiserver binary, so it is built here with
-# Debian's Go 1.19 (unpacked, not installed). Cached outside the checkout: only the first run on a machine pays
-# the 4-7 minute build. Prints the directory holding bin/kube-apiserver and bin/etcd.
+# Build a real kube-apiserver and kube-controller-manager (v1.20.2, from Debian's `kubernetes` source package)
+# and take etcd from Debian, for the tests that need a control plane. No registry ships these binaries, so they
+# are built here with Debian's Go 1.19 (unpacked, not installed). Cached outside the checkout: only the first run on a machine pays
+# the 6-10 minute build. Prints the directory holding bin/kube-apiserver, bin/kube-controller-manager and bin/etcd.
 set -euo pipefail
 WORK=${APISERVER_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/bitsmith/apiserver-1.20.2}
-if [ -x "$WORK/bin/kube-apiserver" ] && [ -x "$WORK/bin/etcd" ]; then
+if [ -x "$WORK/bin/kube-apiserver" ] && [ -x "$WORK/bin/kube-controller-manager" ] && [ -x "$WORK/bin/etcd" ]; then
   echo "$WORK"
   exit 0
 fi
-echo "building kube-apiserver 1.20.2 into $WORK (first run on this machine: 4-7 minutes)" >&2
+echo "building kube-apiserver and kube-controller-manager 1.20.2 into $WORK (first run on this machine: 6-10 minutes)" >&2
 rm -rf "$WORK/build"
 B=$WORK/build
 mkdir -p "$B"/{apt/lists/partial,apt/cache/archives/partial,apt/parts,debs,root,src,shim,gocache,gotmp,gopath/src/k8s.io} "$WORK/bin"
@@ -39,7 +39,9 @@ LDF="-s -w"
 for P in component-base/version client-go/pkg/version; do
   LDF+=" -X $V/$P.gitVersion=v1.20.2 -X $V/$P.gitMajor=1 -X $V/$P.gitMinor=20"
 done
-(cd gopath/src/k8s.io/kubernetes && go build -ldflags "$LDF" -o "$WORK/bin/kube-apiserver" ./cmd/kube-apiserver)
+for cmd in kube-apiserver kube-controller-manager; do
+  (cd gopath/src/k8s.io/kubernetes && go build -ldflags "$LDF" -o "$WORK/bin/$cmd" "./cmd/$cmd")
+done
 cp root/usr/bin/etcd "$WORK/bin/etcd"
 "$WORK/bin/kube-apiserver" --version >&2
 rm -rf "$B"

@@ -4,6 +4,7 @@
 mod support;
 
 mod api;
+mod chart;
 mod cli;
 mod controller;
 mod crds;

@@ -12,9 +12,14 @@ pub fn kubeconfig() -> String {
 
 /// Run kubectl against the test control plane, feeding `stdin`.
 pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    kubectl_at(&kubeconfig(), args, stdin)
+}
+
+/// Run kubectl against the cluster of `kubeconfig`, feeding `stdin`.
+pub fn kubectl_at(kubeconfig: &str, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
     let mut child = Command::new("kubectl")
-        .env("KUBECONFIG", kubeconfig())
+        .env("KUBECONFIG", kubeconfig)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -111,5 +116,54 @@ pub async fn wait_for(ns: &str, object: &str, jsonpath: &str, want: &str) {
         }
         assert!(Instant::now() < deadline, "{object}: {jsonpath} is {got:?}, not {want:?}, after 60 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A control plane of one test's own (`scripts/apiserver.sh`), for tests that install cluster-wide objects (a
+/// Helm release's CRDs, ClusterRoles and APIService) and need a cluster that holds nothing else. Stopped on drop.
+pub struct OwnControlPlane {
+    dir: tempfile::TempDir,
+    pub kubeconfig: String,
+}
+
+impl OwnControlPlane {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/apiserver.sh"))
+            .arg("start")
+            .arg(dir.path().join("apiserver"))
+            .output()
+            .expect("scripts/apiserver.sh");
+        assert!(out.status.success(), "control plane did not start: {}", String::from_utf8_lossy(&out.stderr));
+        let kubeconfig = dir.path().join("apiserver/kubeconfig").display().to_string();
+        OwnControlPlane { dir, kubeconfig }
+    }
+
+    /// kubectl against this control plane.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        kubectl_at(&self.kubeconfig, args, stdin)
+    }
+
+    pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl(args, stdin);
+        assert!(out.status.success(), "kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A kubeconfig like this one's, authenticating with `token` instead of the admin's.
+    pub fn kubeconfig_for(&self, token: &str, path: &std::path::Path) {
+        let admin = self.kubectl_ok(&["config", "view", "--raw", "-o", "jsonpath={.users[0].user.token}"], None);
+        let text = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        assert!(text.contains(&admin));
+        std::fs::write(path, text.replace(&admin, token)).unwrap();
+    }
+}
+
+impl Drop for OwnControlPlane {
+    fn drop(&mut self) {
+        let _ = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/apiserver.sh"))
+            .arg("stop")
+            .arg(self.dir.path().join("apiserver"))
+            .status();
     }
 }

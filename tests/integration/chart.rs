@@ -711,7 +711,7 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
 }
 
 #[test]
-fn the_image_holds_what_the_binary_needs_and_runs_as_the_charts_user() {
+fn the_image_lints_clean_holds_what_the_binary_needs_and_runs_as_the_charts_user() {
     // The runtime image is distroless/cc: glibc and libgcc, nothing else. The binary may link nothing more.
     let provided = [
         "linux-vdso.so.1",
@@ -730,7 +730,10 @@ fn the_image_holds_what_the_binary_needs_and_runs_as_the_charts_user() {
         let name = library.rsplit('/').next().unwrap();
         assert!(provided.contains(&name), "the binary needs {library}, which the runtime image lacks:\n{ldd}");
     }
-    let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile");
+    let lint = Command::new("hadolint").arg(path).output().expect("hadolint: scripts/with-test-env.sh installs it");
+    assert!(lint.status.success(), "hadolint: {}", String::from_utf8_lossy(&lint.stdout));
+    let dockerfile = std::fs::read_to_string(path).unwrap();
     assert!(
         dockerfile.contains("FROM gcr.io/distroless/cc-debian12:nonroot"),
         "the runtime base the list above describes"

@@ -136,11 +136,61 @@ struct Entry {
     offset: u64,
     /// Raw bytes left, when known.
     remaining: Option<u64>,
+    /// Hashed (sha1) only for entries whose size may lie in [`ZipReader::hashed_sizes`].
+    content: Content,
+    compressed: u64,
+}
+
+/// An entry's content as its raw bytes arrive: inflated when deflated, with its CRC, and its sha1 when asked for.
+/// Shared by the reader and [`EntryCheck`], so that both judge content the same way.
+struct Content {
     inflater: Option<Decompress>,
-    /// Only for entries whose size may lie in [`ZipReader::hashed_sizes`].
     sha1: Option<Sha1>,
     crc: Crc,
-    compressed: u64,
+}
+
+/// What one [`Content::step`] did: raw bytes consumed, content bytes produced, and whether the deflate stream ended.
+struct Step {
+    consumed: usize,
+    produced: usize,
+    ended: bool,
+}
+
+impl Content {
+    /// For `method`, which the caller has checked is stored or deflated.
+    fn new(method: u16, hashed: bool) -> Self {
+        Content {
+            inflater: (method == DEFLATED).then(|| Decompress::new(false)),
+            sha1: hashed.then(Sha1::new),
+            crc: Crc::new(),
+        }
+    }
+
+    fn is_deflated(&self) -> bool {
+        self.inflater.is_some()
+    }
+
+    /// The content's size so far, given the raw bytes consumed so far.
+    fn size(&self, compressed: u64) -> u64 {
+        self.inflater.as_ref().map_or(compressed, |i| i.total_out())
+    }
+
+    /// Take what `raw` gives in one step: all of it when stored, at most `scratch`'s length of content when
+    /// deflated.
+    fn step(&mut self, raw: &[u8], scratch: &mut [u8]) -> Result<Step, flate2::DecompressError> {
+        let Content { inflater, sha1, crc } = self;
+        let Some(inflater) = inflater else {
+            sha1.iter_mut().for_each(|h| h.update(raw));
+            crc.update(raw);
+            return Ok(Step { consumed: raw.len(), produced: raw.len(), ended: false });
+        };
+        let (in_before, out_before) = (inflater.total_in(), inflater.total_out());
+        let status = inflater.decompress(raw, scratch, FlushDecompress::None)?;
+        let produced = (inflater.total_out() - out_before) as usize;
+        sha1.iter_mut().for_each(|h| h.update(&scratch[..produced]));
+        crc.update(&scratch[..produced]);
+        Ok(Step { consumed: (inflater.total_in() - in_before) as usize, produced, ended: status == Status::StreamEnd })
+    }
 }
 
 /// What the reader keeps of each entry to check the central directory against.
@@ -351,13 +401,12 @@ impl ZipReader {
             zip64: zip64.is_some(),
         };
         events.push(Event::Start(header.clone()));
+        let hashed = declared.is_none_or(|d| self.hashed_sizes.contains(&d.uncompressed));
         let entry = Entry {
             remaining: declared.map(|d| d.compressed),
-            inflater: (method == DEFLATED).then(|| Decompress::new(false)),
+            content: Content::new(method, hashed),
             header,
             offset,
-            sha1: declared.is_none_or(|d| self.hashed_sizes.contains(&d.uncompressed)).then(Sha1::new),
-            crc: Crc::new(),
             compressed: 0,
         };
         self.state = State::Data(entry);
@@ -367,76 +416,56 @@ impl ZipReader {
     fn data(&mut self, mut entry: Entry, events: &mut Vec<Event>) -> Result<bool, ZipError> {
         let mut available = entry.remaining.map_or(self.buffer.len(), |r| r.min(self.buffer.len() as u64) as usize);
         let mut found_end = false;
-        if entry.inflater.is_none() && entry.remaining.is_none() {
+        if !entry.content.is_deflated() && entry.remaining.is_none() {
             // A stored entry whose size follows its data ends where a descriptor with its CRC and size follows.
             match self.stored_end(&entry) {
                 StoredEnd::At(n) => (available, found_end) = (n, true),
                 StoredEnd::Before(n) => available = n,
             }
         }
-        let (consumed, finished) = match entry.inflater.as_mut() {
-            None if entry.remaining.is_none() => {
-                let chunk = &self.buffer[..available];
-                if let Some(sha1) = &mut entry.sha1 {
-                    sha1.update(chunk);
+        let name = &entry.header.name;
+        let (consumed, finished) = if !entry.content.is_deflated() {
+            entry
+                .content
+                .step(&self.buffer[..available], &mut self.scratch)
+                .map_err(|e| invalid(format!("{name}: {e}")))?;
+            self.inflated += available as u64;
+            (available, entry.remaining.map_or(found_end, |r| r == available as u64))
+        } else {
+            let (mut consumed, mut ended) = (0, false);
+            loop {
+                let step = entry
+                    .content
+                    .step(&self.buffer[consumed..available], &mut self.scratch)
+                    .map_err(|e| invalid(format!("{name}: {e}")))?;
+                consumed += step.consumed;
+                self.inflated += step.produced as u64;
+                if self.inflated > self.max_inflated {
+                    return Err(ZipError::TooLarge { max: self.max_inflated });
                 }
-                entry.crc.update(chunk);
-                self.inflated += available as u64;
-                (available, found_end)
+                if step.ended {
+                    ended = true;
+                    break;
+                }
+                // Nothing more to inflate from what has arrived.
+                if step.produced == 0 && (consumed == available || step.consumed == 0) {
+                    break;
+                }
             }
-            None => {
-                let chunk = &self.buffer[..available];
-                if let Some(sha1) = &mut entry.sha1 {
-                    sha1.update(chunk);
-                }
-                entry.crc.update(chunk);
-                self.inflated += available as u64;
-                (available, entry.remaining == Some(available as u64))
+            if entry.remaining == Some(consumed as u64) && !ended {
+                return Err(invalid(format!("{name}: the compressed data ends early")));
             }
-            Some(inflater) => {
-                let before = inflater.total_in();
-                let mut ended = false;
-                loop {
-                    let input = &self.buffer[(inflater.total_in() - before) as usize..available];
-                    let out_before = inflater.total_out();
-                    let status = inflater
-                        .decompress(input, &mut self.scratch, FlushDecompress::None)
-                        .map_err(|e| invalid(format!("{}: {e}", entry.header.name)))?;
-                    let produced = (inflater.total_out() - out_before) as usize;
-                    if let Some(sha1) = &mut entry.sha1 {
-                        sha1.update(&self.scratch[..produced]);
-                    }
-                    entry.crc.update(&self.scratch[..produced]);
-                    self.inflated += produced as u64;
-                    if self.inflated > self.max_inflated {
-                        return Err(ZipError::TooLarge { max: self.max_inflated });
-                    }
-                    if status == Status::StreamEnd {
-                        ended = true;
-                        break;
-                    }
-                    let used_all = (inflater.total_in() - before) as usize == available;
-                    let stuck = produced == 0 && input.len() == available - (inflater.total_in() - before) as usize;
-                    if produced == 0 && (used_all || stuck) {
-                        break;
-                    }
-                }
-                let consumed = (inflater.total_in() - before) as usize;
-                if entry.remaining == Some(consumed as u64) && !ended {
-                    return Err(invalid(format!("{}: the compressed data ends early", entry.header.name)));
-                }
-                if ended && entry.remaining.is_some_and(|r| r != consumed as u64) {
-                    return Err(invalid(format!("{}: the compressed data is shorter than stated", entry.header.name)));
-                }
-                (consumed, ended)
+            if ended && entry.remaining.is_some_and(|r| r != consumed as u64) {
+                return Err(invalid(format!("{name}: the compressed data is shorter than stated")));
             }
+            (consumed, ended)
         };
         if self.inflated > self.max_inflated {
             return Err(ZipError::TooLarge { max: self.max_inflated });
         }
         entry.compressed += consumed as u64;
         entry.remaining = entry.remaining.map(|r| r - consumed as u64);
-        let inflated_here = entry.inflater.as_ref().map_or(entry.compressed, |i| i.total_out());
+        let inflated_here = entry.content.size(entry.compressed);
         if inflated_here > RATIO_FLOOR && inflated_here > entry.compressed.max(1) * MAX_RATIO {
             return Err(invalid(format!(
                 "{}: it inflates more than {MAX_RATIO} times, like a zip bomb",
@@ -469,7 +498,7 @@ impl ZipReader {
             if self.buffer.len() < i + 8 + size_len {
                 return StoredEnd::Before(i);
             }
-            let mut crc = entry.crc.clone();
+            let mut crc = entry.content.crc.clone();
             crc.update(&self.buffer[..i]);
             let size = entry.compressed + i as u64;
             let stated =
@@ -491,7 +520,7 @@ impl ZipReader {
             self.state = State::Descriptor(entry);
             return Ok(false);
         }
-        let crc = entry.crc.clone().finalize();
+        let crc = entry.content.crc.clone().finalize();
         let signed = u32_at(&self.buffer, 0) == DESCRIPTOR && u32_at(&self.buffer, 4) == crc;
         let at = if signed { 4 } else { 0 };
         let read = |b: &[u8], i: usize| if size_len == 8 { u64_at(b, i) } else { u64::from(u32_at(b, i)) };
@@ -506,14 +535,15 @@ impl ZipReader {
     }
 
     fn end_entry(&mut self, entry: Entry, descriptor: Option<Sizes>, events: &mut Vec<Event>) -> Result<(), ZipError> {
-        let uncompressed = entry.inflater.as_ref().map_or(entry.compressed, |i| i.total_out());
-        let sizes = Sizes { crc: entry.crc.clone().finalize(), compressed: entry.compressed, uncompressed };
+        let uncompressed = entry.content.size(entry.compressed);
+        let sizes = Sizes { crc: entry.content.crc.clone().finalize(), compressed: entry.compressed, uncompressed };
         let stated = descriptor.or(entry.header.declared).expect("sizes come from the header or a descriptor");
         if stated != sizes {
             return Err(invalid(format!("{}: its CRC or sizes do not match its content", entry.header.name)));
         }
         self.seen.push(Seen { name: entry.header.name.clone(), offset: entry.offset, crc: sizes.crc });
-        let sha1 = entry.sha1.filter(|_| self.hashed_sizes.contains(&uncompressed)).map(|h| to_hex(&h.finalize()));
+        let sha1 =
+            entry.content.sha1.filter(|_| self.hashed_sizes.contains(&uncompressed)).map(|h| to_hex(&h.finalize()));
         events.push(Event::End(EntryEnd { sizes, sha1 }));
         self.state = State::Signature;
         Ok(())
@@ -798,9 +828,7 @@ pub fn file_attributes(mode: u32) -> u32 {
 
 /// Checks raw entry data against the sha1 it should inflate to (for files taken from the resource cache).
 pub struct EntryCheck {
-    inflater: Option<Decompress>,
-    sha1: Sha1,
-    crc: Crc,
+    content: Content,
     size: u64,
     scratch: Vec<u8>,
 }
@@ -810,33 +838,15 @@ impl EntryCheck {
         if method != STORED && method != DEFLATED {
             return Err(invalid(format!("compression method {method} is not supported")));
         }
-        Ok(EntryCheck {
-            inflater: (method == DEFLATED).then(|| Decompress::new(false)),
-            sha1: Sha1::new(),
-            crc: Crc::new(),
-            size: 0,
-            scratch: vec![0; 64 << 10],
-        })
+        Ok(EntryCheck { content: Content::new(method, true), size: 0, scratch: vec![0; 64 << 10] })
     }
 
     pub fn update(&mut self, mut raw: &[u8]) -> Result<(), ZipError> {
-        let Some(inflater) = self.inflater.as_mut() else {
-            self.sha1.update(raw);
-            self.crc.update(raw);
-            self.size += raw.len() as u64;
-            return Ok(());
-        };
         loop {
-            let (in_before, out_before) = (inflater.total_in(), inflater.total_out());
-            let status = inflater
-                .decompress(raw, &mut self.scratch, FlushDecompress::None)
-                .map_err(|e| invalid(e.to_string()))?;
-            let produced = (inflater.total_out() - out_before) as usize;
-            raw = &raw[(inflater.total_in() - in_before) as usize..];
-            self.sha1.update(&self.scratch[..produced]);
-            self.crc.update(&self.scratch[..produced]);
-            self.size += produced as u64;
-            if status == Status::StreamEnd || (raw.is_empty() && produced == 0) {
+            let step = self.content.step(raw, &mut self.scratch).map_err(|e| invalid(e.to_string()))?;
+            raw = &raw[step.consumed..];
+            self.size += step.produced as u64;
+            if step.ended || (step.produced == 0 && (raw.is_empty() || step.consumed == 0)) {
                 return Ok(());
             }
         }
@@ -844,7 +854,8 @@ impl EntryCheck {
 
     /// The inflated content's sha1 (hex), CRC and size.
     pub fn finish(self) -> (String, u32, u64) {
-        (to_hex(&self.sha1.finalize()), self.crc.finalize(), self.size)
+        let sha1 = self.content.sha1.expect("an entry check always hashes");
+        (to_hex(&sha1.finalize()), self.content.crc.finalize(), self.size)
     }
 }
 

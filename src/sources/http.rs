@@ -39,10 +39,7 @@ pub struct HttpFetcher {
 
 impl HttpFetcher {
     pub fn new(options: HttpOptions) -> Result<Self, SourceError> {
-        let shared = client(&options, Vec::new()).map_err(|e| SourceError::Unreachable {
-            url: String::new(),
-            detail: format!("cannot build the http client: {}", error_chain(&e)),
-        })?;
+        let shared = client(&options, Vec::new()).map_err(|e| SourceError::HttpClient { detail: error_chain(&e) })?;
         Ok(HttpFetcher { options, shared })
     }
 
@@ -56,12 +53,14 @@ impl HttpFetcher {
         let url = parse_url(&spec.url)?;
         let shown = redacted(&url);
         let auth = HttpAuth::from_secret(secret)?;
+        // A CA comes from the Secret or from the spec's caBundle; a bad one is blamed on where it came from.
+        let bad_ca = |reason: String| SourceError::InvalidCredentials {
+            secret: secret.map(|s| s.name.clone()).unwrap_or_else(|| "caBundle".into()),
+            reason,
+        };
         let mut certs = Vec::new();
         for pem in spec.ca_bundle.iter().map(|s| s.as_bytes().to_vec()).chain(auth.ca.clone()) {
-            let invalid = |detail: String| SourceError::InvalidCredentials {
-                secret: secret.map(|s| s.name.clone()).unwrap_or_else(|| "caBundle".into()),
-                reason: format!("CA bundle: {detail}"),
-            };
+            let invalid = |detail: String| bad_ca(format!("CA bundle: {detail}"));
             let parsed = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| invalid(error_chain(&e)))?;
             if parsed.is_empty() {
                 return Err(invalid("holds no PEM certificate".into()));
@@ -71,10 +70,7 @@ impl HttpFetcher {
         let client = if certs.is_empty() {
             self.shared.clone()
         } else {
-            client(&self.options, certs).map_err(|e| SourceError::InvalidCredentials {
-                secret: secret.map(|s| s.name.clone()).unwrap_or_else(|| "caBundle".into()),
-                reason: format!("CA bundle rejected: {}", error_chain(&e)),
-            })?
+            client(&self.options, certs).map_err(|e| bad_ca(format!("CA bundle rejected: {}", error_chain(&e))))?
         };
 
         let mut headers = HeaderMap::new();

@@ -94,6 +94,9 @@ pub enum SourceError {
     InvalidCredentials { secret: String, reason: String },
     #[error("source Package {name:?}: {reason}")]
     PackageNotReady { name: String, reason: String },
+    /// The TLS stack refused the client's setup: a fault of the machine, not of any source.
+    #[error("cannot build the http client: {detail}")]
+    HttpClient { detail: String },
 }
 
 impl SourceError {
@@ -117,7 +120,8 @@ impl SourceError {
             | SourceError::TooLarge { .. }
             | SourceError::ObjectUrl(_)
             | SourceError::FileNotAllowed { .. }
-            | SourceError::InvalidCredentials { .. } => true,
+            | SourceError::InvalidCredentials { .. }
+            | SourceError::HttpClient { .. } => true,
         }
     }
 }

@@ -76,10 +76,17 @@ impl BlobOwner {
     /// The key of this owner's blob with the given sha256. Keys are content-addressed per owner, so a
     /// re-fetch of the same bits lands on the same key and a new generation with new bits on a new one.
     pub fn blob_key(&self, sha256: &str) -> String {
-        match &self.uid {
-            Some(uid) => format!("{}/{}/{}/{uid}/{sha256}", self.plural, self.namespace, self.name),
+        match self.own_prefix() {
+            Some(prefix) => format!("{prefix}/{sha256}"),
             None => format!("{}/{}/{}/{sha256}", self.plural, self.namespace, self.name),
         }
+    }
+
+    /// Where all of this owner's blobs are, and no other owner's. Only an owner with a uid has such a place:
+    /// without one, the blobs of a later object of the same name would lie beside its own.
+    pub fn own_prefix(&self) -> Option<String> {
+        let uid = self.uid.as_ref()?;
+        Some(format!("{}/{}/{}/{uid}", self.plural, self.namespace, self.name))
     }
 }
 
@@ -208,6 +215,18 @@ impl BlobStore {
             .try_collect()
             .await
             .map_err(|e| self.backend_error("list", prefix, e))
+    }
+
+    /// Remove every blob under `prefix` but `keep`: what an owner no longer names. Returns how many went.
+    pub async fn remove_under(&self, prefix: &str, keep: Option<&str>) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for (key, _) in self.list(prefix).await? {
+            if Some(key.as_str()) != keep {
+                self.delete(&key).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Remove staged writes older than `older_than`: what a killed process left behind. Returns how many.

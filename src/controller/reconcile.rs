@@ -83,7 +83,7 @@ where
     let outcome = finalizer(&api, FINALIZER, object, |event| async {
         match event {
             finalizer::Event::Apply(object) => apply(&api, object.as_ref(), &namespace, &ctx).await,
-            finalizer::Event::Cleanup(object) => cleanup(object.as_ref(), &ctx).await,
+            finalizer::Event::Cleanup(object) => cleanup(object.as_ref(), &namespace, &ctx).await,
         }
     })
     .await
@@ -147,14 +147,20 @@ where
             let (next, action) = fetch(object, namespace, source, &started, ctx).await?;
             ctx.write_status(api, object, &started, &next).await?;
             record_state(ctx, object, next.state);
-            // The blob of an earlier generation goes only once the status names the new one, so that a READY
-            // status never points at a deleted blob.
-            if let (Some(old), Some(new)) = (&prev.stored.blob, &next.stored.blob)
-                && old != new
-                && ctx.fetcher.store.holds(old)
-                && let Err(error) = ctx.fetcher.store.delete(&old.key).await
+            // Blobs of earlier generations go only once the status names the new one, so that a READY status
+            // never points at a deleted blob. All of the owner's other blobs go, so that one an earlier removal
+            // failed to delete goes now.
+            if let Some(new) = &next.stored.blob
+                && ctx.fetcher.store.holds(new)
+                && let Some(prefix) = BlobOwner::of(object, namespace).own_prefix()
             {
-                tracing::warn!(%error, key = old.key, "removing the blob of an earlier generation; it stays behind");
+                match ctx.fetcher.store.remove_under(&prefix, Some(&new.key)).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, prefix, "removed the blobs of earlier generations"),
+                    Err(error) => {
+                        tracing::warn!(%error, prefix, "removing the blobs of earlier generations; they stay until the next fetch or the deletion")
+                    }
+                }
             }
             return Ok(action);
         }
@@ -220,8 +226,8 @@ fn retry_delay<S>(status: &BitsStatus<S>) -> Duration {
     (failing_for / 2).clamp(Duration::from_secs(5), Duration::from_secs(300))
 }
 
-/// Remove the object's blob; a blob that is already gone counts as removed, so deletion never blocks on it.
-async fn cleanup<O: Managed>(object: &O, ctx: &Context) -> Result<Action, ReconcileError>
+/// Remove the object's blobs; a blob that is already gone counts as removed, so deletion never blocks on it.
+async fn cleanup<O: Managed>(object: &O, namespace: &str, ctx: &Context) -> Result<Action, ReconcileError>
 where
     O::State: Serialize,
 {
@@ -230,6 +236,10 @@ where
         && ctx.fetcher.store.holds(blob)
     {
         ctx.fetcher.store.delete(&blob.key).await?;
+    }
+    // And whatever else the object owns: blobs of earlier generations whose removal failed.
+    if let Some(prefix) = BlobOwner::of(object, namespace).own_prefix() {
+        ctx.fetcher.store.remove_under(&prefix, None).await?;
     }
     Ok(Action::await_change())
 }
@@ -405,13 +415,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn deletion_removes_the_blob_and_then_the_finalizer() {
+    async fn deletion_removes_the_blobs_and_then_the_finalizer() {
         let store = super::super::fixtures::memory_store();
-        let mut write = store.begin_write().await.unwrap();
-        write.write(Bytes::from_static(b"bits")).await.unwrap();
-        let blob = write.commit("packages/team/app/blob").await.unwrap();
-
+        let commit = |key: String| {
+            let store = store.clone();
+            async move {
+                let mut write = store.begin_write().await.unwrap();
+                write.write(Bytes::from_static(b"bits")).await.unwrap();
+                write.commit(&key).await.unwrap()
+            }
+        };
         let mut going = package(bits(None));
+        let owner = BlobOwner::of(&going, "team");
+        let blob = commit(owner.blob_key("new")).await;
+        // Left behind when removing an earlier generation's blob failed.
+        let leftover = commit(owner.blob_key("old")).await;
+        // Another object's of the same name, before this one was created.
+        let other = commit(BlobOwner { uid: Some("another-uid".into()), ..owner.clone() }.blob_key("old")).await;
+
         going.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         going.status = Some(PackageStatus {
             state: Some(PackageState::Ready),
@@ -424,6 +445,8 @@ mod tests {
         let action = reconcile(Arc::new(going), mocked.context.clone()).await.expect("reconcile");
         assert_eq!(action, Action::await_change());
         assert!(store.size(&blob.key).await.is_err(), "the blob is gone");
+        assert!(store.size(&leftover.key).await.is_err(), "the leftover is gone");
+        assert_eq!(store.size(&other.key).await.unwrap(), 4, "another object's blob stays");
         let calls = mocked.calls();
         assert_eq!(calls.len(), 1, "{calls:?}");
         assert_eq!(calls[0].method, Method::PATCH);

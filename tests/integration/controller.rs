@@ -142,12 +142,22 @@ async fn a_new_generation_replaces_the_bits_and_copies_follow() {
     wait_for(ns, "pkg/copy", "{.status.state}", "READY").await;
     wait_for(ns, "pkg/copy", "{.status.checksum.value}", &v1).await;
 
+    // A blob that an earlier removal failed to delete goes with the next generation's fetch too.
+    let uid = kube_ok(&["get", "pkg/app", "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let leftover = store.path().join(format!("packages/{ns}/app/{uid}/{}", "0".repeat(64)));
+    std::fs::write(&leftover, b"left behind").unwrap();
+
     kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&http_package("app", &server.url("/v2.zip"), "")));
     let v2 = coreutils_digests(55, 90_000).sha256;
     wait_for(ns, "pkg/app", "{.status.checksum.value}", &v2).await;
     wait_for(ns, "pkg/app", "{.status.observedGeneration}", "2").await;
     let blobs = files_under(store.path());
-    assert_eq!(blobs.len(), 2, "the copy's blob and app's new one; app's old blob is gone: {blobs:?}");
+    assert_eq!(
+        blobs.len(),
+        2,
+        "the copy's blob and app's new one; app's old blob and the leftover are gone: {blobs:?}"
+    );
+    assert!(!leftover.exists());
     assert!(
         blobs.iter().any(|b| b.ends_with(&v2))
             && blobs.iter().all(|b| !b.starts_with(format!("packages/{ns}/app")) || b.ends_with(&v2))

@@ -19,6 +19,11 @@ use bitsmith::sources::SourcePolicy;
 use bitsmith::store::{BlobOwner, BlobStore};
 use serde_json::{Value, json};
 
+// The integration tests' data generator; the benchmarks use only part of it.
+#[allow(dead_code)]
+#[path = "../tests/integration/support/data.rs"]
+mod data;
+
 const MIB: u64 = 1 << 20;
 
 fn kubectl(args: &[&str], stdin: Option<&str>) -> String {
@@ -32,17 +37,6 @@ fn kubectl(args: &[&str], stdin: Option<&str>) -> String {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "kubectl {args:?} failed");
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Pseudo-random bytes that do not compress.
-fn noise(seed: u64, buf: &mut [u8]) {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for word in buf.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
-    }
 }
 
 /// Write one stored entry of `data_blocks` (each `repeat` times) to `out`.
@@ -69,7 +63,7 @@ fn write_zip(path: &Path, count: u64, each: u64) {
     let mut writer = ZipWriter::new();
     let mut block = vec![0u8; 8 << 20];
     for n in 0..count {
-        noise(n + 1, &mut block);
+        data::fill(n + 1, 0, &mut block);
         stored_entry(&mut file, &mut writer, format!("app/part-{n}.bin"), &block, each / block.len() as u64);
     }
     file.write_all(&writer.finish()).unwrap();
@@ -248,8 +242,7 @@ async fn main() {
         let mut out = std::fs::File::create(&small).unwrap();
         let mut writer = ZipWriter::new();
         for n in 0..50u64 {
-            let mut data = vec![0u8; 70_000];
-            noise(1000 + n, &mut data);
+            let data = data::bytes(1000 + n, 70_000);
             stored_entry(&mut out, &mut writer, format!("lib/file-{n}.bin"), &data, 1);
             files.push(bitsmith::digest::to_hex(&<sha1::Sha1 as sha1::Digest>::digest(&data)));
         }

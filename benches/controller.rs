@@ -22,6 +22,11 @@ use kube::api::{ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
+// The integration tests' data generator; the benchmark uses only part of it.
+#[allow(dead_code)]
+#[path = "../tests/integration/support/data.rs"]
+mod data;
+
 /// Bytes of each Package's source.
 const BITS: usize = 16 << 10;
 /// Creations in flight at once, as `kubectl apply` of a large manifest (or a GitOps tool) would send them.
@@ -29,15 +34,7 @@ const CREATORS: usize = 16;
 
 /// `BITS` bytes that differ for each `n`, so every Package gets a blob of its own.
 async fn bits(Path(n): Path<u64>) -> Vec<u8> {
-    let mut state = n.wrapping_mul(0x9e3779b97f4a7c15) | 1;
-    (0..BITS)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    data::bytes(n, BITS)
 }
 
 fn package(n: usize, base: &str) -> Package {

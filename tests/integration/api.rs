@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::support::data::coreutils_digests;
+use crate::support::data::{bytes, coreutils_digests};
 use crate::support::http_server::{Reply, TestServer};
 use crate::support::kube::{
     install_crds, kube_ok, kubectl, namespace, service_account_token, service_account_with_role, wait_for,
@@ -461,19 +461,6 @@ fn sha1_hex(bytes: &[u8]) -> String {
     bitsmith::digest::to_hex(&sha1::Sha1::digest(bytes))
 }
 
-/// Deterministic bytes that do not compress much.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
 const UPLOAD_PACKAGES: &str = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: first\nspec:\n  type: bits\n---\napiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: second\nspec:\n  type: bits\n---\napiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: bomb\nspec:\n  type: bits\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -483,7 +470,7 @@ async fn uploads_feed_the_resource_cache_and_matched_files_come_back() {
     wait_for(&s.ns, "pkg/first", "{.status.state}", "AWAITING_UPLOAD").await;
     wait_for(&s.ns, "pkg/second", "{.status.state}", "AWAITING_UPLOAD").await;
     let dir = tempfile::tempdir().unwrap();
-    let (lib, vendor) = (noise(1, 100_000), noise(2, 300_000));
+    let (lib, vendor) = (bytes(1, 100_000), bytes(2, 300_000));
     std::fs::write(dir.path().join("lib.bin"), &lib).unwrap();
     std::fs::write(dir.path().join("vendor.bin"), &vendor).unwrap();
     let script = format!(
@@ -642,7 +629,7 @@ async fn bad_uploads_are_refused_with_cf_errors() {
     assert_eq!((status, title.as_str()), (400, "CF-AppBitsUploadInvalid"));
 
     let big = dir.path().join("big.bin");
-    std::fs::write(&big, noise(3, 2 << 20)).unwrap();
+    std::fs::write(&big, bytes(3, 2 << 20)).unwrap();
     let oversize =
         python_zip(dir.path(), "oversize.zip", &format!("z.write({:?}, 'big.bin')", big.display().to_string()));
     let (status, title, detail) = curl("oversize", &oversize);

@@ -23,6 +23,13 @@ pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
     }
 }
 
+/// The first `len` bytes of the stream named by `seed`, for data small enough to hold.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0; len];
+    fill(seed, 0, &mut buf);
+    buf
+}
+
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e3779b97f4a7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);

@@ -37,7 +37,7 @@ pub enum Scheme {
 }
 
 impl Scheme {
-    fn of(url: &Url) -> Option<Scheme> {
+    pub fn of(url: &Url) -> Option<Scheme> {
         Some(match url.scheme() {
             "s3" | "s3a" => Scheme::S3,
             "gs" => Scheme::Gcs,
@@ -138,6 +138,7 @@ pub fn connect(
             (gcs.clone(), Some(gcs), path_of(url, &decoded_path)?)
         }
         Scheme::Azure => {
+            let opts = allow_plain_http(opts, &["endpoint", "azure_storage_endpoint", "azure_endpoint"]);
             let az = cloud::<MicrosoftAzureBuilder>(url, &parsed, opts, policy, ambient)?;
             (az.clone(), Some(az), path_of(url, &decoded_path)?)
         }
@@ -313,12 +314,18 @@ fn cloud<B: CloudBuilder>(
     Ok(Arc::new(store))
 }
 
-/// S3 settings with no object_store key of their own: `path_style`, and plain-http endpoints (local servers).
+/// S3 settings with no object_store key of their own: `path_style`.
 fn s3_aliases(mut opts: BTreeMap<String, String>) -> BTreeMap<String, String> {
     if let Some(path_style) = opts.remove("path_style") {
         opts.insert("aws_virtual_hosted_style_request".into(), (path_style != "true").to_string());
     }
-    if opts.get("endpoint").or(opts.get("aws_endpoint")).is_some_and(|e| e.starts_with("http://")) {
+    allow_plain_http(opts, &["endpoint", "aws_endpoint", "aws_endpoint_url"])
+}
+
+/// An `http://` endpoint (a server in the cluster or on loopback) is taken as asking for plain http, which the
+/// backends otherwise refuse until `allow_http` is set as well.
+fn allow_plain_http(mut opts: BTreeMap<String, String>, endpoint_keys: &[&str]) -> BTreeMap<String, String> {
+    if endpoint_keys.iter().any(|k| opts.get(*k).is_some_and(|e| e.starts_with("http://"))) {
         opts.entry("allow_http".into()).or_insert_with(|| "true".into());
     }
     opts

@@ -101,7 +101,8 @@ pub struct ObjectStoreSource {
     /// `azure_storage_account_key`. Without it the object is read anonymously.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
-    /// Endpoint of an S3-compatible service (path-style requests are used when set).
+    /// The service's endpoint, when not the public cloud's: an S3-compatible server (addressed path-style), or
+    /// an Azure storage account's Blob endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// Region of the bucket.

@@ -19,7 +19,10 @@ pub async fn open_object(
     let mut options: BTreeMap<String, String> = spec.options.clone();
     if let Some(endpoint) = &spec.endpoint {
         options.insert("endpoint".into(), endpoint.clone());
-        options.entry("path_style".into()).or_insert_with(|| "true".into());
+        // S3-compatible servers at their own endpoint (MinIO, Garage, Ceph) are addressed path-style.
+        if url::Url::parse(&spec.url).ok().and_then(|u| Scheme::of(&u)) == Some(Scheme::S3) {
+            options.entry("path_style".into()).or_insert_with(|| "true".into());
+        }
     }
     if let Some(region) = &spec.region {
         options.insert("region".into(), region.clone());

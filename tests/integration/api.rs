@@ -262,7 +262,8 @@ async fn droplets_and_their_jobs_are_shown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_store_answers_downloads_with_a_presigned_redirect() {
-    let s3 = crate::support::s3::S3::from_env();
+    use crate::support::cloud::{Cloud, S3};
+    let s3 = S3::from_env();
     let (store, _) = s3.store("api-presigned");
     let s = setup_with("api-presigned", store, None, |_| ()).await;
     s.server.route("/app.zip", Reply::Body { seed: 72, size: 200_000, length: true });

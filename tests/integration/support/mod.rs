@@ -1,9 +1,9 @@
-//! Shared test parts: generated data, a loopback HTTP server, and the S3 server the test scripts start.
+//! Shared test parts: generated data, a loopback HTTP server, and the object-store servers the test scripts start.
 
+pub mod cloud;
 pub mod data;
 pub mod http_server;
 pub mod kube;
-pub mod s3;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,181 @@
+//! The object-store servers of record, started by `scripts/with-test-env.sh` and described by environment
+//! variables: Garage for S3 and Azurite for Azure Blob Storage. A test that needs one fails, with the command to
+//! run, when it is missing.
+
+use std::collections::BTreeMap;
+
+use bitsmith::object_url::{self, CredentialPolicy, ObjectClient};
+use bitsmith::resources::{ObjectStoreSource, SecretRef, Source};
+use bitsmith::sources::SecretData;
+use bitsmith::store::BlobStore;
+use futures::TryStreamExt;
+
+fn env(name: &str, server: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: these tests need the {server} server that `make test` starts (scripts/with-test-env.sh)"
+        )
+    })
+}
+
+/// A server that speaks one cloud's object-store protocol, with a bucket (or container) for the tests.
+pub trait Cloud {
+    /// The scheme of its URLs.
+    const SCHEME: &'static str;
+    /// The credential entry [`Cloud::secret`] holds the secret key under.
+    const SECRET_KEY_ENTRY: &'static str;
+    /// A well-formed secret key that is not the server's.
+    const WRONG_SECRET_KEY: &'static str;
+    /// The name of the query parameter that carries a presigned URL's signature.
+    const SIGNATURE_PARAMETER: &'static str;
+
+    fn bucket(&self) -> &str;
+    /// The server's address, where its presigned URLs point.
+    fn endpoint(&self) -> &str;
+    /// Settings that reach the server, credentials aside.
+    fn settings(&self) -> BTreeMap<String, String>;
+    /// Credentials as object_store settings.
+    fn credentials(&self) -> BTreeMap<String, String>;
+
+    /// A store URL under a fresh prefix, so tests do not see each other's objects.
+    fn store_url(&self, test: &str) -> String {
+        let settings = self.settings().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+        format!("{}://{}/{test}-{}?{settings}", Self::SCHEME, self.bucket(), uuid::Uuid::new_v4())
+    }
+
+    /// A store at a fresh prefix, with credentials passed as options, and a lister of what the prefix holds.
+    fn store(&self, test: &str) -> (BlobStore, Lister) {
+        let url = self.store_url(test);
+        let store = BlobStore::open(&url, &self.credentials()).expect("open the store");
+        let client = object_url::connect(&url, &self.credentials(), CredentialPolicy::Options).unwrap();
+        (store, Lister(client))
+    }
+
+    /// The credentials as a Package's Secret would hold them: named like environment variables, except the
+    /// secret key, named as object_store's setting (both spellings are read).
+    fn secret(&self) -> SecretData {
+        let entry = |name: String| if name == Self::SECRET_KEY_ENTRY { name } else { name.to_ascii_uppercase() };
+        SecretData {
+            name: "cloud".into(),
+            entries: self.credentials().into_iter().map(|(k, v)| (entry(k), v.into_bytes())).collect(),
+        }
+    }
+
+    /// An object-store source for the object at `path` in the bucket, reading credentials from [`Cloud::secret`].
+    fn object_source(&self, path: &str) -> Source {
+        let mut options = self.settings();
+        let endpoint = options.remove("endpoint");
+        let region = options.remove("region");
+        Source {
+            object_store: Some(ObjectStoreSource {
+                url: format!("{}://{}/{path}", Self::SCHEME, self.bucket()),
+                secret_ref: Some(SecretRef { name: "cloud".into() }),
+                endpoint,
+                region,
+                options,
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// Garage, for S3.
+pub struct S3 {
+    pub endpoint: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl S3 {
+    pub fn from_env() -> S3 {
+        S3 {
+            endpoint: env("BITSMITH_TEST_S3_ENDPOINT", "Garage S3"),
+            bucket: env("BITSMITH_TEST_S3_BUCKET", "Garage S3"),
+            access_key: env("BITSMITH_TEST_S3_ACCESS_KEY", "Garage S3"),
+            secret_key: env("BITSMITH_TEST_S3_SECRET_KEY", "Garage S3"),
+        }
+    }
+}
+
+impl Cloud for S3 {
+    const SCHEME: &'static str = "s3";
+    const SECRET_KEY_ENTRY: &'static str = "aws_secret_access_key";
+    const WRONG_SECRET_KEY: &'static str = "0000000000000000000000000000000000000000";
+    const SIGNATURE_PARAMETER: &'static str = "X-Amz-Signature";
+
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+    fn settings(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("endpoint".to_string(), self.endpoint.clone()),
+            ("path_style".to_string(), "true".to_string()),
+            ("region".to_string(), "us-east-1".to_string()),
+        ])
+    }
+    fn credentials(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("aws_access_key_id".to_string(), self.access_key.clone()),
+            ("aws_secret_access_key".to_string(), self.secret_key.clone()),
+        ])
+    }
+}
+
+/// Azurite, for Azure Blob Storage, reached as a storage account at an explicit endpoint (as an Azure Stack or
+/// sovereign-cloud account would be), not through object_store's emulator shortcut.
+pub struct Azurite {
+    /// The account's Blob endpoint, `http://127.0.0.1:PORT/ACCOUNT`.
+    pub endpoint: String,
+    pub container: String,
+    pub account: String,
+    pub key: String,
+}
+
+impl Azurite {
+    pub fn from_env() -> Azurite {
+        Azurite {
+            endpoint: env("BITSMITH_TEST_AZURE_ENDPOINT", "Azurite"),
+            container: env("BITSMITH_TEST_AZURE_CONTAINER", "Azurite"),
+            account: env("BITSMITH_TEST_AZURE_ACCOUNT", "Azurite"),
+            key: env("BITSMITH_TEST_AZURE_KEY", "Azurite"),
+        }
+    }
+}
+
+impl Cloud for Azurite {
+    const SCHEME: &'static str = "az";
+    const SECRET_KEY_ENTRY: &'static str = "azure_storage_account_key";
+    /// 64 zero bytes in base64: the shape of an account key.
+    const WRONG_SECRET_KEY: &'static str =
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==";
+    const SIGNATURE_PARAMETER: &'static str = "sig";
+
+    fn bucket(&self) -> &str {
+        &self.container
+    }
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+    fn settings(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([("endpoint".to_string(), self.endpoint.clone())])
+    }
+    fn credentials(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("azure_storage_account_name".to_string(), self.account.clone()),
+            ("azure_storage_account_key".to_string(), self.key.clone()),
+        ])
+    }
+}
+
+/// Lists a store's prefix directly, bypassing the store under test.
+pub struct Lister(ObjectClient);
+
+impl Lister {
+    pub async fn keys(&self) -> Vec<String> {
+        self.0.store.list(Some(&self.0.path)).map_ok(|m| m.location.to_string()).try_collect().await.unwrap()
+    }
+}

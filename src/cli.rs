@@ -75,6 +75,11 @@ impl ApiArgs {
         })?;
         Some(crate::links::ApiUrls::new(&url))
     }
+
+    /// The flags that bound the size of a blob the API stores.
+    fn size_limits(&self) -> [(&'static str, u64); 2] {
+        [("--max-upload-size", self.max_upload_size), ("--max-package-size", self.max_package_size)]
+    }
 }
 
 #[derive(Args, Debug)]
@@ -153,6 +158,21 @@ impl StoreArgs {
         };
         let options: BTreeMap<String, String> = self.store_opts.iter().cloned().collect();
         BlobStore::open(&url, &options).map_err(|e| error_chain(&e))
+    }
+
+    /// Open the store, refusing size limits (flag, bytes) that it could not honour: a fetch or upload over what
+    /// the store can commit would otherwise fail only at its very end.
+    pub fn open_for(&self, limits: &[(&str, u64)]) -> Result<BlobStore, String> {
+        let store = self.open()?;
+        if let Some(largest) = store.largest_blob()
+            && let Some((flag, size)) = limits.iter().find(|(_, size)| *size > largest)
+        {
+            return Err(format!(
+                "{flag} {size} is over the {largest} bytes a blob can have in {}: lower it",
+                store.url()
+            ));
+        }
+        Ok(store)
     }
 }
 
@@ -287,7 +307,7 @@ async fn api(args: ApiServerArgs) -> Result<(), String> {
     let listener = bind_api(&args.api).await?.ok_or("--listen is required")?;
     let ops = serve_ops(args.metrics_listen).await?;
     let client = connect().await?;
-    let store = args.store.open()?;
+    let store = args.store.open_for(&args.api.size_limits())?;
     let served = start_api(&client, store, args.namespace.as_deref(), &args.api, listener, &ops).await?;
     match served.await {
         Ok(result) => result.map_err(|e| format!("serving the API: {e}")),
@@ -307,8 +327,10 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     let ops = serve_ops(args.metrics_listen).await?;
     let api = bind_api(&args.api).await?;
     let client = connect().await?;
-    let fetcher = Fetcher::new(args.store.open()?, SourcePolicy { file_root: args.allow_files_under }, args.max_size)
-        .map_err(|e| e.to_string())?;
+    let limits = [&[("--max-size", args.max_size)][..], &args.api.size_limits()].concat();
+    let fetcher =
+        Fetcher::new(args.store.open_for(&limits)?, SourcePolicy { file_root: args.allow_files_under }, args.max_size)
+            .map_err(|e| e.to_string())?;
     // Every replica serves the API; only the leader reconciles.
     if let Some(listener) = api {
         start_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, listener, &ops).await?;
@@ -352,7 +374,7 @@ async fn fetch(args: FetchArgs) -> Result<(), String> {
         manifests.extend(offline::parse_manifests(&text, &origin).map_err(|e| e.to_string())?);
     }
     let fetcher = Fetcher::new(
-        args.store.open()?,
+        args.store.open_for(&[("--max-size", args.max_size)])?,
         SourcePolicy { file_root: Some(args.allow_files_under.clone()) },
         args.max_size,
     )

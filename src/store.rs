@@ -25,6 +25,9 @@ const PART_SIZE: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 3;
 /// Where writes live until they are committed.
 const STAGING: &str = "staging";
+/// The largest object S3's CopyObject copies. A commit on S3 is a copy out of staging, so no larger blob can be
+/// committed there.
+const S3_LARGEST_COMMIT: u64 = 5 << 30;
 
 /// Errors from the store, each naming the key it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +115,11 @@ impl BlobStore {
     /// Whether `blob` lives in this store.
     pub fn holds(&self, blob: &BlobRef) -> bool {
         blob.store == self.url()
+    }
+
+    /// The largest blob a commit can make in this store, where the backend has a limit.
+    pub fn largest_blob(&self) -> Option<u64> {
+        (self.client.scheme == Scheme::S3).then_some(S3_LARGEST_COMMIT)
     }
 
     /// A reference to `key` in this store.

@@ -10,7 +10,7 @@ set -euo pipefail
 cmd=${1:?usage: apiserver.sh start|stop DIR}
 dir=${2:?usage: apiserver.sh start|stop DIR}
 here=$(cd "$(dirname "$0")" && pwd)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+. "$here/processes.sh"
 
 certs() {
   local d="$dir/certs"
@@ -34,16 +34,6 @@ certs() {
     -CAcreateserial -days 30 -extfile "$d/client.cnf" -out "$d/front-proxy-client.crt" 2>/dev/null
 }
 
-stop_pid() {
-  [ -f "$dir/$1.pid" ] || return 0
-  local pid
-  pid=$(cat "$dir/$1.pid")
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-  kill -9 "$pid" 2>/dev/null || true
-  rm -f "$dir/$1.pid"
-}
-
 case "$cmd" in
 start)
   root=$("$here/install-apiserver.sh")
@@ -51,12 +41,11 @@ start)
   token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   api_port=$(free_port) etcd_port=$(free_port) etcd_peer=$(free_port)
   certs
-  setsid "$root/bin/etcd" --data-dir "$dir/etcd" --name bitsmith-test \
+  spawn "$dir" etcd "$root/bin/etcd" --data-dir "$dir/etcd" --name bitsmith-test \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
-    --initial-cluster "bitsmith-test=http://127.0.0.1:$etcd_peer" >"$dir/etcd.log" 2>&1 </dev/null &
-  echo $! >"$dir/etcd.pid"
-  setsid "$root/bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --initial-cluster "bitsmith-test=http://127.0.0.1:$etcd_peer"
+  spawn "$dir" apiserver "$root/bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address 127.0.0.1 --secure-port "$api_port" --advertise-address 127.0.0.1 \
     --tls-cert-file "$dir/certs/server.crt" --tls-private-key-file "$dir/certs/server.key" \
     --client-ca-file "$dir/certs/ca.crt" \
@@ -69,8 +58,7 @@ start)
     --requestheader-extra-headers-prefix X-Remote-Extra- \
     --proxy-client-cert-file "$dir/certs/front-proxy-client.crt" \
     --proxy-client-key-file "$dir/certs/front-proxy-client.key" \
-    --enable-priority-and-fairness=false >"$dir/apiserver.log" 2>&1 </dev/null &
-  echo $! >"$dir/apiserver.pid"
+    --enable-priority-and-fairness=false
   cat >"$dir/kubeconfig" <<KC
 apiVersion: v1
 kind: Config
@@ -86,30 +74,22 @@ contexts:
 current-context: bitsmith-test
 KC
   for _ in $(seq 1 240); do
-    if ! kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null; then
-      echo "kube-apiserver exited; its log:" >&2
-      tail -20 "$dir/apiserver.log" >&2
-      exit 1
-    fi
+    running "$dir" apiserver || fail_with_log "$dir" apiserver "kube-apiserver exited"
     if curl -fsS --cacert "$dir/certs/ca.crt" -H "Authorization: Bearer $token" \
       "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then
-      setsid "$root/bin/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \
-        --controllers clusterrole-aggregation --leader-elect=false --port 0 --secure-port 0 \
-        >"$dir/controller-manager.log" 2>&1 </dev/null &
-      echo $! >"$dir/controller-manager.pid"
+      spawn "$dir" controller-manager "$root/bin/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \
+        --controllers clusterrole-aggregation --leader-elect=false --port 0 --secure-port 0
       echo "export KUBECONFIG=$dir/kubeconfig"
       exit 0
     fi
     sleep 0.25
   done
-  echo "kube-apiserver did not become ready; its log:" >&2
-  tail -20 "$dir/apiserver.log" >&2
-  exit 1
+  fail_with_log "$dir" apiserver "kube-apiserver did not become ready"
   ;;
 stop)
-  stop_pid controller-manager
-  stop_pid apiserver
-  stop_pid etcd
+  stop "$dir" controller-manager
+  stop "$dir" apiserver
+  stop "$dir" etcd
   ;;
 *) echo "usage: apiserver.sh start|stop DIR" >&2; exit 2 ;;
 esac

@@ -7,8 +7,7 @@ set -euo pipefail
 cmd=${1:?usage: garage.sh start|stop DIR}
 dir=${2:?usage: garage.sh start|stop DIR}
 here=$(cd "$(dirname "$0")" && pwd)
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+. "$here/processes.sh"
 
 case "$cmd" in
 start)
@@ -33,32 +32,22 @@ api_bind_addr = "127.0.0.1:$s3_port"
 root_domain = ".s3.garage.localhost"
 EOT
   GARAGE_DEFAULT_ACCESS_KEY=$access_key GARAGE_DEFAULT_SECRET_KEY=$secret_key GARAGE_DEFAULT_BUCKET=$bucket \
-    RUST_LOG=${GARAGE_LOG:-warn} setsid "$garage" -c "$dir/garage.toml" server --single-node --default-bucket \
-    >"$dir/garage.log" 2>&1 </dev/null &
-  echo $! >"$dir/garage.pid"
+    RUST_LOG=${GARAGE_LOG:-warn} spawn "$dir" garage "$garage" -c "$dir/garage.toml" server --single-node \
+    --default-bucket
   # Ready when the S3 API answers a request (403 without a signature), not merely when the port opens.
   ready=no
   for _ in $(seq 1 300); do
     status=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$s3_port/$bucket" || true)
     if [ "$status" = 403 ] || [ "$status" = 200 ]; then ready=yes; break; fi
-    kill -0 "$(cat "$dir/garage.pid")" 2>/dev/null || break
+    running "$dir" garage || break
     sleep 0.1
   done
-  if [ "$ready" != yes ]; then
-    echo "garage did not come up on 127.0.0.1:$s3_port; its log:" >&2
-    tail -20 "$dir/garage.log" >&2
-    exit 1
-  fi
+  [ "$ready" = yes ] || fail_with_log "$dir" garage "garage did not come up on 127.0.0.1:$s3_port"
   echo "export BITSMITH_TEST_S3_ENDPOINT=http://127.0.0.1:$s3_port"
   echo "export BITSMITH_TEST_S3_BUCKET=$bucket"
   echo "export BITSMITH_TEST_S3_ACCESS_KEY=$access_key"
   echo "export BITSMITH_TEST_S3_SECRET_KEY=$secret_key"
   ;;
-stop)
-  if [ -f "$dir/garage.pid" ]; then
-    kill "$(cat "$dir/garage.pid")" 2>/dev/null || true
-    rm -f "$dir/garage.pid"
-  fi
-  ;;
+stop) stop "$dir" garage ;;
 *) echo "usage: garage.sh start|stop DIR" >&2; exit 2 ;;
 esac

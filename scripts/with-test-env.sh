@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Run a command beside what the tests need, all on loopback: a Garage S3 server, Azurite's Blob service and a
-# real control plane (etcd + kube-apiserver). Each is installed on first use (cached outside the checkout),
-# started here, and stopped when the command ends. The command sees BITSMITH_TEST_S3_{ENDPOINT,BUCKET,ACCESS_KEY,
-# SECRET_KEY}, AZURITE_BLOB_STORAGE_URL, BITSMITH_TEST_AZURE_CONTAINER and KUBECONFIG.
+# Run a command beside what the tests need, all on loopback: object-store servers (Garage for S3, Azurite for
+# Azure Blob, fake-gcs-server for GCS) and a real control plane (etcd + kube-apiserver). Each is installed on
+# first use (cached outside the checkout), started here, and stopped when the command ends. The command sees
+# BITSMITH_TEST_S3_*, BITSMITH_TEST_AZURE_*, BITSMITH_TEST_GCS_* and KUBECONFIG.
 #   scripts/with-test-env.sh cargo test --locked
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +23,12 @@ cleanup() {
   scripts/apiserver.sh stop "$state/apiserver"
   scripts/garage.sh stop "$state/garage"
   scripts/azurite.sh stop "$state/azurite"
+  scripts/fake-gcs.sh stop "$state/fake-gcs"
   rm -rf "$state"
 }
 trap cleanup EXIT
 eval "$(scripts/garage.sh start "$state/garage")"
 eval "$(scripts/azurite.sh start "$state/azurite")"
+eval "$(scripts/fake-gcs.sh start "$state/fake-gcs")"
 eval "$(scripts/apiserver.sh start "$state/apiserver")"
 "$@"

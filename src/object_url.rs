@@ -134,7 +134,7 @@ pub fn connect(
             (s3.clone(), Some(s3), path_of(url, &decoded_path)?)
         }
         Scheme::Gcs => {
-            let gcs = cloud::<GoogleCloudStorageBuilder>(url, &parsed, opts, policy, ambient)?;
+            let gcs = cloud::<GoogleCloudStorageBuilder>(url, &parsed, gcs_aliases(opts), policy, ambient)?;
             (gcs.clone(), Some(gcs), path_of(url, &decoded_path)?)
         }
         Scheme::Azure => {
@@ -320,6 +320,14 @@ fn s3_aliases(mut opts: BTreeMap<String, String>) -> BTreeMap<String, String> {
         opts.insert("aws_virtual_hosted_style_request".into(), (path_style != "true").to_string());
     }
     allow_plain_http(opts, &["endpoint", "aws_endpoint", "aws_endpoint_url"])
+}
+
+/// GCS settings with no object_store key of their own: `endpoint`, which GCS calls its base URL.
+fn gcs_aliases(mut opts: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    if let Some(endpoint) = opts.remove("endpoint") {
+        opts.entry("google_base_url".into()).or_insert(endpoint);
+    }
+    allow_plain_http(opts, &["google_base_url", "base_url"])
 }
 
 /// An `http://` endpoint (a server in the cluster or on loopback) is taken as asking for plain http, which the

@@ -101,8 +101,8 @@ pub struct ObjectStoreSource {
     /// `azure_storage_account_key`. Without it the object is read anonymously.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
-    /// The service's endpoint, when not the public cloud's: an S3-compatible server (addressed path-style), or
-    /// an Azure storage account's Blob endpoint.
+    /// The service's endpoint, when not the public cloud's: an S3-compatible server (addressed path-style), an
+    /// Azure storage account's Blob endpoint, or a GCS-compatible base URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// Region of the bucket.

@@ -1,5 +1,6 @@
 //! The store and object sources against real object-store servers that the test scripts start on loopback:
-//! Garage (S3) and Azurite (Azure Blob Storage). Each behaviour is one function, run against both.
+//! Garage (S3) and Azurite (Azure Blob Storage), each behaviour one function run against both; and
+//! fake-gcs-server (GCS), which serves objects as sources only.
 
 use std::time::Duration;
 
@@ -11,10 +12,10 @@ use bitsmith::store::{BlobStore, StoreError};
 use futures::TryStreamExt;
 use sha2::Digest;
 
-use crate::support::cloud::{Azurite, Cloud, S3};
-use crate::support::data::coreutils_digests;
+use crate::support::cloud::{Azurite, Cloud, FakeGcs, S3};
+use crate::support::data::{bytes, coreutils_digests};
 use crate::support::http_server::{Reply, TestServer};
-use crate::support::{fetcher, http_source, owner, plain_fetch};
+use crate::support::{fetcher, file_fetcher, http_source, owner, plain_fetch};
 
 async fn sha256_of(stream: futures::stream::BoxStream<'static, Result<bytes::Bytes, StoreError>>) -> String {
     let hasher = stream
@@ -143,6 +144,45 @@ async fn s3_objects_as_sources() {
 #[tokio::test]
 async fn azure_objects_as_sources() {
     objects_as_sources(&Azurite::from_env(), 43).await;
+}
+
+#[tokio::test]
+async fn gcs_objects_as_sources() {
+    let gcs = FakeGcs::from_env();
+    let size = (9 << 20) + 3;
+    let name = format!("sources/{}/app.zip", uuid::Uuid::new_v4());
+    gcs.put(&name, bytes(44, size)).await;
+    let store = tempfile::tempdir().unwrap();
+    let fetcher = file_fetcher(store.path(), 1 << 30);
+    let source = gcs.object_source(&name);
+    let secret = gcs.secret();
+    let with_secret = || Inputs { secret: Some(&secret), source_package: None };
+
+    // Read in several ranges, with credentials from the Secret.
+    let stored = fetcher.fetch(&owner("gcs"), &source, None, with_secret()).await.unwrap();
+    assert_eq!(stored.digests, coreutils_digests(44, size as u64));
+
+    // Without a Secret the object is read anonymously: the emulator, like a public bucket, allows it.
+    let mut anonymous = source.clone();
+    anonymous.object_store.as_mut().unwrap().secret_ref = None;
+    let stored = plain_fetch(&fetcher, "gcs-anonymous", &anonymous).await.unwrap();
+    assert_eq!(stored.digests.size, size as u64);
+
+    let mut missing = source.clone();
+    missing.object_store.as_mut().unwrap().url = format!("gs://{}/no/such/object", gcs.bucket);
+    let err = fetcher.fetch(&owner("c"), &missing, None, with_secret()).await.unwrap_err();
+    assert!(matches!(err, PipelineError::Source(SourceError::NotFound { .. })), "{err}");
+
+    // A Secret that holds no credentials is the Secret's fault, said as such.
+    let empty = bitsmith::sources::SecretData { name: "cloud".into(), entries: Default::default() };
+    let inputs = Inputs { secret: Some(&empty), source_package: None };
+    let err = fetcher.fetch(&owner("c"), &source, None, inputs).await.unwrap_err();
+    assert!(matches!(err, PipelineError::Source(SourceError::InvalidCredentials { .. })), "{err}");
+
+    // The size is known before any byte is read.
+    let small = file_fetcher(store.path(), 1 << 20);
+    let err = small.fetch(&owner("c"), &source, None, with_secret()).await.unwrap_err();
+    assert!(matches!(err, PipelineError::Source(SourceError::TooLarge { .. })), "{err}");
 }
 
 /// The bucket-relative path of a key in `store`.

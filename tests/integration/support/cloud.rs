@@ -171,6 +171,53 @@ impl Cloud for Azurite {
     }
 }
 
+/// fake-gcs-server, for GCS. It takes no XML multipart uploads, which object_store's streaming writes use, so
+/// it serves only as a source of objects.
+pub struct FakeGcs {
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl FakeGcs {
+    pub fn from_env() -> FakeGcs {
+        FakeGcs {
+            endpoint: env("BITSMITH_TEST_GCS_ENDPOINT", "fake-gcs-server"),
+            bucket: env("BITSMITH_TEST_GCS_BUCKET", "fake-gcs-server"),
+        }
+    }
+
+    /// Put `bytes` at `name` with the JSON API's media upload, as `gcloud storage cp` would.
+    pub async fn put(&self, name: &str, bytes: Vec<u8>) {
+        let mut url = url::Url::parse(&format!("{}/upload/storage/v1/b/{}/o", self.endpoint, self.bucket)).unwrap();
+        url.query_pairs_mut().append_pair("uploadType", "media").append_pair("name", name);
+        let response = reqwest::Client::new().post(url).body(bytes).send().await.unwrap();
+        assert!(response.status().is_success(), "uploading {name}: {}", response.status());
+    }
+
+    /// A Secret with a service account key for the emulator: one that turns OAuth off, as its docs say.
+    pub fn secret(&self) -> SecretData {
+        let key = r#"{"disable_oauth": true, "client_email": "", "private_key": "", "private_key_id": ""}"#;
+        SecretData {
+            name: "cloud".into(),
+            entries: BTreeMap::from([("google_service_account_key".to_string(), key.as_bytes().to_vec())]),
+        }
+    }
+
+    /// An object-store source for `name`, at the emulator's endpoint, reading credentials from [`Self::secret`].
+    pub fn object_source(&self, name: &str) -> Source {
+        Source {
+            object_store: Some(ObjectStoreSource {
+                url: format!("gs://{}/{name}", self.bucket),
+                secret_ref: Some(SecretRef { name: "cloud".into() }),
+                endpoint: Some(self.endpoint.clone()),
+                region: None,
+                options: BTreeMap::new(),
+            }),
+            ..Default::default()
+        }
+    }
+}
+
 /// Lists a store's prefix directly, bypassing the store under test.
 pub struct Lister(ObjectClient);
 

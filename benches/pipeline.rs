@@ -21,6 +21,12 @@ use bitsmith::store::{BlobOwner, BlobStore};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+// The integration tests' object-store servers; the benchmark uses only part of what they offer.
+#[allow(dead_code)]
+#[path = "../tests/integration/support/cloud.rs"]
+mod cloud;
+use cloud::Cloud;
+
 const GIB: u64 = 1 << 30;
 const BLOCK: usize = 1 << 20;
 
@@ -187,36 +193,6 @@ fn fetch_peak_rss(dir: &Path, pattern: &Bytes, size: u64) -> f64 {
     peak_kib as f64 / 1024.0
 }
 
-fn s3_store() -> Option<BlobStore> {
-    let var = |name: &str| std::env::var(name).ok();
-    let (endpoint, bucket, access, secret) = (
-        var("BITSMITH_TEST_S3_ENDPOINT")?,
-        var("BITSMITH_TEST_S3_BUCKET")?,
-        var("BITSMITH_TEST_S3_ACCESS_KEY")?,
-        var("BITSMITH_TEST_S3_SECRET_KEY")?,
-    );
-    let url = format!("s3://{bucket}/bench?endpoint={endpoint}&path_style=true");
-    let options =
-        BTreeMap::from([("aws_access_key_id".to_string(), access), ("aws_secret_access_key".to_string(), secret)]);
-    Some(BlobStore::open(&url, &options).unwrap())
-}
-
-fn azure_store() -> Option<BlobStore> {
-    let var = |name: &str| std::env::var(name).ok();
-    let (endpoint, container, account, key) = (
-        var("BITSMITH_TEST_AZURE_ENDPOINT")?,
-        var("BITSMITH_TEST_AZURE_CONTAINER")?,
-        var("BITSMITH_TEST_AZURE_ACCOUNT")?,
-        var("BITSMITH_TEST_AZURE_KEY")?,
-    );
-    let url = format!("az://{container}/bench?endpoint={endpoint}");
-    let options = BTreeMap::from([
-        ("azure_storage_account_name".to_string(), account),
-        ("azure_storage_account_key".to_string(), key),
-    ]);
-    Some(BlobStore::open(&url, &options).unwrap())
-}
-
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes --bench; nothing else is taken from the command line.
@@ -234,7 +210,9 @@ async fn main() {
     let local_file = file_source(&input);
     let http_url = serve_file(input.clone()).await;
     let http_source = Source { http: Some(HttpSource { url: http_url, ..Default::default() }), ..Default::default() };
-    let (s3, azure) = (s3_store(), azure_store());
+    // The servers `make bench` starts, when it did.
+    let s3 = cloud::S3::try_from_env().ok().map(|s3| s3.store("bench").0);
+    let azure = cloud::Azurite::try_from_env().ok().map(|azure| azure.store("bench").0);
     // Rounds interleave the measurements, so that a slow spell of the disk or the network does not land on one
     // row only; each row reports its median.
     let mut rows: [Vec<f64>; 8] = Default::default();

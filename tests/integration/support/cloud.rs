@@ -10,10 +10,20 @@ use bitsmith::sources::SecretData;
 use bitsmith::store::BlobStore;
 use futures::TryStreamExt;
 
-fn env(name: &str, server: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
+/// The values of `names` in the environment, or the first name that is not set.
+fn vars<const N: usize>(names: [&'static str; N]) -> Result<[String; N], &'static str> {
+    let mut values = [const { String::new() }; N];
+    for (value, name) in values.iter_mut().zip(names) {
+        *value = std::env::var(name).map_err(|_| name)?;
+    }
+    Ok(values)
+}
+
+/// A test that needs a server fails loudly without it, saying how to get it.
+fn required<T>(server: Result<T, &'static str>, what: &str) -> T {
+    server.unwrap_or_else(|name| {
         panic!(
-            "{name} is not set: these tests need the {server} server that `make test` starts (scripts/with-test-env.sh)"
+            "{name} is not set: these tests need the {what} server that `make test` starts (scripts/with-test-env.sh)"
         )
     })
 }
@@ -89,12 +99,17 @@ pub struct S3 {
 
 impl S3 {
     pub fn from_env() -> S3 {
-        S3 {
-            endpoint: env("BITSMITH_TEST_S3_ENDPOINT", "Garage S3"),
-            bucket: env("BITSMITH_TEST_S3_BUCKET", "Garage S3"),
-            access_key: env("BITSMITH_TEST_S3_ACCESS_KEY", "Garage S3"),
-            secret_key: env("BITSMITH_TEST_S3_SECRET_KEY", "Garage S3"),
-        }
+        required(Self::try_from_env(), "Garage S3")
+    }
+
+    pub fn try_from_env() -> Result<S3, &'static str> {
+        let [endpoint, bucket, access_key, secret_key] = vars([
+            "BITSMITH_TEST_S3_ENDPOINT",
+            "BITSMITH_TEST_S3_BUCKET",
+            "BITSMITH_TEST_S3_ACCESS_KEY",
+            "BITSMITH_TEST_S3_SECRET_KEY",
+        ])?;
+        Ok(S3 { endpoint, bucket, access_key, secret_key })
     }
 }
 
@@ -137,12 +152,17 @@ pub struct Azurite {
 
 impl Azurite {
     pub fn from_env() -> Azurite {
-        Azurite {
-            endpoint: env("BITSMITH_TEST_AZURE_ENDPOINT", "Azurite"),
-            container: env("BITSMITH_TEST_AZURE_CONTAINER", "Azurite"),
-            account: env("BITSMITH_TEST_AZURE_ACCOUNT", "Azurite"),
-            key: env("BITSMITH_TEST_AZURE_KEY", "Azurite"),
-        }
+        required(Self::try_from_env(), "Azurite")
+    }
+
+    pub fn try_from_env() -> Result<Azurite, &'static str> {
+        let [endpoint, container, account, key] = vars([
+            "BITSMITH_TEST_AZURE_ENDPOINT",
+            "BITSMITH_TEST_AZURE_CONTAINER",
+            "BITSMITH_TEST_AZURE_ACCOUNT",
+            "BITSMITH_TEST_AZURE_KEY",
+        ])?;
+        Ok(Azurite { endpoint, container, account, key })
     }
 }
 
@@ -180,10 +200,9 @@ pub struct FakeGcs {
 
 impl FakeGcs {
     pub fn from_env() -> FakeGcs {
-        FakeGcs {
-            endpoint: env("BITSMITH_TEST_GCS_ENDPOINT", "fake-gcs-server"),
-            bucket: env("BITSMITH_TEST_GCS_BUCKET", "fake-gcs-server"),
-        }
+        let names = ["BITSMITH_TEST_GCS_ENDPOINT", "BITSMITH_TEST_GCS_BUCKET"];
+        let [endpoint, bucket] = required(vars(names), "fake-gcs-server");
+        FakeGcs { endpoint, bucket }
     }
 
     /// Put `bytes` at `name` with the JSON API's media upload, as `gcloud storage cp` would.

@@ -1,6 +1,6 @@
 //! The object-store servers of record, started by `scripts/with-test-env.sh` and described by environment
-//! variables: Garage for S3 and Azurite for Azure Blob Storage. A test that needs one fails, with the command to
-//! run, when it is missing.
+//! variables: Garage for S3, Azurite for Azure Blob Storage, and fake-gcs-server for GCS (a source only). A test
+//! that needs one fails, with the command to run, when it is missing.
 
 use std::collections::BTreeMap;
 

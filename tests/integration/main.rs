@@ -12,4 +12,5 @@ mod crds;
 mod gitops;
 mod http_source;
 mod object_source;
+mod security;
 mod store;

@@ -34,7 +34,7 @@ fetch: build
 	@python3 -m http.server --bind 127.0.0.1 --directory examples $(EXAMPLES_PORT) >/dev/null 2>&1 & \
 	server=$$!; trap 'kill $$server' EXIT; \
 	for i in $$(seq 1 50); do curl -sf -o /dev/null http://127.0.0.1:$(EXAMPLES_PORT)/ && break; sleep 0.1; done; \
-	$(BIN) fetch -f examples/packages.yaml -f examples/droplet.yaml
+	$(BIN) fetch -f examples/packages.yaml -f examples/droplet.yaml --allow-source-cidr 127.0.0.1/32
 
 # The container image (Dockerfile): needs a Docker engine with BuildKit.
 image:

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use bitsmith::archive::zip::{EntryHeader, MADE_ON_UNIX, Sizes, ZipWriter, file_attributes};
 use bitsmith::fetch::{Fetcher, Inputs};
 use bitsmith::resources::{ObjectStoreSource, Source};
-use bitsmith::sources::SourcePolicy;
 use bitsmith::store::{BlobOwner, BlobStore};
 use serde_json::{Value, json};
 
@@ -23,6 +22,9 @@ use serde_json::{Value, json};
 #[allow(dead_code)]
 #[path = "../tests/integration/support/data.rs"]
 mod data;
+#[path = "../tests/integration/support/policy.rs"]
+mod policy;
+use policy::loopback_policy;
 
 const MIB: u64 = 1 << 20;
 
@@ -220,8 +222,7 @@ async fn main() {
         &Default::default(),
     )
     .unwrap();
-    let fetcher =
-        Fetcher::new(pipeline_store, SourcePolicy { file_root: Some(dir.path().to_path_buf()) }, 2 * size).unwrap();
+    let fetcher = Fetcher::new(pipeline_store, loopback_policy(Some(dir.path().to_path_buf())), 2 * size).unwrap();
     let source = Source {
         object_store: Some(ObjectStoreSource {
             url: url::Url::from_file_path(&zip).unwrap().to_string(),

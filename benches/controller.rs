@@ -14,7 +14,6 @@ use bitsmith::controller::{self, Options};
 use bitsmith::fetch::Fetcher;
 use bitsmith::metrics::Metrics;
 use bitsmith::resources::{HttpSource, Package, PackageSpec, PackageState, PackageType, Source};
-use bitsmith::sources::SourcePolicy;
 use bitsmith::store::BlobStore;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Event, Namespace};
@@ -26,6 +25,9 @@ use kube::{Api, Client, ResourceExt};
 #[allow(dead_code)]
 #[path = "../tests/integration/support/data.rs"]
 mod data;
+#[path = "../tests/integration/support/policy.rs"]
+mod policy;
+use policy::loopback_policy;
 
 /// Bytes of each Package's source.
 const BITS: usize = 16 << 10;
@@ -84,7 +86,7 @@ async fn main() {
     let store_dir = tempfile::tempdir_in("target").unwrap();
     let store = BlobStore::open(url::Url::from_directory_path(store_dir.path()).unwrap().as_str(), &Default::default())
         .unwrap();
-    let fetcher = Fetcher::new(store, SourcePolicy::default(), 1 << 30).unwrap();
+    let fetcher = Fetcher::new(store, loopback_policy(None), 1 << 30).unwrap();
     let metrics = Arc::new(Metrics::new());
     let options = Options {
         concurrency,

@@ -16,7 +16,6 @@ use std::time::Instant;
 use bitsmith::digest::Digester;
 use bitsmith::fetch::{Fetcher, Inputs};
 use bitsmith::resources::{HttpSource, ObjectStoreSource, Source};
-use bitsmith::sources::SourcePolicy;
 use bitsmith::store::{BlobOwner, BlobStore};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,7 +24,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[allow(dead_code)]
 #[path = "../tests/integration/support/cloud.rs"]
 mod cloud;
+#[path = "../tests/integration/support/policy.rs"]
+mod policy;
 use cloud::Cloud;
+use policy::loopback_policy;
 
 const GIB: u64 = 1 << 30;
 const BLOCK: usize = 1 << 20;
@@ -70,7 +72,7 @@ fn owner(name: &str) -> BlobOwner {
 }
 
 fn fetcher(store: BlobStore) -> Fetcher {
-    Fetcher::new(store, SourcePolicy { file_root: Some("/".into()) }, 64 * GIB).unwrap()
+    Fetcher::new(store, loopback_policy(Some("/".into())), 64 * GIB).unwrap()
 }
 
 fn file_source(path: &Path) -> Source {

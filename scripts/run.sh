@@ -67,5 +67,8 @@ if [ -n "$local_dir" ]; then
   pids+=($!)
 fi
 
+# On the local control plane the examples are served on loopback, which sources may reach only when allowed.
+source_args=()
+if [ -n "$local_dir" ]; then source_args=(--allow-source-cidr 127.0.0.1/32); fi
 "$bin" controller --store "$store" --metrics-listen "$metrics_listen" --listen "$api_listen" \
-  --instance "$(hostname)-make-run"
+  --instance "$(hostname)-make-run" "${source_args[@]}"

@@ -8,8 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::fetch::Fetcher;
 use crate::leader::{LeaseConfig, run_as_leader};
 use crate::offline;
-use crate::sources::{SourcePolicy, error_chain};
+use crate::sources::{Egress, OptionPolicy, SourcePolicy, error_chain};
 use crate::store::BlobStore;
+use ipnet::IpNet;
 
 #[derive(Parser, Debug)]
 #[command(name = "bitsmith", version, about = "Cloud Foundry application bits as Kubernetes resources")]
@@ -113,6 +114,8 @@ pub struct ControllerArgs {
     /// controller's filesystem is not its users'.
     #[arg(long)]
     pub allow_files_under: Option<PathBuf>,
+    #[command(flatten)]
+    pub sources: SourceArgs,
     /// Name of this instance in Events and as the Lease holder (default: the Pod's name, else the host's).
     #[arg(long, env = "POD_NAME")]
     pub instance: Option<String>,
@@ -130,6 +133,32 @@ pub struct ControllerArgs {
     pub metrics_listen: std::net::SocketAddr,
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+/// What sources may reach: Package authors choose their sources, and the connections are the controller's.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// An address range sources may not connect to, checked on the addresses a name resolves to, on top of
+    /// loopback, link-local and cloud metadata addresses; repeatable (e.g. the cluster's Pod and Service ranges).
+    #[arg(long = "deny-source-cidr", value_name = "CIDR")]
+    pub deny: Vec<IpNet>,
+    /// An address range sources may connect to although it is denied by default (loopback, link-local);
+    /// --deny-source-cidr still wins. Repeatable.
+    #[arg(long = "allow-source-cidr", value_name = "CIDR")]
+    pub allow: Vec<IpNet>,
+    /// Let object-store sources use the controller's own cloud identity (credentials=ambient in a source URL).
+    #[arg(long)]
+    pub allow_ambient_source_credentials: bool,
+}
+
+impl SourceArgs {
+    pub fn policy(&self, file_root: Option<PathBuf>) -> SourcePolicy {
+        SourcePolicy {
+            file_root,
+            egress: std::sync::Arc::new(Egress::new(self.allow.clone(), self.deny.clone())),
+            options: OptionPolicy { allow_ambient_credentials: self.allow_ambient_source_credentials },
+        }
+    }
 }
 
 /// Where blobs are kept.
@@ -192,6 +221,8 @@ pub struct FetchArgs {
     /// Directory that file:// sources may read from (default: anywhere this user can read).
     #[arg(long, default_value = "/")]
     pub allow_files_under: PathBuf,
+    #[command(flatten)]
+    pub sources: SourceArgs,
 }
 
 /// Parse a byte size with an optional binary (KiB, MiB, GiB, TiB) or decimal (K, M, G, T) suffix.
@@ -328,9 +359,8 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     let api = bind_api(&args.api).await?;
     let client = connect().await?;
     let limits = [&[("--max-size", args.max_size)][..], &args.api.size_limits()].concat();
-    let fetcher =
-        Fetcher::new(args.store.open_for(&limits)?, SourcePolicy { file_root: args.allow_files_under }, args.max_size)
-            .map_err(|e| e.to_string())?;
+    let policy = args.sources.policy(args.allow_files_under);
+    let fetcher = Fetcher::new(args.store.open_for(&limits)?, policy, args.max_size).map_err(|e| e.to_string())?;
     // Every replica serves the API; only the leader reconciles.
     if let Some(listener) = api {
         start_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, listener, &ops).await?;
@@ -375,7 +405,7 @@ async fn fetch(args: FetchArgs) -> Result<(), String> {
     }
     let fetcher = Fetcher::new(
         args.store.open_for(&[("--max-size", args.max_size)])?,
-        SourcePolicy { file_root: Some(args.allow_files_under.clone()) },
+        args.sources.policy(Some(args.allow_files_under.clone())),
         args.max_size,
     )
     .map_err(|e| e.to_string())?;

@@ -26,9 +26,10 @@ pub struct Inputs<'a> {
 }
 
 impl Fetcher {
-    /// A fetcher into `store` with default http timeouts.
+    /// A fetcher into `store` with default http timeouts; its http sources connect as `policy` allows.
     pub fn new(store: BlobStore, policy: SourcePolicy, max_size: u64) -> Result<Self, SourceError> {
-        Ok(Fetcher { store, http: HttpFetcher::new(HttpOptions::default())?, policy, max_size })
+        let http = HttpFetcher::new(HttpOptions::default(), policy.egress.clone())?;
+        Ok(Fetcher { store, http, policy, max_size })
     }
 
     /// Fetch `source` into the store as `owner`'s blob.

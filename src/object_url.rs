@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::client::DnsResolver;
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -99,10 +100,14 @@ pub enum ObjectUrlError {
 /// Parse `url` and connect to its store with `options` (object_store configuration keys, e.g. `aws_region`,
 /// plus `endpoint`, `region`, and `path_style`). URL query parameters count as options too, and
 /// `credentials=ambient` in them or in `options` allows the cloud's own credential chain (instance metadata).
+///
+/// `resolver`, when given, resolves every name the client connects to (sources pass one that enforces where
+/// they may connect; the store, configured by the installer, passes none).
 pub fn connect(
     url: &str,
     options: &BTreeMap<String, String>,
     policy: CredentialPolicy,
+    resolver: Option<Arc<dyn DnsResolver>>,
 ) -> Result<ObjectClient, ObjectUrlError> {
     let parsed = Url::parse(url).map_err(|e| malformed(url, e.to_string()))?;
     let scheme = Scheme::of(&parsed).ok_or_else(|| ObjectUrlError::UnsupportedScheme {
@@ -120,6 +125,10 @@ pub fn connect(
     let display_url = display.to_string().trim_end_matches('/').to_string();
     let decoded_path = percent_decode(parsed.path());
 
+    let mut client = client_options();
+    if let Some(resolver) = resolver {
+        client = client.with_dns_resolver(resolver);
+    }
     let (store, signer, path): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, Path) = match scheme {
         Scheme::File => {
             if parsed.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
@@ -130,16 +139,16 @@ pub fn connect(
         }
         Scheme::Memory => (Arc::new(InMemory::new()), None, path_of(url, &decoded_path)?),
         Scheme::S3 => {
-            let s3 = cloud::<AmazonS3Builder>(url, &parsed, s3_aliases(opts), policy, ambient)?;
+            let s3 = cloud::<AmazonS3Builder>(url, &parsed, s3_aliases(opts), policy, ambient, client)?;
             (s3.clone(), Some(s3), path_of(url, &decoded_path)?)
         }
         Scheme::Gcs => {
-            let gcs = cloud::<GoogleCloudStorageBuilder>(url, &parsed, gcs_aliases(opts), policy, ambient)?;
+            let gcs = cloud::<GoogleCloudStorageBuilder>(url, &parsed, gcs_aliases(opts), policy, ambient, client)?;
             (gcs.clone(), Some(gcs), path_of(url, &decoded_path)?)
         }
         Scheme::Azure => {
             let opts = allow_plain_http(opts, &["endpoint", "azure_storage_endpoint", "azure_endpoint"]);
-            let az = cloud::<MicrosoftAzureBuilder>(url, &parsed, opts, policy, ambient)?;
+            let az = cloud::<MicrosoftAzureBuilder>(url, &parsed, opts, policy, ambient, client)?;
             (az.clone(), Some(az), path_of(url, &decoded_path)?)
         }
     };
@@ -182,7 +191,7 @@ trait CloudBuilder: Sized {
     const SKIP_SIGNATURE: &'static str;
     /// What to set when credentials are missing.
     const HINT: &'static str;
-    fn new(bucket: String) -> Self;
+    fn new(bucket: String, client: ClientOptions) -> Self;
     fn with(self, key: Self::Key, value: String) -> Self;
     /// Whether setting `key` provides credentials (or explicitly waives them).
     fn provides_credentials(key: &Self::Key) -> bool;
@@ -197,8 +206,8 @@ impl CloudBuilder for AmazonS3Builder {
     const SKIP_SIGNATURE: &'static str = "aws_skip_signature";
     const HINT: &'static str = "set aws_access_key_id and aws_secret_access_key (or AWS_* variables for the \
                                 store), or credentials=ambient to use the instance's role";
-    fn new(bucket: String) -> Self {
-        AmazonS3Builder::new().with_bucket_name(bucket).with_region("us-east-1").with_client_options(client_options())
+    fn new(bucket: String, client: ClientOptions) -> Self {
+        AmazonS3Builder::new().with_bucket_name(bucket).with_region("us-east-1").with_client_options(client)
     }
     fn with(self, key: Self::Key, value: String) -> Self {
         self.with_config(key, value)
@@ -228,8 +237,8 @@ impl CloudBuilder for GoogleCloudStorageBuilder {
     const SKIP_SIGNATURE: &'static str = "google_skip_signature";
     const HINT: &'static str = "set google_service_account_key (or GOOGLE_* variables for the store), or \
                                 credentials=ambient to use the workload's identity";
-    fn new(bucket: String) -> Self {
-        GoogleCloudStorageBuilder::new().with_bucket_name(bucket).with_client_options(client_options())
+    fn new(bucket: String, client: ClientOptions) -> Self {
+        GoogleCloudStorageBuilder::new().with_bucket_name(bucket).with_client_options(client)
     }
     fn with(self, key: Self::Key, value: String) -> Self {
         self.with_config(key, value)
@@ -255,8 +264,8 @@ impl CloudBuilder for MicrosoftAzureBuilder {
     const HINT: &'static str = "set azure_storage_account_name with azure_storage_account_key or \
                                 azure_storage_sas_key (or AZURE_* variables for the store), or \
                                 credentials=ambient to use a managed identity";
-    fn new(container: String) -> Self {
-        MicrosoftAzureBuilder::new().with_container_name(container).with_client_options(client_options())
+    fn new(container: String, client: ClientOptions) -> Self {
+        MicrosoftAzureBuilder::new().with_container_name(container).with_client_options(client)
     }
     fn with(self, key: Self::Key, value: String) -> Self {
         self.with_config(key, value)
@@ -288,6 +297,7 @@ fn cloud<B: CloudBuilder>(
     mut opts: BTreeMap<String, String>,
     policy: CredentialPolicy,
     ambient: bool,
+    client: ClientOptions,
 ) -> Result<Arc<B::Store>, ObjectUrlError> {
     if policy == CredentialPolicy::OptionsOrEnvironment {
         for (key, value) in std::env::vars().filter(|(k, _)| k.starts_with(B::ENV_PREFIX)) {
@@ -300,7 +310,7 @@ fn cloud<B: CloudBuilder>(
     if policy == CredentialPolicy::Anonymous {
         opts.insert(B::SKIP_SIGNATURE.into(), "true".into());
     }
-    let mut builder = B::new(bucket(url, parsed)?);
+    let mut builder = B::new(bucket(url, parsed)?, client);
     let mut has_credentials = false;
     for (key, value) in opts {
         let parsed: B::Key = key.parse().map_err(|_| ObjectUrlError::UnknownOption { scheme: B::SCHEME, key })?;
@@ -371,15 +381,15 @@ mod tests {
     #[test]
     fn rejects_unknown_schemes_and_missing_buckets() {
         assert!(matches!(
-            connect("ftp://host/x", &none(), CredentialPolicy::Options),
+            connect("ftp://host/x", &none(), CredentialPolicy::Options, None),
             Err(ObjectUrlError::UnsupportedScheme { .. })
         ));
         assert!(matches!(
-            connect("not a url", &none(), CredentialPolicy::Options),
+            connect("not a url", &none(), CredentialPolicy::Options, None),
             Err(ObjectUrlError::Malformed { .. })
         ));
         assert!(matches!(
-            connect("s3:///key", &none(), CredentialPolicy::Anonymous),
+            connect("s3:///key", &none(), CredentialPolicy::Anonymous, None),
             Err(ObjectUrlError::Malformed { .. })
         ));
     }
@@ -387,12 +397,13 @@ mod tests {
     #[test]
     fn cloud_urls_need_credentials_unless_anonymous_or_ambient() {
         for url in ["s3://b/k", "gs://b/k", "az://c/k?azure_storage_account_name=acct"] {
-            let err = connect(url, &none(), CredentialPolicy::Options).unwrap_err();
+            let err = connect(url, &none(), CredentialPolicy::Options, None).unwrap_err();
             assert!(matches!(err, ObjectUrlError::MissingCredentials { .. }), "{url}: {err}");
-            let anonymous = connect(url, &none(), CredentialPolicy::Anonymous);
+            let anonymous = connect(url, &none(), CredentialPolicy::Anonymous, None);
             assert!(anonymous.is_ok(), "{url}: {:?}", anonymous.err());
         }
-        let ambient = connect("s3://b/k?credentials=ambient&region=eu-west-1", &none(), CredentialPolicy::Options);
+        let ambient =
+            connect("s3://b/k?credentials=ambient&region=eu-west-1", &none(), CredentialPolicy::Options, None);
         assert!(ambient.is_ok());
     }
 
@@ -405,6 +416,7 @@ mod tests {
             "s3://bucket/some/prefix?endpoint=http://127.0.0.1:9&path_style=true",
             &opts,
             CredentialPolicy::Options,
+            None,
         )
         .unwrap();
         assert_eq!(client.display_url, "s3://bucket/some/prefix");
@@ -412,15 +424,15 @@ mod tests {
         assert_eq!(client.scheme, Scheme::S3);
         opts.insert("aws_no_such_thing".into(), "1".into());
         assert!(matches!(
-            connect("s3://bucket/p", &opts, CredentialPolicy::Options),
+            connect("s3://bucket/p", &opts, CredentialPolicy::Options, None),
             Err(ObjectUrlError::UnknownOption { .. })
         ));
     }
 
     #[test]
     fn file_urls_map_to_local_paths() {
-        let client = connect("file:///tmp/some%20dir/app.zip", &none(), CredentialPolicy::Options).unwrap();
+        let client = connect("file:///tmp/some%20dir/app.zip", &none(), CredentialPolicy::Options, None).unwrap();
         assert_eq!(client.path.as_ref(), "tmp/some dir/app.zip");
-        assert!(connect("file://otherhost/x", &none(), CredentialPolicy::Options).is_err());
+        assert!(connect("file://otherhost/x", &none(), CredentialPolicy::Options, None).is_err());
     }
 }

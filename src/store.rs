@@ -103,7 +103,7 @@ impl BlobStore {
     /// Connect to the store named by `url`. `options` are object_store settings (see
     /// [`object_url::connect`]); credentials may also come from the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Self, StoreError> {
-        let client = object_url::connect(url, options, CredentialPolicy::OptionsOrEnvironment)?;
+        let client = object_url::connect(url, options, CredentialPolicy::OptionsOrEnvironment, None)?;
         Ok(BlobStore { client })
     }
 

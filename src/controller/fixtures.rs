@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::reconcile::Context;
 use crate::fetch::Fetcher;
 use crate::resources::Package;
-use crate::sources::SourcePolicy;
+use crate::sources::{Egress, SourcePolicy};
 use crate::store::BlobStore;
 
 /// One request the reconciler made.
@@ -78,7 +78,10 @@ impl Mocked {
             }
         });
         let client = Client::new(service, "default");
-        let fetcher = Fetcher::new(store, SourcePolicy::default(), 1 << 20).expect("an http client");
+        // Sources may reach loopback, where an unreachable port stands for a source that is down.
+        let egress = Egress::new(vec!["127.0.0.0/8".parse().expect("a CIDR")], Vec::new());
+        let policy = SourcePolicy { egress: std::sync::Arc::new(egress), ..Default::default() };
+        let fetcher = Fetcher::new(store, policy, 1 << 20).expect("an http client");
         let context = Arc::new(Context {
             recorder: Recorder::new(client.clone(), "bitsmith-test".into(), Default::default()),
             client,

@@ -1,11 +1,13 @@
 //! The http(s) source: a streaming download with timeouts, a redirect limit, auth from a Secret, a custom CA,
 //! and an early refusal of anything announced as too large.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 
+use super::egress::{Egress, GuardedResolver};
 use super::{OpenedSource, SecretData, SourceError, error_chain};
 use crate::resources::HttpSource;
 
@@ -30,17 +32,24 @@ impl Default for HttpOptions {
     }
 }
 
-/// Opens http sources. Holds one shared client; sources with their own CA get a client of their own.
+/// Opens http sources. Holds one shared client; sources with their own CA get a client of their own. Every
+/// client resolves names through `egress` and checks each redirect with it.
 #[derive(Clone, Debug)]
 pub struct HttpFetcher {
     options: HttpOptions,
+    egress: Arc<Egress>,
     shared: reqwest::Client,
 }
 
+/// Headers only a cloud metadata service wants: a source that sends one is trying to talk to it.
+const METADATA_HEADERS: &[&str] = &["metadata-flavor", "metadata", "x-google-metadata-request"];
+const METADATA_HEADER_PREFIX: &str = "x-aws-ec2-metadata-token";
+
 impl HttpFetcher {
-    pub fn new(options: HttpOptions) -> Result<Self, SourceError> {
-        let shared = client(&options, Vec::new()).map_err(|e| SourceError::HttpClient { detail: error_chain(&e) })?;
-        Ok(HttpFetcher { options, shared })
+    pub fn new(options: HttpOptions, egress: Arc<Egress>) -> Result<Self, SourceError> {
+        let shared =
+            client(&options, &egress, Vec::new()).map_err(|e| SourceError::HttpClient { detail: error_chain(&e) })?;
+        Ok(HttpFetcher { options, egress, shared })
     }
 
     /// Send the request and check the answer; the body is streamed by the returned source.
@@ -52,6 +61,7 @@ impl HttpFetcher {
     ) -> Result<OpenedSource, SourceError> {
         let url = parse_url(&spec.url)?;
         let shown = redacted(&url);
+        self.egress.check_url(&url).map_err(|refusal| SourceError::Refused { url: shown.clone(), refusal })?;
         let auth = HttpAuth::from_secret(secret)?;
         // A CA comes from the Secret or from the spec's caBundle; a bad one is blamed on where it came from.
         let bad_ca = |reason: String| SourceError::InvalidCredentials {
@@ -70,7 +80,8 @@ impl HttpFetcher {
         let client = if certs.is_empty() {
             self.shared.clone()
         } else {
-            client(&self.options, certs).map_err(|e| bad_ca(format!("CA bundle rejected: {}", error_chain(&e))))?
+            client(&self.options, &self.egress, certs)
+                .map_err(|e| bad_ca(format!("CA bundle rejected: {}", error_chain(&e))))?
         };
 
         let mut headers = HeaderMap::new();
@@ -112,17 +123,40 @@ impl HttpFetcher {
     }
 }
 
-fn client(options: &HttpOptions, extra_roots: Vec<reqwest::Certificate>) -> reqwest::Result<reqwest::Client> {
+fn client(
+    options: &HttpOptions,
+    egress: &Arc<Egress>,
+    extra_roots: Vec<reqwest::Certificate>,
+) -> reqwest::Result<reqwest::Client> {
+    let max_redirects = options.max_redirects;
+    let redirect_egress = egress.clone();
+    // A redirect to a literal address never reaches the resolver: check it here.
+    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() > max_redirects {
+            return attempt.error(TooManyRedirects);
+        }
+        match redirect_egress.check_url(attempt.url()) {
+            Ok(()) => attempt.follow(),
+            Err(refusal) => attempt.error(refusal),
+        }
+    });
     let mut builder = reqwest::Client::builder()
         .connect_timeout(options.connect_timeout)
         .read_timeout(options.read_timeout)
-        .redirect(reqwest::redirect::Policy::limited(options.max_redirects))
+        .redirect(redirects)
+        .dns_resolver(Arc::new(GuardedResolver(egress.clone())))
+        // Connections go straight to the source, so that the address checks are about the source.
+        .no_proxy()
         .user_agent(concat!("bitsmith/", env!("CARGO_PKG_VERSION")));
     if !extra_roots.is_empty() {
         builder = builder.tls_certs_merge(extra_roots);
     }
     builder.build()
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("too many redirects")]
+struct TooManyRedirects;
 
 fn parse_url(raw: &str) -> Result<url::Url, SourceError> {
     let url =
@@ -150,6 +184,9 @@ fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> 
     if name == AUTHORIZATION {
         return Err("set credentials in the Secret as username/password or bearerToken, not as a header".into());
     }
+    if METADATA_HEADERS.contains(&name.as_str()) || name.as_str().starts_with(METADATA_HEADER_PREFIX) {
+        return Err(format!("header {name} is meant for cloud metadata services, which sources may not reach"));
+    }
     let mut value = HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name}"))?;
     value.set_sensitive(true);
     Ok((name, value))
@@ -159,6 +196,9 @@ fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> 
 fn classify(url: &str, error: &reqwest::Error, max_redirects: usize) -> SourceError {
     let detail = error_chain(error);
     let url = url.to_string();
+    if let Some(refusal) = SourceError::refusal_in(&url, error) {
+        return refusal;
+    }
     if error.is_redirect() {
         SourceError::TooManyRedirects { url, limit: max_redirects }
     } else if error.is_timeout() {

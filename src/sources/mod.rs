@@ -1,18 +1,23 @@
 //! Sources: where bits come from. Each source opens a byte stream (or, for a Package copy, names a blob already
 //! in the store); none of them writes anywhere.
 
+pub mod egress;
 mod http;
 mod object;
+pub mod options;
 mod package;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
+pub use egress::{Egress, EgressError};
 pub use http::{HttpFetcher, HttpOptions};
 pub use object::open_object;
+pub use options::{OptionPolicy, RefusedOption};
 pub use package::{PackageCopy, resolve_package_copy};
 
 use crate::object_url::ObjectUrlError;
@@ -55,12 +60,16 @@ impl SecretData {
     }
 }
 
-/// Which local files object-store sources may read.
+/// What sources may reach and use, as the installer decides: tenants write the specs, so every default is closed.
 #[derive(Clone, Debug, Default)]
 pub struct SourcePolicy {
     /// `file://` sources are allowed below this directory only; `None` refuses them (the safe default in a
     /// cluster, where the controller's filesystem is not the user's).
     pub file_root: Option<PathBuf>,
+    /// Which addresses sources may connect to.
+    pub egress: Arc<Egress>,
+    /// What object-store settings beyond the allowlist sources may use.
+    pub options: OptionPolicy,
 }
 
 /// Why a source could not be read. [`SourceError::is_permanent`] tells whether retrying can help.
@@ -92,6 +101,11 @@ pub enum SourceError {
     FileNotAllowed { url: String, allowed: String },
     #[error("Secret {secret:?}: {reason}")]
     InvalidCredentials { secret: String, reason: String },
+    #[error("{0}")]
+    RefusedOption(#[from] RefusedOption),
+    /// The source's address is one sources may not reach.
+    #[error("{url}: {refusal}")]
+    Refused { url: String, refusal: EgressError },
     #[error("source Package {name:?}: {reason}")]
     PackageNotReady { name: String, reason: String },
     /// The TLS stack refused the client's setup: a fault of the machine, not of any source.
@@ -121,8 +135,23 @@ impl SourceError {
             | SourceError::ObjectUrl(_)
             | SourceError::FileNotAllowed { .. }
             | SourceError::InvalidCredentials { .. }
+            | SourceError::RefusedOption(_)
+            | SourceError::Refused { .. }
             | SourceError::HttpClient { .. } => true,
         }
+    }
+}
+
+impl SourceError {
+    /// The refusal of an address among `error`'s causes, as the error of a source at `url`: permanent, but a
+    /// failure to resolve a name is not a refusal and may heal.
+    pub(crate) fn refusal_in(url: &str, error: &(dyn std::error::Error + 'static)) -> Option<SourceError> {
+        Some(match egress::find_refusal(error)? {
+            EgressError::Resolve { detail, .. } => {
+                SourceError::Unreachable { url: url.to_string(), detail: detail.clone() }
+            }
+            refusal => SourceError::Refused { url: url.to_string(), refusal: refusal.clone() },
+        })
     }
 }
 

@@ -1,21 +1,26 @@
 //! The object-store source: an object in S3, GCS, Azure, or (where allowed) a local file.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 
+use super::egress::GuardedResolver;
+use super::options::{self, Origin};
 use super::{OpenedSource, SecretData, SourceError, SourcePolicy, error_chain};
 use crate::object_url::{self, CredentialPolicy, Scheme};
 use crate::resources::ObjectStoreSource;
 
-/// Look the object up and open it as a stream of ranged reads.
+/// Look the object up and open it as a stream of ranged reads. Every setting is checked against the allowlist
+/// and every endpoint's address against the egress policy before the first request.
 pub async fn open_object(
     spec: &ObjectStoreSource,
     secret: Option<&SecretData>,
     policy: &SourcePolicy,
     max_size: u64,
 ) -> Result<OpenedSource, SourceError> {
+    check_settings(spec, secret, policy).await?;
     let mut options: BTreeMap<String, String> = spec.options.clone();
     if let Some(endpoint) = &spec.endpoint {
         options.insert("endpoint".into(), endpoint.clone());
@@ -36,7 +41,8 @@ pub async fn open_object(
         }
         None => CredentialPolicy::Anonymous,
     };
-    let client = object_url::connect(&spec.url, &options, credentials).map_err(|e| match e {
+    let resolver = Arc::new(GuardedResolver(policy.egress.clone()));
+    let client = object_url::connect(&spec.url, &options, credentials, Some(resolver)).map_err(|e| match e {
         object_url::ObjectUrlError::MissingCredentials { url, hint } => SourceError::InvalidCredentials {
             secret: secret.map(|s| s.name.clone()).unwrap_or_default(),
             reason: format!("no credentials for {url}: {hint}"),
@@ -65,7 +71,58 @@ pub async fn open_object(
     Ok(OpenedSource { stream, length: Some(meta.size), description: url })
 }
 
+/// Refuse settings outside the backend's allowlist (wherever they are written) and endpoints sources may not
+/// reach. An endpoint's name is resolved here so that a refusal is immediate; the resolver that every connection
+/// of the client goes through checks it again when it connects.
+async fn check_settings(
+    spec: &ObjectStoreSource,
+    secret: Option<&SecretData>,
+    policy: &SourcePolicy,
+) -> Result<(), SourceError> {
+    let parsed = url::Url::parse(&spec.url)
+        .map_err(|e| SourceError::InvalidUrl { url: spec.url.clone(), reason: e.to_string() })?;
+    let Some(scheme) = Scheme::of(&parsed) else { return Ok(()) };
+    let mut settings: Vec<(String, String, Origin)> =
+        parsed.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned(), Origin::UrlQuery)).collect();
+    settings.extend(spec.options.iter().map(|(k, v)| (k.clone(), v.clone(), Origin::Spec)));
+    settings.extend(spec.endpoint.iter().map(|e| ("endpoint".to_string(), e.clone(), Origin::Spec)));
+    settings.extend(spec.region.iter().map(|r| ("region".to_string(), r.clone(), Origin::Spec)));
+    if let Some(secret) = secret {
+        for key in secret.entries.keys() {
+            settings.push((key.clone(), secret.text(key)?.unwrap_or_default(), Origin::Secret));
+        }
+    }
+    for (key, value, origin) in &settings {
+        options::check(scheme, key, value, *origin, policy.options)?;
+    }
+    for (_, endpoint, _) in settings.iter().filter(|(key, _, _)| options::is_endpoint(scheme, key)) {
+        check_endpoint(endpoint, policy).await?;
+    }
+    Ok(())
+}
+
+async fn check_endpoint(endpoint: &str, policy: &SourcePolicy) -> Result<(), SourceError> {
+    let invalid = |reason: &str| SourceError::InvalidUrl { url: endpoint.to_string(), reason: reason.to_string() };
+    let url = url::Url::parse(endpoint).map_err(|e| invalid(&format!("endpoint: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(invalid("an endpoint is an http(s) URL with a host"));
+    }
+    let shown = url.origin().ascii_serialization();
+    let refused = |refusal| SourceError::Refused { url: shown.clone(), refusal };
+    policy.egress.check_url(&url).map_err(refused)?;
+    if let Some(url::Host::Domain(name)) = url.host() {
+        policy.egress.resolve(name).await.map_err(|refusal| match refusal {
+            super::EgressError::Resolve { detail, .. } => SourceError::Unreachable { url: shown.clone(), detail },
+            refusal => refused(refusal),
+        })?;
+    }
+    Ok(())
+}
+
 fn read_error(url: &str, error: object_store::Error) -> SourceError {
+    if let Some(refusal) = SourceError::refusal_in(url, &error) {
+        return refusal;
+    }
     match error {
         object_store::Error::NotFound { .. } => SourceError::NotFound { url: url.to_string() },
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {

@@ -87,11 +87,13 @@ fn value_sets() -> Vec<(&'static str, Value)> {
                 "store": {"url": "s3://bits/prod", "existingSecret": "bitsmith-s3",
                           "options": {"aws_region": "eu-central-1", "aws_endpoint": "https://minio.example:9000"}},
                 "tls": {"source": "secret", "existingSecret": "bits-tls", "caBundle": "QUJD"},
-                "controller": {"watchNamespace": "apps"},
+                "controller": {"watchNamespace": "apps",
+                               "sources": {"denyCIDRs": ["10.0.0.0/8", "fd00::/8"], "allowCIDRs": ["127.0.0.0/8"]}},
                 "api": {"externalURL": "https://bits.example.com"},
                 "metrics": {"serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}}},
                 "networkPolicy": {"enabled": true,
-                                  "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+                                  "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+                                  "egress": {"enabled": true, "apiServer": [{"ipBlock": {"cidr": "10.96.0.1/32"}}]}},
                 "image": {"digest": format!("sha256:{}", "a".repeat(64))},
             }),
         ),
@@ -150,6 +152,7 @@ fn values_schema_rejects_bad_values_with_the_path_at_fault() {
         (json!({"store": {"url": "ftp://bits.example.com/x"}}), "/store/url"),
         (json!({"store": {"url": "/var/lib/bits"}}), "/store/url"),
         (json!({"controller": {"maxSize": "1 gigabyte"}}), "/controller/maxSize"),
+        (json!({"controller": {"sources": {"denyCIDRs": ["10.0.0.0"]}}}), "/controller/sources/denyCIDRs/0"),
         (json!({"tls": {"source": "self-signed"}}), "/tls/source"),
         (json!({"tls": {"source": "secret"}}), "/tls/existingSecret"),
         (json!({"tls": {"source": "secret", "existingSecret": "bits-tls"}}), "/tls/caBundle"),
@@ -254,6 +257,7 @@ fn the_deployment_is_hardened_and_follows_the_values() {
         assert!(args.contains(&arg.to_string()), "{arg} in {args:?}");
     }
     assert!(args.contains(&"--external-url=https://bitsmith.bitsmith-system.svc".to_string()), "{args:?}");
+    assert!(!args.iter().any(|a| a.contains("source-cidr") || a.contains("ambient")), "closed by default: {args:?}");
     let mounts = container["volumeMounts"].as_array().unwrap();
     assert!(mounts.iter().any(|m| m["name"] == "store" && m["mountPath"] == "/var/lib/bitsmith/store"));
     assert_eq!(
@@ -288,9 +292,25 @@ fn the_deployment_is_hardened_and_follows_the_values() {
         "--store-opt=aws_region=eu-central-1",
         "--namespace=apps",
         "--external-url=https://bits.example.com",
+        "--deny-source-cidr=10.0.0.0/8",
+        "--deny-source-cidr=fd00::/8",
+        "--allow-source-cidr=127.0.0.0/8",
     ] {
         assert!(args.contains(&arg.to_string()), "{arg} in {args:?}");
     }
+    // Egress: DNS, the API server, and anywhere else but the metadata addresses and the denied ranges.
+    let egress = &s3.get("NetworkPolicy", "bitsmith-egress")["spec"];
+    assert_eq!(egress["policyTypes"], json!(["Egress"]));
+    let rules = egress["egress"].as_array().unwrap();
+    assert!(rules.iter().any(|r| r["ports"][0]["port"] == 53 && r.get("to").is_none()), "{rules:?}");
+    assert!(rules.iter().any(|r| r["to"][0]["ipBlock"]["cidr"] == "10.96.0.1/32"), "{rules:?}");
+    let anywhere = &rules.last().unwrap()["to"];
+    assert_eq!(anywhere[0]["ipBlock"], json!({"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16", "10.0.0.0/8"]}));
+    assert_eq!(
+        anywhere[1]["ipBlock"],
+        json!({"cidr": "::/0", "except": ["fe80::/10", "fd00:ec2::254/128", "fd00::/8"]})
+    );
+    assert!(defaults.find("NetworkPolicy", "bitsmith-egress").is_none(), "egress is opt-in");
     assert_eq!(
         s3.container()["envFrom"],
         json!([{"secretRef": {"name": "bitsmith-s3"}}]),
@@ -485,7 +505,7 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
     let kubeconfig = Some(cluster.kubeconfig.as_str());
     // The Service's port is the one this process will listen on, so that the APIService can reach it below.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let values = json!({"service": {"port": port}});
+    let values = json!({"service": {"port": port}, "controller": {"sources": {"allowCIDRs": ["127.0.0.0/8"]}}});
     tokio::task::block_in_place(|| {
         let values = values.to_string();
         let args = [

@@ -8,8 +8,12 @@ use crate::support::http_server::{Reply, TestServer};
 
 fn bitsmith(args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
+    // The test servers are on loopback, which sources may reach only when allowed.
+    let allow_loopback: &[&str] =
+        if args.first() == Some(&"fetch") { &["--allow-source-cidr", "127.0.0.0/8"] } else { &[] };
     let mut child = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
         .args(args)
+        .args(allow_loopback)
         .env_remove("BITSMITH_STORE")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -247,6 +247,7 @@ async fn of_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
 fn spawn_controller(ns: &str, store: &std::path::Path, metrics_port: u16, identity: &str) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
         .args(["controller", "--namespace", ns, "--leader-election-namespace", ns, "--instance", identity])
+        .args(["--allow-source-cidr", "127.0.0.0/8"])
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--store"])
         .arg(store)
         .env("KUBECONFIG", crate::support::kube::kubeconfig())

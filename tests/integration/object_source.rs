@@ -6,11 +6,11 @@ use bitsmith::resources::{
     Checksum, ChecksumType, ObjectStoreSource, Package, PackageSourceRef, PackageSpec, PackageState, PackageStatus,
     PackageType, Source,
 };
-use bitsmith::sources::{SourceError, SourcePolicy};
+use bitsmith::sources::SourceError;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::support::data::{coreutils_digests, write_file};
-use crate::support::{file_fetcher, files_under, owner, plain_fetch};
+use crate::support::{file_fetcher, files_under, loopback_policy, owner, plain_fetch};
 
 fn object(url: String) -> Source {
     Source { object_store: Some(ObjectStoreSource { url, ..Default::default() }), ..Default::default() }
@@ -38,14 +38,14 @@ async fn file_sources_respect_the_policy_and_report_bad_urls() {
     let mut fetcher = file_fetcher(dir.path(), 1 << 20);
     let url = url::Url::from_file_path(&file).unwrap().to_string();
 
-    fetcher.policy = SourcePolicy { file_root: None };
+    fetcher.policy = loopback_policy(None);
     let err = plain_fetch(&fetcher, "f", &object(url.clone())).await.unwrap_err();
     assert!(matches!(err, PipelineError::Source(SourceError::FileNotAllowed { .. })), "{err}");
 
     // A symlink inside the allowed directory that points outside it does not get out.
     let allowed = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(&file, allowed.path().join("link.zip")).unwrap();
-    fetcher.policy = SourcePolicy { file_root: Some(allowed.path().to_path_buf()) };
+    fetcher.policy = loopback_policy(Some(allowed.path().to_path_buf()));
     let escaping = url::Url::from_file_path(allowed.path().join("link.zip")).unwrap().to_string();
     let err = plain_fetch(&fetcher, "f", &object(escaping)).await.unwrap_err();
     assert!(matches!(err, PipelineError::Source(SourceError::FileNotAllowed { .. })), "{err}");
@@ -56,7 +56,7 @@ async fn file_sources_respect_the_policy_and_report_bad_urls() {
     assert_eq!(store_files.len(), 1, "{store_files:?}");
     std::fs::remove_file(dir.path().join(&store_files[0])).unwrap();
 
-    fetcher.policy = SourcePolicy { file_root: Some("/".into()) };
+    fetcher.policy = loopback_policy(Some("/".into()));
     let missing = url::Url::from_file_path(input.path().join("missing.zip")).unwrap().to_string();
     let err = plain_fetch(&fetcher, "f", &object(missing)).await.unwrap_err();
     assert!(matches!(err, PipelineError::Source(SourceError::NotFound { .. })), "{err}");

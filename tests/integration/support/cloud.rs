@@ -57,7 +57,7 @@ pub trait Cloud {
     fn store(&self, test: &str) -> (BlobStore, Lister) {
         let url = self.store_url(test);
         let store = BlobStore::open(&url, &self.credentials()).expect("open the store");
-        let client = object_url::connect(&url, &self.credentials(), CredentialPolicy::Options).unwrap();
+        let client = object_url::connect(&url, &self.credentials(), CredentialPolicy::Options, None).unwrap();
         (store, Lister(client))
     }
 

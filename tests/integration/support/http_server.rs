@@ -24,7 +24,7 @@ pub enum Reply {
     Truncated { seed: u64, announced: u64, sent: u64 },
     /// Announce `announced` bytes, send `sent`, then go silent without closing.
     Stall { seed: u64, announced: u64, sent: u64 },
-    /// 302 to another path on this server.
+    /// 302 to another path on this server, or to an absolute URL.
     Redirect(String),
     /// Answer `then` only if the request carries this header value; 401 otherwise.
     Require { header: String, value: String, then: Box<Reply> },
@@ -43,6 +43,8 @@ pub struct TestServer {
     scheme: &'static str,
     routes: Arc<Mutex<HashMap<String, Reply>>>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections accepted, whether or not a request followed.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -55,7 +57,12 @@ impl Drop for TestServer {
 impl TestServer {
     /// Plain HTTP on 127.0.0.1.
     pub async fn start() -> Self {
-        Self::start_with(None).await
+        Self::start_with("127.0.0.1", None).await
+    }
+
+    /// Plain HTTP on another loopback address, e.g. 127.0.0.2.
+    pub async fn start_at(ip: &str) -> Self {
+        Self::start_with(ip, None).await
     }
 
     /// HTTPS on 127.0.0.1 with the given certificate chain and key (PEM).
@@ -70,21 +77,23 @@ impl TestServer {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .unwrap();
-        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+        Self::start_with("127.0.0.1", Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
     }
 
-    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    async fn start_with(ip: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let routes: Arc<Mutex<HashMap<String, Reply>>> = Arc::default();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let (r, s) = (routes.clone(), seen.clone());
+        let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let (r, s, c) = (routes.clone(), seen.clone(), connections.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
                     return;
                 };
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (routes, seen, tls) = (r.clone(), s.clone(), tls.clone());
                 tokio::spawn(async move {
                     match tls {
@@ -98,7 +107,7 @@ impl TestServer {
                 });
             }
         });
-        TestServer { addr, scheme, routes, seen, task }
+        TestServer { addr, scheme, routes, seen, connections, task }
     }
 
     /// Answer `path` with `reply`.

@@ -4,6 +4,9 @@ pub mod cloud;
 pub mod data;
 pub mod http_server;
 pub mod kube;
+pub mod policy;
+
+pub use policy::loopback_policy;
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +32,7 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 use bitsmith::fetch::Fetcher;
-use bitsmith::sources::{HttpFetcher, HttpOptions, SourcePolicy};
+use bitsmith::sources::{HttpFetcher, HttpOptions};
 use bitsmith::store::{BlobOwner, BlobStore};
 
 /// A fetcher over a fresh `file://` store in `dir`, allowed to read files below `/`.
@@ -37,14 +40,11 @@ pub fn file_fetcher(dir: &Path, max_size: u64) -> Fetcher {
     fetcher(file_store(dir), HttpOptions::default(), max_size)
 }
 
-/// A fetcher over `store` with the given http options.
+/// A fetcher over `store` with the given http options, whose sources may reach loopback (where the test
+/// servers are) and read files below `/`.
 pub fn fetcher(store: BlobStore, http: HttpOptions, max_size: u64) -> Fetcher {
-    Fetcher {
-        store,
-        http: HttpFetcher::new(http).unwrap(),
-        policy: SourcePolicy { file_root: Some("/".into()) },
-        max_size,
-    }
+    let policy = loopback_policy(Some("/".into()));
+    Fetcher { store, http: HttpFetcher::new(http, policy.egress.clone()).unwrap(), policy, max_size }
 }
 
 /// A `file://` store rooted at `dir`.

@@ -65,6 +65,28 @@ pub struct ApiArgs {
     /// uploads naming a `bits_path` are accepted only for files inside it.
     #[arg(long)]
     pub upload_spool_dir: Option<PathBuf>,
+    /// Address only the upload-offloading proxy connects to: uploads through it may name a spooled file
+    /// (`bits_path`). Bind it where only the proxy reaches it (e.g. 127.0.0.1 beside an nginx sidecar). Speaks
+    /// TLS when --listen does.
+    #[arg(long, requires = "upload_spool_dir")]
+    pub offload_listen: Option<std::net::SocketAddr>,
+    /// PEM CA of the upload-offloading proxy's client certificates: a TLS connection with a certificate from it
+    /// may name a spooled file (`bits_path`).
+    #[arg(long, requires_all = ["upload_spool_dir", "tls_cert"])]
+    pub offload_client_ca: Option<PathBuf>,
+    /// A request's headers must arrive within this time; it also closes connections idle between requests.
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    pub header_read_timeout: std::time::Duration,
+    /// A request body that sends nothing for this long is cut off; the upload may be tried again.
+    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+    pub body_idle_timeout: std::time::Duration,
+    /// Largest request head (request line and headers); larger ones are answered 431.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    pub max_header_size: u64,
+    /// Uploads this replica serves at once (each costs up to ~40 MiB); more are answered 503
+    /// CF-ServiceUnavailable with Retry-After.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_uploads: u32,
 }
 
 impl ApiArgs {
@@ -248,6 +270,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number.checked_mul(multiplier).ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Parse a positive duration such as 30s, 2m or 500ms.
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be more than zero".into()),
+        Ok(duration) => Ok(duration),
+        Err(e) => Err(format!("{text:?} is not a duration like 30s or 2m: {e}")),
+    }
+}
+
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
@@ -274,14 +305,35 @@ async fn connect() -> Result<kube::Client, String> {
     kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {}", error_chain(&e)))
 }
 
-/// Bind the API's address and check its TLS files, so that mistakes in them fail at start.
-async fn bind_api(args: &ApiArgs) -> Result<Option<tokio::net::TcpListener>, String> {
+/// The API's bound addresses.
+struct ApiListeners {
+    main: tokio::net::TcpListener,
+    /// `--offload-listen`.
+    offload: Option<tokio::net::TcpListener>,
+}
+
+/// Bind the API's addresses and check its TLS files, so that mistakes in them fail at start.
+async fn bind_api(args: &ApiArgs) -> Result<Option<ApiListeners>, String> {
     let Some(addr) = args.listen else { return Ok(None) };
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         crate::api::tls::server_config(cert, key, None).map_err(|e| e.to_string())?;
     }
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
-    Ok(Some(listener))
+    if args.upload_spool_dir.is_some() && args.offload_listen.is_none() && args.offload_client_ca.is_none() {
+        return Err("--upload-spool-dir needs --offload-listen or --offload-client-ca: only the upload-offloading \
+                    proxy may name spooled files"
+            .into());
+    }
+    if let Some(ca) = &args.offload_client_ca {
+        crate::api::tls::ClientCa::from_pem_file(ca).map_err(|e| format!("--offload-client-ca: {e}"))?;
+    }
+    let main = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
+    let offload = match args.offload_listen {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--offload-listen {addr}: {e}"))?)
+        }
+        None => None,
+    };
+    Ok(Some(ApiListeners { main, offload }))
 }
 
 /// Start serving the API, once its watch cache is filled. Over TLS, the cluster's front proxy (when it has one)
@@ -291,13 +343,25 @@ async fn start_api(
     store: BlobStore,
     namespace: Option<&str>,
     args: &ApiArgs,
-    listener: tokio::net::TcpListener,
+    listeners: ApiListeners,
     ops: &crate::ops::Ops,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, String> {
     let mut config = crate::api::ApiConfig::new(args.urls().expect("an external URL: --listen is set"));
     config.max_upload_size = args.max_upload_size;
     config.max_package_size = args.max_package_size;
     config.spool_dir = args.upload_spool_dir.clone();
+    config.limits = crate::api::Limits {
+        header_read_timeout: args.header_read_timeout,
+        body_idle_timeout: args.body_idle_timeout,
+        max_header_size: usize::try_from(args.max_header_size).unwrap_or(usize::MAX),
+        max_concurrent_uploads: args.max_concurrent_uploads as usize,
+    };
+    config.offload_client_ca = match &args.offload_client_ca {
+        Some(ca) => {
+            Some(crate::api::tls::ClientCa::from_pem_file(ca).map_err(|e| format!("--offload-client-ca: {e}"))?)
+        }
+        None => None,
+    };
     let (tls, front_proxy) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let front_proxy = match crate::api::FrontProxy::from_cluster(client).await {
@@ -307,7 +371,13 @@ async fn start_api(
                     None
                 }
             };
-            let verifier = front_proxy.as_ref().map(|p| p.client_verifier()).transpose().map_err(|e| e.to_string())?;
+            // Certificates from either CA get through the handshake; each request learns which one vouched.
+            let cas: Vec<_> = front_proxy.iter().map(|p| p.ca()).chain(config.offload_client_ca.iter()).collect();
+            let verifier = if cas.is_empty() {
+                None
+            } else {
+                Some(crate::api::tls::client_verifier(&cas).map_err(|e| e.to_string())?)
+            };
             (Some(crate::api::tls::server_config(cert, key, verifier).map_err(|e| e.to_string())?), front_proxy)
         }
         _ => (None, None),
@@ -319,8 +389,19 @@ async fn start_api(
     Ok(tokio::spawn(async move {
         index.ready().await;
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "CF v3 API serving");
-        crate::api::serve(listener, tls, state, shutdown_signal()).await
+        let mut endpoints = vec![crate::api::Endpoint { listener: listeners.main, tls: tls.clone(), offload: false }];
+        if let Some(listener) = listeners.offload {
+            endpoints.push(crate::api::Endpoint { listener, tls: tls.clone(), offload: true });
+        }
+        for endpoint in &endpoints {
+            tracing::info!(
+                listen = %endpoint.listener.local_addr()?,
+                tls = tls.is_some(),
+                offload = endpoint.offload,
+                "CF v3 API serving"
+            );
+        }
+        crate::api::serve_endpoints(endpoints, state, shutdown_signal()).await
     }))
 }
 
@@ -335,11 +416,11 @@ async fn shutdown_signal() {
 }
 
 async fn api(args: ApiServerArgs) -> Result<(), String> {
-    let listener = bind_api(&args.api).await?.ok_or("--listen is required")?;
+    let listeners = bind_api(&args.api).await?.ok_or("--listen is required")?;
     let ops = serve_ops(args.metrics_listen).await?;
     let client = connect().await?;
     let store = args.store.open_for(&args.api.size_limits())?;
-    let served = start_api(&client, store, args.namespace.as_deref(), &args.api, listener, &ops).await?;
+    let served = start_api(&client, store, args.namespace.as_deref(), &args.api, listeners, &ops).await?;
     match served.await {
         Ok(result) => result.map_err(|e| format!("serving the API: {e}")),
         Err(e) => Err(format!("the API stopped: {e}")),
@@ -362,8 +443,8 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     let policy = args.sources.policy(args.allow_files_under);
     let fetcher = Fetcher::new(args.store.open_for(&limits)?, policy, args.max_size).map_err(|e| e.to_string())?;
     // Every replica serves the API; only the leader reconciles.
-    if let Some(listener) = api {
-        start_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, listener, &ops).await?;
+    if let Some(listeners) = api {
+        start_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, listeners, &ops).await?;
     }
     let identity = args.instance.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();

@@ -34,6 +34,9 @@ pub enum CfError {
     ResourceChecksumMismatch(String),
     #[error("Failed to perform operation due to blobstore unavailability.")]
     BlobstoreUnavailable,
+    /// The API is at capacity (`--max-concurrent-uploads`); answered with `Retry-After`.
+    #[error("{0}")]
+    ServiceUnavailable(String),
     /// Anything unexpected. The detail never carries internals; they go to the log.
     #[error("An unknown error occurred.")]
     Unknown,
@@ -56,6 +59,7 @@ impl CfError {
                 (StatusCode::INTERNAL_SERVER_ERROR, 150010, "CF-ResourceChecksumMismatch")
             }
             CfError::BlobstoreUnavailable => (StatusCode::BAD_GATEWAY, 150006, "CF-BlobstoreUnavailable"),
+            CfError::ServiceUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, 10015, "CF-ServiceUnavailable"),
             CfError::Unknown => (StatusCode::INTERNAL_SERVER_ERROR, 10001, "CF-UnknownError"),
         }
     }
@@ -96,6 +100,10 @@ mod tests {
             (StatusCode::BAD_REQUEST, 150004, "CF-PackageBitsAlreadyUploaded")
         );
         assert_eq!(CfError::InvalidAuthToken.parts().1, 1000);
+        assert_eq!(
+            CfError::ServiceUnavailable("busy".into()).parts(),
+            (StatusCode::SERVICE_UNAVAILABLE, 10015, "CF-ServiceUnavailable")
+        );
         assert_eq!(CfError::Unknown.body()["errors"][0]["detail"], "An unknown error occurred.");
     }
 }

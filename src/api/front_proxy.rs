@@ -8,25 +8,21 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
-use axum::extract::connect_info::Connected;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use axum::serve::IncomingStream;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{Api, Client};
 use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 
-use super::tls::{TlsError, TlsListener};
+use super::tls::{ClientCa, TlsError};
 use crate::auth::Caller;
 
 /// How the cluster's front proxy identifies itself and its users.
 #[derive(Clone, Debug)]
 pub struct FrontProxy {
-    ca: Vec<CertificateDer<'static>>,
+    ca: ClientCa,
     /// Common names a proxy certificate may have; any, when empty.
     allowed_names: Vec<String>,
     user_headers: Vec<String>,
@@ -45,9 +41,9 @@ impl FrontProxy {
             .map_err(|e| format!("reading kube-system/{CONFIG_MAP}: {e}"))?;
         let data = map.and_then(|m| m.data).unwrap_or_default();
         let Some(pem) = data.get("requestheader-client-ca-file") else { return Ok(None) };
-        let ca = CertificateDer::pem_slice_iter(pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("the request-header CA in kube-system/{CONFIG_MAP}: {e}"))?;
+        let ca =
+            ClientCa::from_pem(pem.as_bytes(), &format!("requestheader-client-ca-file in kube-system/{CONFIG_MAP}"))
+                .map_err(|e| e.to_string())?;
         let list =
             |key: &str| -> Vec<String> { data.get(key).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default() };
         Ok(Some(FrontProxy {
@@ -62,21 +58,30 @@ impl FrontProxy {
     /// A verifier that asks clients for a certificate from the request-header CA, and lets clients without one
     /// in (they authenticate with a bearer token instead).
     pub fn client_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in &self.ca {
-            roots.add(cert.clone())?;
+        super::tls::client_verifier(&[&self.ca])
+    }
+
+    /// The request-header CA.
+    pub fn ca(&self) -> &ClientCa {
+        &self.ca
+    }
+
+    /// The subject common name of a client certificate chain that the request-header CA vouches for.
+    pub(super) fn proxy_name(&self, chain: &[CertificateDer<'_>]) -> Option<String> {
+        if !self.ca.verifies(chain) {
+            return None;
         }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))
+        let name = subject_common_name(chain.first()?);
+        if name.is_none() {
+            tracing::warn!("a client certificate from the request-header CA without a common name");
+        }
+        name
     }
 
     /// The user the proxy vouches for, when `peer` is an allowed proxy and names one.
     fn caller(&self, peer: &PeerCert, headers: &HeaderMap) -> Option<Caller> {
-        let name = subject_common_name(peer.0.as_ref()?)?;
-        if !self.allowed_names.is_empty() && !self.allowed_names.contains(&name) {
+        let name = peer.front_proxy.as_ref()?;
+        if !self.allowed_names.is_empty() && !self.allowed_names.contains(name) {
             tracing::warn!(name, "a client certificate from the request-header CA, but not an allowed proxy");
             return None;
         }
@@ -103,96 +108,50 @@ impl FrontProxy {
     }
 }
 
-/// The client certificate a connection presented and TLS verified, if any.
+/// What a connection proves about its client, worked out once when it is accepted: from its client certificate,
+/// verified against each CA on its own, and from the listener it came in on.
 #[derive(Clone, Debug, Default)]
-pub struct PeerCert(Option<CertificateDer<'static>>);
-
-impl Connected<IncomingStream<'_, TlsListener>> for PeerCert {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        let (_, connection) = stream.io().get_ref();
-        PeerCert(connection.peer_certificates().and_then(|chain| chain.first()).map(|c| c.clone().into_owned()))
-    }
-}
-
-impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for PeerCert {
-    fn connect_info(_: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        PeerCert(None)
-    }
+pub struct PeerCert {
+    /// The subject common name of a certificate that chains to the cluster's request-header CA.
+    pub(super) front_proxy: Option<String>,
+    /// The upload-offloading proxy: a certificate from `--offload-client-ca`, or a connection to
+    /// `--offload-listen`. Only it may name spooled files (`bits_path`).
+    pub(super) offload: bool,
 }
 
 /// Who a request says it is: a bearer token to review, or a user the front proxy vouches for.
 pub struct Credentials {
     pub authorization: Option<String>,
     pub proxied: Option<Caller>,
+    /// The request came from the upload-offloading proxy.
+    pub offload: bool,
 }
 
 impl FromRequestParts<Arc<super::AppState>> for Credentials {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<super::AppState>) -> Result<Self, Self::Rejection> {
-        let peer = parts.extensions.get::<axum::extract::ConnectInfo<PeerCert>>().map(|c| &c.0);
+        let peer = parts.extensions.get::<PeerCert>();
         let proxied = match (&state.front_proxy, peer) {
             (Some(proxy), Some(peer)) => proxy.caller(peer, &parts.headers),
             _ => None,
         };
         let authorization = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-        Ok(Credentials { authorization, proxied })
+        Ok(Credentials { authorization, proxied, offload: peer.is_some_and(|p| p.offload) })
     }
 }
 
-/// The subject's common name of a DER certificate: TBSCertificate's sixth field (after an explicit version,
-/// serial, signature algorithm, issuer and validity), read with a minimal DER walk.
-fn subject_common_name(der: &[u8]) -> Option<String> {
-    let (certificate, _) = tlv(der)?;
-    let (tbs, _) = tlv(certificate.1)?;
-    let mut rest = tbs.1;
-    let mut fields = Vec::new();
-    while !rest.is_empty() {
-        let (field, after) = tlv(rest)?;
-        fields.push(field);
-        rest = after;
-    }
-    let offset = usize::from(fields.first()?.0 == 0xa0); // the [0] version is optional
-    let subject = fields.get(offset + 4)?;
-    // Name: SEQUENCE OF SET OF SEQUENCE { OID, value }.
-    let mut names = subject.1;
-    while !names.is_empty() {
-        let (set, after) = tlv(names)?;
-        names = after;
-        let (pair, _) = tlv(set.1)?;
-        let (oid, value) = tlv(pair.1)?;
-        if oid.0 == 0x06 && oid.1 == [0x55, 0x04, 0x03] {
-            let (text, _) = tlv(value)?;
-            return String::from_utf8(text.1.to_vec()).ok();
-        }
-    }
-    None
-}
-
-/// A DER element: its tag and contents.
-type Element<'a> = (u8, &'a [u8]);
-
-/// One DER element, and the rest of the input.
-fn tlv(input: &[u8]) -> Option<(Element<'_>, &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let count = usize::from(first & 0x7f);
-        if count == 0 || count > 4 || rest.len() < count {
-            return None;
-        }
-        let (bytes, after) = rest.split_at(count);
-        rest = after;
-        bytes.iter().fold(0usize, |n, &b| (n << 8) | usize::from(b))
-    };
-    (rest.len() >= len).then(|| ((tag, &rest[..len]), &rest[len..]))
+/// The subject's common name of a DER certificate, if it has one that is text.
+fn subject_common_name(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let name = certificate.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(name)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::pem::PemObject;
 
     #[test]
     fn common_names_are_read_from_the_subject_not_the_issuer() {
@@ -210,6 +169,6 @@ mod tests {
         assert!(ok.success());
         let der = CertificateDer::from_pem_file(&cert).unwrap();
         assert_eq!(subject_common_name(&der).as_deref(), Some("front-proxy-client"));
-        assert_eq!(subject_common_name(b"\x30\x03\x02\x01"), None, "truncated DER");
+        assert_eq!(subject_common_name(&CertificateDer::from(&b"\x30\x03\x02\x01"[..])), None, "truncated DER");
     }
 }

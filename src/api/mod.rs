@@ -18,9 +18,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use kube::{Client, ResourceExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Semaphore, watch};
 
 pub use errors::CfError;
 pub use front_proxy::{Credentials, FrontProxy};
@@ -52,7 +60,39 @@ pub struct ApiConfig {
     /// Where an upload-offloading proxy (nginx's upload module) leaves request bodies; uploads naming a
     /// `bits_path` are accepted only when set, and only for files inside it.
     pub spool_dir: Option<std::path::PathBuf>,
+    /// Client certificates from this CA are the upload-offloading proxy's, which may name spooled files.
+    pub offload_client_ca: Option<tls::ClientCa>,
+    /// What a connection may cost.
+    pub limits: Limits,
 }
+
+/// What the API tolerates of a connection, so that slow or oversized requests cannot tie it up.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// A request's head must arrive within this time; it also closes a connection idle between requests.
+    pub header_read_timeout: Duration,
+    /// A request body that sends nothing for this long is cut off (an upload then breaks off).
+    pub body_idle_timeout: Duration,
+    /// The largest request head (request line and headers) in bytes; larger ones get 431.
+    pub max_header_size: usize,
+    /// Uploads (package and droplet, CF and aggregated routes) served at once; beyond it, 503 with Retry-After.
+    pub max_concurrent_uploads: usize,
+}
+
+impl Default for Limits {
+    /// A transfer costs up to ~40 MiB, so 8 uploads fit the chart's 512 MiB with room for everything else.
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(30),
+            body_idle_timeout: Duration::from_secs(60),
+            max_header_size: 64 << 10,
+            max_concurrent_uploads: 8,
+        }
+    }
+}
+
+/// What a refused upload is told to wait before trying again.
+const RETRY_AFTER_SECONDS: u32 = 5;
 
 impl ApiConfig {
     /// Cloud Controller's limits, and brief caches.
@@ -64,6 +104,8 @@ impl ApiConfig {
             max_upload_size: 2048 << 20,
             max_package_size: 1 << 30,
             spool_dir: None,
+            offload_client_ca: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -81,6 +123,8 @@ pub struct AppState {
     /// The cluster's front proxy, whose users reach the API through aggregation.
     pub front_proxy: Option<FrontProxy>,
     pub config: ApiConfig,
+    /// One permit per upload in progress.
+    uploads: Semaphore,
 }
 
 impl AppState {
@@ -97,7 +141,8 @@ impl AppState {
         let recorder = Recorder::new(client.clone(), reporter, metrics);
         let cache = ResourceCache::new(store.clone());
         tokio::spawn(cache.clone().keep_fresh(Duration::from_secs(300)));
-        Arc::new(AppState { client, store, index, auth, recorder, cache, front_proxy, config })
+        let uploads = Semaphore::new(config.limits.max_concurrent_uploads);
+        Arc::new(AppState { client, store, index, auth, recorder, cache, front_proxy, config, uploads })
     }
 
     /// The caller: the user the front proxy vouches for, or the owner of the bearer token.
@@ -155,8 +200,41 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(droplets::upload).layer(DefaultBodyLimit::max(body_limit(state.config.max_upload_size))),
         )
         .merge(aggregated::routes().layer(DefaultBodyLimit::max(body_limit(state.config.max_upload_size))))
+        .route_layer(middleware::from_fn_with_state(state.clone(), limit_uploads))
         .fallback(|| async { CfError::UnknownRequest })
         .with_state(state)
+}
+
+/// Uploads beyond `--max-concurrent-uploads` are answered at once with 503 and `Retry-After`: the limit is the
+/// server's capacity, shared by all callers, not a quota this caller exceeded (which 429 would say). The permit
+/// is taken before authentication so that a refusal costs no TokenReview, and is held until the upload's answer.
+async fn limit_uploads(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let upload = request.method() == Method::POST
+        && request.extensions().get::<MatchedPath>().is_some_and(|path| path.as_str().ends_with("/upload"));
+    if !upload {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = state.uploads.try_acquire() else {
+        let max = state.config.limits.max_concurrent_uploads;
+        tracing::info!(max, "an upload refused: the API is serving its maximum of uploads at once");
+        let error = CfError::ServiceUnavailable(format!(
+            "The API is serving its maximum of {max} uploads at once; try again in {RETRY_AFTER_SECONDS} seconds."
+        ));
+        let mut response = error.into_response();
+        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        return response;
+    };
+    next.run(request).await
+}
+
+/// One address the API answers on.
+pub struct Endpoint {
+    pub listener: tokio::net::TcpListener,
+    /// TLS, or plain HTTP without it.
+    pub tls: Option<rustls::ServerConfig>,
+    /// Every connection to it is the upload-offloading proxy's (`--offload-listen`): bind it where only the
+    /// proxy reaches it.
+    pub offload: bool,
 }
 
 /// Serve the API on `listener`, over TLS when `tls` is given, until `shutdown` completes; requests in flight
@@ -167,12 +245,131 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Each connection's verified client certificate rides along, for the front proxy's requests.
-    let service = router(state).into_make_service_with_connect_info::<front_proxy::PeerCert>();
-    match tls {
-        Some(config) => {
-            axum::serve(tls::TlsListener::new(listener, config)?, service).with_graceful_shutdown(shutdown).await
+    serve_endpoints(vec![Endpoint { listener, tls, offload: false }], state, shutdown).await
+}
+
+/// Serve the API on every endpoint until `shutdown` completes; requests in flight are finished first.
+/// Connections are served by hyper directly, with the limits of `state.config.limits`: a head that is slow or
+/// too large, and a body that stalls, end the connection.
+pub async fn serve_endpoints(
+    endpoints: Vec<Endpoint>,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = router(state.clone());
+    let (stop, stopped) = watch::channel(());
+    let mut serving = Vec::new();
+    for endpoint in endpoints {
+        let acceptor = match endpoint.tls {
+            Some(config) => Acceptor::Tls(tls::TlsListener::new(endpoint.listener, config)?),
+            None => Acceptor::Plain(endpoint.listener),
+        };
+        serving.push(serve_endpoint(acceptor, endpoint.offload, state.clone(), router.clone(), stopped.clone()));
+    }
+    let signal = async move {
+        shutdown.await;
+        let _ = stop.send(());
+    };
+    tokio::join!(signal, futures::future::join_all(serving));
+    Ok(())
+}
+
+enum Acceptor {
+    Plain(tokio::net::TcpListener),
+    Tls(tls::TlsListener),
+}
+
+/// Accept connections until `stopped` says so, then wait for the ones open to finish their requests.
+async fn serve_endpoint(
+    mut acceptor: Acceptor,
+    offload: bool,
+    state: Arc<AppState>,
+    router: Router,
+    mut stopped: watch::Receiver<()>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = async {
+            match &mut acceptor {
+                Acceptor::Plain(listener) => loop {
+                    match listener.accept().await {
+                        Ok((tcp, _)) => break Connection::Plain(tcp),
+                        Err(error) => {
+                            // Out of file descriptors and the like: pause instead of spinning.
+                            tracing::warn!(%error, "accepting a connection");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                },
+                Acceptor::Tls(listener) => Connection::Tls(Box::new(listener.accept().await.0)),
+            }
+        };
+        tokio::select! {
+            connection = accepted => {
+                let watcher = graceful.watcher();
+                let (state, router) = (state.clone(), router.clone());
+                tokio::spawn(async move {
+                    match connection {
+                        Connection::Plain(tcp) => {
+                            let peer = front_proxy::PeerCert { front_proxy: None, offload };
+                            serve_connection(tcp, peer, &state, router, watcher).await
+                        }
+                        Connection::Tls(stream) => {
+                            let peer = peer_of(&state, stream.get_ref().1.peer_certificates().unwrap_or_default(), offload);
+                            serve_connection(*stream, peer, &state, router, watcher).await
+                        }
+                    }
+                });
+            }
+            _ = stopped.changed() => break,
         }
-        None => axum::serve(listener, service).with_graceful_shutdown(shutdown).await,
+    }
+    drop(acceptor);
+    graceful.shutdown().await;
+}
+
+enum Connection {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+/// What a TLS client's certificate chain proves, each CA checked on its own.
+fn peer_of(state: &AppState, chain: &[rustls::pki_types::CertificateDer<'_>], offload: bool) -> front_proxy::PeerCert {
+    if chain.is_empty() {
+        return front_proxy::PeerCert { front_proxy: None, offload };
+    }
+    front_proxy::PeerCert {
+        front_proxy: state.front_proxy.as_ref().and_then(|proxy| proxy.proxy_name(chain)),
+        offload: offload || state.config.offload_client_ca.as_ref().is_some_and(|ca| ca.verifies(chain)),
+    }
+}
+
+/// Serve one connection's requests, each with `peer` in its extensions and its body under the idle timeout.
+async fn serve_connection<I>(
+    io: I,
+    peer: front_proxy::PeerCert,
+    state: &AppState,
+    router: Router,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &state.config.limits;
+    let idle = limits.body_idle_timeout;
+    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+        let mut request = request.map(|body| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(idle, body)));
+        request.extensions_mut().insert(peer.clone());
+        tower::ServiceExt::oneshot(router.clone(), request)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's own cap of 100 header fields stays: more also get 431.
+        .max_header_size(limits.max_header_size);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(error) = watcher.watch(connection).await {
+        // Timeouts, oversized heads and clients that went away: theirs to notice, not ours to alarm about.
+        tracing::debug!(%error, "a connection ended with an error");
     }
 }

@@ -96,28 +96,39 @@ pub async fn upload(
     if query.contains_key("bits_path") {
         return Err(CfError::UnprocessableEntity("Bits path is invalid".into()));
     }
-    upload_to(&state, &package, UploadBody::Form(upload::form(form)?)).await
+    upload_from(&state, &package, UploadBody::Form(upload::form(form)?), credentials.offload).await
 }
 
-/// Upload `body` to `package`, whoever asked.
+/// Upload `body` to `package`, whoever asked; spooled files (`bits_path`) are not taken.
 pub(super) async fn upload_to(state: &AppState, package: &Package, body: UploadBody) -> Result<Response, CfError> {
+    upload_from(state, package, body, false).await
+}
+
+/// Upload `body` to `package`; `offload` when the upload-offloading proxy sent it, which alone may name a spooled
+/// file (`bits_path`).
+async fn upload_from(
+    state: &AppState,
+    package: &Package,
+    body: UploadBody,
+    offload: bool,
+) -> Result<Response, CfError> {
     if package.spec.package_type != PackageType::Bits {
         return Err(CfError::UnprocessableEntity("Package type must be bits.".into()));
     }
     let claimed = upload::claim(state, package).await?;
-    let outcome = receive(state, &claimed.object, body).await;
+    let outcome = receive(state, &claimed.object, body, offload).await;
     upload::settle(state, &claimed, outcome).await?;
     Ok(Json(views::package(&claimed.object, &state.config.urls)).into_response())
 }
 
 /// Stream the new package zip into the store while the form is read.
-async fn receive(state: &AppState, package: &Package, body: UploadBody) -> Result<Stored, Failure> {
+async fn receive(state: &AppState, package: &Package, body: UploadBody, offload: bool) -> Result<Stored, Failure> {
     let owner = BlobOwner::of(package, &package.namespace().unwrap_or_default());
     let (zip, rx) = mpsc::channel::<Result<Bytes, SourceError>>(8);
     let chunks = Box::pin(futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|item| (item, rx)) }));
     let limit = state.config.max_upload_size.saturating_add(state.config.max_package_size);
     let storing = pipeline::store_checked(chunks, "the package", &state.store, &owner, None, limit, None);
-    let mut packing = Packing { state, zip, inflated: 0 };
+    let mut packing = Packing { state, zip, inflated: 0, offload };
     let producing = async {
         let produced = packing.run(body).await;
         if produced.is_err() {
@@ -156,6 +167,8 @@ struct Packing<'a> {
     zip: mpsc::Sender<Result<Bytes, SourceError>>,
     /// Inflated bytes of resources added so far.
     inflated: u64,
+    /// The upload came from the upload-offloading proxy.
+    offload: bool,
 }
 
 /// A zip problem, in Cloud Controller's terms.
@@ -202,7 +215,13 @@ impl Packing<'_> {
                 }
                 "bits_path" if !saw_bits => {
                     // An upload an offloading proxy (nginx's upload module) spooled to disk, accepted only from
-                    // the configured spool directory.
+                    // that proxy and only from the configured spool directory: anyone else could name the file
+                    // of another user's upload.
+                    if !self.offload {
+                        return Err(Failure::request(CfError::UnprocessableEntity(
+                            "Bits path is accepted only from the upload-offloading proxy".into(),
+                        )));
+                    }
                     saw_bits = true;
                     let path = self.spooled(&field_text(field).await?)?;
                     let repack = repack.as_mut().expect("one bits part");

@@ -108,7 +108,7 @@ impl Setup {
 }
 
 /// Status and CF error `(title, code, detail)` of an answer.
-async fn cf_error(response: reqwest::Response) -> (StatusCode, String, u64, String) {
+pub(crate) async fn cf_error(response: reqwest::Response) -> (StatusCode, String, u64, String) {
     let status = response.status();
     let body: Value = response.json().await.unwrap();
     let error = &body["errors"][0];
@@ -429,7 +429,7 @@ async fn a_droplet_upload_is_followed_through_its_job() {
 }
 
 /// A zip made by Python's zipfile in `dir`: `script` adds entries to `z`.
-fn python_zip(dir: &std::path::Path, name: &str, script: &str) -> std::path::PathBuf {
+pub(crate) fn python_zip(dir: &std::path::Path, name: &str, script: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     let program = format!(
         "import zipfile, os\nz = zipfile.ZipFile({:?}, 'w', zipfile.ZIP_DEFLATED)\n{script}\nz.close()",
@@ -441,7 +441,7 @@ fn python_zip(dir: &std::path::Path, name: &str, script: &str) -> std::path::Pat
 }
 
 /// Each file of a zip as `name:sha1` (directories as `name`), sorted; and Python's opinion of its integrity.
-fn zip_contents(zip: &[u8]) -> Vec<String> {
+pub(crate) fn zip_contents(zip: &[u8]) -> Vec<String> {
     use std::io::Write;
     let program = "import sys, zipfile, io, hashlib\nz = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))\nassert z.testzip() is None\nfor i in z.infolist(): print(i.filename if i.is_dir() else i.filename + ':' + hashlib.sha1(z.read(i)).hexdigest())";
     let mut child = std::process::Command::new("python3")
@@ -458,7 +458,7 @@ fn zip_contents(zip: &[u8]) -> Vec<String> {
     lines
 }
 
-fn sha1_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha1_hex(bytes: &[u8]) -> String {
     bitsmith::digest::to_hex(&sha1::Sha1::digest(bytes))
 }
 
@@ -650,7 +650,7 @@ async fn bad_uploads_are_refused_with_cf_errors() {
     assert_eq!(cf_error(response).await.3, "Upload must include either resources or bits");
     let form = reqwest::multipart::Form::new().text("bits_name", "app.zip").text("bits_path", "/tmp/upload/0001");
     let response = s.http.post(upload_url("offload")).bearer_auth(&s.allowed).multipart(form).send().await.unwrap();
-    assert_eq!(cf_error(response).await.3, "Bits path is invalid");
+    assert_eq!(cf_error(response).await.3, "Bits path is accepted only from the upload-offloading proxy");
     let response = s
         .http
         .post(format!("{}?bits_path=/etc/passwd", upload_url("offload")))
@@ -673,43 +673,6 @@ async fn bad_uploads_are_refused_with_cf_errors() {
     codes.sort();
     assert_eq!(codes, [200, 400]);
     wait_for(&s.ns, "pkg/race", "{.status.state}", "READY").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offloaded_uploads_are_taken_only_from_the_spool() {
-    let spool = tempfile::tempdir().unwrap();
-    let spool_dir = spool.path().to_path_buf();
-    let store = tempfile::tempdir().unwrap();
-    let s = setup_with("api-spool", file_store(store.path()), None, move |c| c.spool_dir = Some(spool_dir)).await;
-    s.apply(UPLOAD_PACKAGES);
-    wait_for(&s.ns, "pkg/first", "{.status.state}", "AWAITING_UPLOAD").await;
-    let outside = tempfile::tempdir().unwrap();
-    let zip = python_zip(outside.path(), "app.zip", "z.writestr('app/main.py', 'print(3)')");
-    std::os::unix::fs::symlink(&zip, spool.path().join("0002")).unwrap();
-    let url = format!("{}/v3/packages/{}/upload", s.base, s.uid("pkg/first"));
-    let offload = |path: &std::path::Path| {
-        let form = reqwest::multipart::Form::new()
-            .text("bits_name", "app.zip")
-            .text("bits_path", path.display().to_string())
-            .text("upload_start_time", "1700000000");
-        s.http.post(&url).bearer_auth(&s.allowed).multipart(form).send()
-    };
-    for refused in [zip.clone(), spool.path().join("0002"), spool.path().join("missing")] {
-        let (status, _, _, detail) = cf_error(offload(&refused).await.unwrap()).await;
-        assert_eq!(
-            (status, detail.as_str()),
-            (StatusCode::UNPROCESSABLE_ENTITY, "Bits path is invalid"),
-            "{refused:?}"
-        );
-    }
-    let spooled = spool.path().join("0001");
-    std::fs::copy(&zip, &spooled).unwrap();
-    let response = offload(&spooled).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
-    wait_for(&s.ns, "pkg/first", "{.status.state}", "READY").await;
-    assert!(!spooled.exists(), "the spooled body is removed once taken");
-    let stored = s.get(&format!("/v3/packages/{}/download", s.uid("pkg/first")), Some(&s.allowed)).await;
-    assert_eq!(zip_contents(&stored.bytes().await.unwrap()), [format!("app/main.py:{}", sha1_hex(b"print(3)"))]);
 }
 
 /// A CA and a serving certificate from it for `names` (DNS names), made with openssl: `(ca.crt, tls.crt, tls.key)`.

@@ -2,4 +2,6 @@
 //! built to cost time or memory, slow and oversized requests, forged front-proxy identities, another tenant's
 //! cached files, and Secret values that must never leave. Real sockets, loopback addresses only.
 
+mod api_limits;
+mod front_proxy;
 mod sources;

@@ -64,6 +64,11 @@ pub struct ApiArgs {
     /// uploads naming a `bits_path` are accepted only for files inside it.
     #[arg(long)]
     pub upload_spool_dir: Option<PathBuf>,
+    /// Who is offered a file of the resource cache: `namespace`, callers who may download packages in a
+    /// namespace whose uploads held it; `cluster`, every authenticated caller (Cloud Controller's global pool,
+    /// for installs with a single tenant).
+    #[arg(long, value_enum, default_value = "namespace")]
+    pub resource_cache_scope: crate::cache::Scope,
 }
 
 impl ApiArgs {
@@ -267,6 +272,7 @@ async fn start_api(
     config.max_upload_size = args.max_upload_size;
     config.max_package_size = args.max_package_size;
     config.spool_dir = args.upload_spool_dir.clone();
+    config.resource_cache_scope = args.resource_cache_scope;
     let (tls, front_proxy) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let front_proxy = match crate::api::FrontProxy::from_cluster(client).await {

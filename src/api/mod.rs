@@ -52,6 +52,8 @@ pub struct ApiConfig {
     /// Where an upload-offloading proxy (nginx's upload module) leaves request bodies; uploads naming a
     /// `bits_path` are accepted only when set, and only for files inside it.
     pub spool_dir: Option<std::path::PathBuf>,
+    /// Who may use a file of the resource cache: callers with access to a namespace that uploaded it, or all.
+    pub resource_cache_scope: crate::cache::Scope,
 }
 
 impl ApiConfig {
@@ -64,6 +66,7 @@ impl ApiConfig {
             max_upload_size: 2048 << 20,
             max_package_size: 1 << 30,
             spool_dir: None,
+            resource_cache_scope: crate::cache::Scope::Namespace,
         }
     }
 }

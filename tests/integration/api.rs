@@ -108,7 +108,7 @@ impl Setup {
 }
 
 /// Status and CF error `(title, code, detail)` of an answer.
-async fn cf_error(response: reqwest::Response) -> (StatusCode, String, u64, String) {
+pub(crate) async fn cf_error(response: reqwest::Response) -> (StatusCode, String, u64, String) {
     let status = response.status();
     let body: Value = response.json().await.unwrap();
     let error = &body["errors"][0];
@@ -429,7 +429,7 @@ async fn a_droplet_upload_is_followed_through_its_job() {
 }
 
 /// A zip made by Python's zipfile in `dir`: `script` adds entries to `z`.
-fn python_zip(dir: &std::path::Path, name: &str, script: &str) -> std::path::PathBuf {
+pub(crate) fn python_zip(dir: &std::path::Path, name: &str, script: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     let program = format!(
         "import zipfile, os\nz = zipfile.ZipFile({:?}, 'w', zipfile.ZIP_DEFLATED)\n{script}\nz.close()",
@@ -441,7 +441,7 @@ fn python_zip(dir: &std::path::Path, name: &str, script: &str) -> std::path::Pat
 }
 
 /// Each file of a zip as `name:sha1` (directories as `name`), sorted; and Python's opinion of its integrity.
-fn zip_contents(zip: &[u8]) -> Vec<String> {
+pub(crate) fn zip_contents(zip: &[u8]) -> Vec<String> {
     use std::io::Write;
     let program = "import sys, zipfile, io, hashlib\nz = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))\nassert z.testzip() is None\nfor i in z.infolist(): print(i.filename if i.is_dir() else i.filename + ':' + hashlib.sha1(z.read(i)).hexdigest())";
     let mut child = std::process::Command::new("python3")
@@ -458,7 +458,7 @@ fn zip_contents(zip: &[u8]) -> Vec<String> {
     lines
 }
 
-fn sha1_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha1_hex(bytes: &[u8]) -> String {
     bitsmith::digest::to_hex(&sha1::Sha1::digest(bytes))
 }
 

@@ -26,7 +26,8 @@ pub struct Caller {
     pub extra: BTreeMap<String, Vec<String>>,
 }
 
-/// An action on one object: `verb` on `resource[/subresource]` named `name` in `namespace`.
+/// An action on one object: `verb` on `resource[/subresource]` named `name` in `namespace` (on every object of
+/// the namespace when `name` is empty).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Access {
     pub verb: &'static str,
@@ -118,16 +119,18 @@ impl Authorizer {
 
     /// Allow `access` for `caller`, or 403 CF-NotAuthorized.
     pub async fn authorize(&self, caller: &Caller, access: &Access) -> Result<(), CfError> {
+        if self.allows(caller, access).await? { Ok(()) } else { Err(CfError::NotAuthorized) }
+    }
+
+    /// Whether Kubernetes allows `access` for `caller`.
+    pub async fn allows(&self, caller: &Caller, access: &Access) -> Result<bool, CfError> {
         let key = (caller.username.clone(), caller.groups.clone(), access.clone());
-        let allowed = match self.decisions.get(&key) {
-            Some(allowed) => allowed,
-            None => {
-                let allowed = self.review_access(caller, access).await?;
-                self.decisions.put(key, allowed);
-                allowed
-            }
-        };
-        if allowed { Ok(()) } else { Err(CfError::NotAuthorized) }
+        if let Some(allowed) = self.decisions.get(&key) {
+            return Ok(allowed);
+        }
+        let allowed = self.review_access(caller, access).await?;
+        self.decisions.put(key, allowed);
+        Ok(allowed)
     }
 
     async fn review_access(&self, caller: &Caller, access: &Access) -> Result<bool, CfError> {
@@ -143,7 +146,8 @@ impl Authorizer {
                     subresource: access.subresource.map(str::to_string),
                     verb: Some(access.verb.to_string()),
                     namespace: Some(access.namespace.clone()),
-                    name: Some(access.name.clone()),
+                    // No name: any object of the namespace.
+                    name: (!access.name.is_empty()).then(|| access.name.clone()),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -87,6 +87,11 @@ pub struct ApiArgs {
     /// CF-ServiceUnavailable with Retry-After.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_uploads: u32,
+    /// Who is offered a file of the resource cache: `namespace`, callers who may download packages in a
+    /// namespace whose uploads held it; `cluster`, every authenticated caller (Cloud Controller's global pool,
+    /// for installs with a single tenant).
+    #[arg(long, value_enum, default_value = "namespace")]
+    pub resource_cache_scope: crate::cache::Scope,
 }
 
 impl ApiArgs {
@@ -362,6 +367,7 @@ async fn start_api(
         }
         None => None,
     };
+    config.resource_cache_scope = args.resource_cache_scope;
     let (tls, front_proxy) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let front_proxy = match crate::api::FrontProxy::from_cluster(client).await {

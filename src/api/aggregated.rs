@@ -70,7 +70,8 @@ async fn upload_package(
 ) -> Result<Response, CfError> {
     let found = || state.index.package_named(&namespace, &name);
     let package = state.authorized(&credentials, found, "Package", "create", Some("upload")).await?;
-    packages::upload_to(&state, &package, UploadBody::from_request(request, &state).await?).await
+    let caller = state.authenticated(&credentials).await?;
+    packages::upload_to(&state, &package, &caller, UploadBody::from_request(request, &state).await?).await
 }
 
 async fn download_package(

@@ -64,6 +64,8 @@ pub struct ApiConfig {
     pub offload_client_ca: Option<tls::ClientCa>,
     /// What a connection may cost.
     pub limits: Limits,
+    /// Who may use a file of the resource cache: callers with access to a namespace that uploaded it, or all.
+    pub resource_cache_scope: crate::cache::Scope,
 }
 
 /// What the API tolerates of a connection, so that slow or oversized requests cannot tie it up.
@@ -106,6 +108,7 @@ impl ApiConfig {
             spool_dir: None,
             offload_client_ca: None,
             limits: Limits::default(),
+            resource_cache_scope: crate::cache::Scope::Namespace,
         }
     }
 }

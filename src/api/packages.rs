@@ -23,7 +23,8 @@ use super::{AppState, CfError, blobs, views};
 use crate::archive::zip::{
     EntryCheck, EntryHeader, Event as ZipEvent, MADE_ON_UNIX, Repack, Sizes, ZipError, ZipWriter, file_attributes,
 };
-use crate::cache::{CachedFile, ResourceCache};
+use crate::auth::{Access, Caller};
+use crate::cache::{self, CachedFile, ResourceCache, Scope};
 use crate::pipeline::{self, Stored};
 use crate::resources::{BlobRef, Package, PackageState, PackageType};
 use crate::sources::SourceError;
@@ -64,21 +65,46 @@ pub(super) fn package_blob(package: &Package) -> Result<&BlobRef, CfError> {
         .ok_or_else(|| CfError::UnprocessableEntity("Package has no bits to download.".into()))
 }
 
-/// `POST /v3/resource_matches`: which of the named files the cache holds, by Cloud Controller's rules. Any
-/// authenticated caller may ask, as in Cloud Foundry.
+/// `POST /v3/resource_matches`: which of the named files the cache holds for the caller, by Cloud Controller's
+/// rules. Any authenticated caller may ask, as in Cloud Foundry; what they are offered depends on the
+/// `resource_cache_scope`.
 pub async fn resource_matches(
     State(state): State<Arc<AppState>>,
     credentials: Credentials,
     body: Bytes,
 ) -> Result<Response, CfError> {
-    state.authenticated(&credentials).await?;
+    let caller = state.authenticated(&credentials).await?;
     let requested = resources::parse_matches(&body)?;
-    let matched: Vec<Value> = requested
-        .into_iter()
-        .filter(|(_, resource)| resource.matchable() && state.cache.get(&resource.sha1, resource.size).is_some())
-        .map(|(item, _)| item)
+    let held: Vec<Option<Vec<String>>> = requested
+        .iter()
+        .map(|(_, resource)| resource.matchable().then(|| state.cache.holders(&resource.sha1, resource.size)).flatten())
         .collect();
+    let usable = usable(&state, &caller, &held).await?;
+    let matched: Vec<Value> =
+        requested.into_iter().zip(usable).filter(|(_, usable)| *usable).map(|((item, _), _)| item).collect();
     Ok((StatusCode::CREATED, Json(json!({ "resources": matched }))).into_response())
+}
+
+/// Which cached files `caller` may use: `held[i]` names the namespaces whose uploads held file `i`, `None`
+/// when the cache does not hold it. With [`Scope::Namespace`], those where the caller may download packages in
+/// one of them; a file the caller may not use is treated as one the cache does not hold, so that nobody learns
+/// what another namespace uploaded.
+async fn usable(state: &AppState, caller: &Caller, held: &[Option<Vec<String>>]) -> Result<Vec<bool>, CfError> {
+    if state.config.resource_cache_scope == Scope::Cluster {
+        return Ok(held.iter().map(Option::is_some).collect());
+    }
+    let holders: Vec<&[String]> = held.iter().map(|h| h.as_deref().unwrap_or_default()).collect();
+    cache::permitted(&holders, |namespace| {
+        let access = Access {
+            verb: "get",
+            resource: "packages",
+            subresource: Some("download"),
+            namespace: namespace.to_string(),
+            name: String::new(),
+        };
+        async move { state.auth.allows(caller, &access).await }
+    })
+    .await
 }
 
 /// `POST /v3/packages/:guid/upload`: a zip in the form's `bits` part and/or the files the cache should add, as
@@ -96,19 +122,26 @@ pub async fn upload(
     if query.contains_key("bits_path") {
         return Err(CfError::UnprocessableEntity("Bits path is invalid".into()));
     }
-    upload_from(&state, &package, UploadBody::Form(upload::form(form)?), credentials.offload).await
+    let caller = state.authenticated(&credentials).await?;
+    upload_from(&state, &package, &caller, UploadBody::Form(upload::form(form)?), credentials.offload).await
 }
 
-/// Upload `body` to `package`, whoever asked; spooled files (`bits_path`) are not taken.
-pub(super) async fn upload_to(state: &AppState, package: &Package, body: UploadBody) -> Result<Response, CfError> {
-    upload_from(state, package, body, false).await
+/// Upload `body` to `package` for `caller`, who may upload to it; spooled files (`bits_path`) are not taken.
+pub(super) async fn upload_to(
+    state: &AppState,
+    package: &Package,
+    caller: &Caller,
+    body: UploadBody,
+) -> Result<Response, CfError> {
+    upload_from(state, package, caller, body, false).await
 }
 
-/// Upload `body` to `package`; `offload` when the upload-offloading proxy sent it, which alone may name a spooled
-/// file (`bits_path`).
+/// Upload `body` to `package` for `caller`; `offload` when the upload-offloading proxy sent it, which alone may
+/// name a spooled file (`bits_path`).
 async fn upload_from(
     state: &AppState,
     package: &Package,
+    caller: &Caller,
     body: UploadBody,
     offload: bool,
 ) -> Result<Response, CfError> {
@@ -116,19 +149,26 @@ async fn upload_from(
         return Err(CfError::UnprocessableEntity("Package type must be bits.".into()));
     }
     let claimed = upload::claim(state, package).await?;
-    let outcome = receive(state, &claimed.object, body, offload).await;
+    let outcome = receive(state, &claimed.object, caller, body, offload).await;
     upload::settle(state, &claimed, outcome).await?;
     Ok(Json(views::package(&claimed.object, &state.config.urls)).into_response())
 }
 
 /// Stream the new package zip into the store while the form is read.
-async fn receive(state: &AppState, package: &Package, body: UploadBody, offload: bool) -> Result<Stored, Failure> {
-    let owner = BlobOwner::of(package, &package.namespace().unwrap_or_default());
+async fn receive(
+    state: &AppState,
+    package: &Package,
+    caller: &Caller,
+    body: UploadBody,
+    offload: bool,
+) -> Result<Stored, Failure> {
+    let namespace = package.namespace().unwrap_or_default();
+    let owner = BlobOwner::of(package, &namespace);
     let (zip, rx) = mpsc::channel::<Result<Bytes, SourceError>>(8);
     let chunks = Box::pin(futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|item| (item, rx)) }));
     let limit = state.config.max_upload_size.saturating_add(state.config.max_package_size);
     let storing = pipeline::store_checked(chunks, "the package", &state.store, &owner, None, limit, None);
-    let mut packing = Packing { state, zip, inflated: 0, offload };
+    let mut packing = Packing { state, caller, namespace, zip, inflated: 0, offload };
     let producing = async {
         let produced = packing.run(body).await;
         if produced.is_err() {
@@ -163,6 +203,10 @@ const FEED_BATCH: usize = 1 << 20;
 /// The work of one upload: the uploaded zip rewritten, files cached, resources added.
 struct Packing<'a> {
     state: &'a AppState,
+    /// Who uploads: the files of the cache they may use depend on it.
+    caller: &'a Caller,
+    /// The package's namespace, recorded as a holder of the files the upload puts in the cache.
+    namespace: String,
     /// The new zip, on its way to the store.
     zip: mpsc::Sender<Result<Bytes, SourceError>>,
     /// Inflated bytes of resources added so far.
@@ -248,8 +292,15 @@ impl Packing<'_> {
             Some(repack) if saw_bits => repack.finish().map_err(zip_failure)?,
             _ => ZipWriter::new(),
         };
-        for resource in resources.unwrap_or_default() {
-            self.add_resource(&mut writer, &resource).await?;
+        let resources = resources.unwrap_or_default();
+        // The upload's own file wins over a resource of the same path, and so does the first of two resources.
+        let mut names: std::collections::HashSet<String> = writer.names().map(str::to_string).collect();
+        let wanted: Vec<&Resource> =
+            resources.iter().filter(|r| names.insert(r.path.clone().unwrap_or_default())).collect();
+        let held: Vec<Option<Vec<String>>> = wanted.iter().map(|r| self.state.cache.holders(&r.sha1, r.size)).collect();
+        let usable = usable(self.state, self.caller, &held).await.map_err(Failure::request)?;
+        for (resource, usable) in wanted.into_iter().zip(usable) {
+            self.add_resource(&mut writer, resource, usable).await?;
         }
         self.send(writer.finish()).await
     }
@@ -276,7 +327,7 @@ impl Packing<'_> {
                     self.send(bytes).await?;
                 }
                 for event in events {
-                    cache.follow(&self.state.cache, event).await;
+                    cache.follow(&self.state.cache, &self.namespace, event).await;
                 }
             }
             if chunk.is_none() {
@@ -303,18 +354,17 @@ impl Packing<'_> {
         })
     }
 
-    /// Add a file from the resource cache, checking on the way that it still inflates to its sha1.
-    async fn add_resource(&mut self, writer: &mut ZipWriter, resource: &Resource) -> Result<(), Failure> {
+    /// Add a file from the resource cache, checking on the way that it still inflates to its sha1. A file the
+    /// caller may not use (not `usable`) is answered as one the cache does not hold.
+    async fn add_resource(&mut self, writer: &mut ZipWriter, resource: &Resource, usable: bool) -> Result<(), Failure> {
         let path = resource.path.clone().unwrap_or_default();
-        if writer.names().any(|name| name == path) {
-            return Ok(()); // The upload's own file wins.
-        }
-        let cached = self.state.cache.get(&resource.sha1, resource.size).ok_or_else(|| {
-            Failure::request(CfError::UnprocessableEntity(format!(
-                "Resource {path:?} (sha1 {}) is not in the resource cache; upload it in bits.",
-                resource.sha1
-            )))
-        })?;
+        let cached =
+            usable.then(|| self.state.cache.get(&resource.sha1, resource.size)).flatten().ok_or_else(|| {
+                Failure::request(CfError::UnprocessableEntity(format!(
+                    "Resource {path:?} (sha1 {}) is not in the resource cache; upload it in bits.",
+                    resource.sha1
+                )))
+            })?;
         self.inflated += cached.size;
         if self.inflated > self.state.config.max_package_size {
             return Err(zip_failure(ZipError::TooLarge { max: self.state.config.max_package_size }));
@@ -354,6 +404,10 @@ impl Packing<'_> {
         }
         let descriptor = writer.end(sizes, MADE_ON_UNIX, file_attributes(resource.mode));
         debug_assert!(descriptor.is_empty(), "sizes are declared up front");
+        // The package now holds the file, so its namespace's users may read it anyway.
+        if let Err(error) = self.state.cache.held_in(&cached.sha1, &self.namespace).await {
+            tracing::warn!(%error, "recording a cached file's namespace");
+        }
         Ok(())
     }
 
@@ -363,15 +417,17 @@ impl Packing<'_> {
     }
 }
 
-/// Copies the upload's files into the resource cache as their entries stream by; only files of a size worth
-/// matching are kept. A cache that cannot be written only costs later matches, never the upload.
+/// Copies the upload's files into the resource cache as their entries stream by, and records the upload's
+/// namespace as a holder of each; only files of a size worth matching are kept, and the bytes of a file the cache
+/// holds already are not stored again. A cache that cannot be written only costs later matches, never the
+/// upload.
 #[derive(Default)]
 struct CacheWrite {
     open: Option<(EntryHeader, crate::store::StagedWrite)>,
 }
 
 impl CacheWrite {
-    async fn follow(&mut self, cache: &ResourceCache, event: ZipEvent) {
+    async fn follow(&mut self, cache: &ResourceCache, namespace: &str, event: ZipEvent) {
         match event {
             ZipEvent::Start(header) => {
                 let worth = header.declared.is_none_or(|d| crate::cache::cacheable(d.uncompressed));
@@ -392,20 +448,30 @@ impl CacheWrite {
             }
             ZipEvent::End(end) => {
                 let Some((header, write)) = self.open.take() else { return };
-                let Some(sha1) = end.sha1.filter(|sha1| !cache.contains(sha1)) else {
+                let Some(sha1) = end.sha1 else {
                     write.abort().await;
                     return;
                 };
-                let file = CachedFile {
-                    sha1,
-                    size: end.sizes.uncompressed,
-                    compressed: end.sizes.compressed,
-                    crc: end.sizes.crc,
-                    method: header.method,
-                };
-                match write.commit(&file.key()).await {
-                    Ok(_) => cache.inserted(file),
-                    Err(error) => tracing::warn!(%error, "caching an uploaded file"),
+                if cache.contains(&sha1) {
+                    write.abort().await;
+                } else {
+                    let file = CachedFile {
+                        sha1: sha1.clone(),
+                        size: end.sizes.uncompressed,
+                        compressed: end.sizes.compressed,
+                        crc: end.sizes.crc,
+                        method: header.method,
+                    };
+                    match write.commit(&file.key()).await {
+                        Ok(_) => cache.inserted(file),
+                        Err(error) => {
+                            tracing::warn!(%error, "caching an uploaded file");
+                            return;
+                        }
+                    }
+                }
+                if let Err(error) = cache.held_in(&sha1, namespace).await {
+                    tracing::warn!(%error, "recording a cached file's namespace");
                 }
             }
         }

@@ -3,5 +3,6 @@
 //! cached files, and Secret values that must never leave. Real sockets, loopback addresses only.
 
 mod api_limits;
+mod cache;
 mod front_proxy;
 mod sources;

@@ -173,7 +173,8 @@ impl Packing<'_> {
         match body {
             UploadBody::Form(mut form) => self.run_form(&mut form).await,
             UploadBody::Raw(body) => {
-                let mut repack = Repack::new(self.state.config.max_package_size, crate::cache::CACHED_SIZES);
+                let mut repack = Repack::new(self.state.config.max_package_size, crate::cache::CACHED_SIZES)
+                    .with_max_entries(self.state.config.max_zip_entries);
                 let chunks = upload::raw_stream(body, self.state.config.max_upload_size);
                 self.feed(&mut repack, &mut CacheWrite::default(), chunks).await?;
                 let writer = repack.finish().map_err(zip_failure)?;
@@ -184,7 +185,8 @@ impl Packing<'_> {
 
     async fn run_form(&mut self, form: &mut Multipart) -> Result<(), Failure> {
         let max = self.state.config.max_package_size;
-        let mut repack = Some(Repack::new(max, crate::cache::CACHED_SIZES));
+        let mut repack =
+            Some(Repack::new(max, crate::cache::CACHED_SIZES).with_max_entries(self.state.config.max_zip_entries));
         let (mut saw_bits, mut resources) = (false, None);
         let mut cache = CacheWrite::default();
         while let Some(field) =
@@ -287,8 +289,12 @@ impl Packing<'_> {
     /// Add a file from the resource cache, checking on the way that it still inflates to its sha1.
     async fn add_resource(&mut self, writer: &mut ZipWriter, resource: &Resource) -> Result<(), Failure> {
         let path = resource.path.clone().unwrap_or_default();
-        if writer.names().any(|name| name == path) {
+        if writer.contains(&path) {
             return Ok(()); // The upload's own file wins.
+        }
+        let max_entries = self.state.config.max_zip_entries;
+        if writer.len() >= max_entries {
+            return Err(zip_failure(ZipError::Invalid(format!("more than {max_entries} entries"))));
         }
         let cached = self.state.cache.get(&resource.sha1, resource.size).ok_or_else(|| {
             Failure::request(CfError::UnprocessableEntity(format!(

@@ -65,7 +65,8 @@ fn repack(zip: &[u8]) -> String {
 }
 
 fn tgz_check(tgz: &[u8]) -> String {
-    let mut check = Box::new(TgzCheck::new(20 * tgz.len() as u64));
+    // The API's limit with its default --max-upload-size: 20 times 2048 MiB.
+    let mut check = Box::new(TgzCheck::new(20 * (2048 << 20)));
     for piece in tgz.chunks(CHUNK) {
         if let Err(error) = check.update(piece) {
             return format!("refused: {error}");

@@ -670,6 +670,11 @@ pub(crate) mod tests {
             (header(b"app/sparse", b'S', 0, b""), "not supported"),
             (header(b"app/dir", b'5', 512, b""), "with 512 bytes of data"),
         ];
+        let mut garbled = header(b"app/x", b'0', 0, b"");
+        garbled[100..108].copy_from_slice(b"000\xff\x0044\0"); // the mode
+        seal(&mut garbled);
+        let error = check(&gzip(&end([header(b"app/", b'5', 0, b""), garbled].concat())), 64).unwrap_err();
+        assert!(error.contains("unreadable number"), "{error}");
         for (block, why) in refused {
             let error = check(&gzip(&end(block.to_vec())), 64).unwrap_err();
             assert!(error.contains(why), "{why}: {error}");

@@ -1245,4 +1245,137 @@ mod tests {
             assert!(safe_path(bad).is_err(), "{bad:?}");
         }
     }
+
+    /// A zip by the writer: `(name, content, method)` entries, with sizes after the data when `streamed`.
+    fn written(entries: &[(&str, &[u8], u16)], streamed: bool) -> Vec<u8> {
+        let (mut out, mut writer) = (Vec::new(), ZipWriter::new());
+        for &(name, content, method) in entries {
+            let raw = if method == DEFLATED {
+                let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+                encoder.write_all(content).unwrap();
+                encoder.finish().unwrap()
+            } else {
+                content.to_vec()
+            };
+            let sizes = Sizes {
+                crc: crc32fast::hash(content),
+                compressed: raw.len() as u64,
+                uncompressed: content.len() as u64,
+            };
+            let header = EntryHeader {
+                name: name.into(),
+                method,
+                flags: if streamed { SIZES_AFTER_DATA } else { 0 },
+                mod_time: 0,
+                mod_date: 33,
+                declared: (!streamed).then_some(sizes),
+                zip64: false,
+            };
+            out.extend_from_slice(&writer.start(&header));
+            out.extend_from_slice(&raw);
+            writer.data(raw.len());
+            out.extend_from_slice(&writer.end(sizes, MADE_ON_UNIX, file_attributes(0o644)));
+        }
+        out.extend_from_slice(&writer.finish());
+        out
+    }
+
+    /// Read `zip` in chunks of `chunk`: the directory, or why it was refused, and the work it took.
+    fn read(zip: &[u8], chunk: usize, reader: ZipReader) -> (Result<Vec<DirectoryEntry>, ZipError>, u64) {
+        let mut reader = reader;
+        for piece in zip.chunks(chunk) {
+            if let Err(error) = reader.push(BytesMut::from(piece)) {
+                return (Err(error), reader.work());
+            }
+        }
+        let work = reader.work();
+        (reader.finish(), work)
+    }
+
+    fn reason(result: (Result<Vec<DirectoryEntry>, ZipError>, u64)) -> String {
+        match result.0 {
+            Err(ZipError::Invalid(reason)) => reason,
+            other => panic!("not refused as invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn descriptor_signatures_cost_one_pass() {
+        // Every fourth byte starts a candidate end of the entry; none is followed by the right CRC and size.
+        let data = b"PK\x07\x08".repeat(256 << 10);
+        let zip = written(&[("app/sig", &data, STORED)], true);
+        for chunk in [13, 4096, 1 << 20] {
+            let (directory, work) = read(&zip, chunk, ZipReader::new(1 << 30, 0..u64::MAX));
+            assert_eq!(directory.unwrap().len(), 1);
+            assert!(work <= 5 * zip.len() as u64, "chunks of {chunk}: {work} for {} bytes", zip.len());
+        }
+        let (out, ends) = repack(&zip, 1 << 16).unwrap();
+        assert_eq!(ends[0].sizes.uncompressed, data.len() as u64);
+        assert_eq!(ends[0].sha1, Some(to_hex(&Sha1::digest(&data))));
+        assert!(python_list(&out).starts_with("app/sig:1048576:"));
+    }
+
+    #[test]
+    fn entries_and_names_are_limited() {
+        let names: Vec<String> = (0..11).map(|n| format!("app/e{n}")).collect();
+        let entries: Vec<(&str, &[u8], u16)> = names.iter().map(|n| (n.as_str(), &b""[..], STORED)).collect();
+        let ten = written(&entries[..10], false);
+        assert!(read(&ten, 64, ZipReader::new(1 << 20, 0..0).with_max_entries(10)).0.is_ok());
+        let eleven = written(&entries, false);
+        let refused = read(&eleven, 64, ZipReader::new(1 << 20, 0..0).with_max_entries(10));
+        assert_eq!(reason(refused), "more than 10 entries");
+
+        let twice = written(&[("app/a", b"1", STORED), ("app/a", b"2", STORED)], false);
+        assert_eq!(reason(read(&twice, 64, ZipReader::new(1 << 20, 0..0))), "app/a: a second entry of that name");
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        let zip = written(&[(&long, b"x", STORED)], false);
+        assert_eq!(
+            reason(read(&zip, 64, ZipReader::new(1 << 20, 0..0))),
+            "a name of 4097 bytes, over the 4096 allowed"
+        );
+        let mut latin1 = written(&[("app/caf?", b"x", STORED)], false);
+        let at = latin1.windows(8).position(|w| w == b"app/caf?").unwrap();
+        latin1[at + 7] = 0xe9;
+        assert!(reason(read(&latin1, 64, ZipReader::new(1 << 20, 0..0))).contains("a name that is not UTF-8"));
+    }
+
+    #[test]
+    fn the_directory_and_end_records_must_describe_the_entries() {
+        let zip = written(&[("app/a", b"hello", STORED), ("app/b", b"world", DEFLATED)], false);
+        let central = zip.windows(4).position(|w| w == CENTRAL_HEADER.to_le_bytes()).unwrap();
+        let end = zip.len() - 22;
+        let refused = |at: usize, value: &[u8]| {
+            let mut bad = zip.clone();
+            bad[at..at + value.len()].copy_from_slice(value);
+            reason(read(&bad, 64, ZipReader::new(1 << 20, 0..0)))
+        };
+        assert!(refused(central + 10, &DEFLATED.to_le_bytes()).contains("does not match the entry"), "method");
+        assert!(refused(central + 24, &6u32.to_le_bytes()).contains("does not match the entry"), "size");
+        assert!(refused(central + 8, &0x40u16.to_le_bytes()).contains("flags 0x0040"), "strong encryption");
+        assert!(refused(central + 6, &[64]).contains("needs zip version 6.4"), "version");
+        assert!(refused(end + 16, &(central as u32 + 1).to_le_bytes()).contains("elsewhere"), "directory offset");
+        assert!(refused(end + 12, &1u32.to_le_bytes()).contains("elsewhere"), "directory size");
+
+        let comment = b"PK\x05\x06 a second end record";
+        let mut commented = zip.clone();
+        commented[end + 20..].copy_from_slice(&(comment.len() as u16).to_le_bytes());
+        commented.extend_from_slice(comment);
+        assert_eq!(
+            reason(read(&commented, 64, ZipReader::new(1 << 20, 0..0))),
+            "an archive comment that holds an end record"
+        );
+    }
+
+    #[test]
+    fn many_small_bombs_are_one_bomb() {
+        // Each entry inflates to 1 MiB, under the ratio floor; together they do what one bomb would.
+        let zeros = vec![0u8; 1 << 20];
+        let names: Vec<String> = (0..50).map(|n| format!("app/z{n}")).collect();
+        let entries: Vec<(&str, &[u8], u16)> = names.iter().map(|n| (n.as_str(), &zeros[..], DEFLATED)).collect();
+        let zip = written(&entries, false);
+        let mut reader = ZipReader::new(1 << 30, 0..0);
+        let error = reader.push(BytesMut::from(&zip[..])).unwrap_err();
+        assert!(error.to_string().contains("like a zip bomb"), "{error}");
+        assert!(reader.inflated() <= 2 << 20, "stopped after {} bytes", reader.inflated());
+    }
 }

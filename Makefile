@@ -6,7 +6,7 @@ EXAMPLES_PORT ?= 8765
 
 IMAGE ?= ghcr.io/bitsmith-dev/bitsmith:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: build test crds bench run fetch lint image clean
+.PHONY: build test crds bench fuzz run fetch lint image clean
 
 build:
 	$(CARGO) build --release --locked
@@ -15,6 +15,14 @@ build:
 test:
 	scripts/with-test-env.sh $(CARGO) test --locked
 
+# The archive readers' fuzz test at length: FUZZ_ITERATIONS generated and mutated zips and tgzs each (`make
+# test` runs 2000), from FUZZ_SEED.
+FUZZ_ITERATIONS ?= 200000
+FUZZ_SEED ?= 1
+fuzz:
+	BITSMITH_FUZZ_ITERATIONS=$(FUZZ_ITERATIONS) BITSMITH_FUZZ_SEED=$(FUZZ_SEED) \
+		$(CARGO) test --locked --lib archive::fuzz
+
 # Regenerate the committed CRDs from the Rust types, for kubectl (crds/) and for the Helm chart.
 crds:
 	$(CARGO) run --quiet --locked -- crd --out-dir crds
@@ -22,7 +30,7 @@ crds:
 
 # Throughput, memory and latency, printed as tables: the pipeline, the controller, the API.
 bench:
-	scripts/with-test-env.sh $(CARGO) bench --locked --bench pipeline --bench controller --bench api
+	scripts/with-test-env.sh $(CARGO) bench --locked --bench pipeline --bench controller --bench api --bench archive
 
 # The operator against the current kubeconfig's cluster; without one, on a local control plane with the CRDs
 # and examples/ applied (scripts/run.sh).

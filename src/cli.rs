@@ -61,6 +61,9 @@ pub struct ApiArgs {
     /// Largest package: the sum of its files' uncompressed sizes.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub max_package_size: u64,
+    /// Most entries (files and directories) a package zip may have, added resources included.
+    #[arg(long, default_value_t = crate::archive::zip::DEFAULT_MAX_ENTRIES)]
+    pub max_zip_entries: usize,
     /// Directory where an upload-offloading proxy (nginx's upload module) spools request bodies; package
     /// uploads naming a `bits_path` are accepted only for files inside it.
     #[arg(long)]
@@ -354,6 +357,7 @@ async fn start_api(
     let mut config = crate::api::ApiConfig::new(args.urls().expect("an external URL: --listen is set"));
     config.max_upload_size = args.max_upload_size;
     config.max_package_size = args.max_package_size;
+    config.max_zip_entries = args.max_zip_entries;
     config.spool_dir = args.upload_spool_dir.clone();
     config.limits = crate::api::Limits {
         header_read_timeout: args.header_read_timeout,

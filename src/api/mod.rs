@@ -57,6 +57,8 @@ pub struct ApiConfig {
     /// The largest package, counted as the sum of its files' uncompressed sizes (Cloud Controller's default is
     /// 1 GiB).
     pub max_package_size: u64,
+    /// The most entries a package zip may have, added resources included.
+    pub max_zip_entries: usize,
     /// Where an upload-offloading proxy (nginx's upload module) leaves request bodies; uploads naming a
     /// `bits_path` are accepted only when set, and only for files inside it.
     pub spool_dir: Option<std::path::PathBuf>,
@@ -105,6 +107,7 @@ impl ApiConfig {
             auth_cache_ttl: Duration::from_secs(10),
             max_upload_size: 2048 << 20,
             max_package_size: 1 << 30,
+            max_zip_entries: crate::archive::zip::DEFAULT_MAX_ENTRIES,
             spool_dir: None,
             offload_client_ca: None,
             limits: Limits::default(),

@@ -230,7 +230,8 @@ impl Packing<'_> {
         match body {
             UploadBody::Form(mut form) => self.run_form(&mut form).await,
             UploadBody::Raw(body) => {
-                let mut repack = Repack::new(self.state.config.max_package_size, crate::cache::CACHED_SIZES);
+                let mut repack = Repack::new(self.state.config.max_package_size, crate::cache::CACHED_SIZES)
+                    .with_max_entries(self.state.config.max_zip_entries);
                 let chunks = upload::raw_stream(body, self.state.config.max_upload_size);
                 self.feed(&mut repack, &mut CacheWrite::default(), chunks).await?;
                 let writer = repack.finish().map_err(zip_failure)?;
@@ -241,7 +242,8 @@ impl Packing<'_> {
 
     async fn run_form(&mut self, form: &mut Multipart) -> Result<(), Failure> {
         let max = self.state.config.max_package_size;
-        let mut repack = Some(Repack::new(max, crate::cache::CACHED_SIZES));
+        let mut repack =
+            Some(Repack::new(max, crate::cache::CACHED_SIZES).with_max_entries(self.state.config.max_zip_entries));
         let (mut saw_bits, mut resources) = (false, None);
         let mut cache = CacheWrite::default();
         while let Some(field) =
@@ -358,6 +360,10 @@ impl Packing<'_> {
     /// caller may not use (not `usable`) is answered as one the cache does not hold.
     async fn add_resource(&mut self, writer: &mut ZipWriter, resource: &Resource, usable: bool) -> Result<(), Failure> {
         let path = resource.path.clone().unwrap_or_default();
+        let max_entries = self.state.config.max_zip_entries;
+        if writer.len() >= max_entries {
+            return Err(zip_failure(ZipError::Invalid(format!("more than {max_entries} entries"))));
+        }
         let cached =
             usable.then(|| self.state.cache.get(&resource.sha1, resource.size)).flatten().ok_or_else(|| {
                 Failure::request(CfError::UnprocessableEntity(format!(

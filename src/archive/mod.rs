@@ -2,3 +2,6 @@
 
 pub mod tgz;
 pub mod zip;
+
+#[cfg(test)]
+mod fuzz;

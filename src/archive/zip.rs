@@ -3,12 +3,22 @@
 //! [`ZipReader`] is a push parser: it takes the upload's bytes in any chunking and reports each entry's header,
 //! its raw (still compressed) bytes and, at its end, the sha1, CRC and sizes of its inflated content. Every entry
 //! is inflated on the way to check it, but never kept: the raw bytes are passed on as they are, so a repacked
-//! zip costs no recompression. The central directory at the end must agree with the entries read; symlinks
-//! are only known from it, so [`ZipWriter::finish`] leaves them out of the new zip's directory.
+//! zip costs no recompression. The central directory at the end must agree with the entries read (name, offset,
+//! method, CRC and sizes), and the end records with the directory, so that no other reader can find other
+//! entries or other content in the same bytes; symlinks are only known from it, so [`ZipWriter::finish`] leaves
+//! them out of the new zip's directory.
 //!
-//! Refused: names that escape the root (absolute, `..`, drive letters), encrypted entries, methods other than
-//! stored and deflate, a stored entry whose size comes only after its data, a total inflated size over the
-//! limit, and entries that inflate at an absurd ratio.
+//! Refused: names that escape the root (absolute, `..`, drive letters), names that are not UTF-8 or longer than
+//! [`MAX_NAME_LEN`], two entries of one name, more entries than the reader's limit, encrypted entries and other
+//! flags than the sizes-after-data, UTF-8 and deflate-level ones, methods other than stored and deflate, a total
+//! inflated size over the limit, and entries that inflate at an absurd ratio.
+//!
+//! Cost: every byte of the input is parsed, searched, hashed and inflated a bounded number of times, and the
+//! reader holds, beyond the chunk it was given and one record, only a name and a few numbers per entry. Its
+//! [`ZipReader::work`] counter makes that checkable.
+
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use crc32fast::Hasher as Crc;
@@ -29,14 +39,30 @@ const STORED: u16 = 0;
 const DEFLATED: u16 = 8;
 /// General purpose flag bits.
 const ENCRYPTED: u16 = 1;
+/// Deflate's compression level, informative only.
+const DEFLATE_LEVEL: u16 = 0b110;
 const SIZES_AFTER_DATA: u16 = 1 << 3;
 /// Names are UTF-8.
 const UTF8_NAMES: u16 = 1 << 11;
+/// Any other flag (patched data, strong encryption, masked headers, reserved bits) changes how the bytes must
+/// be read, and readers disagree on it.
+const KNOWN_FLAGS: u16 = ENCRYPTED | DEFLATE_LEVEL | SIZES_AFTER_DATA | UTF8_NAMES;
+/// The highest "version needed to extract" (zip 6.3) that common readers take.
+const MAX_VERSION_NEEDED: u8 = 63;
 
 /// An entry may inflate to at most this many times its compressed size once it is over a megabyte:
 /// ordinary files stay far below, the near-1000:1 streams of zip bombs do not.
 pub const MAX_RATIO: u64 = 200;
 const RATIO_FLOOR: u64 = 1 << 20;
+
+/// The default limit on entries in a zip (`--max-zip-entries`).
+pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
+/// The longest entry name, in bytes: Linux's `PATH_MAX`.
+pub const MAX_NAME_LEN: usize = 4096;
+/// The most bytes all names of a zip may take together; with the entry limit, it bounds what the reader keeps.
+pub const MAX_NAMES_LEN: usize = 32 << 20;
+/// The largest zip64 end record, and so the most the reader buffers for it.
+const MAX_END_RECORD: u64 = 1 << 20;
 
 /// Why a zip was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,7 +124,7 @@ pub enum Event {
 /// What the central directory says of an entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirectoryEntry {
-    pub name: String,
+    pub name: Arc<str>,
     pub version_made_by: u16,
     pub external_attributes: u32,
 }
@@ -121,13 +147,6 @@ enum State {
     End,
     Comment(usize),
     Done,
-}
-
-enum StoredEnd {
-    /// The data ends this many bytes into the buffer.
-    At(usize),
-    /// The data does not end before this many bytes.
-    Before(usize),
 }
 
 /// The entry being read.
@@ -195,9 +214,20 @@ impl Content {
 
 /// What the reader keeps of each entry to check the central directory against.
 struct Seen {
-    name: String,
+    name: Arc<str>,
     offset: u64,
-    crc: u32,
+    method: u16,
+    utf8: bool,
+    sizes: Sizes,
+}
+
+/// Where the central directory lies, and what a zip64 end record says of it.
+#[derive(Default)]
+struct Directory {
+    start: Option<u64>,
+    end: u64,
+    /// Offset, entry count, size and start offset of the directory, from the zip64 end record.
+    zip64: Option<[u64; 4]>,
 }
 
 /// Reads a zip pushed to it in chunks.
@@ -207,29 +237,57 @@ pub struct ZipReader {
     /// Bytes consumed so far: the offset of `buffer`'s start.
     offset: u64,
     max_inflated: u64,
+    max_entries: usize,
     inflated: u64,
     seen: Vec<Seen>,
+    /// The names of `seen`, to find a second entry of a name at once.
+    names: HashSet<Arc<str>>,
+    names_len: usize,
     directory: Vec<DirectoryEntry>,
+    located: Directory,
     scratch: Vec<u8>,
     /// Entries whose inflated size lies in this range are hashed with sha1; hashing the others would be wasted.
     hashed_sizes: std::ops::Range<u64>,
+    work: u64,
 }
 
 impl ZipReader {
     /// A reader that refuses more than `max_inflated` bytes of inflated content in all, and reports the sha1 of
-    /// entries whose inflated size lies in `hashed_sizes`.
+    /// entries whose inflated size lies in `hashed_sizes`. It takes at most [`DEFAULT_MAX_ENTRIES`] entries.
     pub fn new(max_inflated: u64, hashed_sizes: std::ops::Range<u64>) -> Self {
         ZipReader {
             state: State::Signature,
             buffer: BytesMut::new(),
             offset: 0,
             max_inflated,
+            max_entries: DEFAULT_MAX_ENTRIES,
             inflated: 0,
             seen: Vec::new(),
+            names: HashSet::new(),
+            names_len: 0,
             directory: Vec::new(),
+            located: Directory::default(),
             scratch: vec![0; 64 << 10],
             hashed_sizes,
+            work: 0,
         }
+    }
+
+    /// Refuse zips of more than `max` entries.
+    pub fn with_max_entries(mut self, max: usize) -> Self {
+        self.max_entries = max;
+        self
+    }
+
+    /// How much the reader has done so far, in bytes parsed, searched, hashed or inflated: at most a small
+    /// constant times the input and the inflated content, whatever the input.
+    pub fn work(&self) -> u64 {
+        self.work
+    }
+
+    /// Bytes of entry content inflated so far.
+    pub fn inflated(&self) -> u64 {
+        self.inflated
     }
 
     /// Take the next chunk; returns what it completed.
@@ -249,13 +307,20 @@ impl ZipReader {
     pub fn finish(self) -> Result<Vec<DirectoryEntry>, ZipError> {
         match self.state {
             State::Done => Ok(self.directory),
-            State::Comment(n) if self.buffer.len() == n => Ok(self.directory),
+            State::Comment(n) if self.buffer.len() == n => {
+                // Readers that look for the end record from the end of the file would find this one instead.
+                if self.buffer.windows(4).any(|w| w == END_OF_CENTRAL.to_le_bytes()) {
+                    return Err(invalid("an archive comment that holds an end record"));
+                }
+                Ok(self.directory)
+            }
             _ => Err(invalid("the archive ends early")),
         }
     }
 
     fn take(&mut self, n: usize) -> Bytes {
         self.offset += n as u64;
+        self.work += n as u64;
         self.buffer.split_to(n).freeze()
     }
 
@@ -275,8 +340,15 @@ impl ZipReader {
                     _ if self.offset == 0 => return Err(invalid("it does not start like a zip")),
                     _ => return Err(invalid(format!("unexpected data at offset {}", self.offset))),
                 };
-                if matches!(self.state, State::Local) && !self.directory.is_empty() {
-                    return Err(invalid("an entry after the central directory"));
+                match self.state {
+                    State::Local if self.located.start.is_some() => {
+                        return Err(invalid("an entry after the central directory"));
+                    }
+                    State::Central => {
+                        self.located.start.get_or_insert(self.offset);
+                    }
+                    State::Zip64End | State::End => self.located.end = self.offset,
+                    _ => {}
                 }
                 Ok(true)
             }
@@ -284,43 +356,9 @@ impl ZipReader {
             State::Data(entry) => self.data(entry, events),
             State::Descriptor(entry) => self.descriptor(entry, events),
             State::Central => self.central(),
-            State::Zip64End => {
-                self.sized_record(State::Zip64End, 56, |r| 12 + u64_at(r, 4) as usize, State::Zip64Locator)
-            }
-            State::Zip64Locator => {
-                if self.buffer.len() < 4 {
-                    self.state = State::Zip64Locator;
-                    return Ok(false);
-                }
-                if u32_at(&self.buffer, 0) != ZIP64_LOCATOR {
-                    return Err(invalid("a zip64 end record without its locator"));
-                }
-                self.sized_record(State::Zip64Locator, 20, |_| 20, State::End)
-            }
-            State::End => {
-                if self.buffer.len() < 22 {
-                    self.state = State::End;
-                    return Ok(false);
-                }
-                if u32_at(&self.buffer, 0) != END_OF_CENTRAL {
-                    return Err(invalid("no end of central directory"));
-                }
-                let comment = u16_at(&self.buffer, 20) as usize;
-                let recorded = u16_at(&self.buffer, 10) as usize;
-                if recorded != 0xffff && recorded != self.directory.len() % 0x10000 {
-                    return Err(invalid("the end record counts other entries than the directory holds"));
-                }
-                self.take(22);
-                if self.directory.len() != self.seen.len() {
-                    return Err(invalid(format!(
-                        "{} entries, but {} in the central directory",
-                        self.seen.len(),
-                        self.directory.len()
-                    )));
-                }
-                self.state = State::Comment(comment);
-                Ok(true)
-            }
+            State::Zip64End => self.zip64_end(),
+            State::Zip64Locator => self.zip64_locator(),
+            State::End => self.end(),
             State::Comment(n) => {
                 self.state = State::Comment(n);
                 if self.buffer.len() > n {
@@ -332,28 +370,79 @@ impl ZipReader {
         }
     }
 
-    /// A record of `min` bytes whose full length `len` tells, followed by `next`.
-    fn sized_record(
-        &mut self,
-        current: State,
-        min: usize,
-        len: impl Fn(&[u8]) -> usize,
-        next: State,
-    ) -> Result<bool, ZipError> {
-        if self.buffer.len() < min {
-            self.state = current;
+    /// Where the directory starts and how long it is: an empty one lies where the end records begin.
+    fn directory_span(&self) -> (u64, u64) {
+        let start = self.located.start.unwrap_or(self.located.end);
+        (start, self.located.end - start)
+    }
+
+    fn zip64_end(&mut self) -> Result<bool, ZipError> {
+        if self.buffer.len() < 56 {
+            self.state = State::Zip64End;
             return Ok(false);
         }
-        let n = len(&self.buffer);
-        if n > 1 << 20 {
-            return Err(invalid("an oversized end record"));
+        // Readers that find this record from the end of the file expect it at its fixed size, right before the
+        // locator; extensible data would move it.
+        let len = u64_at(&self.buffer, 4).checked_add(12).filter(|&n| n <= MAX_END_RECORD);
+        if len != Some(56) {
+            return Err(invalid("a zip64 end record with extensible data"));
         }
-        if self.buffer.len() < n {
-            self.state = current;
+        let record = [self.offset, u64_at(&self.buffer, 32), u64_at(&self.buffer, 40), u64_at(&self.buffer, 48)];
+        let (start, size) = self.directory_span();
+        if record[1..] != [self.directory.len() as u64, size, start] {
+            return Err(invalid("the zip64 end record does not describe the central directory"));
+        }
+        self.located.zip64 = Some(record);
+        self.take(56);
+        self.state = State::Zip64Locator;
+        Ok(true)
+    }
+
+    fn zip64_locator(&mut self) -> Result<bool, ZipError> {
+        if self.buffer.len() < 20 {
+            self.state = State::Zip64Locator;
             return Ok(false);
         }
-        self.take(n);
-        self.state = next;
+        if u32_at(&self.buffer, 0) != ZIP64_LOCATOR {
+            return Err(invalid("a zip64 end record without its locator"));
+        }
+        let record = self.located.zip64.map(|r| r[0]);
+        if u32_at(&self.buffer, 4) != 0 || u32_at(&self.buffer, 16) > 1 || Some(u64_at(&self.buffer, 8)) != record {
+            return Err(invalid("a zip64 locator that points elsewhere or to other disks"));
+        }
+        self.take(20);
+        self.state = State::End;
+        Ok(true)
+    }
+
+    fn end(&mut self) -> Result<bool, ZipError> {
+        if self.buffer.len() < 22 {
+            self.state = State::End;
+            return Ok(false);
+        }
+        if u32_at(&self.buffer, 0) != END_OF_CENTRAL {
+            return Err(invalid("no end of central directory"));
+        }
+        let comment = u16_at(&self.buffer, 20) as usize;
+        let recorded = u16_at(&self.buffer, 10) as usize;
+        if recorded != 0xffff && recorded != self.directory.len() % 0x10000 {
+            return Err(invalid("the end record counts other entries than the directory holds"));
+        }
+        // With a zip64 end record, readers take the directory's place from it; without, from this record.
+        let (start, size) = self.directory_span();
+        let stated = (u64::from(u32_at(&self.buffer, 16)), u64::from(u32_at(&self.buffer, 12)));
+        if self.located.zip64.is_none() && stated != (start, size) {
+            return Err(invalid("the end record places the central directory elsewhere"));
+        }
+        self.take(22);
+        if self.directory.len() != self.seen.len() {
+            return Err(invalid(format!(
+                "{} entries, but {} in the central directory",
+                self.seen.len(),
+                self.directory.len()
+            )));
+        }
+        self.state = State::Comment(comment);
         Ok(true)
     }
 
@@ -362,7 +451,13 @@ impl ZipReader {
             self.state = State::Local;
             return Ok(false);
         }
+        if self.seen.len() >= self.max_entries {
+            return Err(invalid(format!("more than {} entries", self.max_entries)));
+        }
         let (name_len, extra_len) = (u16_at(&self.buffer, 26) as usize, u16_at(&self.buffer, 28) as usize);
+        if name_len > MAX_NAME_LEN {
+            return Err(invalid(format!("a name of {name_len} bytes, over the {MAX_NAME_LEN} allowed")));
+        }
         if self.buffer.len() < 30 + name_len + extra_len {
             self.state = State::Local;
             return Ok(false);
@@ -372,11 +467,16 @@ impl ZipReader {
         let flags = u16_at(&raw, 6);
         let method = u16_at(&raw, 8);
         let name = entry_name(&raw[30..30 + name_len])?;
-        if flags & ENCRYPTED != 0 {
-            return Err(invalid(format!("{name}: encrypted entries are not supported")));
-        }
+        check_flags(&name, flags)?;
         if method != STORED && method != DEFLATED {
             return Err(invalid(format!("{name}: compression method {method} is not supported")));
+        }
+        if self.names.contains(name.as_str()) {
+            return Err(invalid(format!("{name}: a second entry of that name")));
+        }
+        self.names_len += name.len();
+        if self.names_len > MAX_NAMES_LEN {
+            return Err(invalid(format!("its names take more than {MAX_NAMES_LEN} bytes")));
         }
         let zip64 = find_extra(&raw[30 + name_len..], ZIP64_EXTRA);
         let (mut compressed, mut uncompressed) = (u64::from(u32_at(&raw, 18)), u64::from(u32_at(&raw, 22)));
@@ -414,64 +514,28 @@ impl ZipReader {
     }
 
     fn data(&mut self, mut entry: Entry, events: &mut Vec<Event>) -> Result<bool, ZipError> {
-        let mut available = entry.remaining.map_or(self.buffer.len(), |r| r.min(self.buffer.len() as u64) as usize);
-        let mut found_end = false;
-        if !entry.content.is_deflated() && entry.remaining.is_none() {
-            // A stored entry whose size follows its data ends where a descriptor with its CRC and size follows.
-            match self.stored_end(&entry) {
-                StoredEnd::At(n) => (available, found_end) = (n, true),
-                StoredEnd::Before(n) => available = n,
-            }
-        }
-        let name = &entry.header.name;
-        let (consumed, finished) = if !entry.content.is_deflated() {
-            entry
-                .content
-                .step(&self.buffer[..available], &mut self.scratch)
-                .map_err(|e| invalid(format!("{name}: {e}")))?;
-            self.inflated += available as u64;
-            (available, entry.remaining.map_or(found_end, |r| r == available as u64))
+        let (consumed, finished) = if entry.content.is_deflated() {
+            self.inflate(&mut entry)?
+        } else if let Some(remaining) = entry.remaining {
+            let n = remaining.min(self.buffer.len() as u64) as usize;
+            entry.content.step(&self.buffer[..n], &mut self.scratch).expect("stored content takes any bytes");
+            self.work += n as u64;
+            (n, n as u64 == remaining)
         } else {
-            let (mut consumed, mut ended) = (0, false);
-            loop {
-                let step = entry
-                    .content
-                    .step(&self.buffer[consumed..available], &mut self.scratch)
-                    .map_err(|e| invalid(format!("{name}: {e}")))?;
-                consumed += step.consumed;
-                self.inflated += step.produced as u64;
-                if self.inflated > self.max_inflated {
-                    return Err(ZipError::TooLarge { max: self.max_inflated });
-                }
-                if step.ended {
-                    ended = true;
-                    break;
-                }
-                // Nothing more to inflate from what has arrived.
-                if step.produced == 0 && (consumed == available || step.consumed == 0) {
-                    break;
-                }
-            }
-            if entry.remaining == Some(consumed as u64) && !ended {
-                return Err(invalid(format!("{name}: the compressed data ends early")));
-            }
-            if ended && entry.remaining.is_some_and(|r| r != consumed as u64) {
-                return Err(invalid(format!("{name}: the compressed data is shorter than stated")));
-            }
-            (consumed, ended)
+            let (n, found) = self.stored_end(&mut entry);
+            // The search has taken the CRC this far; the sha1 follows.
+            entry.content.sha1.iter_mut().for_each(|h| h.update(&self.buffer[..n]));
+            self.work += n as u64;
+            (n, found)
         };
-        if self.inflated > self.max_inflated {
-            return Err(ZipError::TooLarge { max: self.max_inflated });
+        if !entry.content.is_deflated() {
+            self.inflated += consumed as u64;
+            if self.inflated > self.max_inflated {
+                return Err(ZipError::TooLarge { max: self.max_inflated });
+            }
         }
         entry.compressed += consumed as u64;
         entry.remaining = entry.remaining.map(|r| r - consumed as u64);
-        let inflated_here = entry.content.size(entry.compressed);
-        if inflated_here > RATIO_FLOOR && inflated_here > entry.compressed.max(1) * MAX_RATIO {
-            return Err(invalid(format!(
-                "{}: it inflates more than {MAX_RATIO} times, like a zip bomb",
-                entry.header.name
-            )));
-        }
         if consumed > 0 {
             events.push(Event::Data(self.take(consumed)));
         }
@@ -487,28 +551,85 @@ impl ZipReader {
         Ok(true)
     }
 
-    /// Where the data of a stored entry of unknown size may end in the buffer: at a descriptor signature followed
-    /// by the CRC and size of exactly the bytes before it, or not before the returned length (the buffer's end
-    /// less what could be the start of a signature, or an unconfirmed signature's first byte).
-    fn stored_end(&self, entry: &Entry) -> StoredEnd {
+    /// Inflate what the buffer holds of a deflated entry: returns the raw bytes consumed and whether its deflate
+    /// stream ended. The limits are checked after every step, so a bomb stops within a step of crossing them.
+    fn inflate(&mut self, entry: &mut Entry) -> Result<(usize, bool), ZipError> {
+        let available = entry.remaining.map_or(self.buffer.len(), |r| r.min(self.buffer.len() as u64) as usize);
+        let (mut consumed, mut ended) = (0, false);
+        let name = &entry.header.name;
+        loop {
+            let step = entry
+                .content
+                .step(&self.buffer[consumed..available], &mut self.scratch)
+                .map_err(|e| invalid(format!("{name}: {e}")))?;
+            consumed += step.consumed;
+            self.inflated += step.produced as u64;
+            self.work += (step.consumed + step.produced) as u64;
+            if self.inflated > self.max_inflated {
+                return Err(ZipError::TooLarge { max: self.max_inflated });
+            }
+            let (inflated, compressed) = (entry.content.size(0), entry.compressed + consumed as u64);
+            if inflated > RATIO_FLOOR && inflated > compressed.max(1).saturating_mul(MAX_RATIO) {
+                return Err(invalid(format!("{name}: it inflates more than {MAX_RATIO} times, like a zip bomb")));
+            }
+            // Many entries each under the floor: the archive as a whole is held to the same ratio.
+            let read = self.offset + consumed as u64;
+            if self.inflated > RATIO_FLOOR && self.inflated > read.saturating_mul(MAX_RATIO) {
+                return Err(invalid(format!("it inflates more than {MAX_RATIO} times, like a zip bomb")));
+            }
+            if step.ended {
+                ended = true;
+                break;
+            }
+            // Nothing more to inflate from what has arrived.
+            if step.produced == 0 && (consumed == available || step.consumed == 0) {
+                break;
+            }
+        }
+        if entry.remaining == Some(consumed as u64) && !ended {
+            return Err(invalid(format!("{name}: the compressed data ends early")));
+        }
+        if ended && entry.remaining.is_some_and(|r| r != consumed as u64) {
+            return Err(invalid(format!("{name}: the compressed data is shorter than stated")));
+        }
+        Ok((consumed, ended))
+    }
+
+    /// How much of the buffer is data of a stored entry whose size follows its data, and whether the data ends
+    /// there. It ends at the first descriptor signature followed by the CRC and size of exactly the bytes
+    /// before it; otherwise it goes on at least to the buffer's end less what could be the start of a
+    /// signature, or to a signature whose descriptor has not fully arrived.
+    ///
+    /// Such entries are what Go's `archive/zip` and Python's `zipfile` write to a stream, so they are taken
+    /// rather than refused (as Java's `ZipInputStream` does). The entry's CRC advances with the search: at a
+    /// candidate signature it is already the CRC of the bytes before it, so every byte is hashed once however
+    /// many false signatures the data holds, and what the search passes is never searched again.
+    fn stored_end(&mut self, entry: &mut Entry) -> (usize, bool) {
         let size_len = if entry.header.zip64 { 8 } else { 4 };
         let signature = DESCRIPTOR.to_le_bytes();
-        let mut from = 0;
-        while let Some(i) = self.buffer[from..].windows(4).position(|w| w == signature).map(|i| i + from) {
-            if self.buffer.len() < i + 8 + size_len {
-                return StoredEnd::Before(i);
+        let buffer = &self.buffer[..];
+        let crc = &mut entry.content.crc;
+        let (mut hashed, mut from) = (0, 0);
+        let end = loop {
+            let Some(i) = buffer[from..].windows(4).position(|w| w == signature).map(|i| i + from) else {
+                self.work += buffer.len().saturating_sub(from) as u64;
+                break (buffer.len().saturating_sub(3).max(from), false);
+            };
+            self.work += (i + 4 - from) as u64;
+            crc.update(&buffer[hashed..i]);
+            hashed = i;
+            if buffer.len() < i + 8 + size_len {
+                break (i, false);
             }
-            let mut crc = entry.content.crc.clone();
-            crc.update(&self.buffer[..i]);
             let size = entry.compressed + i as u64;
-            let stated =
-                if size_len == 8 { u64_at(&self.buffer, i + 8) } else { u64::from(u32_at(&self.buffer, i + 8)) };
-            if u32_at(&self.buffer, i + 4) == crc.clone().finalize() && stated == size {
-                return StoredEnd::At(i);
+            let stated = if size_len == 8 { u64_at(buffer, i + 8) } else { u64::from(u32_at(buffer, i + 8)) };
+            if u32_at(buffer, i + 4) == crc.clone().finalize() && stated == size {
+                break (i, true);
             }
             from = i + 1;
-        }
-        StoredEnd::Before(self.buffer.len().saturating_sub(3).max(from.min(self.buffer.len())))
+        };
+        crc.update(&buffer[hashed..end.0]);
+        end
     }
 
     fn descriptor(&mut self, entry: Entry, events: &mut Vec<Event>) -> Result<bool, ZipError> {
@@ -541,7 +662,15 @@ impl ZipReader {
         if stated != sizes {
             return Err(invalid(format!("{}: its CRC or sizes do not match its content", entry.header.name)));
         }
-        self.seen.push(Seen { name: entry.header.name.clone(), offset: entry.offset, crc: sizes.crc });
+        let name: Arc<str> = entry.header.name.as_str().into();
+        self.names.insert(name.clone());
+        self.seen.push(Seen {
+            name,
+            offset: entry.offset,
+            method: entry.header.method,
+            utf8: entry.header.flags & UTF8_NAMES != 0,
+            sizes,
+        });
         let sha1 =
             entry.content.sha1.filter(|_| self.hashed_sizes.contains(&uncompressed)).map(|h| to_hex(&h.finalize()));
         events.push(Event::End(EntryEnd { sizes, sha1 }));
@@ -555,32 +684,54 @@ impl ZipReader {
             return Ok(false);
         }
         let lens = [28, 30, 32].map(|i| u16_at(&self.buffer, i) as usize);
+        let index = self.directory.len();
+        let local = self.seen.get(index).ok_or_else(|| invalid("more entries in the directory than the archive"))?;
+        if lens[0] != local.name.len() {
+            return Err(invalid(format!("{}: the central directory names another entry", local.name)));
+        }
         let total = 46 + lens.iter().sum::<usize>();
         if self.buffer.len() < total {
             self.state = State::Central;
             return Ok(false);
         }
         let raw = self.take(total);
-        let name = entry_name(&raw[46..46 + lens[0]])?;
-        let mut offset = u64::from(u32_at(&raw, 42));
-        if offset == 0xffff_ffff {
-            // The zip64 field holds, in order, only the values that are saturated here.
-            let extra = find_extra(&raw[46 + lens[0]..46 + lens[0] + lens[1]], ZIP64_EXTRA)
-                .ok_or_else(|| invalid(format!("{name}: no zip64 field for its offset")))?;
-            let skip = [24, 20].iter().filter(|&&i| u32_at(&raw, i) == 0xffff_ffff).count() * 8;
-            if extra.len() < skip + 8 {
-                return Err(invalid(format!("{name}: a short zip64 field")));
-            }
-            offset = u64_at(extra, skip);
+        let local = &self.seen[index];
+        let name = &local.name;
+        if raw[46..46 + lens[0]] != *name.as_bytes() {
+            return Err(invalid(format!("{name}: the central directory names another entry")));
         }
-        let index = self.directory.len();
-        let local =
-            self.seen.get(index).ok_or_else(|| invalid(format!("{name}: in the directory but not the archive")))?;
-        if local.name != name || local.offset != offset || local.crc != u32_at(&raw, 16) {
+        let flags = u16_at(&raw, 8);
+        check_flags(name, flags)?;
+        if !name.is_ascii() && (flags & UTF8_NAMES != 0) != local.utf8 {
+            return Err(invalid(format!("{name}: its name's encoding differs in the central directory")));
+        }
+        if raw[6] > MAX_VERSION_NEEDED {
+            return Err(invalid(format!("{name}: it needs zip version {}.{}", raw[6] / 10, raw[6] % 10)));
+        }
+        // The zip64 field holds, in order, only the values that are saturated here.
+        let mut zip64 = zip64_field(name, &raw[46 + lens[0]..46 + lens[0] + lens[1]])?;
+        let mut wide = |narrow: u32| -> Result<u64, ZipError> {
+            match &mut zip64 {
+                Some(values) if narrow == 0xffff_ffff => {
+                    let all = *values;
+                    let (value, rest) = all.split_first_chunk::<8>().ok_or_else(|| {
+                        invalid(format!("{name}: a zip64 field without the values its directory entry saturates"))
+                    })?;
+                    *values = rest;
+                    Ok(u64::from_le_bytes(*value))
+                }
+                _ => Ok(u64::from(narrow)),
+            }
+        };
+        let uncompressed = wide(u32_at(&raw, 24))?;
+        let compressed = wide(u32_at(&raw, 20))?;
+        let offset = wide(u32_at(&raw, 42))?;
+        let sizes = Sizes { crc: u32_at(&raw, 16), compressed, uncompressed };
+        if (local.offset, local.method, local.sizes) != (offset, u16_at(&raw, 10), sizes) {
             return Err(invalid(format!("{name}: the central directory does not match the entry")));
         }
         self.directory.push(DirectoryEntry {
-            name,
+            name: name.clone(),
             version_made_by: u16_at(&raw, 4),
             external_attributes: u32_at(&raw, 38),
         });
@@ -589,17 +740,46 @@ impl ZipReader {
     }
 }
 
-/// An entry name that stays inside the root: relative, without `..`, drive letters or NUL.
+/// Encrypted entries cannot be checked; unknown flags change how the data must be read.
+fn check_flags(name: &str, flags: u16) -> Result<(), ZipError> {
+    if flags & ENCRYPTED != 0 {
+        return Err(invalid(format!("{name}: encrypted entries are not supported")));
+    }
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(invalid(format!("{name}: general purpose flags {flags:#06x} are not supported")));
+    }
+    Ok(())
+}
+
+/// The zip64 field of a central directory entry's extra data, whose fields must each fit in it.
+fn zip64_field<'a>(name: &str, mut extra: &'a [u8]) -> Result<Option<&'a [u8]>, ZipError> {
+    let mut found = None;
+    while extra.len() >= 4 {
+        let (field, len) = (u16_at(extra, 0), u16_at(extra, 2) as usize);
+        let data = extra.get(4..4 + len).ok_or_else(|| invalid(format!("{name}: a malformed extra field")))?;
+        if field == ZIP64_EXTRA && found.is_none() {
+            found = Some(data);
+        }
+        extra = &extra[4 + len..];
+    }
+    Ok(found)
+}
+
+/// An entry name that stays inside the root: UTF-8, relative, without `..`, drive letters or NUL.
 pub fn entry_name(raw: &[u8]) -> Result<String, ZipError> {
-    let name = String::from_utf8_lossy(raw).into_owned();
-    safe_path(&name).map_err(|reason| invalid(format!("{name:?}: {reason}")))?;
-    Ok(name)
+    let name = std::str::from_utf8(raw)
+        .map_err(|_| invalid(format!("{:?}: a name that is not UTF-8", String::from_utf8_lossy(raw))))?;
+    safe_path(name).map_err(|reason| invalid(format!("{name:?}: {reason}")))?;
+    Ok(name.to_string())
 }
 
 /// Whether `path` names a place inside the package's root.
 pub fn safe_path(path: &str) -> Result<(), &'static str> {
     if path.is_empty() || path.contains('\0') {
         return Err("an empty or binary name");
+    }
+    if path.len() > MAX_NAME_LEN {
+        return Err("a name longer than 4096 bytes");
     }
     let normal = path.replace('\\', "/");
     if normal.starts_with('/') || normal.as_bytes().get(1) == Some(&b':') {
@@ -639,7 +819,7 @@ fn find_extra(mut extra: &[u8], id: u16) -> Option<&[u8]> {
 /// An entry of the zip being written.
 #[derive(Clone, Debug)]
 pub struct WrittenEntry {
-    pub name: String,
+    pub name: Arc<str>,
     pub method: u16,
     pub flags: u16,
     pub mod_time: u16,
@@ -648,6 +828,8 @@ pub struct WrittenEntry {
     pub offset: u64,
     pub version_made_by: u16,
     pub external_attributes: u32,
+    /// Written but left out of the directory.
+    pub excluded: bool,
 }
 
 /// Writes a zip as a sequence of byte blocks: entries one after another, then the central directory.
@@ -655,9 +837,9 @@ pub struct WrittenEntry {
 pub struct ZipWriter {
     offset: u64,
     entries: Vec<WrittenEntry>,
+    /// Where each name is in `entries`, so that finding one costs the same however many there are.
+    index: std::collections::HashMap<Arc<str>, usize>,
     open: Option<(EntryHeader, u64)>,
-    /// Entries written but left out of the directory.
-    excluded: std::collections::HashSet<String>,
 }
 
 /// Unix, zip 3.0.
@@ -723,8 +905,10 @@ impl ZipWriter {
         }
         self.offset += out.len() as u64;
         let flags = (header.flags & SIZES_AFTER_DATA) | if header.name.is_ascii() { 0 } else { UTF8_NAMES };
+        let name: Arc<str> = header.name.into();
+        self.index.insert(name.clone(), self.entries.len());
         self.entries.push(WrittenEntry {
-            name: header.name,
+            name,
             method: header.method,
             flags,
             mod_time: header.mod_time,
@@ -733,18 +917,37 @@ impl ZipWriter {
             offset,
             version_made_by,
             external_attributes,
+            excluded: false,
         });
         out.freeze()
     }
 
     /// The names written so far.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().map(|e| e.name.as_str())
+        self.entries.iter().map(|e| &*e.name)
+    }
+
+    /// Whether an entry named `name` was written.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// How many entries were written.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn entry_mut(&mut self, name: &str) -> Option<&mut WrittenEntry> {
+        self.index.get(name).map(|&i| &mut self.entries[i])
     }
 
     /// Set the directory attributes of the entry named `name` (known only from the input's central directory).
     pub fn set_attributes(&mut self, name: &str, version_made_by: u16, external_attributes: u32) {
-        if let Some(entry) = self.entries.iter_mut().find(|e| e.name == name) {
+        if let Some(entry) = self.entry_mut(name) {
             entry.version_made_by = version_made_by;
             entry.external_attributes = external_attributes;
         }
@@ -752,7 +955,9 @@ impl ZipWriter {
 
     /// Leave the entry `name` out of the directory: its bytes stay where they are, but no reader finds it.
     pub fn exclude(&mut self, name: &str) {
-        self.excluded.insert(name.to_string());
+        if let Some(entry) = self.entry_mut(name) {
+            entry.excluded = true;
+        }
     }
 
     /// The central directory and the end records.
@@ -760,7 +965,7 @@ impl ZipWriter {
         let mut out = BytesMut::new();
         let start = self.offset;
         let mut count = 0u64;
-        for e in self.entries.iter().filter(|e| !self.excluded.contains(&e.name)) {
+        for e in self.entries.iter().filter(|e| !e.excluded) {
             count += 1;
             let mut zip64 = BytesMut::new();
             for value in [e.sizes.uncompressed, e.sizes.compressed, e.offset] {
@@ -869,6 +1074,22 @@ pub struct Repack {
 impl Repack {
     pub fn new(max_inflated: u64, hashed_sizes: std::ops::Range<u64>) -> Self {
         Repack { reader: ZipReader::new(max_inflated, hashed_sizes), writer: ZipWriter::new() }
+    }
+
+    /// Refuse zips of more than `max` entries.
+    pub fn with_max_entries(mut self, max: usize) -> Self {
+        self.reader = self.reader.with_max_entries(max);
+        self
+    }
+
+    /// The reader's work so far (see [`ZipReader::work`]).
+    pub fn work(&self) -> u64 {
+        self.reader.work()
+    }
+
+    /// Bytes of entry content inflated so far.
+    pub fn inflated(&self) -> u64 {
+        self.reader.inflated()
     }
 
     /// Take the next chunk of the upload; returns the new zip's next bytes and what the reader saw.
@@ -1023,5 +1244,138 @@ mod tests {
         for bad in ["", "/abs", "..", "a/../../b", "a\\..\\b", "D:x", "a\0b"] {
             assert!(safe_path(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// A zip by the writer: `(name, content, method)` entries, with sizes after the data when `streamed`.
+    fn written(entries: &[(&str, &[u8], u16)], streamed: bool) -> Vec<u8> {
+        let (mut out, mut writer) = (Vec::new(), ZipWriter::new());
+        for &(name, content, method) in entries {
+            let raw = if method == DEFLATED {
+                let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+                encoder.write_all(content).unwrap();
+                encoder.finish().unwrap()
+            } else {
+                content.to_vec()
+            };
+            let sizes = Sizes {
+                crc: crc32fast::hash(content),
+                compressed: raw.len() as u64,
+                uncompressed: content.len() as u64,
+            };
+            let header = EntryHeader {
+                name: name.into(),
+                method,
+                flags: if streamed { SIZES_AFTER_DATA } else { 0 },
+                mod_time: 0,
+                mod_date: 33,
+                declared: (!streamed).then_some(sizes),
+                zip64: false,
+            };
+            out.extend_from_slice(&writer.start(&header));
+            out.extend_from_slice(&raw);
+            writer.data(raw.len());
+            out.extend_from_slice(&writer.end(sizes, MADE_ON_UNIX, file_attributes(0o644)));
+        }
+        out.extend_from_slice(&writer.finish());
+        out
+    }
+
+    /// Read `zip` in chunks of `chunk`: the directory, or why it was refused, and the work it took.
+    fn read(zip: &[u8], chunk: usize, reader: ZipReader) -> (Result<Vec<DirectoryEntry>, ZipError>, u64) {
+        let mut reader = reader;
+        for piece in zip.chunks(chunk) {
+            if let Err(error) = reader.push(BytesMut::from(piece)) {
+                return (Err(error), reader.work());
+            }
+        }
+        let work = reader.work();
+        (reader.finish(), work)
+    }
+
+    fn reason(result: (Result<Vec<DirectoryEntry>, ZipError>, u64)) -> String {
+        match result.0 {
+            Err(ZipError::Invalid(reason)) => reason,
+            other => panic!("not refused as invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn descriptor_signatures_cost_one_pass() {
+        // Every fourth byte starts a candidate end of the entry; none is followed by the right CRC and size.
+        let data = b"PK\x07\x08".repeat(256 << 10);
+        let zip = written(&[("app/sig", &data, STORED)], true);
+        for chunk in [13, 4096, 1 << 20] {
+            let (directory, work) = read(&zip, chunk, ZipReader::new(1 << 30, 0..u64::MAX));
+            assert_eq!(directory.unwrap().len(), 1);
+            assert!(work <= 5 * zip.len() as u64, "chunks of {chunk}: {work} for {} bytes", zip.len());
+        }
+        let (out, ends) = repack(&zip, 1 << 16).unwrap();
+        assert_eq!(ends[0].sizes.uncompressed, data.len() as u64);
+        assert_eq!(ends[0].sha1, Some(to_hex(&Sha1::digest(&data))));
+        assert!(python_list(&out).starts_with("app/sig:1048576:"));
+    }
+
+    #[test]
+    fn entries_and_names_are_limited() {
+        let names: Vec<String> = (0..11).map(|n| format!("app/e{n}")).collect();
+        let entries: Vec<(&str, &[u8], u16)> = names.iter().map(|n| (n.as_str(), &b""[..], STORED)).collect();
+        let ten = written(&entries[..10], false);
+        assert!(read(&ten, 64, ZipReader::new(1 << 20, 0..0).with_max_entries(10)).0.is_ok());
+        let eleven = written(&entries, false);
+        let refused = read(&eleven, 64, ZipReader::new(1 << 20, 0..0).with_max_entries(10));
+        assert_eq!(reason(refused), "more than 10 entries");
+
+        let twice = written(&[("app/a", b"1", STORED), ("app/a", b"2", STORED)], false);
+        assert_eq!(reason(read(&twice, 64, ZipReader::new(1 << 20, 0..0))), "app/a: a second entry of that name");
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        let zip = written(&[(&long, b"x", STORED)], false);
+        assert_eq!(
+            reason(read(&zip, 64, ZipReader::new(1 << 20, 0..0))),
+            "a name of 4097 bytes, over the 4096 allowed"
+        );
+        let mut latin1 = written(&[("app/caf?", b"x", STORED)], false);
+        let at = latin1.windows(8).position(|w| w == b"app/caf?").unwrap();
+        latin1[at + 7] = 0xe9;
+        assert!(reason(read(&latin1, 64, ZipReader::new(1 << 20, 0..0))).contains("a name that is not UTF-8"));
+    }
+
+    #[test]
+    fn the_directory_and_end_records_must_describe_the_entries() {
+        let zip = written(&[("app/a", b"hello", STORED), ("app/b", b"world", DEFLATED)], false);
+        let central = zip.windows(4).position(|w| w == CENTRAL_HEADER.to_le_bytes()).unwrap();
+        let end = zip.len() - 22;
+        let refused = |at: usize, value: &[u8]| {
+            let mut bad = zip.clone();
+            bad[at..at + value.len()].copy_from_slice(value);
+            reason(read(&bad, 64, ZipReader::new(1 << 20, 0..0)))
+        };
+        assert!(refused(central + 10, &DEFLATED.to_le_bytes()).contains("does not match the entry"), "method");
+        assert!(refused(central + 24, &6u32.to_le_bytes()).contains("does not match the entry"), "size");
+        assert!(refused(central + 8, &0x40u16.to_le_bytes()).contains("flags 0x0040"), "strong encryption");
+        assert!(refused(central + 6, &[64]).contains("needs zip version 6.4"), "version");
+        assert!(refused(end + 16, &(central as u32 + 1).to_le_bytes()).contains("elsewhere"), "directory offset");
+        assert!(refused(end + 12, &1u32.to_le_bytes()).contains("elsewhere"), "directory size");
+
+        let comment = b"PK\x05\x06 a second end record";
+        let mut commented = zip.clone();
+        commented[end + 20..].copy_from_slice(&(comment.len() as u16).to_le_bytes());
+        commented.extend_from_slice(comment);
+        assert_eq!(
+            reason(read(&commented, 64, ZipReader::new(1 << 20, 0..0))),
+            "an archive comment that holds an end record"
+        );
+    }
+
+    #[test]
+    fn many_small_bombs_are_one_bomb() {
+        // Each entry inflates to 1 MiB, under the ratio floor; together they do what one bomb would.
+        let zeros = vec![0u8; 1 << 20];
+        let names: Vec<String> = (0..50).map(|n| format!("app/z{n}")).collect();
+        let entries: Vec<(&str, &[u8], u16)> = names.iter().map(|n| (n.as_str(), &zeros[..], DEFLATED)).collect();
+        let zip = written(&entries, false);
+        let mut reader = ZipReader::new(1 << 30, 0..0);
+        let error = reader.push(BytesMut::from(&zip[..])).unwrap_err();
+        assert!(error.to_string().contains("like a zip bomb"), "{error}");
+        assert!(reader.inflated() <= 2 << 20, "stopped after {} bytes", reader.inflated());
     }
 }

@@ -3,6 +3,7 @@
 //! cached files, and Secret values that must never leave. Real sockets, loopback addresses only.
 
 mod api_limits;
+mod archive;
 mod cache;
 mod front_proxy;
 mod sources;

@@ -680,60 +680,11 @@ fn serving_certificate(
     dir: &std::path::Path,
     names: &[&str],
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let [ca_key, ca, key, csr, cert, ext] =
-        ["ca.key", "ca.crt", "tls.key", "tls.csr", "tls.crt", "ext.cnf"].map(|f| dir.join(f));
     let sans: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).chain(["IP:127.0.0.1".to_string()]).collect();
-    std::fs::write(&ext, format!("subjectAltName={}\nextendedKeyUsage=serverAuth\n", sans.join(","))).unwrap();
-    let openssl = |args: &[&std::ffi::OsStr]| {
-        let ok = std::process::Command::new("openssl").args(args).stderr(std::process::Stdio::null()).status().unwrap();
-        assert!(ok.success(), "openssl {args:?}");
-    };
-    let s = |v: &str| std::ffi::OsString::from(v);
-    openssl(&[
-        &s("req"),
-        &s("-x509"),
-        &s("-newkey"),
-        &s("rsa:2048"),
-        &s("-nodes"),
-        &s("-days"),
-        &s("1"),
-        &s("-subj"),
-        &s("/CN=bitsmith test serving CA"),
-        &s("-keyout"),
-        ca_key.as_os_str(),
-        &s("-out"),
-        ca.as_os_str(),
-    ]);
-    openssl(&[
-        &s("req"),
-        &s("-newkey"),
-        &s("rsa:2048"),
-        &s("-nodes"),
-        &s("-subj"),
-        &s("/CN=bitsmith-api"),
-        &s("-keyout"),
-        key.as_os_str(),
-        &s("-out"),
-        csr.as_os_str(),
-    ]);
-    openssl(&[
-        &s("x509"),
-        &s("-req"),
-        &s("-in"),
-        csr.as_os_str(),
-        &s("-CA"),
-        ca.as_os_str(),
-        &s("-CAkey"),
-        ca_key.as_os_str(),
-        &s("-CAcreateserial"),
-        &s("-days"),
-        &s("1"),
-        &s("-extfile"),
-        ext.as_os_str(),
-        &s("-out"),
-        cert.as_os_str(),
-    ]);
-    (ca, cert, key)
+    let extensions = format!("subjectAltName={}\nextendedKeyUsage=serverAuth\n", sans.join(","));
+    let ca = crate::support::pki::ca(dir, "ca", "bitsmith test serving CA");
+    let served = crate::support::pki::issue(dir, &ca, "tls", "bitsmith-api", &extensions);
+    (ca.cert, served.cert, served.key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::api::{cf_error, python_zip, sha1_hex, zip_contents};
 use crate::support::files_under;
-use crate::support::kube::{install_crds, kube_ok, namespace, service_account_with_role, wait_for};
+use crate::support::kube::{awaiting_packages, install_crds, kube_ok, namespace, service_account_with_role, wait_for};
 
 /// A generous bound for "was cut off at all": many times the timeouts the tests set.
 const CUT_OFF_WITHIN: Duration = Duration::from_secs(20);
@@ -83,17 +83,6 @@ impl ApiProcess {
     pub fn uid(&self, object: &str) -> String {
         kube_ok(&["get", object, "-n", &self.ns, "-o", "jsonpath={.metadata.uid}"], None)
     }
-}
-
-/// Bits Packages without a source: they await an upload.
-fn awaiting_packages(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| {
-            format!("apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {n}\nspec:\n  type: bits\n")
-        })
-        .collect::<Vec<_>>()
-        .join("---\n")
 }
 
 fn args(list: &[&str]) -> Vec<OsString> {

@@ -15,7 +15,7 @@ use crate::api::{cf_error, python_zip, sha1_hex, zip_contents};
 use crate::support::data::bytes;
 use crate::support::files_under;
 use crate::support::kube::{
-    install_crds, kube_ok, kubeconfig, namespace, service_account_token, service_account_with_role,
+    awaiting_packages, install_crds, kube_ok, kubeconfig, namespace, service_account_token, service_account_with_role,
 };
 
 /// A `bitsmith api` process serving every namespace over the `file://` store in `store`; killed on drop.
@@ -145,16 +145,6 @@ fn rand_seed() -> u64 {
     u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap())
 }
 
-fn packages(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| {
-            format!("apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {n}\nspec:\n  type: bits\n")
-        })
-        .collect::<Vec<_>>()
-        .join("---\n")
-}
-
 /// The keys of the store under `prefix`.
 fn stored(store: &Path, prefix: &str) -> Vec<String> {
     files_under(store).into_iter().map(|f| f.display().to_string()).filter(|f| f.starts_with(prefix)).collect()
@@ -175,8 +165,8 @@ async fn cached_files_are_offered_only_to_namespaces_whose_uploads_held_them() {
         // Dave may read team-a's Packages but not download their bits.
         let rules = "- apiGroups: [bitsmith.dev]\n  resources: [packages]\n  verbs: [get, list]\n";
         let dave = service_account_token(&team_a, "dave", Some(rules));
-        kube_ok(&["apply", "-n", &team_a, "-f", "-"], Some(&packages(&["app"])));
-        kube_ok(&["apply", "-n", &team_b, "-f", "-"], Some(&packages(&["steal", "shared", "later"])));
+        kube_ok(&["apply", "-n", &team_a, "-f", "-"], Some(&awaiting_packages(&["app"])));
+        kube_ok(&["apply", "-n", &team_b, "-f", "-"], Some(&awaiting_packages(&["steal", "shared", "later"])));
         (alice, bob, carol, dave)
     });
     let dir = tempfile::tempdir().unwrap();

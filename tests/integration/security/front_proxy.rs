@@ -11,21 +11,12 @@ use serde_json::Value;
 use super::api_limits::ApiProcess;
 use crate::support::kube::{install_crds, install_user_roles, kubectl_ok, namespace, service_account_with_role};
 
-/// A certificate and its key, as PEM files.
-pub(super) struct Pem {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+pub(super) use crate::support::pki::Pem;
 
 /// Client certificates made with openssl for one test, and the API's serving certificate.
 pub(super) struct ClientCerts {
     dir: tempfile::TempDir,
     serving: Vec<u8>,
-}
-
-fn openssl(args: &[&std::ffi::OsStr]) {
-    let out = std::process::Command::new("openssl").args(args).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl ClientCerts {
@@ -49,25 +40,7 @@ impl ClientCerts {
 
     /// A new self-signed CA with the common name `cn`.
     pub fn ca(&self, name: &str, cn: &str) -> Pem {
-        let pem =
-            Pem { cert: self.dir.path().join(format!("{name}.crt")), key: self.dir.path().join(format!("{name}.key")) };
-        let s = |v: &str| OsString::from(v);
-        openssl(&[
-            &s("req"),
-            &s("-x509"),
-            &s("-newkey"),
-            &s("rsa:2048"),
-            &s("-nodes"),
-            &s("-days"),
-            &s("1"),
-            &s("-subj"),
-            &s(&format!("/CN={cn}")),
-            &s("-keyout"),
-            pem.key.as_os_str(),
-            &s("-out"),
-            pem.cert.as_os_str(),
-        ]);
-        pem
+        crate::support::pki::ca(self.dir.path(), name, cn)
     }
 
     /// A client that trusts the API's certificate and presents `identity`, if any.
@@ -85,49 +58,10 @@ impl ClientCerts {
 
 /// A client certificate for `cn` from `ca`, fit for client authentication as the front proxy's is.
 pub(super) fn issue(certs: &ClientCerts, ca: &Pem, cn: &str) -> Pem {
-    let dir = certs.dir.path();
     let stem = format!("{}-{cn}", ca.cert.file_stem().unwrap().to_string_lossy());
-    let pem = Pem { cert: dir.join(format!("{stem}.crt")), key: dir.join(format!("{stem}.key")) };
-    let (csr, ext, serial) = (dir.join(format!("{stem}.csr")), dir.join("client.cnf"), dir.join(format!("{stem}.srl")));
-    std::fs::write(
-        &ext,
-        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    let s = |v: &str| OsString::from(v);
-    let subject = s(&format!("/CN={cn}"));
-    openssl(&[
-        &s("req"),
-        &s("-newkey"),
-        &s("rsa:2048"),
-        &s("-nodes"),
-        &s("-subj"),
-        &subject,
-        &s("-keyout"),
-        pem.key.as_os_str(),
-        &s("-out"),
-        csr.as_os_str(),
-    ]);
-    openssl(&[
-        &s("x509"),
-        &s("-req"),
-        &s("-in"),
-        csr.as_os_str(),
-        &s("-CA"),
-        ca.cert.as_os_str(),
-        &s("-CAkey"),
-        ca.key.as_os_str(),
-        &s("-CAserial"),
-        serial.as_os_str(),
-        &s("-CAcreateserial"),
-        &s("-days"),
-        &s("1"),
-        &s("-extfile"),
-        ext.as_os_str(),
-        &s("-out"),
-        pem.cert.as_os_str(),
-    ]);
-    pem
+    let extensions =
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
+    crate::support::pki::issue(certs.dir.path(), ca, &stem, cn, extensions)
 }
 
 /// The test control plane's certificates (`scripts/apiserver.sh`), beside its kubeconfig.

@@ -167,3 +167,14 @@ impl Drop for OwnControlPlane {
             .status();
     }
 }
+
+/// Manifests of bits Packages without a source, named `names`: they await an upload.
+pub fn awaiting_packages(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| {
+            format!("apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {n}\nspec:\n  type: bits\n")
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}

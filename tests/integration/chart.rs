@@ -153,6 +153,7 @@ fn values_schema_rejects_bad_values_with_the_path_at_fault() {
         (json!({"store": {"url": "/var/lib/bits"}}), "/store/url"),
         (json!({"controller": {"maxSize": "1 gigabyte"}}), "/controller/maxSize"),
         (json!({"controller": {"sources": {"denyCIDRs": ["10.0.0.0"]}}}), "/controller/sources/denyCIDRs/0"),
+        (json!({"api": {"resourceCacheScope": "global"}}), "/api/resourceCacheScope"),
         (json!({"tls": {"source": "self-signed"}}), "/tls/source"),
         (json!({"tls": {"source": "secret"}}), "/tls/existingSecret"),
         (json!({"tls": {"source": "secret", "existingSecret": "bits-tls"}}), "/tls/caBundle"),
@@ -172,6 +173,12 @@ fn values_schema_rejects_bad_values_with_the_path_at_fault() {
     // An install refuses them too, before anything is rendered.
     let out = helm(&["render", CHART, "--values", r#"{"replicaCount": -1}"#], None);
     assert!(!out.status.success());
+    // An egress policy that could shut the API server out, because the denied ranges may cover it, must name it.
+    let unknown_api_server = json!({"networkPolicy": {"egress": {"enabled": true}},
+                                    "controller": {"sources": {"denyCIDRs": ["10.0.0.0/8"]}}});
+    let out = helm(&["render", CHART, "--values", &unknown_api_server.to_string()], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("networkPolicy.egress.apiServer"));
 
     // The schema is valid JSON Schema, and the shipped values.yaml and every value set above pass it.
     let schema = format!("{CHART}/values.schema.json");
@@ -258,6 +265,9 @@ fn the_deployment_is_hardened_and_follows_the_values() {
     }
     assert!(args.contains(&"--external-url=https://bitsmith.bitsmith-system.svc".to_string()), "{args:?}");
     assert!(!args.iter().any(|a| a.contains("source-cidr") || a.contains("ambient")), "closed by default: {args:?}");
+    for arg in ["--max-zip-entries=100000", "--max-concurrent-uploads=8", "--resource-cache-scope=namespace"] {
+        assert!(args.contains(&arg.to_string()), "{arg} in {args:?}");
+    }
     let mounts = container["volumeMounts"].as_array().unwrap();
     assert!(mounts.iter().any(|m| m["name"] == "store" && m["mountPath"] == "/var/lib/bitsmith/store"));
     assert_eq!(

@@ -155,8 +155,24 @@ async fn sources_reach_neither_denied_addresses_nor_the_controllers_credentials(
             "127.0.0.2",
         ),
     ];
+    // Secrets whose values are wrong: each fails with a reason that names the Secret and never shows the value.
+    let bad_secrets = [
+        ("half-basic", format!("  username: {MARKER}\n")),
+        ("bad-ca", format!("  ca.crt: \"-----BEGIN CERTIFICATE-----\\n{MARKER}\\n-----END CERTIFICATE-----\\n\"\n")),
+        ("bad-header", format!("  header.X-Token: \"\\x01{MARKER}\"\n")),
+        ("wrong-keys", format!("  aws_access_key_id: AK\n  aws_secret_access_key: {MARKER}\n")),
+    ];
     let mut manifests = vec![secret, package("ok", &http(&allowed.url("/app.zip")))];
     manifests.extend(refused.iter().map(|(_, manifest, _)| manifest.clone()));
+    for (name, data) in &bad_secrets {
+        manifests.push(format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\nstringData:\n{data}"));
+        let source = match *name {
+            // The stand-in answers 404 to the signed request: the key is sent, and still never shown.
+            "wrong-keys" => object("s3://bucket/app.zip", &allowed.url(""), &[], Some(name)),
+            _ => format!("{}      secretRef: {{name: {name}}}\n", http(&allowed.url("/app.zip"))),
+        };
+        manifests.push(package(name, &source));
+    }
     kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&manifests.join("---\n")));
 
     wait_for(&ns, "pkg/ok", "{.status.state}", "READY").await;
@@ -183,6 +199,14 @@ async fn sources_reach_neither_denied_addresses_nor_the_controllers_credentials(
             None,
         );
         assert!(events.contains("Warning") && events.contains("InvalidSource"), "{name}: {events}");
+    }
+
+    for (name, _) in &bad_secrets {
+        let object = format!("pkg/{name}");
+        let reason = if *name == "wrong-keys" { "SourceUnavailable" } else { "InvalidCredentials" };
+        wait_for(&ns, &object, "{.status.conditions[?(@.type==\"Ready\")].reason}", reason).await;
+        let error = jsonpath(&ns, &object, "{.status.error}");
+        assert!(error.contains(name) || *name == "wrong-keys", "{name}: the Secret is named in {error:?}");
     }
 
     assert_eq!(denied.connections.load(std::sync::atomic::Ordering::SeqCst), 0, "127.0.0.2 was contacted");

@@ -86,7 +86,9 @@ impl Egress {
             return Ok(());
         }
         if self.built_in.iter().any(|net| net.contains(&address)) {
-            return Err("is a loopback, link-local or metadata address, which sources may not reach");
+            return Err(
+                "is a loopback, link-local or metadata address, which sources may not reach (--allow-source-cidr opens a range)",
+            );
         }
         Ok(())
     }

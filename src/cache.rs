@@ -252,6 +252,7 @@ where
     }
     Ok(allowed)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,13 +4,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
 
 use crate::fetch::Fetcher;
 use crate::leader::{LeaseConfig, run_as_leader};
 use crate::offline;
 use crate::sources::{Egress, OptionPolicy, SourcePolicy, error_chain};
 use crate::store::BlobStore;
-use ipnet::IpNet;
 
 #[derive(Parser, Debug)]
 #[command(name = "bitsmith", version, about = "Cloud Foundry application bits as Kubernetes resources")]
@@ -313,14 +313,16 @@ async fn connect() -> Result<kube::Client, String> {
     kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {}", error_chain(&e)))
 }
 
-/// The API's bound addresses.
+/// The API's bound addresses, and what was read for them at start.
 struct ApiListeners {
     main: tokio::net::TcpListener,
     /// `--offload-listen`.
     offload: Option<tokio::net::TcpListener>,
+    /// `--offload-client-ca`.
+    offload_client_ca: Option<crate::api::tls::ClientCa>,
 }
 
-/// Bind the API's addresses and check its TLS files, so that mistakes in them fail at start.
+/// Bind the API's addresses and read its TLS files, so that mistakes in them fail at start.
 async fn bind_api(args: &ApiArgs) -> Result<Option<ApiListeners>, String> {
     let Some(addr) = args.listen else { return Ok(None) };
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
@@ -331,9 +333,12 @@ async fn bind_api(args: &ApiArgs) -> Result<Option<ApiListeners>, String> {
                     proxy may name spooled files"
             .into());
     }
-    if let Some(ca) = &args.offload_client_ca {
-        crate::api::tls::ClientCa::from_pem_file(ca).map_err(|e| format!("--offload-client-ca: {e}"))?;
-    }
+    let offload_client_ca = match &args.offload_client_ca {
+        Some(ca) => {
+            Some(crate::api::tls::ClientCa::from_pem_file(ca).map_err(|e| format!("--offload-client-ca: {e}"))?)
+        }
+        None => None,
+    };
     let main = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
     let offload = match args.offload_listen {
         Some(addr) => {
@@ -341,7 +346,7 @@ async fn bind_api(args: &ApiArgs) -> Result<Option<ApiListeners>, String> {
         }
         None => None,
     };
-    Ok(Some(ApiListeners { main, offload }))
+    Ok(Some(ApiListeners { main, offload, offload_client_ca }))
 }
 
 /// Start serving the API, once its watch cache is filled. Over TLS, the cluster's front proxy (when it has one)
@@ -365,12 +370,7 @@ async fn start_api(
         max_header_size: usize::try_from(args.max_header_size).unwrap_or(usize::MAX),
         max_concurrent_uploads: args.max_concurrent_uploads as usize,
     };
-    config.offload_client_ca = match &args.offload_client_ca {
-        Some(ca) => {
-            Some(crate::api::tls::ClientCa::from_pem_file(ca).map_err(|e| format!("--offload-client-ca: {e}"))?)
-        }
-        None => None,
-    };
+    config.offload_client_ca = listeners.offload_client_ca;
     config.resource_cache_scope = args.resource_cache_scope;
     let (tls, front_proxy) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -411,7 +411,8 @@ async fn start_api(
                 "CF v3 API serving"
             );
         }
-        crate::api::serve_endpoints(endpoints, state, shutdown_signal()).await
+        crate::api::serve_endpoints(endpoints, state, shutdown_signal()).await;
+        Ok(())
     }))
 }
 

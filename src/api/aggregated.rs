@@ -69,8 +69,7 @@ async fn upload_package(
     request: Request,
 ) -> Result<Response, CfError> {
     let found = || state.index.package_named(&namespace, &name);
-    let package = state.authorized(&credentials, found, "Package", "create", Some("upload")).await?;
-    let caller = state.authenticated(&credentials).await?;
+    let (caller, package) = state.authorized_caller(&credentials, found, "Package", "create", Some("upload")).await?;
     packages::upload_to(&state, &package, &caller, UploadBody::from_request(request, &state).await?).await
 }
 

@@ -169,6 +169,18 @@ impl AppState {
         verb: &'static str,
         subresource: Option<&'static str>,
     ) -> Result<Arc<O>, CfError> {
+        Ok(self.authorized_caller(credentials, found, not_found, verb, subresource).await?.1)
+    }
+
+    /// Like [`AppState::authorized`], and who the caller is, for actions that depend on it.
+    async fn authorized_caller<O: BitsObject>(
+        &self,
+        credentials: &Credentials,
+        found: impl FnOnce() -> Option<Arc<O>>,
+        not_found: &'static str,
+        verb: &'static str,
+        subresource: Option<&'static str>,
+    ) -> Result<(crate::auth::Caller, Arc<O>), CfError> {
         let caller = self.authenticated(credentials).await?;
         let object = found().ok_or(CfError::ResourceNotFound { what: not_found })?;
         let access = Access {
@@ -179,7 +191,7 @@ impl AppState {
             name: object.name_any(),
         };
         self.auth.authorize(&caller, &access).await?;
-        Ok(object)
+        Ok((caller, object))
     }
 }
 
@@ -250,7 +262,7 @@ pub async fn serve(
     tls: Option<rustls::ServerConfig>,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     serve_endpoints(vec![Endpoint { listener, tls, offload: false }], state, shutdown).await
 }
 
@@ -261,13 +273,13 @@ pub async fn serve_endpoints(
     endpoints: Vec<Endpoint>,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     let router = router(state.clone());
     let (stop, stopped) = watch::channel(());
     let mut serving = Vec::new();
     for endpoint in endpoints {
         let acceptor = match endpoint.tls {
-            Some(config) => Acceptor::Tls(tls::TlsListener::new(endpoint.listener, config)?),
+            Some(config) => Acceptor::Tls(tls::TlsListener::new(endpoint.listener, config)),
             None => Acceptor::Plain(endpoint.listener),
         };
         serving.push(serve_endpoint(acceptor, endpoint.offload, state.clone(), router.clone(), stopped.clone()));
@@ -277,7 +289,6 @@ pub async fn serve_endpoints(
         let _ = stop.send(());
     };
     tokio::join!(signal, futures::future::join_all(serving));
-    Ok(())
 }
 
 enum Acceptor {
@@ -297,16 +308,7 @@ async fn serve_endpoint(
     loop {
         let accepted = async {
             match &mut acceptor {
-                Acceptor::Plain(listener) => loop {
-                    match listener.accept().await {
-                        Ok((tcp, _)) => break Connection::Plain(tcp),
-                        Err(error) => {
-                            // Out of file descriptors and the like: pause instead of spinning.
-                            tracing::warn!(%error, "accepting a connection");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                },
+                Acceptor::Plain(listener) => Connection::Plain(tls::accept_tcp(listener).await.0),
                 Acceptor::Tls(listener) => Connection::Tls(Box::new(listener.accept().await.0)),
             }
         };

@@ -117,12 +117,11 @@ pub async fn upload(
     credentials: Credentials,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, CfError> {
-    let package =
-        state.authorized(&credentials, || state.index.package(&guid), "Package", "create", Some("upload")).await?;
+    let found = || state.index.package(&guid);
+    let (caller, package) = state.authorized_caller(&credentials, found, "Package", "create", Some("upload")).await?;
     if query.contains_key("bits_path") {
         return Err(CfError::UnprocessableEntity("Bits path is invalid".into()));
     }
-    let caller = state.authenticated(&credentials).await?;
     upload_from(&state, &package, &caller, UploadBody::Form(upload::form(form)?), credentials.offload).await
 }
 

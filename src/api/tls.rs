@@ -177,29 +177,33 @@ impl ClientCertVerifier for AnyClientCert {
     }
 }
 
+/// The next connection on `listener`. Errors (out of file descriptors and the like) pause the loop instead of
+/// spinning it or ending it.
+pub(crate) async fn accept_tcp(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accepting a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Accepts TCP connections and yields them once their TLS handshake is done.
 pub struct TlsListener {
-    local: SocketAddr,
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
 }
 
 impl TlsListener {
     /// Start accepting on `listener` (on the current runtime).
-    pub fn new(listener: TcpListener, config: ServerConfig) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
+    pub fn new(listener: TcpListener, config: ServerConfig) -> Self {
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let (done, ready) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: pause instead of spinning.
-                        tracing::warn!(%error, "accepting a connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
+                let (tcp, peer) = accept_tcp(&listener).await;
                 if done.is_closed() {
                     return;
                 }
@@ -215,11 +219,9 @@ impl TlsListener {
                 });
             }
         });
-        Ok(TlsListener { local, ready })
+        TlsListener { ready }
     }
-}
 
-impl TlsListener {
     /// The next connection through its handshake.
     pub async fn accept(&mut self) -> (TlsStream<TcpStream>, SocketAddr) {
         match self.ready.recv().await {
@@ -227,9 +229,5 @@ impl TlsListener {
             // The accept loop only ends when this listener is gone, so this is never reached while serving.
             None => std::future::pending().await,
         }
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
     }
 }

@@ -73,7 +73,7 @@ async fn setup_with(
     index.ready().await;
     let state = AppState::new(client, store, index, config, Default::default(), None);
     let api = tokio::spawn(async move {
-        bitsmith::api::serve(listener, tls, state, std::future::pending()).await.unwrap();
+        bitsmith::api::serve(listener, tls, state, std::future::pending()).await;
     });
     let (allowed, denied) = tokio::task::block_in_place(|| {
         (service_account_with_role(&ns, "uploader", "bitsmith-uploader"), service_account_token(&ns, "stranger", None))

@@ -58,7 +58,7 @@ async fn start(test: &str) -> Api {
     index.ready().await;
     let state = AppState::new(client, blobs, index, config, Default::default(), None);
     let api = tokio::spawn(async move {
-        bitsmith::api::serve(listener, None, state, std::future::pending()).await.unwrap();
+        bitsmith::api::serve(listener, None, state, std::future::pending()).await;
     });
     let token = tokio::task::block_in_place(|| service_account_with_role(&ns, "uploader", "bitsmith-uploader"));
     Api { ns, base, token, http: reqwest::Client::new(), store, tasks: vec![running, api] }

@@ -295,9 +295,9 @@ impl Packing<'_> {
         };
         let resources = resources.unwrap_or_default();
         // The upload's own file wins over a resource of the same path, and so does the first of two resources.
-        let mut names: std::collections::HashSet<String> = writer.names().map(str::to_string).collect();
+        let mut names: std::collections::HashSet<Arc<str>> = writer.names().cloned().collect();
         let wanted: Vec<&Resource> =
-            resources.iter().filter(|r| names.insert(r.path.clone().unwrap_or_default())).collect();
+            resources.iter().filter(|r| names.insert(r.path.as_deref().unwrap_or_default().into())).collect();
         let held: Vec<Option<Vec<String>>> = wanted.iter().map(|r| self.state.cache.holders(&r.sha1, r.size)).collect();
         let usable = usable(self.state, self.caller, &held).await.map_err(Failure::request)?;
         for (resource, usable) in wanted.into_iter().zip(usable) {
@@ -376,7 +376,7 @@ impl Packing<'_> {
         }
         let sizes = Sizes { crc: cached.crc, compressed: cached.compressed, uncompressed: cached.size };
         let header = EntryHeader {
-            name: path.clone(),
+            name: path.as_str().into(),
             method: cached.method,
             flags: 0,
             mod_time: 0,

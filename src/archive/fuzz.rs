@@ -109,7 +109,7 @@ fn generated_zip(rng: &mut Rng) -> Vec<u8> {
             Sizes { crc: crc32fast::hash(&content), compressed: raw.len() as u64, uncompressed: content.len() as u64 };
         let after = rng.chance(50);
         let header = EntryHeader {
-            name: name(rng),
+            name: name(rng).into(),
             method,
             flags: if after { 8 } else { 0 },
             mod_time: rng.next() as u16,
@@ -207,7 +207,7 @@ fn read_zip(rng: &mut Rng, input: &[u8]) -> Option<ZipAccepted> {
             pushes += 1;
             for event in reader.push(BytesMut::from(&piece[..]))? {
                 match event {
-                    Event::Start(header) => names.push(header.name.into_bytes()),
+                    Event::Start(header) => names.push(header.name.as_bytes().to_vec()),
                     Event::End(end) => {
                         let name = names.last().cloned().unwrap_or_default();
                         entries.push((name, end.sizes.uncompressed, end.sha1.unwrap_or_default()));

@@ -1,5 +1,6 @@
 //! Checks of uploaded archives, made on the bytes as they stream by. Pure: no I/O, tested on bytes in memory.
 
+mod segmented;
 pub mod tgz;
 pub mod zip;
 

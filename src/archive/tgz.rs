@@ -12,6 +12,7 @@
 //! Python's `tarfile` read them; cases where those readers would disagree (both a long name and a pax path, two
 //! extended headers for one entry, data behind a link or directory, global pax names) are refused.
 
+use std::borrow::Cow;
 use std::io::Write;
 
 use flate2::write::MultiGzDecoder;
@@ -175,14 +176,23 @@ impl TarWalk {
         while !buf.is_empty() {
             let taken = match &mut self.state {
                 Tar::Header | Tar::Zero => {
-                    let n = (TAR_BLOCK - self.filled).min(buf.len());
-                    self.block[self.filled..self.filled + n].copy_from_slice(&buf[..n]);
-                    self.filled += n;
-                    if self.filled == TAR_BLOCK {
-                        self.filled = 0;
-                        self.header(self.position + n as u64 - TAR_BLOCK as u64)?;
+                    if self.filled == 0
+                        && let Some(block) = buf.first_chunk::<TAR_BLOCK>()
+                    {
+                        // A whole header at hand: read it where it is.
+                        self.header(block, self.position)?;
+                        TAR_BLOCK
+                    } else {
+                        let n = (TAR_BLOCK - self.filled).min(buf.len());
+                        self.block[self.filled..self.filled + n].copy_from_slice(&buf[..n]);
+                        self.filled += n;
+                        if self.filled == TAR_BLOCK {
+                            self.filled = 0;
+                            let block = self.block;
+                            self.header(&block, self.position + n as u64 - TAR_BLOCK as u64)?;
+                        }
+                        n
                     }
-                    n
                 }
                 Tar::Skip(left) => {
                     let n = (*left).min(buf.len() as u64) as usize;
@@ -227,9 +237,9 @@ impl TarWalk {
     }
 
     /// A full header block has arrived, from offset `at` of the inflated stream.
-    fn header(&mut self, at: u64) -> Result<(), String> {
+    fn header(&mut self, block: &[u8; TAR_BLOCK], at: u64) -> Result<(), String> {
         self.work += TAR_BLOCK as u64;
-        if self.block.iter().all(|&b| b == 0) {
+        if block.iter().all(|&b| b == 0) {
             if self.long_name.is_some() || self.long_link.is_some() || self.pax.is_some() {
                 return Err(format!("an extended header without its entry, at offset {at}"));
             }
@@ -242,13 +252,8 @@ impl TarWalk {
         if matches!(self.state, Tar::Zero) {
             return Err(format!("a lone zero block before the header at offset {at}"));
         }
-        let block = &self.block;
         let recorded = octal(&block[148..156]).ok_or_else(|| format!("not a tar header at offset {at}"))?;
-        let unsigned: u64 =
-            block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b.into() }).sum();
-        let signed: i64 =
-            block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { (b as i8).into() }).sum();
-        if recorded != unsigned && Some(recorded) != u64::try_from(signed).ok() {
+        if !checksum_matches(block, recorded) {
             return Err(if self.entries == 0 && at == 0 {
                 "not a tar archive: header checksum mismatch".into()
             } else {
@@ -286,7 +291,7 @@ impl TarWalk {
                 }
                 Ok(())
             }
-            _ => self.entry(kind, size, at),
+            _ => self.entry(block, kind, size, at),
         }
     }
 
@@ -308,30 +313,30 @@ impl TarWalk {
         Ok(())
     }
 
-    fn entry(&mut self, kind: u8, size: u64, at: u64) -> Result<(), String> {
-        let block = &self.block;
+    fn entry(&mut self, block: &[u8; TAR_BLOCK], kind: u8, size: u64, at: u64) -> Result<(), String> {
         let own = field(&block[..100]);
         // An old (v7) tar marks a directory by the slash that ends its name.
         let kind = if kind == 0 && own.ends_with(b"/") { b'5' } else { kind };
         let prefix = field(&block[345..500]);
-        let mut name = own.to_vec();
+        // Most entries carry their whole name in the header: borrow it rather than copy it.
+        let mut name = Cow::Borrowed(own);
         if !prefix.is_empty() {
-            name = [prefix, &b"/"[..], own].concat();
+            name = Cow::Owned([prefix, &b"/"[..], own].concat());
         }
-        let mut link = field(&block[157..257]).to_vec();
+        let mut link = Cow::Borrowed(field(&block[157..257]));
         let pax = self.pax.take().unwrap_or_default();
         let (long_name, long_link) = (self.long_name.take(), self.long_link.take());
         if (pax.path.is_some() && long_name.is_some()) || (pax.linkpath.is_some() && long_link.is_some()) {
             return Err(format!("an entry named by both a GNU long name and a pax header, at offset {at}"));
         }
         if let Some(long) = pax.path.or(long_name) {
-            name = long;
+            name = Cow::Owned(long);
         }
         if let Some(long) = pax.linkpath.or(long_link) {
-            link = long;
+            link = Cow::Owned(long);
         }
         let size = pax.size.unwrap_or(size);
-        let shown = String::from_utf8_lossy(&name).into_owned();
+        let shown = String::from_utf8_lossy(&name);
         safe_name(&name).map_err(|reason| format!("an unsafe name {shown:?}: {reason}"))?;
         let kind = match kind {
             b'0' | 0 | b'7' => b'0',
@@ -352,14 +357,27 @@ impl TarWalk {
         if kind != b'0' && size != 0 {
             return Err(format!("{shown:?}: a link or directory with {size} bytes of data"));
         }
+        let skip = size.checked_add(padding(size)).ok_or_else(|| format!("{shown:?}: an impossible size"))?;
         self.entries += 1;
         if let Some(listing) = &mut self.listing {
-            listing.push(TarEntry { name, kind, size });
+            listing.push(TarEntry { name: name.into_owned(), kind, size });
         }
-        let skip = size.checked_add(padding(size)).ok_or_else(|| format!("{shown:?}: an impossible size"))?;
         self.state = if skip == 0 { Tar::Header } else { Tar::Skip(skip) };
         Ok(())
     }
+}
+
+/// Whether `recorded` is the header's checksum: the byte sum with the checksum field taken as spaces, unsigned
+/// (POSIX) or signed (as some old tars wrote it). Plain sums over the whole block, so that they vectorize.
+fn checksum_matches(block: &[u8; TAR_BLOCK], recorded: u64) -> bool {
+    const SPACES: u32 = 8 * b' ' as u32;
+    let field = &block[148..156];
+    let unsigned = |bytes: &[u8]| bytes.iter().map(|&b| u32::from(b)).sum::<u32>();
+    if u64::from(unsigned(block) - unsigned(field) + SPACES) == recorded {
+        return true;
+    }
+    let signed = |bytes: &[u8]| bytes.iter().map(|&b| i32::from(b as i8)).sum::<i32>();
+    u64::try_from(signed(block) - signed(field) + SPACES as i32).ok() == Some(recorded)
 }
 
 /// Bytes of padding after `size` bytes of data, to the next block.

@@ -20,11 +20,12 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use crc32fast::Hasher as Crc;
 use flate2::{Decompress, FlushDecompress, Status};
 use sha1::{Digest, Sha1};
 
+use super::segmented::Segmented;
 use crate::digest::to_hex;
 
 const LOCAL_HEADER: u32 = 0x0403_4b50;
@@ -80,7 +81,9 @@ fn invalid(reason: impl Into<String>) -> ZipError {
 /// An entry's local header, as read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryHeader {
-    pub name: String,
+    /// Shared by everything that keeps the entry's name (the reader's checks, the writer's directory), so that a
+    /// zip of many entries holds each name once.
+    pub name: Arc<str>,
     pub method: u16,
     pub flags: u16,
     pub mod_time: u16,
@@ -139,8 +142,9 @@ impl DirectoryEntry {
 enum State {
     Signature,
     Local,
-    Data(Entry),
-    Descriptor(Entry),
+    // Boxed: the state moves at every step, and an entry with its inflater and hashers is large.
+    Data(Box<Entry>),
+    Descriptor(Box<Entry>),
     Central,
     Zip64End,
     Zip64Locator,
@@ -212,13 +216,15 @@ impl Content {
     }
 }
 
-/// What the reader keeps of each entry to check the central directory against.
+/// What the reader keeps of each entry to check the central directory against, and what the directory adds.
 struct Seen {
     name: Arc<str>,
     offset: u64,
     method: u16,
     utf8: bool,
     sizes: Sizes,
+    version_made_by: u16,
+    external_attributes: u32,
 }
 
 /// Where the central directory lies, and what a zip64 end record says of it.
@@ -239,11 +245,12 @@ pub struct ZipReader {
     max_inflated: u64,
     max_entries: usize,
     inflated: u64,
-    seen: Vec<Seen>,
+    seen: Segmented<Seen>,
     /// The names of `seen`, to find a second entry of a name at once.
     names: HashSet<Arc<str>>,
     names_len: usize,
-    directory: Vec<DirectoryEntry>,
+    /// Entries of the central directory read so far; their attributes are kept in `seen`.
+    directory_len: usize,
     located: Directory,
     scratch: Vec<u8>,
     /// Entries whose inflated size lies in this range are hashed with sha1; hashing the others would be wasted.
@@ -262,10 +269,10 @@ impl ZipReader {
             max_inflated,
             max_entries: DEFAULT_MAX_ENTRIES,
             inflated: 0,
-            seen: Vec::new(),
+            seen: Segmented::default(),
             names: HashSet::new(),
             names_len: 0,
-            directory: Vec::new(),
+            directory_len: 0,
             located: Directory::default(),
             scratch: vec![0; 64 << 10],
             hashed_sizes,
@@ -292,36 +299,59 @@ impl ZipReader {
 
     /// Take the next chunk; returns what it completed.
     pub fn push(&mut self, chunk: BytesMut) -> Result<Vec<Event>, ZipError> {
+        let mut events = Vec::new();
+        self.push_into(chunk, &mut events)?;
+        Ok(events)
+    }
+
+    /// [`ZipReader::push`], appending what the chunk completed to `events`: a caller that reuses one buffer
+    /// spares a zip of many small entries an allocation that grows with every chunk.
+    pub fn push_into(&mut self, chunk: BytesMut, events: &mut Vec<Event>) -> Result<(), ZipError> {
         // Most chunks arrive with nothing left over from the last: take them as they are, without a copy.
         if self.buffer.is_empty() {
             self.buffer = chunk;
         } else {
             self.buffer.extend_from_slice(&chunk);
         }
-        let mut events = Vec::new();
-        while self.step(&mut events)? {}
-        Ok(events)
+        while self.step(events)? {}
+        Ok(())
     }
 
     /// The input ended: the zip must be complete. Returns the central directory, in entry order.
     pub fn finish(self) -> Result<Vec<DirectoryEntry>, ZipError> {
         match self.state {
-            State::Done => Ok(self.directory),
+            State::Done => {}
             State::Comment(n) if self.buffer.len() == n => {
                 // Readers that look for the end record from the end of the file would find this one instead.
                 if self.buffer.windows(4).any(|w| w == END_OF_CENTRAL.to_le_bytes()) {
                     return Err(invalid("an archive comment that holds an end record"));
                 }
-                Ok(self.directory)
             }
-            _ => Err(invalid("the archive ends early")),
+            _ => return Err(invalid("the archive ends early")),
         }
+        Ok(self
+            .seen
+            .into_iter()
+            .map(|seen| DirectoryEntry {
+                name: seen.name,
+                version_made_by: seen.version_made_by,
+                external_attributes: seen.external_attributes,
+            })
+            .collect())
     }
 
+    /// Pass on the buffer's first `n` bytes.
     fn take(&mut self, n: usize) -> Bytes {
         self.offset += n as u64;
         self.work += n as u64;
         self.buffer.split_to(n).freeze()
+    }
+
+    /// Drop the buffer's first `n` bytes, a record already read.
+    fn skip(&mut self, n: usize) {
+        self.offset += n as u64;
+        self.work += n as u64;
+        self.buffer.advance(n);
     }
 
     /// Advance as far as the buffer allows; false when more input is needed.
@@ -389,11 +419,11 @@ impl ZipReader {
         }
         let record = [self.offset, u64_at(&self.buffer, 32), u64_at(&self.buffer, 40), u64_at(&self.buffer, 48)];
         let (start, size) = self.directory_span();
-        if record[1..] != [self.directory.len() as u64, size, start] {
+        if record[1..] != [self.directory_len as u64, size, start] {
             return Err(invalid("the zip64 end record does not describe the central directory"));
         }
         self.located.zip64 = Some(record);
-        self.take(56);
+        self.skip(56);
         self.state = State::Zip64Locator;
         Ok(true)
     }
@@ -410,7 +440,7 @@ impl ZipReader {
         if u32_at(&self.buffer, 4) != 0 || u32_at(&self.buffer, 16) > 1 || Some(u64_at(&self.buffer, 8)) != record {
             return Err(invalid("a zip64 locator that points elsewhere or to other disks"));
         }
-        self.take(20);
+        self.skip(20);
         self.state = State::End;
         Ok(true)
     }
@@ -425,7 +455,7 @@ impl ZipReader {
         }
         let comment = u16_at(&self.buffer, 20) as usize;
         let recorded = u16_at(&self.buffer, 10) as usize;
-        if recorded != 0xffff && recorded != self.directory.len() % 0x10000 {
+        if recorded != 0xffff && recorded != self.directory_len % 0x10000 {
             return Err(invalid("the end record counts other entries than the directory holds"));
         }
         // With a zip64 end record, readers take the directory's place from it; without, from this record.
@@ -434,12 +464,12 @@ impl ZipReader {
         if self.located.zip64.is_none() && stated != (start, size) {
             return Err(invalid("the end record places the central directory elsewhere"));
         }
-        self.take(22);
-        if self.directory.len() != self.seen.len() {
+        self.skip(22);
+        if self.directory_len != self.seen.len() {
             return Err(invalid(format!(
                 "{} entries, but {} in the central directory",
                 self.seen.len(),
-                self.directory.len()
+                self.directory_len
             )));
         }
         self.state = State::Comment(comment);
@@ -463,15 +493,15 @@ impl ZipReader {
             return Ok(false);
         }
         let offset = self.offset;
-        let raw = self.take(30 + name_len + extra_len);
-        let flags = u16_at(&raw, 6);
-        let method = u16_at(&raw, 8);
+        let raw = &self.buffer[..30 + name_len + extra_len];
+        let flags = u16_at(raw, 6);
+        let method = u16_at(raw, 8);
         let name = entry_name(&raw[30..30 + name_len])?;
         check_flags(&name, flags)?;
         if method != STORED && method != DEFLATED {
             return Err(invalid(format!("{name}: compression method {method} is not supported")));
         }
-        if self.names.contains(name.as_str()) {
+        if self.names.contains(&name) {
             return Err(invalid(format!("{name}: a second entry of that name")));
         }
         self.names_len += name.len();
@@ -479,7 +509,7 @@ impl ZipReader {
             return Err(invalid(format!("its names take more than {MAX_NAMES_LEN} bytes")));
         }
         let zip64 = find_extra(&raw[30 + name_len..], ZIP64_EXTRA);
-        let (mut compressed, mut uncompressed) = (u64::from(u32_at(&raw, 18)), u64::from(u32_at(&raw, 22)));
+        let (mut compressed, mut uncompressed) = (u64::from(u32_at(raw, 18)), u64::from(u32_at(raw, 22)));
         if let Some(extra) = zip64 {
             if extra.len() < 16 {
                 return Err(invalid(format!("{name}: a short zip64 field")));
@@ -487,7 +517,7 @@ impl ZipReader {
             (uncompressed, compressed) = (u64_at(extra, 0), u64_at(extra, 8));
         }
         let declared =
-            (flags & SIZES_AFTER_DATA == 0).then_some(Sizes { crc: u32_at(&raw, 14), compressed, uncompressed });
+            (flags & SIZES_AFTER_DATA == 0).then_some(Sizes { crc: u32_at(raw, 14), compressed, uncompressed });
         if declared.is_some_and(|d| method == STORED && d.compressed != d.uncompressed) {
             return Err(invalid(format!("{name}: a stored entry whose sizes differ")));
         }
@@ -495,25 +525,26 @@ impl ZipReader {
             name,
             method,
             flags,
-            mod_time: u16_at(&raw, 10),
-            mod_date: u16_at(&raw, 12),
+            mod_time: u16_at(raw, 10),
+            mod_date: u16_at(raw, 12),
             declared,
             zip64: zip64.is_some(),
         };
+        self.skip(30 + name_len + extra_len);
         events.push(Event::Start(header.clone()));
         let hashed = declared.is_none_or(|d| self.hashed_sizes.contains(&d.uncompressed));
-        let entry = Entry {
+        let entry = Box::new(Entry {
             remaining: declared.map(|d| d.compressed),
             content: Content::new(method, hashed),
             header,
             offset,
             compressed: 0,
-        };
+        });
         self.state = State::Data(entry);
         Ok(true)
     }
 
-    fn data(&mut self, mut entry: Entry, events: &mut Vec<Event>) -> Result<bool, ZipError> {
+    fn data(&mut self, mut entry: Box<Entry>, events: &mut Vec<Event>) -> Result<bool, ZipError> {
         let (consumed, finished) = if entry.content.is_deflated() {
             self.inflate(&mut entry)?
         } else if let Some(remaining) = entry.remaining {
@@ -632,7 +663,7 @@ impl ZipReader {
         end
     }
 
-    fn descriptor(&mut self, entry: Entry, events: &mut Vec<Event>) -> Result<bool, ZipError> {
+    fn descriptor(&mut self, entry: Box<Entry>, events: &mut Vec<Event>) -> Result<bool, ZipError> {
         let size_len = if entry.header.zip64 { 8 } else { 4 };
         let with_signature = 4 + 4 + 2 * size_len;
         if self.buffer.len() < with_signature {
@@ -655,14 +686,19 @@ impl ZipReader {
         Ok(true)
     }
 
-    fn end_entry(&mut self, entry: Entry, descriptor: Option<Sizes>, events: &mut Vec<Event>) -> Result<(), ZipError> {
+    fn end_entry(
+        &mut self,
+        entry: Box<Entry>,
+        descriptor: Option<Sizes>,
+        events: &mut Vec<Event>,
+    ) -> Result<(), ZipError> {
         let uncompressed = entry.content.size(entry.compressed);
         let sizes = Sizes { crc: entry.content.crc.clone().finalize(), compressed: entry.compressed, uncompressed };
         let stated = descriptor.or(entry.header.declared).expect("sizes come from the header or a descriptor");
         if stated != sizes {
             return Err(invalid(format!("{}: its CRC or sizes do not match its content", entry.header.name)));
         }
-        let name: Arc<str> = entry.header.name.as_str().into();
+        let name = entry.header.name;
         self.names.insert(name.clone());
         self.seen.push(Seen {
             name,
@@ -670,6 +706,8 @@ impl ZipReader {
             method: entry.header.method,
             utf8: entry.header.flags & UTF8_NAMES != 0,
             sizes,
+            version_made_by: 0,
+            external_attributes: 0,
         });
         let sha1 =
             entry.content.sha1.filter(|_| self.hashed_sizes.contains(&uncompressed)).map(|h| to_hex(&h.finalize()));
@@ -684,7 +722,7 @@ impl ZipReader {
             return Ok(false);
         }
         let lens = [28, 30, 32].map(|i| u16_at(&self.buffer, i) as usize);
-        let index = self.directory.len();
+        let index = self.directory_len;
         let local = self.seen.get(index).ok_or_else(|| invalid("more entries in the directory than the archive"))?;
         if lens[0] != local.name.len() {
             return Err(invalid(format!("{}: the central directory names another entry", local.name)));
@@ -694,13 +732,13 @@ impl ZipReader {
             self.state = State::Central;
             return Ok(false);
         }
-        let raw = self.take(total);
-        let local = &self.seen[index];
+        let raw = &self.buffer[..total];
+        let local = self.seen.get(index).expect("checked above");
         let name = &local.name;
         if raw[46..46 + lens[0]] != *name.as_bytes() {
             return Err(invalid(format!("{name}: the central directory names another entry")));
         }
-        let flags = u16_at(&raw, 8);
+        let flags = u16_at(raw, 8);
         check_flags(name, flags)?;
         if !name.is_ascii() && (flags & UTF8_NAMES != 0) != local.utf8 {
             return Err(invalid(format!("{name}: its name's encoding differs in the central directory")));
@@ -723,18 +761,18 @@ impl ZipReader {
                 _ => Ok(u64::from(narrow)),
             }
         };
-        let uncompressed = wide(u32_at(&raw, 24))?;
-        let compressed = wide(u32_at(&raw, 20))?;
-        let offset = wide(u32_at(&raw, 42))?;
-        let sizes = Sizes { crc: u32_at(&raw, 16), compressed, uncompressed };
-        if (local.offset, local.method, local.sizes) != (offset, u16_at(&raw, 10), sizes) {
+        let uncompressed = wide(u32_at(raw, 24))?;
+        let compressed = wide(u32_at(raw, 20))?;
+        let offset = wide(u32_at(raw, 42))?;
+        let sizes = Sizes { crc: u32_at(raw, 16), compressed, uncompressed };
+        if (local.offset, local.method, local.sizes) != (offset, u16_at(raw, 10), sizes) {
             return Err(invalid(format!("{name}: the central directory does not match the entry")));
         }
-        self.directory.push(DirectoryEntry {
-            name: name.clone(),
-            version_made_by: u16_at(&raw, 4),
-            external_attributes: u32_at(&raw, 38),
-        });
+        let (version_made_by, external_attributes) = (u16_at(raw, 4), u32_at(raw, 38));
+        let local = self.seen.get_mut(index).expect("checked above");
+        (local.version_made_by, local.external_attributes) = (version_made_by, external_attributes);
+        self.directory_len += 1;
+        self.skip(total);
         self.state = State::Signature;
         Ok(true)
     }
@@ -766,11 +804,11 @@ fn zip64_field<'a>(name: &str, mut extra: &'a [u8]) -> Result<Option<&'a [u8]>, 
 }
 
 /// An entry name that stays inside the root: UTF-8, relative, without `..`, drive letters or NUL.
-pub fn entry_name(raw: &[u8]) -> Result<String, ZipError> {
+pub fn entry_name(raw: &[u8]) -> Result<Arc<str>, ZipError> {
     let name = std::str::from_utf8(raw)
         .map_err(|_| invalid(format!("{:?}: a name that is not UTF-8", String::from_utf8_lossy(raw))))?;
     safe_path(name).map_err(|reason| invalid(format!("{name:?}: {reason}")))?;
-    Ok(name.to_string())
+    Ok(name.into())
 }
 
 /// Whether `path` names a place inside the package's root.
@@ -781,11 +819,11 @@ pub fn safe_path(path: &str) -> Result<(), &'static str> {
     if path.len() > MAX_NAME_LEN {
         return Err("a name longer than 4096 bytes");
     }
-    let normal = path.replace('\\', "/");
-    if normal.starts_with('/') || normal.as_bytes().get(1) == Some(&b':') {
+    // Windows readers take `\\` for a separator too.
+    if path.starts_with(['/', '\\']) || path.as_bytes().get(1) == Some(&b':') {
         return Err("an absolute path");
     }
-    if normal.split('/').any(|part| part == "..") {
+    if path.split(['/', '\\']).any(|part| part == "..") {
         return Err("a path that leaves the root");
     }
     Ok(())
@@ -836,9 +874,7 @@ pub struct WrittenEntry {
 #[derive(Default)]
 pub struct ZipWriter {
     offset: u64,
-    entries: Vec<WrittenEntry>,
-    /// Where each name is in `entries`, so that finding one costs the same however many there are.
-    index: std::collections::HashMap<Arc<str>, usize>,
+    entries: Segmented<WrittenEntry>,
     open: Option<(EntryHeader, u64)>,
 }
 
@@ -854,6 +890,13 @@ impl ZipWriter {
     /// data). Returns the local header's bytes.
     pub fn start(&mut self, header: &EntryHeader) -> Bytes {
         let mut out = BytesMut::with_capacity(30 + header.name.len() + 20);
+        self.start_into(header, &mut out);
+        out.freeze()
+    }
+
+    /// [`ZipWriter::start`], appending the local header to `out`.
+    pub fn start_into(&mut self, header: &EntryHeader, out: &mut BytesMut) {
+        let before = out.len();
         let sizes = header.declared.unwrap_or(Sizes { crc: 0, compressed: 0, uncompressed: 0 });
         let zip64 = header.zip64 || sizes.compressed >= 0xffff_ffff || sizes.uncompressed >= 0xffff_ffff;
         out.extend_from_slice(&LOCAL_HEADER.to_le_bytes());
@@ -879,8 +922,7 @@ impl ZipWriter {
         let mut header = header.clone();
         header.zip64 = zip64;
         self.open = Some((header, self.offset));
-        self.offset += out.len() as u64;
-        out.freeze()
+        self.offset += (out.len() - before) as u64;
     }
 
     /// `n` raw bytes of the open entry were written.
@@ -890,8 +932,15 @@ impl ZipWriter {
 
     /// End the open entry; returns its data descriptor's bytes when its sizes come after the data.
     pub fn end(&mut self, sizes: Sizes, version_made_by: u16, external_attributes: u32) -> Bytes {
-        let (header, offset) = self.open.take().expect("an open entry");
         let mut out = BytesMut::new();
+        self.end_into(sizes, version_made_by, external_attributes, &mut out);
+        out.freeze()
+    }
+
+    /// [`ZipWriter::end`], appending the data descriptor (if any) to `out`.
+    pub fn end_into(&mut self, sizes: Sizes, version_made_by: u16, external_attributes: u32, out: &mut BytesMut) {
+        let (header, offset) = self.open.take().expect("an open entry");
+        let before = out.len();
         if header.flags & SIZES_AFTER_DATA != 0 {
             out.extend_from_slice(&DESCRIPTOR.to_le_bytes());
             out.extend_from_slice(&sizes.crc.to_le_bytes());
@@ -903,12 +952,10 @@ impl ZipWriter {
                 out.extend_from_slice(&(sizes.uncompressed as u32).to_le_bytes());
             }
         }
-        self.offset += out.len() as u64;
+        self.offset += (out.len() - before) as u64;
         let flags = (header.flags & SIZES_AFTER_DATA) | if header.name.is_ascii() { 0 } else { UTF8_NAMES };
-        let name: Arc<str> = header.name.into();
-        self.index.insert(name.clone(), self.entries.len());
         self.entries.push(WrittenEntry {
-            name,
+            name: header.name,
             method: header.method,
             flags,
             mod_time: header.mod_time,
@@ -919,17 +966,11 @@ impl ZipWriter {
             external_attributes,
             excluded: false,
         });
-        out.freeze()
     }
 
     /// The names written so far.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().map(|e| &*e.name)
-    }
-
-    /// Whether an entry named `name` was written.
-    pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+    pub fn names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.entries.iter().map(|e| &e.name)
     }
 
     /// How many entries were written.
@@ -941,28 +982,16 @@ impl ZipWriter {
         self.entries.is_empty()
     }
 
-    fn entry_mut(&mut self, name: &str) -> Option<&mut WrittenEntry> {
-        self.index.get(name).map(|&i| &mut self.entries[i])
-    }
-
-    /// Set the directory attributes of the entry named `name` (known only from the input's central directory).
-    pub fn set_attributes(&mut self, name: &str, version_made_by: u16, external_attributes: u32) {
-        if let Some(entry) = self.entry_mut(name) {
-            entry.version_made_by = version_made_by;
-            entry.external_attributes = external_attributes;
-        }
-    }
-
-    /// Leave the entry `name` out of the directory: its bytes stay where they are, but no reader finds it.
-    pub fn exclude(&mut self, name: &str) {
-        if let Some(entry) = self.entry_mut(name) {
-            entry.excluded = true;
-        }
+    /// The `index`th entry written, to set what only the input's central directory tells: its attributes, and
+    /// whether it is left out of the directory (its bytes stay where they are, but no reader finds it).
+    pub fn entry_mut(&mut self, index: usize) -> Option<&mut WrittenEntry> {
+        self.entries.get_mut(index)
     }
 
     /// The central directory and the end records.
     pub fn finish(self) -> Bytes {
-        let mut out = BytesMut::new();
+        let size: usize = self.entries.iter().map(|e| 46 + e.name.len() + 28).sum();
+        let mut out = BytesMut::with_capacity(size + 98);
         let start = self.offset;
         let mut count = 0u64;
         for e in self.entries.iter().filter(|e| !e.excluded) {
@@ -1069,11 +1098,13 @@ impl EntryCheck {
 pub struct Repack {
     reader: ZipReader,
     writer: ZipWriter,
+    /// What the reader saw in the last chunk; kept to reuse its allocation.
+    events: Vec<Event>,
 }
 
 impl Repack {
     pub fn new(max_inflated: u64, hashed_sizes: std::ops::Range<u64>) -> Self {
-        Repack { reader: ZipReader::new(max_inflated, hashed_sizes), writer: ZipWriter::new() }
+        Repack { reader: ZipReader::new(max_inflated, hashed_sizes), writer: ZipWriter::new(), events: Vec::new() }
     }
 
     /// Refuse zips of more than `max` entries.
@@ -1092,37 +1123,48 @@ impl Repack {
         self.reader.inflated()
     }
 
-    /// Take the next chunk of the upload; returns the new zip's next bytes and what the reader saw.
-    pub fn push(&mut self, chunk: BytesMut) -> Result<(Vec<Bytes>, Vec<Event>), ZipError> {
-        let events = self.reader.push(chunk)?;
-        let mut out = Vec::with_capacity(events.len());
-        for event in &events {
+    /// Take the next chunk of the upload; returns the new zip's next bytes and what the reader saw. Headers and
+    /// descriptors between two pieces of entry data go out as one block, so that a zip of many small entries
+    /// costs a few blocks per chunk rather than a few per entry.
+    pub fn push(&mut self, chunk: BytesMut) -> Result<(Vec<Bytes>, std::vec::Drain<'_, Event>), ZipError> {
+        self.events.clear();
+        self.reader.push_into(chunk, &mut self.events)?;
+        let mut out = Vec::new();
+        let mut records = BytesMut::new();
+        for event in &self.events {
             match event {
-                Event::Start(header) => out.push(self.writer.start(header)),
+                Event::Start(header) => self.writer.start_into(header, &mut records),
                 Event::Data(bytes) => {
+                    if !records.is_empty() {
+                        out.push(records.split().freeze());
+                    }
                     self.writer.data(bytes.len());
                     out.push(bytes.clone());
                 }
                 Event::End(end) => {
                     // Attributes come with the central directory; until then, a plain file.
-                    let descriptor = self.writer.end(end.sizes, MADE_ON_UNIX, file_attributes(0o644));
-                    if !descriptor.is_empty() {
-                        out.push(descriptor);
-                    }
+                    self.writer.end_into(end.sizes, MADE_ON_UNIX, file_attributes(0o644), &mut records);
                 }
             }
         }
-        Ok((out, events))
+        if !records.is_empty() {
+            out.push(records.freeze());
+        }
+        Ok((out, self.events.drain(..)))
     }
 
     /// The upload ended: check that it was a whole zip, take over its entries' attributes, drop its symlinks.
     pub fn finish(self) -> Result<ZipWriter, ZipError> {
         let mut writer = self.writer;
-        for entry in self.reader.finish()? {
+        // The reader holds the directory to the entries' order, and the writer wrote every entry it read.
+        for (index, entry) in self.reader.finish()?.into_iter().enumerate() {
+            let written = writer.entry_mut(index).expect("an entry written for every entry read");
+            debug_assert_eq!(written.name, entry.name);
             if entry.is_symlink() {
-                writer.exclude(&entry.name);
+                written.excluded = true;
             } else {
-                writer.set_attributes(&entry.name, entry.version_made_by, entry.external_attributes);
+                written.version_made_by = entry.version_made_by;
+                written.external_attributes = entry.external_attributes;
             }
         }
         Ok(writer)

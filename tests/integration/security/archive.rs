@@ -112,7 +112,7 @@ fn zip(entries: &[(String, Vec<u8>)], streamed: bool) -> Vec<u8> {
         let size = content.len() as u64;
         let sizes = Sizes { crc: crc32fast::hash(content), compressed: size, uncompressed: size };
         let header = EntryHeader {
-            name: name.clone(),
+            name: name.as_str().into(),
             method: 0,
             flags: if streamed { 8 } else { 0 },
             mod_time: 0,

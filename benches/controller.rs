@@ -94,8 +94,9 @@ async fn main() {
         reporter: "bitsmith-bench".into(),
         metrics: metrics.clone(),
         urls: None,
+        upload_claim_timeout: std::time::Duration::from_secs(60),
     };
-    tokio::spawn(controller::run(client.clone(), fetcher, options));
+    tokio::spawn(controller::run(client.clone(), fetcher, options, bitsmith::leader::Leadership::always()));
 
     let packages: Api<Package> = Api::namespaced(client.clone(), &ns);
     let watch = watcher(packages.clone(), watcher::Config::default()).applied_objects();

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::fetch::Fetcher;
-use crate::leader::{LeaseConfig, run_as_leader};
+use crate::leader::{Leadership, LeaseConfig, run_as_leader};
 use crate::offline;
 use crate::sources::{Egress, OptionPolicy, SourcePolicy, error_chain};
 use crate::store::BlobStore;
@@ -95,6 +95,11 @@ pub struct ApiArgs {
     /// for installs with a single tenant).
     #[arg(long, value_enum, default_value = "namespace")]
     pub resource_cache_scope: crate::cache::Scope,
+    /// An upload renews its claim on the object every quarter of this; the controller returns an object whose
+    /// claim went unrenewed this long to AWAITING_UPLOAD (its upload's holder died). Give every replica the
+    /// same value.
+    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+    pub upload_claim_timeout: std::time::Duration,
 }
 
 impl ApiArgs {
@@ -125,6 +130,10 @@ pub struct ApiServerArgs {
     /// Address of the operations endpoint: /metrics, /healthz, /readyz (ready once the watch cache is filled).
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_listen: std::net::SocketAddr,
+    /// Name of this replica, recorded as the holder of the uploads it receives (default: the Pod's name, else
+    /// the host's).
+    #[arg(long, env = "POD_NAME")]
+    pub instance: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -158,6 +167,16 @@ pub struct ControllerArgs {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "bitsmith-controller")]
     pub leader_election_id: String,
+    /// How long the Lease stays with a leader that stopped renewing it: another replica takes over after this.
+    #[arg(long, default_value = "15s", value_parser = parse_timeout)]
+    pub leader_election_lease_duration: std::time::Duration,
+    /// A leader that could not renew the Lease for this long stops at once (shorter than the lease duration, so
+    /// that it has stopped before another replica may start).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    pub leader_election_renew_deadline: std::time::Duration,
+    /// How often the leader renews the Lease and followers try to take it.
+    #[arg(long, default_value = "2s", value_parser = parse_timeout)]
+    pub leader_election_retry_period: std::time::Duration,
     /// Address of the operations endpoint: /metrics, /healthz, /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_listen: std::net::SocketAddr,
@@ -356,6 +375,7 @@ async fn start_api(
     store: BlobStore,
     namespace: Option<&str>,
     args: &ApiArgs,
+    instance: &str,
     listeners: ApiListeners,
     ops: &crate::ops::Ops,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, String> {
@@ -372,6 +392,8 @@ async fn start_api(
     };
     config.offload_client_ca = listeners.offload_client_ca;
     config.resource_cache_scope = args.resource_cache_scope;
+    config.instance = instance.to_string();
+    config.upload_claim_timeout = args.upload_claim_timeout;
     let (tls, front_proxy) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let front_proxy = match crate::api::FrontProxy::from_cluster(client).await {
@@ -431,7 +453,8 @@ async fn api(args: ApiServerArgs) -> Result<(), String> {
     let ops = serve_ops(args.metrics_listen).await?;
     let client = connect().await?;
     let store = args.store.open_for(&args.api.size_limits())?;
-    let served = start_api(&client, store, args.namespace.as_deref(), &args.api, listeners, &ops).await?;
+    let instance = identity(args.instance);
+    let served = start_api(&client, store, args.namespace.as_deref(), &args.api, &instance, listeners, &ops).await?;
     match served.await {
         Ok(result) => result.map_err(|e| format!("serving the API: {e}")),
         Err(e) => Err(format!("the API stopped: {e}")),
@@ -446,6 +469,14 @@ async fn serve_ops(addr: std::net::SocketAddr) -> Result<crate::ops::Ops, String
     Ok(ops)
 }
 
+/// This replica's name: as given (the Pod's name), else the host's with a random suffix.
+fn identity(instance: Option<String>) -> String {
+    instance.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+    })
+}
+
 async fn controller(args: ControllerArgs) -> Result<(), String> {
     let ops = serve_ops(args.metrics_listen).await?;
     let api = bind_api(&args.api).await?;
@@ -453,14 +484,12 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     let limits = [&[("--max-size", args.max_size)][..], &args.api.size_limits()].concat();
     let policy = args.sources.policy(args.allow_files_under);
     let fetcher = Fetcher::new(args.store.open_for(&limits)?, policy, args.max_size).map_err(|e| e.to_string())?;
+    let identity = identity(args.instance);
     // Every replica serves the API; only the leader reconciles.
     if let Some(listeners) = api {
-        start_api(&client, fetcher.store.clone(), args.namespace.as_deref(), &args.api, listeners, &ops).await?;
+        let namespace = args.namespace.as_deref();
+        start_api(&client, fetcher.store.clone(), namespace, &args.api, &identity, listeners, &ops).await?;
     }
-    let identity = args.instance.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), &uuid::Uuid::new_v4().simple().to_string()[..8])
-    });
     let reporter = kube::runtime::events::Reporter { controller: "bitsmith".into(), instance: Some(identity.clone()) };
     let options = crate::controller::Options {
         concurrency: args.concurrency,
@@ -468,17 +497,22 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         reporter,
         metrics: ops.metrics.clone(),
         urls: args.api.urls(),
+        upload_claim_timeout: args.api.upload_claim_timeout,
     };
     tracing::info!(store = fetcher.store.url(), identity, "controller starting");
-    let controller = crate::controller::run(client.clone(), fetcher, options);
+    let mut lease = LeaseConfig::new(args.leader_election_namespace, args.leader_election_id, identity);
+    lease.duration = args.leader_election_lease_duration;
+    lease.renew_deadline = args.leader_election_renew_deadline;
+    lease.retry_every = args.leader_election_retry_period;
+    lease.check().map_err(|e| format!("--leader-election-*: {e}"))?;
     // Connected and the store opened: ready, as a leader or as a follower waiting to take over.
     ops.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     if !args.leader_elect {
-        controller.await;
+        crate::controller::run(client, fetcher, options, Leadership::always()).await;
         return Ok(());
     }
-    let lease = LeaseConfig::new(args.leader_election_namespace, args.leader_election_id, identity);
-    run_as_leader(client, lease, controller).await.map_err(|e| e.to_string())
+    let work = |leadership| crate::controller::run(client.clone(), fetcher, options, leadership);
+    run_as_leader(client.clone(), lease, work).await.map_err(|e| e.to_string())
 }
 
 async fn fetch(args: FetchArgs) -> Result<(), String> {

@@ -3,13 +3,14 @@
 //! Bytes flow one way: [`sources`] open a stream (or [`api`] receives an upload), [`digest`] hashes it,
 //! [`store`] keeps it, and [`status`] records the outcome, which [`record`] writes. [`pipeline`] joins the
 //! first three; [`fetch`] picks a source for an object; [`controller`] and [`api`] are the two ways in.
-//! Modules without I/O ([`conditions`], [`status`], [`validate`], [`plan`], [`archive`], [`links`],
+//! Modules without I/O ([`conditions`], [`status`], [`validate`], [`plan`], [`claims`], [`archive`], [`links`],
 //! [`api::views`]) are tested without a cluster.
 
 pub mod api;
 pub mod archive;
 pub mod auth;
 pub mod cache;
+pub mod claims;
 pub mod cli;
 pub mod conditions;
 pub mod controller;

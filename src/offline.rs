@@ -150,7 +150,8 @@ where
             return Ok(status::done_without_bits(&prev, &message, generation, Timestamp::now()));
         }
         Plan::AwaitUpload => return Ok(status::awaiting_upload(&prev, generation, Timestamp::now())),
-        Plan::UpToDate => return Ok(prev),
+        // Without a cluster nothing uploads: the state is as the manifest says.
+        Plan::UpToDate | Plan::UploadInProgress => return Ok(prev),
         Plan::Fetch(source) => source,
     };
     let secret = match source.secret_name().map(str::to_string) {

@@ -15,6 +15,9 @@ pub enum Plan<'a> {
     ReadyWithoutBits { message: String },
     /// No source: wait for an upload through the API.
     AwaitUpload,
+    /// An upload through the API holds the object (PROCESSING_UPLOAD): leave it to the upload while its claim
+    /// is renewed, and return the object to AWAITING_UPLOAD once it is not.
+    UploadInProgress,
     /// The bits of the current generation are stored already.
     UpToDate,
     /// Fetch the bits from this source.
@@ -62,8 +65,20 @@ where
     }
     let Some(source) = object.source() else {
         // Without a source the bits come through the API, which takes the state on from AWAITING_UPLOAD.
-        let uploading = object.bits_status().and_then(|s| s.state).is_some_and(|s| s != O::State::AWAITING_UPLOAD);
-        return if uploading { Plan::UpToDate } else { Plan::AwaitUpload };
+        let status = object.bits_status();
+        return match status.and_then(|s| s.state) {
+            None => Plan::AwaitUpload,
+            // Awaiting already, perhaps saying why the last upload did not finish: leave it as it is.
+            Some(state) if state == O::State::AWAITING_UPLOAD => {
+                if status.and_then(|s| s.observed_generation) == object.meta().generation {
+                    Plan::UpToDate
+                } else {
+                    Plan::AwaitUpload
+                }
+            }
+            Some(state) if state == O::State::PROCESSING_UPLOAD => Plan::UploadInProgress,
+            Some(_) => Plan::UpToDate,
+        };
     };
     // A READY object whose newer generation failed keeps its old bits and state, so READY alone does not say
     // the current generation is stored: a pending retry (Reconciling) or a stalled attempt (Stalled) says not.
@@ -133,8 +148,10 @@ mod tests {
     fn an_upload_in_progress_or_done_is_left_to_the_api() {
         let now = Timestamp::from_second(1_800_000_000).unwrap();
         let mut uploaded = package(None);
+        uploaded.status = Some(status::awaiting_upload(&Default::default(), Some(1), now));
+        assert_eq!(plan(&uploaded), Plan::AwaitUpload, "a new generation awaits anew");
         uploaded.status = Some(status::awaiting_upload(&Default::default(), Some(2), now));
-        assert_eq!(plan(&uploaded), Plan::AwaitUpload);
+        assert_eq!(plan(&uploaded), Plan::UpToDate, "awaiting already, with what it says of the last upload");
         uploaded.status = Some(status::in_progress(
             uploaded.status.as_ref().unwrap(),
             status::Activity::Uploading,
@@ -142,6 +159,8 @@ mod tests {
             Some(2),
             now,
         ));
+        assert_eq!(plan(&uploaded), Plan::UploadInProgress, "the controller watches the upload's claim");
+        uploaded.status = Some(status::done(&Default::default(), Default::default(), Some(2), now));
         assert_eq!(plan(&uploaded), Plan::UpToDate);
     }
 

@@ -8,7 +8,7 @@ use crate::conditions::{self, READY, RECONCILING, STALLED, Status};
 use crate::digest::Digests;
 
 use crate::resources::{
-    Artifact, BitsStatus, BlobRef, Checksum, ChecksumType, DropletState, PackageState, StoredDigests,
+    Artifact, BitsStatus, BlobRef, Checksum, ChecksumType, DropletState, PackageState, StoredDigests, UploadClaim,
 };
 
 /// The CF states a status can move through; Packages and Droplets name some of them differently.
@@ -62,6 +62,7 @@ pub fn done<S: CfState>(
     status.stored = stored;
     status.error = None;
     status.observed_generation = generation;
+    status.upload = None;
     let size = status.stored.size.unwrap_or_default();
     conditions::upsert(
         &mut status.conditions,
@@ -114,12 +115,53 @@ pub fn awaiting_upload<S: CfState>(prev: &BitsStatus<S>, generation: Option<i64>
     status.state = Some(S::AWAITING_UPLOAD);
     status.error = None;
     status.observed_generation = generation;
+    status.upload = None;
     conditions::upsert(
         &mut status.conditions,
         conditions::new(READY, Status::False, "AwaitingUpload", "waiting for bits to be uploaded", generation, now),
     );
     conditions::remove(&mut status.conditions, RECONCILING);
     conditions::remove(&mut status.conditions, STALLED);
+    status
+}
+
+/// An upload through the API has begun: PROCESSING_UPLOAD, held by `holder` under the claim `id`.
+pub fn upload_claimed<S: CfState>(
+    prev: &BitsStatus<S>,
+    holder: &str,
+    id: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> BitsStatus<S> {
+    let mut status = in_progress(prev, Activity::Uploading, "receiving an upload", generation, now);
+    status.upload = Some(UploadClaim { holder: holder.into(), id: id.into(), renewals: 0, renew_time: Time(now) });
+    status
+}
+
+/// The upload's holder says it is still receiving bytes.
+pub fn upload_renewed<S: CfState>(prev: &BitsStatus<S>, now: Timestamp) -> BitsStatus<S> {
+    let mut status = prev.clone();
+    if let Some(claim) = &mut status.upload {
+        claim.renewals += 1;
+        claim.renew_time = Time(now);
+    }
+    status
+}
+
+/// Why an upload's claim was given up: its holder stopped renewing it.
+pub const UPLOAD_ABANDONED: &str = "UploadAbandoned";
+
+/// An upload whose holder stopped renewing its claim (it died or lost the API server): the object awaits
+/// another upload, and says what happened.
+pub fn upload_abandoned<S: CfState>(prev: &BitsStatus<S>, generation: Option<i64>, now: Timestamp) -> BitsStatus<S> {
+    let holder = prev.upload.as_ref().map_or("an API replica", |claim| claim.holder.as_str());
+    let message = format!("the upload held by {holder} stopped renewing its claim; upload the bits again");
+    let mut status = awaiting_upload(prev, generation, now);
+    status.error = Some(message.clone());
+    conditions::upsert(
+        &mut status.conditions,
+        conditions::new(READY, Status::False, UPLOAD_ABANDONED, message, generation, now),
+    );
     status
 }
 
@@ -187,6 +229,7 @@ pub fn failed<S: CfState>(
     let was_done = status.state == Some(S::DONE);
     status.error = Some(message.to_string());
     status.observed_generation = generation;
+    status.upload = None;
     if permanent {
         if !was_done {
             status.state = Some(S::FAILED);
@@ -273,6 +316,34 @@ mod tests {
         assert_eq!(find(&after.conditions, READY).unwrap().status, "True");
         let progressing = in_progress(&ready, Activity::Fetching, "fetching generation 2", Some(2), now());
         assert_eq!(progressing.state, Some(PackageState::Ready));
+    }
+
+    #[test]
+    fn an_upload_claim_is_renewed_and_ends_with_the_upload() {
+        let base = PackageStatus::default();
+        let claimed = upload_claimed(&base, "api-0", "c1", Some(1), now());
+        assert_eq!(claimed.state, Some(PackageState::ProcessingUpload));
+        let claim = claimed.upload.clone().unwrap();
+        assert_eq!((claim.holder.as_str(), claim.id.as_str(), claim.renewals), ("api-0", "c1", 0));
+        let renewed = upload_renewed(&claimed, now());
+        assert_eq!(renewed.upload.as_ref().unwrap().renewals, 1);
+        assert_ne!(renewed, claimed, "a renewal is a change the controller sees");
+        let stored = done(&renewed, stored_digests(&digests(), blob()), Some(1), now());
+        assert!(stored.upload.is_none(), "a finished upload holds no claim");
+        assert!(failed(&renewed, "InvalidBits", "bad", true, Some(1), now()).upload.is_none());
+        assert!(awaiting_upload(&renewed, Some(1), now()).upload.is_none());
+    }
+
+    #[test]
+    fn an_abandoned_upload_awaits_another_and_says_whose_it_was() {
+        let claimed = upload_claimed(&PackageStatus::default(), "api-0", "c1", Some(1), now());
+        let abandoned = upload_abandoned(&claimed, Some(1), now());
+        assert_eq!(abandoned.state, Some(PackageState::AwaitingUpload));
+        assert!(abandoned.upload.is_none());
+        assert!(abandoned.error.as_deref().unwrap().contains("api-0"));
+        let ready = find(&abandoned.conditions, READY).unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", UPLOAD_ABANDONED));
+        assert!(find(&abandoned.conditions, RECONCILING).is_none());
     }
 
     #[test]

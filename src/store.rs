@@ -97,6 +97,8 @@ impl BlobOwner {
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     client: ObjectClient,
+    /// Names the writes this handle stages (`staging/<tag>-<uuid>`), so that one upload's leftovers can be found.
+    staging_tag: Option<std::sync::Arc<str>>,
 }
 
 impl BlobStore {
@@ -104,7 +106,7 @@ impl BlobStore {
     /// [`object_url::connect`]); credentials may also come from the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Self, StoreError> {
         let client = object_url::connect(url, options, CredentialPolicy::OptionsOrEnvironment, None)?;
-        Ok(BlobStore { client })
+        Ok(BlobStore { client, staging_tag: None })
     }
 
     /// The store's URL without settings or credentials, as recorded in statuses.
@@ -145,9 +147,19 @@ impl BlobStore {
         }
     }
 
+    /// The same store, staging its writes under `tag` (letters, digits and dashes), for
+    /// [`BlobStore::sweep_staged`].
+    pub fn staging_as(&self, tag: &str) -> BlobStore {
+        debug_assert!(tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "a plain tag");
+        BlobStore { client: self.client.clone(), staging_tag: Some(tag.into()) }
+    }
+
     /// Start a write under a fresh staging key.
     pub async fn begin_write(&self) -> Result<StagedWrite, StoreError> {
-        let staging_key = format!("{STAGING}/{}", uuid::Uuid::new_v4());
+        let staging_key = match &self.staging_tag {
+            Some(tag) => format!("{STAGING}/{tag}-{}", uuid::Uuid::new_v4()),
+            None => format!("{STAGING}/{}", uuid::Uuid::new_v4()),
+        };
         let path = self.path(&staging_key);
         let upload = self
             .client
@@ -240,16 +252,31 @@ impl BlobStore {
     /// Remove staged writes older than `older_than`: what a killed process left behind. Returns how many.
     pub async fn sweep_staging(&self, older_than: Duration) -> Result<usize, StoreError> {
         let cutoff = SystemTime::now() - older_than;
+        self.sweep_staged_where(|_, modified| modified < cutoff).await
+    }
+
+    /// Remove what the writes staged under `tag` (see [`BlobStore::staging_as`]) left: the bytes of an upload
+    /// whose holder died. Returns how many objects went.
+    pub async fn sweep_staged(&self, tag: &str) -> Result<usize, StoreError> {
+        let prefix = format!("{tag}-");
+        self.sweep_staged_where(|name, _| name.starts_with(&prefix)).await
+    }
+
+    /// Remove the staged objects `stale` picks by file name and modification time.
+    async fn sweep_staged_where(&self, stale: impl Fn(&str, SystemTime) -> bool) -> Result<usize, StoreError> {
         if self.client.scheme == Scheme::File {
             // The local backend hides its in-progress part files from listings, so look at the directory itself.
-            return self.sweep_local_staging(cutoff);
+            return self.sweep_local_staging(stale);
         }
         let prefix = self.path(STAGING);
         let stale: Vec<Path> = self
             .client
             .store
             .list(Some(&prefix))
-            .try_filter(|meta| futures::future::ready(SystemTime::from(meta.last_modified) < cutoff))
+            .try_filter(|meta| {
+                let name = meta.location.filename().unwrap_or_default();
+                futures::future::ready(stale(name, SystemTime::from(meta.last_modified)))
+            })
             .map_ok(|meta| meta.location)
             .try_collect()
             .await
@@ -263,7 +290,7 @@ impl BlobStore {
         Ok(stale.len())
     }
 
-    fn sweep_local_staging(&self, cutoff: SystemTime) -> Result<usize, StoreError> {
+    fn sweep_local_staging(&self, stale: impl Fn(&str, SystemTime) -> bool) -> Result<usize, StoreError> {
         let dir = std::path::Path::new("/").join(self.path(STAGING).as_ref());
         let io_error =
             |op, source| StoreError::Io { store: self.url().to_string(), op, path: dir.display().to_string(), source };
@@ -276,7 +303,7 @@ impl BlobStore {
         for entry in entries {
             let entry = entry.map_err(|e| io_error("list", e))?;
             let modified = entry.metadata().and_then(|m| m.modified()).map_err(|e| io_error("stat", e))?;
-            if modified < cutoff {
+            if stale(&entry.file_name().to_string_lossy(), modified) {
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

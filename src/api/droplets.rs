@@ -18,7 +18,7 @@ use super::{AppState, CfError, blobs, views};
 use crate::archive::tgz::TgzCheck;
 use crate::pipeline::{self, PipelineError, Stored};
 use crate::resources::{BlobRef, Droplet, DropletState};
-use crate::store::BlobOwner;
+use crate::store::{BlobOwner, BlobStore};
 
 /// A droplet may inflate to at most this many times its compressed size before the check gives up on it.
 const INFLATION_LIMIT: u64 = 20;
@@ -86,24 +86,24 @@ pub async fn upload(
 
 /// Upload `body` to `droplet`, whoever asked.
 pub(super) async fn upload_to(state: &AppState, droplet: &Droplet, body: UploadBody) -> Result<Response, CfError> {
-    let claimed = upload::claim(state, droplet).await?;
+    let mut claimed = upload::claim(state, droplet).await?;
     let owner = BlobOwner::of(&claimed.object, &claimed.object.namespace().unwrap_or_default());
+    let store = claimed.store(state);
     let max = state.config.max_upload_size;
-    let outcome = match body {
-        UploadBody::Form(mut form) => {
-            async {
+    let receiving = async {
+        match body {
+            UploadBody::Form(mut form) => {
                 while let Some(field) = upload::next_field(&mut form).await? {
                     if field.name() == Some("bits") {
-                        return store_tgz(state, &owner, Box::pin(upload::field_stream(field))).await;
+                        return store_tgz(state, &store, &owner, Box::pin(upload::field_stream(field))).await;
                     }
                 }
                 Err(PipelineError::Invalid { detail: "the form has no bits".into() })
             }
-            .await
+            UploadBody::Raw(body) => store_tgz(state, &store, &owner, Box::pin(upload::raw_stream(body, max))).await,
         }
-        UploadBody::Raw(body) => store_tgz(state, &owner, Box::pin(upload::raw_stream(body, max))).await,
-    }
-    .map_err(|e| {
+    };
+    let outcome = upload::hold(state, &mut claimed, receiving).await?.map_err(|e| {
         Failure::pipeline(e, |e| CfError::UnprocessableEntity(format!("Uploaded droplet file is invalid: {e}")))
     });
     upload::settle(state, &claimed, outcome).await?;
@@ -114,8 +114,13 @@ pub(super) async fn upload_to(state: &AppState, droplet: &Droplet, body: UploadB
 }
 
 /// Store a droplet, checking on the way that it is a `.tgz`.
-async fn store_tgz(state: &AppState, owner: &BlobOwner, chunks: upload::Chunks<'_>) -> Result<Stored, PipelineError> {
+async fn store_tgz(
+    state: &AppState,
+    store: &BlobStore,
+    owner: &BlobOwner,
+    chunks: upload::Chunks<'_>,
+) -> Result<Stored, PipelineError> {
     let max = state.config.max_upload_size;
     let check = Box::new(TgzCheck::new(max.saturating_mul(INFLATION_LIMIT)));
-    pipeline::store_checked(chunks, "the droplet", &state.store, owner, None, max, Some(check)).await
+    pipeline::store_checked(chunks, "the droplet", store, owner, None, max, Some(check)).await
 }

@@ -68,6 +68,10 @@ pub struct ApiConfig {
     pub limits: Limits,
     /// Who may use a file of the resource cache: callers with access to a namespace that uploaded it, or all.
     pub resource_cache_scope: crate::cache::Scope,
+    /// This replica's name, recorded as the holder of the uploads it receives.
+    pub instance: String,
+    /// Uploads renew their claim every quarter of this; the controller gives up a claim unrenewed this long.
+    pub upload_claim_timeout: Duration,
 }
 
 /// What the API tolerates of a connection, so that slow or oversized requests cannot tie it up.
@@ -112,6 +116,8 @@ impl ApiConfig {
             offload_client_ca: None,
             limits: Limits::default(),
             resource_cache_scope: crate::cache::Scope::Namespace,
+            instance: "bitsmith-api".into(),
+            upload_claim_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::cache::{self, CachedFile, ResourceCache, Scope};
 use crate::pipeline::{self, Stored};
 use crate::resources::{BlobRef, Package, PackageState, PackageType};
 use crate::sources::SourceError;
-use crate::store::BlobOwner;
+use crate::store::{BlobOwner, BlobStore};
 
 /// `GET /v3/packages/:guid`.
 pub async fn show(
@@ -147,8 +147,9 @@ async fn upload_from(
     if package.spec.package_type != PackageType::Bits {
         return Err(CfError::UnprocessableEntity("Package type must be bits.".into()));
     }
-    let claimed = upload::claim(state, package).await?;
-    let outcome = receive(state, &claimed.object, caller, body, offload).await;
+    let mut claimed = upload::claim(state, package).await?;
+    let (target, store) = (claimed.object.clone(), claimed.store(state));
+    let outcome = upload::hold(state, &mut claimed, receive(state, &store, &target, caller, body, offload)).await?;
     upload::settle(state, &claimed, outcome).await?;
     Ok(Json(views::package(&claimed.object, &state.config.urls)).into_response())
 }
@@ -156,6 +157,7 @@ async fn upload_from(
 /// Stream the new package zip into the store while the form is read.
 async fn receive(
     state: &AppState,
+    store: &BlobStore,
     package: &Package,
     caller: &Caller,
     body: UploadBody,
@@ -166,8 +168,8 @@ async fn receive(
     let (zip, rx) = mpsc::channel::<Result<Bytes, SourceError>>(8);
     let chunks = Box::pin(futures::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|item| (item, rx)) }));
     let limit = state.config.max_upload_size.saturating_add(state.config.max_package_size);
-    let storing = pipeline::store_checked(chunks, "the package", &state.store, &owner, None, limit, None);
-    let mut packing = Packing { state, caller, namespace, zip, inflated: 0, offload };
+    let storing = pipeline::store_checked(chunks, "the package", store, &owner, None, limit, None);
+    let mut packing = Packing { state, store, caller, namespace, zip, inflated: 0, offload };
     let producing = async {
         let produced = packing.run(body).await;
         if produced.is_err() {
@@ -202,6 +204,8 @@ const FEED_BATCH: usize = 1 << 20;
 /// The work of one upload: the uploaded zip rewritten, files cached, resources added.
 struct Packing<'a> {
     state: &'a AppState,
+    /// Where the upload stages what it writes (the package and the files it caches): under its claim.
+    store: &'a BlobStore,
     /// Who uploads: the files of the cache they may use depend on it.
     caller: &'a Caller,
     /// The package's namespace, recorded as a holder of the files the upload puts in the cache.
@@ -232,7 +236,7 @@ impl Packing<'_> {
                 let mut repack = Repack::new(self.state.config.max_package_size, crate::cache::CACHED_SIZES)
                     .with_max_entries(self.state.config.max_zip_entries);
                 let chunks = upload::raw_stream(body, self.state.config.max_upload_size);
-                self.feed(&mut repack, &mut CacheWrite::default(), chunks).await?;
+                self.feed(&mut repack, &mut CacheWrite::new(self.store), chunks).await?;
                 let writer = repack.finish().map_err(zip_failure)?;
                 self.send(writer.finish()).await
             }
@@ -244,7 +248,7 @@ impl Packing<'_> {
         let mut repack =
             Some(Repack::new(max, crate::cache::CACHED_SIZES).with_max_entries(self.state.config.max_zip_entries));
         let (mut saw_bits, mut resources) = (false, None);
-        let mut cache = CacheWrite::default();
+        let mut cache = CacheWrite::new(self.store);
         while let Some(field) =
             upload::next_field(form).await.map_err(|e| Failure::pipeline(e, |_| CfError::Unknown))?
         {
@@ -426,18 +430,23 @@ impl Packing<'_> {
 /// namespace as a holder of each; only files of a size worth matching are kept, and the bytes of a file the cache
 /// holds already are not stored again. A cache that cannot be written only costs later matches, never the
 /// upload.
-#[derive(Default)]
 struct CacheWrite {
+    /// Stages under the upload's claim.
+    store: BlobStore,
     open: Option<(EntryHeader, crate::store::StagedWrite)>,
 }
 
 impl CacheWrite {
+    fn new(store: &BlobStore) -> Self {
+        CacheWrite { store: store.clone(), open: None }
+    }
+
     async fn follow(&mut self, cache: &ResourceCache, namespace: &str, event: ZipEvent) {
         match event {
             ZipEvent::Start(header) => {
                 let worth = header.declared.is_none_or(|d| crate::cache::cacheable(d.uncompressed));
                 if !header.is_dir() && worth {
-                    match cache.store.begin_write().await {
+                    match self.store.begin_write().await {
                         Ok(write) => self.open = Some((header, write)),
                         Err(error) => tracing::warn!(%error, "caching an uploaded file"),
                     }

@@ -1,5 +1,8 @@
 //! What package and droplet uploads share: claiming the object (AWAITING_UPLOAD → PROCESSING_UPLOAD, so that of
-//! two concurrent uploads exactly one wins), reading the multipart form, and settling the outcome in the status.
+//! two concurrent uploads exactly one wins), renewing the claim while the bytes flow (so that the controller can
+//! tell a live upload from one whose holder died), reading the multipart form, and settling the outcome in the
+//! status. Every write is made over the status the upload last wrote: one the controller or another upload
+//! changed meanwhile is never overwritten.
 
 use axum::extract::Multipart;
 use axum::extract::multipart::{Field, MultipartRejection};
@@ -10,10 +13,10 @@ use serde::Serialize;
 
 use super::{AppState, CfError, views};
 use crate::pipeline::{PipelineError, Stored};
-use crate::record::Managed;
+use crate::record::{Managed, WriteError};
 use crate::resources::{BitsStatus, Droplet, DropletState, Package, PackageState};
 use crate::sources::SourceError;
-use crate::status::{self, Activity, CfState};
+use crate::status::{self, CfState};
 
 /// What an upload needs to know of its kind.
 pub(super) trait Uploadable: Managed<State: CfState + Serialize + Send + Sync> {
@@ -49,10 +52,23 @@ impl Uploadable for Droplet {
     }
 }
 
-/// An object this upload holds: written in PROCESSING_UPLOAD, with the status it was written with.
+/// An object this upload holds, as the upload last wrote it (PROCESSING_UPLOAD, with its claim).
 pub(super) struct Claimed<O: Uploadable> {
     pub object: O,
-    pub status: BitsStatus<O::State>,
+    /// The claim's id, which names the upload's staged bytes.
+    pub id: String,
+}
+
+impl<O: Uploadable> Claimed<O> {
+    fn status(&self) -> BitsStatus<O::State> {
+        self.object.bits_status().cloned().unwrap_or_default()
+    }
+
+    /// The store, staging this upload's writes under its claim, so that the controller can remove them if the
+    /// upload is abandoned.
+    pub fn store(&self, state: &AppState) -> crate::store::BlobStore {
+        state.store.staging_as(&self.id)
+    }
 }
 
 fn api_of<O: Uploadable>(state: &AppState, object: &O) -> Api<O> {
@@ -80,13 +96,46 @@ pub(super) async fn claim<O: Uploadable>(state: &AppState, object: &O) -> Result
     }
     let prev = fresh.bits_status().cloned().unwrap_or_default();
     let generation = fresh.meta().generation;
-    let started = status::in_progress(&prev, Activity::Uploading, "receiving an upload", generation, Timestamp::now());
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let holder = &state.config.instance;
+    let started = status::upload_claimed(&prev, holder, &id, generation, Timestamp::now());
     let started = with_links(state, &fresh, started);
-    let version = fresh.resource_version();
-    match state.recorder.status(&api, &fresh, &prev, &started, version.as_deref()).await {
-        Ok(written) => Ok(Claimed { object: written.unwrap_or(fresh), status: started }),
-        Err(kube::Error::Api(e)) if e.code == 409 => Err(O::not_awaiting_upload()),
-        Err(e) => Err(CfError::internal("claiming the object for an upload", &e)),
+    match state.recorder.status(&api, &fresh, &started).await {
+        Ok(written) => Ok(Claimed { object: written.unwrap_or(fresh), id }),
+        Err(WriteError::Conflict { .. }) => Err(O::not_awaiting_upload()),
+        Err(WriteError::Kube(e)) => Err(CfError::internal("claiming the object for an upload", &e)),
+    }
+}
+
+/// Run `work` (the upload) while renewing `claimed`'s claim every quarter of the claim timeout. A renewal that
+/// finds the status changed means the claim is lost (the controller judged it abandoned): the work stops and
+/// the upload is answered 503, to be tried again. A renewal the API server does not answer is tried again at
+/// the next turn; the controller's timeout covers them.
+pub(super) async fn hold<O: Uploadable, F: std::future::Future>(
+    state: &AppState,
+    claimed: &mut Claimed<O>,
+    work: F,
+) -> Result<F::Output, CfError> {
+    let api = api_of(state, &claimed.object);
+    let every = state.config.upload_claim_timeout / 4;
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            output = &mut work => return Ok(output),
+            () = tokio::time::sleep(every) => {}
+        }
+        let next = status::upload_renewed(&claimed.status(), Timestamp::now());
+        match tokio::time::timeout(every, state.recorder.status(&api, &claimed.object, &next)).await {
+            Ok(Ok(written)) => claimed.object = written.unwrap_or_else(|| claimed.object.clone()),
+            Ok(Err(WriteError::Conflict { .. })) => {
+                tracing::warn!(object = claimed.object.name_any(), claim = claimed.id, "an upload lost its claim");
+                return Err(CfError::ServiceUnavailable(
+                    "The upload's claim on the object lapsed before it finished; upload again.".into(),
+                ));
+            }
+            Ok(Err(WriteError::Kube(error))) => tracing::warn!(%error, "renewing an upload's claim"),
+            Err(_) => tracing::warn!("renewing an upload's claim: the API server did not answer in time"),
+        }
     }
 }
 
@@ -133,25 +182,35 @@ pub(super) async fn settle<O: Uploadable>(
     let api = api_of(state, &claimed.object);
     let generation = claimed.object.meta().generation;
     let now = Timestamp::now();
+    let claim = claimed.status();
+    let stored_key = outcome.as_ref().ok().map(|stored| stored.blob.key.clone());
     let (next, answer) = match outcome {
         Ok(stored) => {
             let digests = status::stored_digests(&stored.digests, stored.blob);
-            (status::done(&claimed.status, digests, generation, now), Ok(()))
+            (status::done(&claim, digests, generation, now), Ok(()))
         }
         Err(Failure::Retry { answer, message }) => {
-            let mut next = status::awaiting_upload(&claimed.status, generation, now);
+            let mut next = status::awaiting_upload(&claim, generation, now);
             next.error = Some(format!("the last upload failed: {message}"));
             (next, Err(answer))
         }
         Err(Failure::Content { answer, reason, message }) => {
-            (status::failed(&claimed.status, reason, &message, true, generation, now), Err(answer))
+            (status::failed(&claim, reason, &message, true, generation, now), Err(answer))
         }
     };
     let next = with_links(state, &claimed.object, next);
-    if let Err(error) = state.recorder.status(&api, &claimed.object, &claimed.status, &next, None).await {
-        return Err(CfError::internal("recording the upload's outcome", &error));
+    match state.recorder.status(&api, &claimed.object, &next).await {
+        Ok(_) => answer,
+        Err(WriteError::Conflict { .. }) => {
+            // The claim lapsed: the object is no longer this upload's. Bits it stored stay where they are rather
+            // than risk removing a later upload's identical bits (same key); they go with the object.
+            tracing::warn!(object = claimed.object.name_any(), stored = ?stored_key, "an upload finished after its claim lapsed");
+            Err(CfError::ServiceUnavailable(
+                "The upload's claim on the object lapsed before it finished; upload again.".into(),
+            ))
+        }
+        Err(WriteError::Kube(error)) => Err(CfError::internal("recording the upload's outcome", &error)),
     }
-    answer
 }
 
 /// An upload's bytes, as the pipeline takes them.

@@ -88,6 +88,9 @@ impl Mocked {
             fetcher,
             metrics: Default::default(),
             urls: None,
+            upload_claim_timeout: std::time::Duration::from_secs(60),
+            claims: Default::default(),
+            leadership: crate::leader::Leadership::always(),
         });
         Mocked { context, calls }
     }

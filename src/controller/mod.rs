@@ -21,6 +21,7 @@ use kube::{Api, Client, ResourceExt};
 pub use reconcile::{Context, FINALIZER, ReconcileError};
 
 use crate::fetch::Fetcher;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::record::Managed;
 use crate::resources::{Droplet, Package};
@@ -39,13 +40,16 @@ pub struct Options {
     pub metrics: Arc<Metrics>,
     /// Where the CF v3 API serves the objects; their statuses link there. No links without it.
     pub urls: Option<crate::links::ApiUrls>,
+    /// An upload whose claim does not change for this long was abandoned: the object awaits another upload.
+    pub upload_claim_timeout: Duration,
 }
 
 /// Staged writes older than this were left by a process that died mid-write.
 const STALE_STAGING: Duration = Duration::from_secs(3600);
 
-/// Reconcile Packages and Droplets until the process is asked to stop (SIGTERM or Ctrl-C).
-pub async fn run(client: Client, fetcher: Fetcher, options: Options) {
+/// Reconcile Packages and Droplets until the process is asked to stop (SIGTERM or Ctrl-C), writing only while
+/// `leadership` holds.
+pub async fn run(client: Client, fetcher: Fetcher, options: Options, leadership: Leadership) {
     let sweeper = tokio::spawn(sweep_staging(fetcher.store.clone()));
     let context = Arc::new(Context {
         client: client.clone(),
@@ -53,6 +57,9 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options) {
         recorder: crate::record::Recorder::new(client.clone(), options.reporter.clone(), options.metrics.clone()),
         metrics: options.metrics.clone(),
         urls: options.urls.clone(),
+        upload_claim_timeout: options.upload_claim_timeout,
+        claims: Default::default(),
+        leadership,
     });
     let config = controller::Config::default().concurrency(options.concurrency);
     let packages: Api<Package> = scoped(&client, &options.namespace);
@@ -83,20 +90,27 @@ async fn sweep_staging(store: BlobStore) {
     }
 }
 
-/// A controller that reconciles when the spec changes (a new generation) or the finalizers do, and not when
-/// only the status does: the controller's own status writes would otherwise trigger it again at once.
-/// Retries are scheduled by the reconciler's requeues.
-fn controller_for<K>(api: Api<K>) -> Controller<K>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-{
+/// A controller that reconciles when the spec changes (a new generation), the finalizers do, or an upload takes
+/// or gives back its claim, and not when only the rest of the status does: the controller's own status writes
+/// would otherwise trigger it again at once. Retries, and the watch on a claim's renewals, are scheduled by the
+/// reconciler's requeues.
+fn controller_for<K: Managed>(api: Api<K>) -> Controller<K> {
     let (reader, writer) = reflector::store();
-    let triggers = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(predicates::generation.combine(predicates::finalizers), Default::default());
+    let triggers =
+        watcher(api, watcher::Config::default()).default_backoff().reflect(writer).applied_objects().predicate_filter(
+            predicates::generation.combine(predicates::finalizers).combine(upload_claim::<K>),
+            Default::default(),
+        );
     Controller::for_stream(triggers, reader)
+}
+
+/// Which upload holds the object, if any.
+fn upload_claim<K: Managed>(object: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let claim = object.bits_status().and_then(|s| s.upload.as_ref()).map(|claim| claim.id.as_str());
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    claim.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>

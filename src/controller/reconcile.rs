@@ -13,12 +13,14 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 
+use crate::claims::{ClaimWatch, Verdict};
 use crate::conditions::{self, RECONCILING};
 use crate::fetch::{Fetcher, Inputs};
+use crate::leader::Leadership;
 use crate::links::ApiUrls;
 use crate::metrics::Metrics;
 use crate::plan::{Plan, plan};
-use crate::record::{Managed, Recorder};
+use crate::record::{Managed, Recorder, WriteError};
 use crate::resources::{BitsStatus, Package};
 use crate::sources::SecretData;
 use crate::status::{self, Activity, CfState};
@@ -35,6 +37,13 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Where the CF v3 API serves the objects, for the links in their statuses.
     pub urls: Option<ApiUrls>,
+    /// An upload's claim unchanged for this long was abandoned by its holder.
+    pub upload_claim_timeout: Duration,
+    /// The upload claims seen, by object uid.
+    pub claims: std::sync::Mutex<ClaimWatch>,
+    /// Whether this replica still leads: checked before every write, so that a leader that lost its Lease
+    /// (frozen, or cut off from the API server) writes nothing once another replica may lead.
+    pub leadership: Leadership,
 }
 
 impl Context {
@@ -46,18 +55,24 @@ impl Context {
         status
     }
 
+    /// Write `next` over the status `planned` holds, unless another writer changed it since (see
+    /// [`Recorder::status`]). Returns the object as it now is.
     async fn write_status<O: Managed>(
         &self,
         api: &Api<O>,
-        object: &O,
-        prev: &BitsStatus<O::State>,
+        planned: &O,
         next: &BitsStatus<O::State>,
-    ) -> Result<(), ReconcileError>
+    ) -> Result<O, ReconcileError>
     where
         O::State: CfState + Serialize,
     {
-        self.recorder.status(api, object, prev, &self.linked(object, next), None).await?;
-        Ok(())
+        self.still_leading()?;
+        let written = self.recorder.status(api, planned, &self.linked(planned, next)).await?;
+        Ok(written.unwrap_or_else(|| planned.clone()))
+    }
+
+    fn still_leading(&self) -> Result<(), ReconcileError> {
+        if self.leadership.check() { Ok(()) } else { Err(ReconcileError::NotLeading) }
     }
 }
 
@@ -66,11 +81,29 @@ impl Context {
 pub enum ReconcileError {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// Another writer changed the object first; the reconcile runs again on what it wrote.
+    #[error("{0}")]
+    Conflict(String),
+    /// This replica no longer holds the leader Lease: it writes nothing more.
+    #[error("not the leader any more")]
+    NotLeading,
     #[error("removing blobs: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<ReconcileError>>),
 }
+
+impl From<WriteError> for ReconcileError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Conflict { .. } => ReconcileError::Conflict(error.to_string()),
+            WriteError::Kube(error) => ReconcileError::Kube(error),
+        }
+    }
+}
+
+/// A reconcile that lost a race for a status runs again this soon, on the winner's status.
+const AFTER_CONFLICT: Duration = Duration::from_secs(1);
 
 /// Reconcile one object, behind the finalizer that cleans up its blobs.
 pub async fn reconcile<O: Managed>(object: Arc<O>, ctx: Arc<Context>) -> Result<Action, ReconcileError>
@@ -82,8 +115,17 @@ where
     let api: Api<O> = Api::namespaced(ctx.client.clone(), &namespace);
     let outcome = finalizer(&api, FINALIZER, object, |event| async {
         match event {
-            finalizer::Event::Apply(object) => apply(&api, object.as_ref(), &namespace, &ctx).await,
-            finalizer::Event::Cleanup(object) => cleanup(object.as_ref(), &namespace, &ctx).await,
+            finalizer::Event::Apply(object) => match apply(&api, object.as_ref(), &namespace, &ctx).await {
+                Err(ReconcileError::Conflict(reason)) => {
+                    tracing::debug!(object = %ObjectRef::from(object.as_ref()), reason, "lost a status race; planning again");
+                    Ok(Action::requeue(AFTER_CONFLICT))
+                }
+                other => other,
+            },
+            finalizer::Event::Cleanup(object) => {
+                forget_claim(&ctx, object.as_ref());
+                cleanup(object.as_ref(), &namespace, &ctx).await
+            }
         }
     })
     .await
@@ -126,13 +168,18 @@ where
     let prev = object.bits_status().cloned().unwrap_or_default();
     let generation = object.meta().generation;
     let now = Timestamp::now();
-    let (next, action) = match plan(object) {
+    let planned = plan(object);
+    if planned != Plan::UploadInProgress {
+        forget_claim(ctx, object);
+    }
+    let (next, action) = match planned {
         Plan::UpToDate => {
             // Links change only when the API's external URL does.
-            ctx.write_status(api, object, &prev, &prev).await?;
+            ctx.write_status(api, object, &prev).await?;
             record_state(ctx, object, prev.state);
             return Ok(Action::await_change());
         }
+        Plan::UploadInProgress => return watch_upload(api, object, ctx).await,
         Plan::Invalid(error) => {
             (status::failed(&prev, "InvalidSpec", &error.to_string(), true, generation, now), Action::await_change())
         }
@@ -143,14 +190,16 @@ where
         Plan::Fetch(source) => {
             let activity = if source.package.is_some() { Activity::Copying } else { Activity::Fetching };
             let started = status::in_progress(&prev, activity, "fetching the bits", generation, now);
-            ctx.write_status(api, object, &prev, &started).await?;
+            let current = ctx.write_status(api, object, &started).await?;
+            let started = current.bits_status().cloned().unwrap_or_default();
             let (next, action) = fetch(object, namespace, source, &started, ctx).await?;
-            ctx.write_status(api, object, &started, &next).await?;
+            ctx.write_status(api, &current, &next).await?;
             record_state(ctx, object, next.state);
             // Blobs of earlier generations go only once the status names the new one, so that a READY status
             // never points at a deleted blob. All of the owner's other blobs go, so that one an earlier removal
             // failed to delete goes now.
             if let Some(new) = &next.stored.blob
+                && ctx.leadership.check()
                 && ctx.fetcher.store.holds(new)
                 && let Some(prefix) = BlobOwner::of(object, namespace).own_prefix()
             {
@@ -165,9 +214,46 @@ where
             return Ok(action);
         }
     };
-    ctx.write_status(api, object, &prev, &next).await?;
+    ctx.write_status(api, object, &next).await?;
     record_state(ctx, object, next.state);
     Ok(action)
+}
+
+/// An upload through the API holds `object`: leave it alone while the upload's holder renews its claim; once
+/// the claim has not changed for the claim timeout, return the object to AWAITING_UPLOAD (a Warning Event
+/// `UploadAbandoned`) and remove what the upload had staged.
+async fn watch_upload<O: Managed>(api: &Api<O>, object: &O, ctx: &Context) -> Result<Action, ReconcileError>
+where
+    O::State: CfState + Serialize + Send + Sync,
+{
+    let status = object.bits_status().cloned().unwrap_or_default();
+    record_state(ctx, object, status.state);
+    let uid = object.uid().unwrap_or_default();
+    let verdict = ctx.claims.lock().expect("claims lock").judge(
+        &uid,
+        status.upload.as_ref(),
+        std::time::Instant::now(),
+        ctx.upload_claim_timeout,
+    );
+    if let Verdict::Live { recheck_in } = verdict {
+        return Ok(Action::requeue(recheck_in + Duration::from_millis(100)));
+    }
+    let next = status::upload_abandoned(&status, object.meta().generation, Timestamp::now());
+    ctx.write_status(api, object, &next).await?;
+    ctx.claims.lock().expect("claims lock").forget(&uid);
+    record_state(ctx, object, next.state);
+    if let Some(claim) = &status.upload {
+        tracing::warn!(object = %ObjectRef::from(object), holder = claim.holder, "an upload was abandoned");
+        match ctx.fetcher.store.sweep_staged(&claim.id).await {
+            Ok(removed) => tracing::info!(removed, claim = claim.id, "removed an abandoned upload's staged bytes"),
+            Err(error) => tracing::warn!(%error, "removing an abandoned upload's staged bytes; the staging sweep will"),
+        }
+    }
+    Ok(Action::await_change())
+}
+
+fn forget_claim<O: Managed>(ctx: &Context, object: &O) {
+    ctx.claims.lock().expect("claims lock").forget(object.uid().as_deref().unwrap_or_default());
 }
 
 /// Read what the source refers to, fetch, and turn the outcome into the next status and when to look again.
@@ -232,6 +318,7 @@ where
     O::State: Serialize,
 {
     record_state(ctx, object, None);
+    ctx.still_leading()?;
     if let Some(blob) = object.bits_status().and_then(|s| s.stored.blob.as_ref())
         && ctx.fetcher.store.holds(blob)
     {

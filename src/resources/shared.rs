@@ -261,6 +261,25 @@ pub struct BitsStatus<S> {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The upload the API is receiving, while the state is PROCESSING_UPLOAD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadClaim>,
+}
+
+/// An upload in progress through the API: who receives it, and proof that it still does. The holder renews the
+/// claim while the upload runs; a claim whose renewals stop changing for `--upload-claim-timeout`, as the
+/// controller's own clock measures it, was abandoned (its holder died), and the object awaits an upload again.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadClaim {
+    /// The API replica receiving the upload.
+    pub holder: String,
+    /// This claim's id; the upload's staged bytes are named after it.
+    pub id: String,
+    /// Renewals so far.
+    pub renewals: u64,
+    /// When the holder last renewed, for people: the controller compares no clocks.
+    pub renew_time: Time,
 }
 
 impl<S> Default for BitsStatus<S> {
@@ -273,6 +292,7 @@ impl<S> Default for BitsStatus<S> {
             artifact: None,
             conditions: Vec::new(),
             observed_generation: None,
+            upload: None,
         }
     }
 }

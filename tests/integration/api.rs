@@ -61,9 +61,11 @@ async fn setup_with(
         reporter: "bitsmith-test".into(),
         metrics: Default::default(),
         urls: Some(urls.clone()),
+        upload_claim_timeout: std::time::Duration::from_secs(60),
     };
     let fetcher: Fetcher = fetcher(store.clone(), Default::default(), 1 << 30);
-    let running = tokio::spawn(controller::run(client.clone(), fetcher, options));
+    let running =
+        tokio::spawn(controller::run(client.clone(), fetcher, options, bitsmith::leader::Leadership::always()));
 
     let mut config = ApiConfig::new(urls);
     config.download_url_ttl = Duration::from_secs(60);

@@ -42,12 +42,18 @@ async fn setup(test: &str) -> Setup {
     tokio::spawn(bitsmith::ops::serve(listener, ops.clone()));
     let options = Options {
         urls: None,
+        upload_claim_timeout: std::time::Duration::from_secs(60),
         concurrency: 4,
         namespace: Some(ns.clone()),
         reporter: "bitsmith-test".into(),
         metrics: ops.metrics,
     };
-    let running = tokio::spawn(controller::run(client, file_fetcher(store.path(), 1 << 30), options));
+    let running = tokio::spawn(controller::run(
+        client,
+        file_fetcher(store.path(), 1 << 30),
+        options,
+        bitsmith::leader::Leadership::always(),
+    ));
     Setup { ns, server, store, ops_url, running }
 }
 
@@ -205,12 +211,13 @@ async fn of_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
     let replica = |identity: &str, store: &std::path::Path| {
         let lease = LeaseConfig {
             duration: Duration::from_secs(3),
-            renew_every: Duration::from_millis(500),
+            renew_deadline: Duration::from_secs(2),
             retry_every: Duration::from_millis(300),
             ..LeaseConfig::new(ns.clone(), "bitsmith-test".into(), identity.into())
         };
         let options = Options {
             urls: None,
+            upload_claim_timeout: std::time::Duration::from_secs(60),
             concurrency: 2,
             namespace: Some(ns.clone()),
             reporter: identity.into(),
@@ -219,7 +226,10 @@ async fn of_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
         let fetcher = file_fetcher(store, 1 << 30);
         async move {
             let client = kube::Client::try_default().await.unwrap();
-            let _ = run_as_leader(client.clone(), lease, controller::run(client, fetcher, options)).await;
+            let _ = run_as_leader(client.clone(), lease, |leadership| {
+                controller::run(client, fetcher, options, leadership)
+            })
+            .await;
         }
     };
     let (store_a, store_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -288,6 +298,9 @@ async fn the_controller_binary_leads_serves_probes_and_stops_on_sigterm() {
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let status = wait_exit(&mut child, Duration::from_secs(20)).await;
     assert!(status.success(), "a graceful stop exits 0: {status}");
+    let holder =
+        kube_ok(&["get", "lease/bitsmith-controller", "-n", &ns, "-o", "jsonpath={.spec.holderIdentity}"], None);
+    assert_eq!(holder, "", "the leader released its lease on the way out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

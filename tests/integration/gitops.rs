@@ -67,8 +67,14 @@ async fn argocd_health_follows_the_status_the_controller_writes() {
         reporter: "bitsmith-test".into(),
         metrics: Arc::default(),
         urls: None,
+        upload_claim_timeout: std::time::Duration::from_secs(60),
     };
-    let running = tokio::spawn(controller::run(client, file_fetcher(store.path(), 1 << 30), options));
+    let running = tokio::spawn(controller::run(
+        client,
+        file_fetcher(store.path(), 1 << 30),
+        options,
+        bitsmith::leader::Leadership::always(),
+    ));
 
     let package = |name: &str, url: &str, extra: &str| {
         format!(

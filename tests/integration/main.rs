@@ -9,6 +9,7 @@ mod cli;
 mod cloud;
 mod controller;
 mod crds;
+mod faults;
 mod gitops;
 mod http_source;
 mod object_source;

@@ -48,10 +48,15 @@ async fn start(test: &str) -> Api {
         reporter: "bitsmith-test".into(),
         metrics: Default::default(),
         urls: Some(urls.clone()),
+        upload_claim_timeout: std::time::Duration::from_secs(60),
     };
     let blobs = file_store(store.path());
-    let running =
-        tokio::spawn(controller::run(client.clone(), fetcher(blobs.clone(), Default::default(), 1 << 30), options));
+    let running = tokio::spawn(controller::run(
+        client.clone(),
+        fetcher(blobs.clone(), Default::default(), 1 << 30),
+        options,
+        bitsmith::leader::Leadership::always(),
+    ));
     let mut config = ApiConfig::new(urls);
     config.max_zip_entries = MAX_ENTRIES;
     let index = Index::start(&client, Some(&ns));

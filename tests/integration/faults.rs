@@ -1,0 +1,360 @@
+//! Faults: processes that die mid-upload and uploads that race, with the real `bitsmith` binaries on loopback,
+//! killed with real signals, against the real control plane. Every scenario checks the end state and its time
+//! bound.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::api::{cf_error, python_zip, zip_contents};
+use crate::support::files_under;
+use crate::support::kube::{awaiting_packages, install_crds, kube_ok, namespace, service_account_with_role, wait_for};
+
+/// The claim timeout the processes run with: short, so that the tests wait little.
+const CLAIM_TIMEOUT: &str = "4s";
+/// What "within the claim timeout" allows on a loaded 2-core machine: the timeout, a requeue, a status write.
+const ABANDONED_WITHIN: Duration = Duration::from_secs(15);
+
+/// A `bitsmith` child process, killed on drop.
+struct Process {
+    child: std::process::Child,
+    ops_port: u16,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    /// `bitsmith <args>` for namespace `ns` over the `file://` store `store`.
+    fn spawn(command: &str, ns: &str, store: &Path, args: &[&str]) -> Process {
+        let ops_port = free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+            .args([command, "--namespace", ns, "--metrics-listen", &format!("127.0.0.1:{ops_port}")])
+            .args(["--upload-claim-timeout", CLAIM_TIMEOUT, "--store"])
+            .arg(store)
+            .args(args)
+            .env("KUBECONFIG", crate::support::kube::kubeconfig())
+            .spawn()
+            .unwrap();
+        Process { child, ops_port }
+    }
+
+    /// The API alone, on `port`.
+    async fn api(ns: &str, store: &Path, port: u16, instance: &str) -> Process {
+        let listen = format!("127.0.0.1:{port}");
+        let process = Process::spawn("api", ns, store, &["--listen", &listen, "--instance", instance]);
+        process.ready().await;
+        process
+    }
+
+    /// The controller, leading in `ns`.
+    async fn controller(ns: &str, store: &Path) -> Process {
+        let args = ["--leader-election-namespace", ns, "--instance", "controller-0"];
+        let process = Process::spawn("controller", ns, store, &args);
+        process.ready().await;
+        process
+    }
+
+    async fn ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", self.ops_port)).await;
+            if ready.is_ok_and(|r| r.status() == StatusCode::OK) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the process did not become ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn kill9(&mut self) {
+        // SAFETY: signals our own child process.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn package_json(ns: &str, name: &str) -> Value {
+    serde_json::from_str(&kube_ok(&["get", "pkg", name, "-n", ns, "-o", "json"], None)).unwrap()
+}
+
+/// Staged files in `store` (writes not yet committed), by name.
+fn staged(store: &Path) -> Vec<PathBuf> {
+    files_under(store).into_iter().filter(|f| f.starts_with("staging")).collect()
+}
+
+const BOUNDARY: &str = "bitsmith-faults-boundary";
+
+/// Send a package upload of `zip` to `addr` over a raw connection, `piece` bytes every `pause`, as a slow client
+/// would; returns when all is sent or the connection breaks.
+async fn trickle_upload(addr: String, path: String, token: String, zip: Vec<u8>, piece: usize, pause: Duration) {
+    let mut body = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"bits\"; filename=\"app.zip\"\r\nContent-Type: application/zip\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&zip);
+    body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: bearer {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let Ok(mut tcp) = TcpStream::connect(&addr).await else { return };
+    if tcp.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    for chunk in body.chunks(piece) {
+        if tcp.write_all(chunk).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// A zip of one stored file of `size` random bytes, made by Python.
+fn random_zip(dir: &Path, name: &str, size: usize) -> Vec<u8> {
+    let script = format!("z.writestr('app/data.bin', os.urandom({size}), compress_type=zipfile.ZIP_STORED)");
+    std::fs::read(python_zip(dir, name, &script)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_api_process_is_killed_is_given_back_and_can_be_made_again() {
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("abandoned"));
+    let token = tokio::task::block_in_place(|| service_account_with_role(&ns, "uploader", "bitsmith-uploader"));
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&awaiting_packages(&["app"])));
+    let _controller = Process::controller(&ns, &store).await;
+    wait_for(&ns, "pkg/app", "{.status.state}", "AWAITING_UPLOAD").await;
+    let uid = kube_ok(&["get", "pkg/app", "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let port = free_port();
+    let mut api = Process::api(&ns, &store, port, "api-doomed").await;
+
+    // 96 MiB at about 8 MiB/s: the upload is still running when its process dies.
+    let zip = random_zip(work.path(), "big.zip", 96 << 20);
+    let path = format!("/v3/packages/{uid}/upload");
+    let sending = tokio::spawn(trickle_upload(
+        format!("127.0.0.1:{port}"),
+        path,
+        token.clone(),
+        zip,
+        256 << 10,
+        Duration::from_millis(30),
+    ));
+    // The claim names its holder and is renewed while the bytes flow (every quarter of the timeout).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let claim = loop {
+        let claim = package_json(&ns, "app")["status"]["upload"].clone();
+        if claim["renewals"].as_u64().is_some_and(|n| n >= 2) {
+            break claim;
+        }
+        assert!(Instant::now() < deadline, "the upload's claim was not renewed: {claim}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(claim["holder"], "api-doomed");
+    assert_eq!(package_json(&ns, "app")["status"]["state"], "PROCESSING_UPLOAD");
+    let id = claim["id"].as_str().unwrap().to_string();
+    let ours = |f: &PathBuf| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{id}-")));
+    assert!(staged(&store).iter().any(ours), "the upload stages its bytes under its claim: {:?}", staged(&store));
+
+    api.kill9();
+    let killed = Instant::now();
+    sending.abort();
+    wait_for(&ns, "pkg/app", "{.status.state}", "AWAITING_UPLOAD").await;
+    let took = killed.elapsed();
+    assert!(took < ABANDONED_WITHIN, "given back after {took:?}");
+    assert!(took >= Duration::from_secs(3), "not before the claim timeout: {took:?}");
+    let status = package_json(&ns, "app")["status"].clone();
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("UploadAbandoned")));
+    assert!(status["error"].as_str().unwrap().contains("api-doomed"), "{status}");
+    assert!(status["upload"].is_null(), "no claim is left: {status}");
+    let events = kube_ok(
+        &["get", "events", "-n", &ns, "--field-selector", "reason=UploadAbandoned", "-o", "jsonpath={.items[*].type}"],
+        None,
+    );
+    assert_eq!(events, "Warning");
+    assert!(staged(&store).is_empty(), "the abandoned upload's staged bytes are swept: {:?}", staged(&store));
+
+    // Another API process takes the next upload to the end.
+    let port = free_port();
+    let _api = Process::api(&ns, &store, port, "api-next").await;
+    let small = random_zip(work.path(), "small.zip", 200_000);
+    let form = reqwest::multipart::Form::new()
+        .part("bits", reqwest::multipart::Part::bytes(small.clone()).file_name("app.zip"));
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v3/packages/{uid}/upload"))
+        .bearer_auth(&token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
+    wait_for(&ns, "pkg/app", "{.status.state}", "READY").await;
+    let blobs: Vec<PathBuf> = files_under(&store).into_iter().filter(|f| f.starts_with("packages")).collect();
+    assert_eq!(blobs.len(), 1, "one blob: {blobs:?}");
+    assert_eq!(zip_contents(&std::fs::read(store.join(&blobs[0])).unwrap()), zip_contents(&small));
+    assert!(staged(&store).is_empty(), "nothing staged is left: {:?}", staged(&store));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_overlapping_uploads_exactly_one_wins() {
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("race"));
+    let token = tokio::task::block_in_place(|| service_account_with_role(&ns, "uploader", "bitsmith-uploader"));
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&awaiting_packages(&["app"])));
+    let _controller = Process::controller(&ns, &store).await;
+    wait_for(&ns, "pkg/app", "{.status.state}", "AWAITING_UPLOAD").await;
+    let uid = kube_ok(&["get", "pkg/app", "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let port = free_port();
+    let _api = Process::api(&ns, &store, port, "api-0").await;
+
+    // Two different 200 MiB zips, sent at once from two clients.
+    let zips = [random_zip(work.path(), "a.zip", 200 << 20), random_zip(work.path(), "b.zip", 200 << 20)];
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v3/packages/{uid}/upload");
+    let send = |zip: Vec<u8>| {
+        let (client, url, token) = (client.clone(), url.clone(), token.clone());
+        async move {
+            let started = Instant::now();
+            let form =
+                reqwest::multipart::Form::new().part("bits", reqwest::multipart::Part::bytes(zip).file_name("app.zip"));
+            let response = client.post(url).bearer_auth(token).multipart(form).send().await.unwrap();
+            let status = response.status();
+            let error = if status == StatusCode::OK { None } else { Some(cf_error(response).await) };
+            (started, Instant::now(), status, error)
+        }
+    };
+    let ([a, b], origin) = {
+        let origin = Instant::now();
+        let (a, b) = tokio::join!(send(zips[0].clone()), send(zips[1].clone()));
+        ([a, b], origin)
+    };
+    // The two requests were in flight at the same time.
+    let overlap = a.1.min(b.1).saturating_duration_since(a.0.max(b.0));
+    assert!(
+        overlap > Duration::ZERO,
+        "the uploads overlap: {:?} and {:?}",
+        (a.0 - origin, a.1 - origin),
+        (b.0 - origin, b.1 - origin)
+    );
+    let outcomes = [(a.2, &a.3), (b.2, &b.3)];
+    let winners: Vec<usize> = (0..2).filter(|&i| outcomes[i].0 == StatusCode::OK).collect();
+    assert_eq!(winners.len(), 1, "exactly one upload wins: {outcomes:?}");
+    let winner = winners[0];
+    let (status, error) = outcomes[1 - winner];
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error.as_ref().unwrap().1, "CF-PackageBitsAlreadyUploaded", "{error:?}");
+
+    wait_for(&ns, "pkg/app", "{.status.state}", "READY").await;
+    let blobs: Vec<PathBuf> = files_under(&store).into_iter().filter(|f| f.starts_with("packages")).collect();
+    assert_eq!(blobs.len(), 1, "one blob: {blobs:?}");
+    let stored = std::fs::read(store.join(&blobs[0])).unwrap();
+    assert_eq!(zip_contents(&stored), zip_contents(&zips[winner]), "the package holds the winner's bytes");
+    assert!(staged(&store).is_empty(), "nothing staged is left: {:?}", staged(&store));
+}
+
+/// Wait for `process` to exit, for at most `within`.
+async fn exit_status(process: &mut Process, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the process did not exit within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn signal(process: &Process, signal: libc::c_int) {
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(process.child.id() as libc::pid_t, signal) };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_is_replaced_and_writes_nothing_after_it_thaws() {
+    use crate::support::http_server::{Reply, TestServer};
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("frozen"));
+    let server = TestServer::start().await;
+    // 12 MiB at 1 MiB/s: the leader is in the middle of the fetch when it freezes.
+    server.route("/slow.zip", Reply::Slow { seed: 80, size: 12 << 20, per_second: 1 << 20 });
+    let work = tempfile::tempdir().unwrap();
+    let replica = |identity: &str| {
+        let store = work.path().join(identity);
+        let args = [
+            "--leader-election-namespace",
+            &ns,
+            "--instance",
+            identity,
+            "--leader-election-lease-duration",
+            "4s",
+            "--leader-election-renew-deadline",
+            "3s",
+            "--leader-election-retry-period",
+            "500ms",
+            "--allow-source-cidr",
+            "127.0.0.0/8",
+        ];
+        Process::spawn("controller", &ns, &store, &args)
+    };
+    let mut a = replica("replica-a");
+    a.ready().await;
+    wait_for(&ns, "lease/bitsmith-controller", "{.spec.holderIdentity}", "replica-a").await;
+    let b = replica("replica-b");
+    b.ready().await;
+    let manifest = format!(
+        "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: slow\nspec:\n  type: bits\n  source:\n    http:\n      url: {}\n",
+        server.url("/slow.zip")
+    );
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&manifest));
+    wait_for(&ns, "pkg/slow", "{.status.state}", "PROCESSING_UPLOAD").await;
+
+    signal(&a, libc::SIGSTOP);
+    let frozen = Instant::now();
+    wait_for(&ns, "lease/bitsmith-controller", "{.spec.holderIdentity}", "replica-b").await;
+    let took = frozen.elapsed();
+    // The lease duration as b's clock measures it from when it first saw a's last renewal, plus b's retry period.
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(12), "taken over after {took:?}");
+    wait_for(&ns, "pkg/slow", "{.status.state}", "READY").await;
+
+    signal(&a, libc::SIGCONT);
+    let status = exit_status(&mut a, Duration::from_secs(20)).await;
+    assert!(!status.success(), "a leader that lost its lease exits to restart as a follower: {status}");
+    // Nothing a wrote after it thawed: every Event it reported is from before b led, and b finished the fetch.
+    let events: Value = serde_json::from_str(&kube_ok(&["get", "events", "-n", &ns, "-o", "json"], None)).unwrap();
+    let reported = |instance: &str| -> Vec<String> {
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reportingInstance"] == instance)
+            .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert!(
+        !reported("replica-a").iter().any(|r| r == "Succeeded"),
+        "a wrote after the takeover: {:?}",
+        reported("replica-a")
+    );
+    assert!(reported("replica-b").iter().any(|r| r == "Succeeded"), "b finished: {:?}", reported("replica-b"));
+    assert_eq!(
+        kube_ok(&["get", "lease/bitsmith-controller", "-n", &ns, "-o", "jsonpath={.spec.holderIdentity}"], None),
+        "replica-b"
+    );
+    drop(b);
+}

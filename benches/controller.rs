@@ -50,6 +50,7 @@ fn package(n: usize, base: &str) -> Package {
         checksum: None,
         image: None,
         app_ref: None,
+        timeout: None,
     };
     Package::new(&format!("app-{n:04}"), spec)
 }

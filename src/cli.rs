@@ -100,6 +100,10 @@ pub struct ApiArgs {
     /// same value.
     #[arg(long, default_value = "60s", value_parser = parse_timeout)]
     pub upload_claim_timeout: std::time::Duration,
+    /// On SIGTERM the replica turns unready, stops taking requests and gives those in flight this long to
+    /// finish before it exits. Set the Pod's terminationGracePeriodSeconds above it.
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl ApiArgs {
@@ -329,7 +333,13 @@ pub async fn run(cli: Cli) -> Result<(), String> {
 }
 
 async fn connect() -> Result<kube::Client, String> {
-    kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {}", error_chain(&e)))
+    let failed = |e: &(dyn std::error::Error + 'static)| format!("connecting to Kubernetes: {}", error_chain(e));
+    let mut config = kube::Config::infer().await.map_err(|e| failed(&e))?;
+    // Every call ends when the API server sends nothing for this long (connecting has its own 30 s): watches ask
+    // the server to end them within 290 s, so only a call to a server that stopped answering runs into it.
+    config.read_timeout = Some(std::time::Duration::from_secs(300));
+    config.reset_reader_on_write = true;
+    kube::Client::try_from(config).map_err(|e| failed(&e))
 }
 
 /// The API's bound addresses, and what was read for them at start.
@@ -389,6 +399,7 @@ async fn start_api(
         body_idle_timeout: args.body_idle_timeout,
         max_header_size: usize::try_from(args.max_header_size).unwrap_or(usize::MAX),
         max_concurrent_uploads: args.max_concurrent_uploads as usize,
+        shutdown_grace: args.shutdown_grace,
     };
     config.offload_client_ca = listeners.offload_client_ca;
     config.resource_cache_scope = args.resource_cache_scope;
@@ -438,6 +449,13 @@ async fn start_api(
     }))
 }
 
+/// Turn unready at the shutdown signal, before anything stops, so that no new request is routed here.
+async fn unready_on_shutdown(ready: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    shutdown_signal().await;
+    ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!("shutting down: unready");
+}
+
 /// SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
     let mut term =
@@ -455,6 +473,7 @@ async fn api(args: ApiServerArgs) -> Result<(), String> {
     let store = args.store.open_for(&args.api.size_limits())?;
     let instance = identity(args.instance);
     let served = start_api(&client, store, args.namespace.as_deref(), &args.api, &instance, listeners, &ops).await?;
+    tokio::spawn(unready_on_shutdown(ops.ready.clone()));
     match served.await {
         Ok(result) => result.map_err(|e| format!("serving the API: {e}")),
         Err(e) => Err(format!("the API stopped: {e}")),
@@ -486,10 +505,14 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     let fetcher = Fetcher::new(args.store.open_for(&limits)?, policy, args.max_size).map_err(|e| e.to_string())?;
     let identity = identity(args.instance);
     // Every replica serves the API; only the leader reconciles.
-    if let Some(listeners) = api {
-        let namespace = args.namespace.as_deref();
-        start_api(&client, fetcher.store.clone(), namespace, &args.api, &identity, listeners, &ops).await?;
-    }
+    let api = match api {
+        Some(listeners) => {
+            let namespace = args.namespace.as_deref();
+            Some(start_api(&client, fetcher.store.clone(), namespace, &args.api, &identity, listeners, &ops).await?)
+        }
+        None => None,
+    };
+    tokio::spawn(unready_on_shutdown(ops.ready.clone()));
     let reporter = kube::runtime::events::Reporter { controller: "bitsmith".into(), instance: Some(identity.clone()) };
     let options = crate::controller::Options {
         concurrency: args.concurrency,
@@ -507,12 +530,21 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     lease.check().map_err(|e| format!("--leader-election-*: {e}"))?;
     // Connected and the store opened: ready, as a leader or as a follower waiting to take over.
     ops.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    if !args.leader_elect {
+    let led = if args.leader_elect {
+        let work = |leadership| crate::controller::run(client.clone(), fetcher, options, leadership);
+        run_as_leader(client.clone(), lease, shutdown_signal(), work).await.map(|_| ()).map_err(|e| e.to_string())
+    } else {
         crate::controller::run(client, fetcher, options, Leadership::always()).await;
-        return Ok(());
+        Ok(())
+    };
+    // The API stops on the same signal and finishes its requests within the grace; wait for it.
+    if let Some(api) = api {
+        match api.await {
+            Ok(served) => served.map_err(|e| format!("serving the API: {e}"))?,
+            Err(e) => return Err(format!("the API stopped: {e}")),
+        }
     }
-    let work = |leadership| crate::controller::run(client.clone(), fetcher, options, leadership);
-    run_as_leader(client.clone(), lease, work).await.map_err(|e| e.to_string())
+    led
 }
 
 async fn fetch(args: FetchArgs) -> Result<(), String> {

@@ -149,12 +149,18 @@ pub fn judge(holder: &str, identity: &str, unchanged: Duration, duration: Durati
 /// Wait until this replica holds the Lease, then run `work` with a [`Leadership`] for as long as it keeps holding
 /// it. Returns `work`'s output, or an error once the Lease was lost, after `work` was dropped (cancelled): the
 /// caller should exit, as another replica leads now. When `work` finishes (a shutdown), the Lease is released so
-/// that another replica takes over at once.
-pub async fn run_as_leader<F, W>(client: Client, config: LeaseConfig, work: W) -> Result<F::Output, LeaderError>
+/// that another replica takes over at once. A follower stops waiting when `shutdown` completes (`Ok(None)`).
+pub async fn run_as_leader<F, W>(
+    client: Client,
+    config: LeaseConfig,
+    shutdown: impl Future<Output = ()>,
+    work: W,
+) -> Result<Option<F::Output>, LeaderError>
 where
     W: FnOnce(Leadership) -> F,
     F: Future,
 {
+    let mut shutdown = std::pin::pin!(shutdown);
     let leases: Api<Lease> = Api::namespaced(client, &config.namespace);
     let leadership = Leadership::elected();
     let lost =
@@ -173,7 +179,13 @@ where
                 tracing::warn!(lease = config.name, "trying to take the lease: the API server did not answer in time")
             }
         }
-        tokio::time::sleep(config.retry_every.saturating_sub(started.elapsed())).await;
+        tokio::select! {
+            () = tokio::time::sleep(config.retry_every.saturating_sub(started.elapsed())) => {}
+            () = &mut shutdown => {
+                tracing::info!(lease = config.name, "shutting down as a follower");
+                return Ok(None);
+            }
+        }
     }
     tracing::info!(lease = config.name, identity = config.identity, "leading");
     let renewals = async {
@@ -219,7 +231,7 @@ where
         Ok(output) => {
             leadership.revoke();
             release(&leases, &config).await;
-            Ok(output)
+            Ok(Some(output))
         }
         Err(reason) => {
             leadership.revoke();

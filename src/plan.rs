@@ -99,10 +99,7 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     fn package(source: Option<Source>) -> Package {
-        let mut p = Package::new(
-            "p",
-            PackageSpec { package_type: PackageType::Bits, source, checksum: None, image: None, app_ref: None },
-        );
+        let mut p = Package::new("p", PackageSpec::bits(source));
         p.metadata.generation = Some(2);
         p
     }

@@ -37,7 +37,7 @@ pub fn package_spec(spec: &PackageSpec) -> Result<(), SpecError> {
     if let Some(pin) = &spec.checksum {
         checksum_pin(pin)?;
     }
-    Ok(())
+    fetch_timeout(spec.timeout.as_deref())
 }
 
 /// Check a Droplet spec.
@@ -50,6 +50,17 @@ pub fn droplet_spec(spec: &DropletSpec) -> Result<(), SpecError> {
     }
     if let Some(package) = &spec.package_ref {
         object_name(&package.name).map_err(|reason| invalid("spec.packageRef.name", reason))?;
+    }
+    fetch_timeout(spec.timeout.as_deref())
+}
+
+/// `spec.timeout`: a duration from one second to a day.
+fn fetch_timeout(timeout: Option<&str>) -> Result<(), SpecError> {
+    let Some(text) = timeout else { return Ok(()) };
+    let bad = || invalid("spec.timeout", format!("{text:?} is not a duration from 1s to 24h, like 10m or 90s"));
+    let duration = humantime::parse_duration(text).map_err(|_| bad())?;
+    if duration < std::time::Duration::from_secs(1) || duration > std::time::Duration::from_secs(86_400) {
+        return Err(bad());
     }
     Ok(())
 }
@@ -169,7 +180,7 @@ mod tests {
     use crate::resources::{ChecksumType, HttpSource, ImageSpec, PackageSourceRef};
 
     fn bits() -> PackageSpec {
-        PackageSpec { package_type: PackageType::Bits, source: None, checksum: None, image: None, app_ref: None }
+        PackageSpec::bits(None)
     }
 
     #[test]
@@ -218,5 +229,19 @@ mod tests {
         assert_eq!(package_spec(&docker).unwrap_err().field, "spec.image");
         docker.image = Some(ImageSpec { reference: "nginx:1".into(), pull_secret_ref: None });
         assert_eq!(package_spec(&docker), Ok(()));
+    }
+
+    #[test]
+    fn fetch_timeouts_are_durations_from_a_second_to_a_day() {
+        let mut spec = bits();
+        for good in ["10m", "90s", "1h", "24h"] {
+            spec.timeout = Some(good.into());
+            assert!(package_spec(&spec).is_ok(), "{good}");
+        }
+        for bad in ["forever", "0s", "500ms", "25h", ""] {
+            spec.timeout = Some(bad.into());
+            let error = package_spec(&spec).unwrap_err().to_string();
+            assert!(error.contains("spec.timeout"), "{bad}: {error}");
+        }
     }
 }

@@ -85,6 +85,9 @@ pub struct Limits {
     pub max_header_size: usize,
     /// Uploads (package and droplet, CF and aggregated routes) served at once; beyond it, 503 with Retry-After.
     pub max_concurrent_uploads: usize,
+    /// After a shutdown signal, requests in flight get this long to finish; the rest are cut off (an upload cut
+    /// off is given back by its lapsing claim).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
@@ -95,6 +98,7 @@ impl Default for Limits {
             body_idle_timeout: Duration::from_secs(60),
             max_header_size: 64 << 10,
             max_concurrent_uploads: 8,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -339,7 +343,9 @@ async fn serve_endpoint(
         }
     }
     drop(acceptor);
-    graceful.shutdown().await;
+    if tokio::time::timeout(state.config.limits.shutdown_grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("requests still in flight at the end of the shutdown grace are cut off");
+    }
 }
 
 enum Connection {

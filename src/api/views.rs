@@ -187,6 +187,7 @@ mod tests {
             checksum: None,
             image: None,
             app_ref: Some(AppRef { name: "web".into() }),
+            timeout: None,
         };
         let mut p = Package::new("app", spec);
         meta(&mut p.metadata);
@@ -217,6 +218,7 @@ mod tests {
                 pull_secret_ref: Some(crate::resources::SecretRef { name: "pull".into() }),
             }),
             app_ref: None,
+            timeout: None,
         };
         let mut p = Package::new("image", spec);
         meta(&mut p.metadata);

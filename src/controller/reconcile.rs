@@ -285,8 +285,16 @@ where
     };
     let inputs = Inputs { secret: secret.as_ref(), source_package: source_package.as_ref() };
     let owner = BlobOwner::of(object, namespace);
+    let limit = object.fetch_timeout();
+    let fetched = tokio::time::timeout(limit, ctx.fetcher.fetch(&owner, source, object.checksum_pin(), inputs)).await;
     let now = Timestamp::now();
-    Ok(match ctx.fetcher.fetch(&owner, source, object.checksum_pin(), inputs).await {
+    let Ok(fetched) = fetched else {
+        // The fetch was dropped: its staged write is aborted, nothing of it is kept.
+        let message = format!("the fetch did not finish within {} (spec.timeout)", humantime::format_duration(limit));
+        let next = status::failed(current, "Timeout", &message, false, generation, now);
+        return Ok((next, Action::requeue(retry_delay(current))));
+    };
+    Ok(match fetched {
         Ok(stored) => {
             ctx.metrics.stored(stored.digests.size);
             let digests = status::stored_digests(&stored.digests, stored.blob);
@@ -362,7 +370,7 @@ mod tests {
     }
 
     fn bits(source: Option<Source>) -> PackageSpec {
-        PackageSpec { package_type: PackageType::Bits, source, checksum: None, image: None, app_ref: None }
+        PackageSpec::bits(source)
     }
 
     fn http(url: &str, secret: Option<&str>) -> Source {

@@ -54,6 +54,10 @@ pub struct DropletSpec {
     /// The application this droplet belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_ref: Option<AppRef>,
+    /// How long one fetch from the source may take in all, e.g. `10m` (the default), `90s` or `1h`: a fetch
+    /// that takes longer (a source that trickles) fails with reason `Timeout` and is tried again with backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
 }
 
 /// A Package in the same namespace.

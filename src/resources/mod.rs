@@ -19,6 +19,9 @@ pub const GROUP: &str = "bitsmith.dev";
 /// The API version of every bitsmith resource.
 pub const VERSION: &str = "v1alpha1";
 
+/// How long one fetch may take when `spec.timeout` does not say.
+pub const DEFAULT_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// What Packages and Droplets have in common: bits from an optional source, an optional checksum pin, and a
 /// status that differs only in its CF states. Code that handles both is written once against this.
 pub trait BitsObject: kube::Resource<DynamicType = ()> + Clone {
@@ -30,6 +33,13 @@ pub trait BitsObject: kube::Resource<DynamicType = ()> + Clone {
     const NOUN: &'static str;
     fn source(&self) -> Option<&Source>;
     fn checksum_pin(&self) -> Option<&Checksum>;
+    /// `spec.timeout` as written, if set.
+    fn timeout_spec(&self) -> Option<&str>;
+    /// How long one fetch may take: `spec.timeout`, else [`DEFAULT_FETCH_TIMEOUT`]. A spec that does not parse
+    /// is refused by validation before any fetch.
+    fn fetch_timeout(&self) -> std::time::Duration {
+        self.timeout_spec().and_then(|t| humantime::parse_duration(t).ok()).unwrap_or(DEFAULT_FETCH_TIMEOUT)
+    }
     fn bits_status(&self) -> Option<&BitsStatus<Self::State>>;
     fn set_bits_status(&mut self, status: BitsStatus<Self::State>);
 }
@@ -40,6 +50,9 @@ impl BitsObject for Package {
     const NOUN: &'static str = "package";
     fn source(&self) -> Option<&Source> {
         self.spec.source.as_ref()
+    }
+    fn timeout_spec(&self) -> Option<&str> {
+        self.spec.timeout.as_deref()
     }
     fn checksum_pin(&self) -> Option<&Checksum> {
         self.spec.checksum.as_ref()
@@ -58,6 +71,9 @@ impl BitsObject for Droplet {
     const NOUN: &'static str = "droplet";
     fn source(&self) -> Option<&Source> {
         self.spec.source.as_ref()
+    }
+    fn timeout_spec(&self) -> Option<&str> {
+        self.spec.timeout.as_deref()
     }
     fn checksum_pin(&self) -> Option<&Checksum> {
         self.spec.checksum.as_ref()

@@ -43,6 +43,24 @@ pub struct PackageSpec {
     /// The application this Package belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_ref: Option<AppRef>,
+    /// How long one fetch from the source may take in all, e.g. `10m` (the default), `90s` or `1h`: a fetch
+    /// that takes longer (a source that trickles) fails with reason `Timeout` and is tried again with backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+impl PackageSpec {
+    /// A bits Package's spec: its bits come from `source`, or from an upload when there is none.
+    pub fn bits(source: Option<Source>) -> Self {
+        PackageSpec {
+            package_type: PackageType::Bits,
+            source,
+            checksum: None,
+            image: None,
+            app_ref: None,
+            timeout: None,
+        }
+    }
 }
 
 /// The kind of a Package.

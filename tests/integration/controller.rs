@@ -226,10 +226,8 @@ async fn of_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
         let fetcher = file_fetcher(store, 1 << 30);
         async move {
             let client = kube::Client::try_default().await.unwrap();
-            let _ = run_as_leader(client.clone(), lease, |leadership| {
-                controller::run(client, fetcher, options, leadership)
-            })
-            .await;
+            let work = |leadership| controller::run(client.clone(), fetcher, options, leadership);
+            let _ = run_as_leader(client.clone(), lease, std::future::pending(), work).await;
         }
     };
     let (store_a, store_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -377,4 +375,41 @@ async fn a_controller_killed_mid_fetch_finishes_after_a_restart() {
             assert_eq!(status.stored.blob.as_ref().unwrap().key, blob, "{status:?}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_trickles_times_out_and_is_tried_again() {
+    let Setup { ns, server, store, .. } = &setup("trickle").await;
+    // 8 MiB at 64 KiB/s would take two minutes; spec.timeout allows 3 s.
+    server.route("/trickle.zip", Reply::Slow { seed: 70, size: 8 << 20, per_second: 64 << 10 });
+    kube_ok(
+        &["apply", "-n", ns, "-f", "-"],
+        Some(&http_package("trickle", &server.url("/trickle.zip"), "  timeout: 3s\n")),
+    );
+    let started = Instant::now();
+    wait_for(ns, "pkg/trickle", "{.status.conditions[?(@.type==\"Reconciling\")].reason}", "Timeout").await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(20), "timed out after {took:?}");
+    let state = kube_ok(&["get", "pkg/trickle", "-n", ns, "-o", "jsonpath={.status.state}"], None);
+    assert_eq!(state, "PROCESSING_UPLOAD", "a timeout is retried, not a failure");
+    let message = kube_ok(&["get", "pkg/trickle", "-n", ns, "-o", "jsonpath={.status.error}"], None);
+    assert!(message.contains("did not finish within 3s"), "{message}");
+    // Tried again with backoff (at least 5 s later), and nothing of the attempts is kept.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.seen.lock().unwrap().iter().filter(|s| s.path == "/trickle.zip").count() < 2 {
+        assert!(Instant::now() < deadline, "the fetch was not tried again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let kept: Vec<_> = files_under(store.path()).into_iter().filter(|f| !f.starts_with("staging")).collect();
+    assert!(kept.is_empty(), "no blob from a fetch that timed out: {kept:?}");
+
+    // An invalid timeout is a spec error.
+    kube_ok(
+        &["apply", "-n", ns, "-f", "-"],
+        Some(&http_package("bad-timeout", &server.url("/trickle.zip"), "  timeout: forever\n")),
+    );
+    wait_for(ns, "pkg/bad-timeout", "{.status.state}", "FAILED").await;
+    let message = kube_ok(&["get", "pkg/bad-timeout", "-n", ns, "-o", "jsonpath={.status.error}"], None);
+    assert!(message.contains("spec.timeout"), "{message}");
 }

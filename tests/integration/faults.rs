@@ -358,3 +358,42 @@ async fn a_frozen_leader_is_replaced_and_writes_nothing_after_it_thaws() {
     );
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_follower_that_serves_the_api_and_the_leader_hands_over_at_once() {
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("sigterm"));
+    let work = tempfile::tempdir().unwrap();
+    let replica = |identity: &str, port: u16| {
+        let listen = format!("127.0.0.1:{port}");
+        let args = ["--leader-election-namespace", &ns, "--instance", identity, "--listen", &listen];
+        Process::spawn("controller", &ns, &work.path().join(identity), &args)
+    };
+    let mut a = replica("replica-a", free_port());
+    a.ready().await;
+    wait_for(&ns, "lease/bitsmith-controller", "{.spec.holderIdentity}", "replica-a").await;
+    let mut b = replica("replica-b", free_port());
+    b.ready().await;
+
+    // The follower, waiting for the lease and serving the API, stops at once and cleanly.
+    signal(&b, libc::SIGTERM);
+    let status = exit_status(&mut b, Duration::from_secs(10)).await;
+    assert!(status.success(), "a follower exits 0 on SIGTERM: {status}");
+    let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", b.ops_port)).await;
+    assert!(!ready.is_ok_and(|r| r.status() == StatusCode::OK), "a stopped replica is not ready");
+
+    // The leader gives its lease up on the way out: another replica need not wait for it to expire.
+    signal(&a, libc::SIGTERM);
+    let stopped = Instant::now();
+    let status = exit_status(&mut a, Duration::from_secs(10)).await;
+    assert!(status.success(), "the leader exits 0 on SIGTERM: {status}");
+    let holder =
+        kube_ok(&["get", "lease/bitsmith-controller", "-n", &ns, "-o", "jsonpath={.spec.holderIdentity}"], None);
+    assert_eq!(holder, "", "released");
+    let mut c = replica("replica-c", free_port());
+    c.ready().await;
+    wait_for(&ns, "lease/bitsmith-controller", "{.spec.holderIdentity}", "replica-c").await;
+    assert!(stopped.elapsed() < Duration::from_secs(10), "taken over after {:?}", stopped.elapsed());
+    signal(&c, libc::SIGTERM);
+    assert!(exit_status(&mut c, Duration::from_secs(10)).await.success());
+}

@@ -4,7 +4,7 @@ use bitsmith::fetch::Inputs;
 use bitsmith::pipeline::PipelineError;
 use bitsmith::resources::{
     Checksum, ChecksumType, ObjectStoreSource, Package, PackageSourceRef, PackageSpec, PackageState, PackageStatus,
-    PackageType, Source,
+    Source,
 };
 use bitsmith::sources::SourceError;
 use k8s_openapi::jiff::Timestamp;
@@ -70,10 +70,7 @@ async fn file_sources_respect_the_policy_and_report_bad_urls() {
 }
 
 fn ready_package(name: &str, stored: &bitsmith::pipeline::Stored) -> Package {
-    let mut package = Package::new(
-        name,
-        PackageSpec { package_type: PackageType::Bits, source: None, checksum: None, image: None, app_ref: None },
-    );
+    let mut package = Package::new(name, PackageSpec::bits(None));
     let status: PackageStatus = bitsmith::status::done(
         &PackageStatus::default(),
         bitsmith::status::stored_digests(&stored.digests, stored.blob.clone()),

@@ -5,10 +5,12 @@
 # built-in edit and view roles as on a real cluster; nothing else (no garbage collection, no namespace deletion).
 #   scripts/apiserver.sh start DIR   builds the binaries if needed, starts them with state in DIR, writes
 #                                    DIR/kubeconfig and prints `export KUBECONFIG=...`
+#   scripts/apiserver.sh restart-apiserver DIR   stops kube-apiserver and starts it again on the same address
+#                                    with the same data, as when a control plane is upgraded or its Pod moves
 #   scripts/apiserver.sh stop DIR
 set -euo pipefail
-cmd=${1:?usage: apiserver.sh start|stop DIR}
-dir=${2:?usage: apiserver.sh start|stop DIR}
+cmd=${1:?usage: apiserver.sh start|restart-apiserver|stop DIR}
+dir=${2:?usage: apiserver.sh start|restart-apiserver|stop DIR}
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/processes.sh"
 
@@ -34,17 +36,8 @@ certs() {
     -CAcreateserial -days 30 -extfile "$d/client.cnf" -out "$d/front-proxy-client.crt" 2>/dev/null
 }
 
-case "$cmd" in
-start)
-  root=$("$here/install-apiserver.sh")
-  mkdir -p "$dir"
-  token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-  api_port=$(free_port) etcd_port=$(free_port) etcd_peer=$(free_port)
-  certs
-  spawn "$dir" etcd "$root/bin/etcd" --data-dir "$dir/etcd" --name bitsmith-test \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
-    --initial-cluster "bitsmith-test=http://127.0.0.1:$etcd_peer"
+# kube-apiserver on $api_port over etcd on $etcd_port, with the certificates in $dir/certs.
+start_apiserver() {
   spawn "$dir" apiserver "$root/bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address 127.0.0.1 --secure-port "$api_port" --advertise-address 127.0.0.1 \
     --tls-cert-file "$dir/certs/server.crt" --tls-private-key-file "$dir/certs/server.key" \
@@ -59,6 +52,34 @@ start)
     --proxy-client-cert-file "$dir/certs/front-proxy-client.crt" \
     --proxy-client-key-file "$dir/certs/front-proxy-client.key" \
     --enable-priority-and-fairness=false
+}
+
+# Wait until kube-apiserver answers /readyz with the admin token.
+await_apiserver() {
+  for _ in $(seq 1 240); do
+    running "$dir" apiserver || fail_with_log "$dir" apiserver "kube-apiserver exited"
+    if curl -fsS --cacert "$dir/certs/ca.crt" -H "Authorization: Bearer $token" \
+      "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then
+      return 0
+    fi
+    sleep 0.25
+  done
+  fail_with_log "$dir" apiserver "kube-apiserver did not become ready"
+}
+
+case "$cmd" in
+start)
+  root=$("$here/install-apiserver.sh")
+  mkdir -p "$dir"
+  token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+  api_port=$(free_port) etcd_port=$(free_port) etcd_peer=$(free_port)
+  echo "$api_port $etcd_port $token" >"$dir/ports"
+  certs
+  spawn "$dir" etcd "$root/bin/etcd" --data-dir "$dir/etcd" --name bitsmith-test \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
+    --initial-cluster "bitsmith-test=http://127.0.0.1:$etcd_peer"
+  start_apiserver
   cat >"$dir/kubeconfig" <<KC
 apiVersion: v1
 kind: Config
@@ -73,23 +94,22 @@ contexts:
   context: {cluster: bitsmith-test, user: admin, namespace: default}
 current-context: bitsmith-test
 KC
-  for _ in $(seq 1 240); do
-    running "$dir" apiserver || fail_with_log "$dir" apiserver "kube-apiserver exited"
-    if curl -fsS --cacert "$dir/certs/ca.crt" -H "Authorization: Bearer $token" \
-      "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then
-      spawn "$dir" controller-manager "$root/bin/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \
-        --controllers clusterrole-aggregation --leader-elect=false --port 0 --secure-port 0
-      echo "export KUBECONFIG=$dir/kubeconfig"
-      exit 0
-    fi
-    sleep 0.25
-  done
-  fail_with_log "$dir" apiserver "kube-apiserver did not become ready"
+  await_apiserver
+  spawn "$dir" controller-manager "$root/bin/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \
+    --controllers clusterrole-aggregation --leader-elect=false --port 0 --secure-port 0
+  echo "export KUBECONFIG=$dir/kubeconfig"
+  ;;
+restart-apiserver)
+  root=$("$here/install-apiserver.sh")
+  read -r api_port etcd_port token <"$dir/ports"
+  stop "$dir" apiserver
+  start_apiserver
+  await_apiserver
   ;;
 stop)
   stop "$dir" controller-manager
   stop "$dir" apiserver
   stop "$dir" etcd
   ;;
-*) echo "usage: apiserver.sh start|stop DIR" >&2; exit 2 ;;
+*) echo "usage: apiserver.sh start|restart-apiserver|stop DIR" >&2; exit 2 ;;
 esac

@@ -530,13 +530,21 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     lease.check().map_err(|e| format!("--leader-election-*: {e}"))?;
     // Connected and the store opened: ready, as a leader or as a follower waiting to take over.
     ops.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    let led = if args.leader_elect {
-        let work = |leadership| crate::controller::run(client.clone(), fetcher, options, leadership);
-        run_as_leader(client.clone(), lease, shutdown_signal(), work).await.map(|_| ()).map_err(|e| e.to_string())
+    if args.leader_elect {
+        // A leader that loses the Lease (the API server was away longer than the renew deadline, or the process
+        // was frozen) stops reconciling and becomes a follower again; the API it serves carries on meanwhile.
+        let mut shutdown = std::pin::pin!(shutdown_signal());
+        loop {
+            let work =
+                |leadership| crate::controller::run(client.clone(), fetcher.clone(), options.clone(), leadership);
+            match run_as_leader(client.clone(), lease.clone(), &mut shutdown, work).await {
+                Ok(_) => break,
+                Err(error) => tracing::warn!(%error, "stopped reconciling; following until the lease is free again"),
+            }
+        }
     } else {
         crate::controller::run(client, fetcher, options, Leadership::always()).await;
-        Ok(())
-    };
+    }
     // The API stops on the same signal and finishes its requests within the grace; wait for it.
     if let Some(api) = api {
         match api.await {
@@ -544,7 +552,7 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
             Err(e) => return Err(format!("the API stopped: {e}")),
         }
     }
-    led
+    Ok(())
 }
 
 async fn fetch(args: FetchArgs) -> Result<(), String> {

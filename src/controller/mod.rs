@@ -50,7 +50,8 @@ const STALE_STAGING: Duration = Duration::from_secs(3600);
 /// Reconcile Packages and Droplets until the process is asked to stop (SIGTERM or Ctrl-C), writing only while
 /// `leadership` holds.
 pub async fn run(client: Client, fetcher: Fetcher, options: Options, leadership: Leadership) {
-    let sweeper = tokio::spawn(sweep_staging(fetcher.store.clone()));
+    // Stopped with the rest when leading ends, however it ends (the work is dropped when the Lease is lost).
+    let _sweeper = AbortOnDrop(tokio::spawn(sweep_staging(fetcher.store.clone())));
     let context = Arc::new(Context {
         client: client.clone(),
         fetcher,
@@ -75,7 +76,15 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options, leadership:
         .run(reconcile::reconcile::<Droplet>, reconcile::error_policy::<Droplet>, context)
         .for_each(|result| async move { reconcile::log_outcome(result) });
     tokio::join!(packages, droplets);
-    sweeper.abort();
+}
+
+/// A task that stops when its handle goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Remove what writers killed mid-write left under `staging/` (never visible as blobs), every 10 minutes.

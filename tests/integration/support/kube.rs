@@ -139,6 +139,16 @@ impl OwnControlPlane {
         OwnControlPlane { dir, kubeconfig }
     }
 
+    /// Stop kube-apiserver and start it again on the same address with the same data.
+    pub fn restart_apiserver(&self) {
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/apiserver.sh"))
+            .arg("restart-apiserver")
+            .arg(self.dir.path().join("apiserver"))
+            .output()
+            .expect("scripts/apiserver.sh");
+        assert!(out.status.success(), "kube-apiserver did not restart: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// kubectl against this control plane.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
         kubectl_at(&self.kubeconfig, args, stdin)

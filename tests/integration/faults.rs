@@ -135,19 +135,47 @@ fn random_zip(dir: &Path, name: &str, size: usize) -> Vec<u8> {
     std::fs::read(python_zip(dir, name, &script)).unwrap()
 }
 
+/// A namespace with an uploader, a running controller over a store of its own, and the Package `app` awaiting an
+/// upload.
+struct UploadScene {
+    ns: String,
+    token: String,
+    work: tempfile::TempDir,
+    store: PathBuf,
+    uid: String,
+    _controller: Process,
+}
+
+impl UploadScene {
+    async fn new(test: &str) -> Self {
+        tokio::task::block_in_place(install_crds);
+        let ns = tokio::task::block_in_place(|| namespace(test));
+        let token = tokio::task::block_in_place(|| service_account_with_role(&ns, "uploader", "bitsmith-uploader"));
+        let work = tempfile::tempdir().unwrap();
+        let store = work.path().join("store");
+        kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&awaiting_packages(&["app"])));
+        let _controller = Process::controller(&ns, &store).await;
+        wait_for(&ns, "pkg/app", "{.status.state}", "AWAITING_UPLOAD").await;
+        let uid = kube_ok(&["get", "pkg/app", "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
+        UploadScene { ns, token, work, store, uid, _controller }
+    }
+
+    /// Once `app` is READY: its one blob holds what `zip` holds, and nothing staged is left.
+    async fn ready_with(&self, zip: &[u8]) {
+        wait_for(&self.ns, "pkg/app", "{.status.state}", "READY").await;
+        let blobs: Vec<PathBuf> = files_under(&self.store).into_iter().filter(|f| f.starts_with("packages")).collect();
+        assert_eq!(blobs.len(), 1, "one blob: {blobs:?}");
+        assert_eq!(zip_contents(&std::fs::read(self.store.join(&blobs[0])).unwrap()), zip_contents(zip));
+        assert!(staged(&self.store).is_empty(), "nothing staged is left: {:?}", staged(&self.store));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_whose_api_process_is_killed_is_given_back_and_can_be_made_again() {
-    tokio::task::block_in_place(install_crds);
-    let ns = tokio::task::block_in_place(|| namespace("abandoned"));
-    let token = tokio::task::block_in_place(|| service_account_with_role(&ns, "uploader", "bitsmith-uploader"));
-    let work = tempfile::tempdir().unwrap();
-    let store = work.path().join("store");
-    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&awaiting_packages(&["app"])));
-    let _controller = Process::controller(&ns, &store).await;
-    wait_for(&ns, "pkg/app", "{.status.state}", "AWAITING_UPLOAD").await;
-    let uid = kube_ok(&["get", "pkg/app", "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let scene = UploadScene::new("abandoned").await;
+    let UploadScene { ns, token, work, store, uid, .. } = &scene;
     let port = free_port();
-    let mut api = Process::api(&ns, &store, port, "api-doomed").await;
+    let mut api = Process::api(ns, store, port, "api-doomed").await;
 
     // 96 MiB at about 8 MiB/s: the upload is still running when its process dies.
     let zip = random_zip(work.path(), "big.zip", 96 << 20);
@@ -163,7 +191,7 @@ async fn an_upload_whose_api_process_is_killed_is_given_back_and_can_be_made_aga
     // The claim names its holder and is renewed while the bytes flow (every quarter of the timeout).
     let deadline = Instant::now() + Duration::from_secs(30);
     let claim = loop {
-        let claim = package_json(&ns, "app")["status"]["upload"].clone();
+        let claim = package_json(ns, "app")["status"]["upload"].clone();
         if claim["renewals"].as_u64().is_some_and(|n| n >= 2) {
             break claim;
         }
@@ -171,64 +199,53 @@ async fn an_upload_whose_api_process_is_killed_is_given_back_and_can_be_made_aga
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(claim["holder"], "api-doomed");
-    assert_eq!(package_json(&ns, "app")["status"]["state"], "PROCESSING_UPLOAD");
+    assert_eq!(package_json(ns, "app")["status"]["state"], "PROCESSING_UPLOAD");
     let id = claim["id"].as_str().unwrap().to_string();
     let ours = |f: &PathBuf| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{id}-")));
-    assert!(staged(&store).iter().any(ours), "the upload stages its bytes under its claim: {:?}", staged(&store));
+    assert!(staged(store).iter().any(ours), "the upload stages its bytes under its claim: {:?}", staged(store));
 
     api.kill9();
     let killed = Instant::now();
     sending.abort();
-    wait_for(&ns, "pkg/app", "{.status.state}", "AWAITING_UPLOAD").await;
+    wait_for(ns, "pkg/app", "{.status.state}", "AWAITING_UPLOAD").await;
     let took = killed.elapsed();
     assert!(took < ABANDONED_WITHIN, "given back after {took:?}");
     assert!(took >= Duration::from_secs(3), "not before the claim timeout: {took:?}");
-    let status = package_json(&ns, "app")["status"].clone();
+    let status = package_json(ns, "app")["status"].clone();
     let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
     assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("UploadAbandoned")));
     assert!(status["error"].as_str().unwrap().contains("api-doomed"), "{status}");
     assert!(status["upload"].is_null(), "no claim is left: {status}");
     let events = kube_ok(
-        &["get", "events", "-n", &ns, "--field-selector", "reason=UploadAbandoned", "-o", "jsonpath={.items[*].type}"],
+        &["get", "events", "-n", ns, "--field-selector", "reason=UploadAbandoned", "-o", "jsonpath={.items[*].type}"],
         None,
     );
     assert_eq!(events, "Warning");
-    assert!(staged(&store).is_empty(), "the abandoned upload's staged bytes are swept: {:?}", staged(&store));
+    assert!(staged(store).is_empty(), "the abandoned upload's staged bytes are swept: {:?}", staged(store));
 
     // Another API process takes the next upload to the end.
     let port = free_port();
-    let _api = Process::api(&ns, &store, port, "api-next").await;
+    let _api = Process::api(ns, store, port, "api-next").await;
     let small = random_zip(work.path(), "small.zip", 200_000);
     let form = reqwest::multipart::Form::new()
         .part("bits", reqwest::multipart::Part::bytes(small.clone()).file_name("app.zip"));
     let response = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}/v3/packages/{uid}/upload"))
-        .bearer_auth(&token)
+        .bearer_auth(token)
         .multipart(form)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
-    wait_for(&ns, "pkg/app", "{.status.state}", "READY").await;
-    let blobs: Vec<PathBuf> = files_under(&store).into_iter().filter(|f| f.starts_with("packages")).collect();
-    assert_eq!(blobs.len(), 1, "one blob: {blobs:?}");
-    assert_eq!(zip_contents(&std::fs::read(store.join(&blobs[0])).unwrap()), zip_contents(&small));
-    assert!(staged(&store).is_empty(), "nothing staged is left: {:?}", staged(&store));
+    scene.ready_with(&small).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_two_overlapping_uploads_exactly_one_wins() {
-    tokio::task::block_in_place(install_crds);
-    let ns = tokio::task::block_in_place(|| namespace("race"));
-    let token = tokio::task::block_in_place(|| service_account_with_role(&ns, "uploader", "bitsmith-uploader"));
-    let work = tempfile::tempdir().unwrap();
-    let store = work.path().join("store");
-    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&awaiting_packages(&["app"])));
-    let _controller = Process::controller(&ns, &store).await;
-    wait_for(&ns, "pkg/app", "{.status.state}", "AWAITING_UPLOAD").await;
-    let uid = kube_ok(&["get", "pkg/app", "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let scene = UploadScene::new("race").await;
+    let UploadScene { ns, token, work, store, uid, .. } = &scene;
     let port = free_port();
-    let _api = Process::api(&ns, &store, port, "api-0").await;
+    let _api = Process::api(ns, store, port, "api-0").await;
 
     // Two different 200 MiB zips, sent at once from two clients.
     let zips = [random_zip(work.path(), "a.zip", 200 << 20), random_zip(work.path(), "b.zip", 200 << 20)];
@@ -267,12 +284,8 @@ async fn of_two_overlapping_uploads_exactly_one_wins() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error.as_ref().unwrap().1, "CF-PackageBitsAlreadyUploaded", "{error:?}");
 
-    wait_for(&ns, "pkg/app", "{.status.state}", "READY").await;
-    let blobs: Vec<PathBuf> = files_under(&store).into_iter().filter(|f| f.starts_with("packages")).collect();
-    assert_eq!(blobs.len(), 1, "one blob: {blobs:?}");
-    let stored = std::fs::read(store.join(&blobs[0])).unwrap();
-    assert_eq!(zip_contents(&stored), zip_contents(&zips[winner]), "the package holds the winner's bytes");
-    assert!(staged(&store).is_empty(), "nothing staged is left: {:?}", staged(&store));
+    // The package holds the winner's bytes.
+    scene.ready_with(&zips[winner]).await;
 }
 
 /// Wait for `process` to exit, for at most `within`.

@@ -528,8 +528,11 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     lease.renew_deadline = args.leader_election_renew_deadline;
     lease.retry_every = args.leader_election_retry_period;
     lease.check().map_err(|e| format!("--leader-election-*: {e}"))?;
-    // Connected and the store opened: ready, as a leader or as a follower waiting to take over.
-    ops.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Connected and the store opened: ready, as a leader or as a follower waiting to take over. A replica that
+    // serves the API is ready only once the API's watch cache is filled, which the API says itself.
+    if api.is_none() {
+        ops.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     if args.leader_elect {
         // A leader that loses the Lease (the API server was away longer than the renew deadline, or the process
         // was frozen) stops reconciling and becomes a follower again; the API it serves carries on meanwhile.

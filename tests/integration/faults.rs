@@ -444,17 +444,23 @@ async fn the_controller_and_the_api_carry_on_across_an_apiserver_restart() {
     let ns = "restart";
     kubectl(&["create", "namespace", ns], None);
     let work = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let args = ["--leader-election-namespace", ns, "--instance", "replica-0", "--listen", &listen];
-    let controller = Process::spawn_at(&plane.kubeconfig, "controller", ns, &work.path().join("store"), &args);
-    controller.ready().await;
     let docker = |name: &str| {
         format!(
             "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {name}\nspec:\n  type: docker\n  image:\n    reference: nginx:1.27\n"
         )
     };
     kubectl(&["apply", "-n", ns, "-f", "-"], Some(&docker("before")));
+    let before = kubectl(&["get", "pkg/before", "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let admin = kubectl(&["config", "view", "--raw", "-o", "jsonpath={.users[0].user.token}"], None);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--leader-election-namespace", ns, "--instance", "replica-0", "--listen", &listen];
+    let controller = Process::spawn_at(&plane.kubeconfig, "controller", ns, &work.path().join("store"), &args);
+    controller.ready().await;
+    // Ready means the API knows the objects that exist.
+    let client = reqwest::Client::new();
+    let response = client.get(format!("http://{listen}/v3/packages/{before}")).bearer_auth(&admin).send().await;
+    assert_eq!(response.unwrap().status(), StatusCode::OK, "ready before the API's watch cache was filled");
     wait_in(&plane, ns, "pkg/before", "{.status.state}", "READY", Duration::from_secs(60)).await;
 
     tokio::task::block_in_place(|| plane.restart_apiserver());
@@ -466,7 +472,6 @@ async fn the_controller_and_the_api_carry_on_across_an_apiserver_restart() {
     kubectl(&["apply", "-n", ns, "-f", "-"], Some(&awaiting_packages(&["upload"])));
     wait_in(&plane, ns, "pkg/upload", "{.status.state}", "AWAITING_UPLOAD", Duration::from_secs(60)).await;
     let uid = kubectl(&["get", "pkg/upload", "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
-    let admin = kubectl(&["config", "view", "--raw", "-o", "jsonpath={.users[0].user.token}"], None);
     let zip = random_zip(work.path(), "small.zip", 100_000);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

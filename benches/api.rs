@@ -51,15 +51,7 @@ fn stored_entry(out: &mut impl Write, writer: &mut ZipWriter, name: String, bloc
     }
     let size = block.len() as u64 * repeat;
     let sizes = Sizes { crc: crc.finalize(), compressed: size, uncompressed: size };
-    let header = EntryHeader {
-        name: name.into(),
-        method: 0,
-        flags: 0,
-        mod_time: 0,
-        mod_date: 33,
-        declared: Some(sizes),
-        zip64: false,
-    };
+    let header = EntryHeader::new(name, 0, sizes, false);
     out.write_all(&writer.start(&header)).unwrap();
     for _ in 0..repeat {
         out.write_all(block).unwrap();

@@ -11,7 +11,7 @@
 use std::io::Write;
 
 use bitsmith::archive::tgz::TgzCheck;
-use bitsmith::archive::zip::{EntryHeader, MADE_ON_UNIX, Repack, Sizes, ZipWriter, file_attributes};
+use bitsmith::archive::zip::{EntryHeader, Repack, Sizes, ZipWriter, file_attributes};
 use bitsmith::pipeline::ContentCheck;
 use bytes::BytesMut;
 use flate2::Compression;
@@ -101,19 +101,8 @@ fn entry(out: &mut Vec<u8>, writer: &mut ZipWriter, name: String, content: &[u8]
     };
     let sizes =
         Sizes { crc: crc32fast::hash(content), compressed: raw.len() as u64, uncompressed: content.len() as u64 };
-    let header = EntryHeader {
-        name: name.into(),
-        method,
-        flags: if after { 8 } else { 0 },
-        mod_time: 0,
-        mod_date: 33,
-        declared: (!after).then_some(sizes),
-        zip64: false,
-    };
-    out.extend_from_slice(&writer.start(&header));
-    out.extend_from_slice(&raw);
-    writer.data(raw.len());
-    out.extend_from_slice(&writer.end(sizes, MADE_ON_UNIX, file_attributes(0o644)));
+    let header = EntryHeader::new(name, method, sizes, after);
+    out.extend_from_slice(&writer.whole_entry(&header, &raw, sizes, file_attributes(0o644)));
 }
 
 /// Source-like text: words from a small vocabulary in lines, compressing about as code does.

@@ -379,15 +379,7 @@ impl Packing<'_> {
             return Err(zip_failure(ZipError::TooLarge { max: self.state.config.max_package_size }));
         }
         let sizes = Sizes { crc: cached.crc, compressed: cached.compressed, uncompressed: cached.size };
-        let header = EntryHeader {
-            name: path.as_str().into(),
-            method: cached.method,
-            flags: 0,
-            mod_time: 0,
-            mod_date: (1 << 5) | 1, // 1980-01-01, the zip epoch
-            declared: Some(sizes),
-            zip64: false,
-        };
+        let header = EntryHeader::new(path.as_str(), cached.method, sizes, false);
         self.send(writer.start(&header)).await?;
         let mut check = EntryCheck::new(cached.method).map_err(zip_failure)?;
         let (_, mut stream) = self

@@ -5,7 +5,7 @@
 //! run (`make fuzz`); a failure names the seed and iteration that found it.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use bytes::BytesMut;
 use flate2::Compression;
@@ -13,7 +13,7 @@ use flate2::write::{DeflateEncoder, GzEncoder};
 
 use super::tgz::TgzCheck;
 use super::tgz::tests::{end, entry, header, long, pax_header, seal};
-use super::zip::{EntryHeader, Event, MADE_ON_UNIX, Repack, Sizes, ZipReader, ZipWriter, file_attributes};
+use super::zip::{EntryHeader, Event, Repack, Sizes, ZipReader, ZipWriter, file_attributes};
 use crate::digest::to_hex;
 use crate::pipeline::ContentCheck;
 
@@ -117,11 +117,8 @@ fn generated_zip(rng: &mut Rng) -> Vec<u8> {
             declared: (!after).then_some(sizes),
             zip64: rng.chance(20),
         };
-        out.extend_from_slice(&writer.start(&header));
-        out.extend_from_slice(&raw);
-        writer.data(raw.len());
         let attributes = if rng.chance(10) { 0o120_777 << 16 } else { file_attributes(0o644) };
-        out.extend_from_slice(&writer.end(sizes, MADE_ON_UNIX, attributes));
+        out.extend_from_slice(&writer.whole_entry(&header, &raw, sizes, attributes));
     }
     out.extend_from_slice(&writer.finish());
     out
@@ -238,21 +235,10 @@ fn read_zip(rng: &mut Rng, input: &[u8]) -> Option<ZipAccepted> {
 /// Run `program` once over all `blobs` (each framed by its length) and return its output, one JSON value per
 /// line.
 fn python(program: &str, blobs: &[&[u8]]) -> Vec<serde_json::Value> {
-    let mut child = Command::new("python3")
-        .args(["-c", program])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut stdin = child.stdin.take().unwrap();
     let framed: Vec<u8> = blobs.iter().flat_map(|b| [&(b.len() as u64).to_le_bytes()[..], &b[..]].concat()).collect();
-    let writer = std::thread::spawn(move || stdin.write_all(&framed));
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = super::python(program, framed, "the Python reader failed");
     let lines: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), blobs.len());
     lines
 }

@@ -94,7 +94,23 @@ pub struct EntryHeader {
     pub zip64: bool,
 }
 
+/// 1980-01-01, the earliest date a zip can state.
+const ZIP_EPOCH: u16 = (1 << 5) | 1;
+
 impl EntryHeader {
+    /// A header dated at the zip epoch, with `sizes` stated up front, or after the data when `after`.
+    pub fn new(name: impl Into<Arc<str>>, method: u16, sizes: Sizes, after: bool) -> Self {
+        EntryHeader {
+            name: name.into(),
+            method,
+            flags: if after { SIZES_AFTER_DATA } else { 0 },
+            mod_time: 0,
+            mod_date: ZIP_EPOCH,
+            declared: (!after).then_some(sizes),
+            zip64: false,
+        }
+    }
+
     pub fn is_dir(&self) -> bool {
         self.name.ends_with('/')
     }
@@ -925,6 +941,17 @@ impl ZipWriter {
         self.offset += (out.len() - before) as u64;
     }
 
+    /// A whole entry whose raw (stored or deflated) bytes are at hand: its local header, `raw`, and its data
+    /// descriptor when its sizes come after the data.
+    pub fn whole_entry(&mut self, header: &EntryHeader, raw: &[u8], sizes: Sizes, external_attributes: u32) -> Bytes {
+        let mut out = BytesMut::with_capacity(30 + header.name.len() + 20 + raw.len() + 24);
+        self.start_into(header, &mut out);
+        out.extend_from_slice(raw);
+        self.data(raw.len());
+        self.end_into(sizes, MADE_ON_UNIX, external_attributes, &mut out);
+        out.freeze()
+    }
+
     /// `n` raw bytes of the open entry were written.
     pub fn data(&mut self, n: usize) {
         self.offset += n as u64;
@@ -1175,7 +1202,6 @@ impl Repack {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::process::{Command, Stdio};
 
     /// A zip made by Python's zipfile. With `streamed`, written to a pipe, so that sizes follow the data.
     fn python_zip(script: &str, streamed: bool) -> Vec<u8> {
@@ -1183,25 +1209,14 @@ mod tests {
             "import sys, zipfile, io\nout = sys.stdout.buffer if {streamed} else io.BytesIO()\nz = zipfile.ZipFile(out, 'w', zipfile.ZIP_DEFLATED)\n{script}\nz.close()\nif not {streamed}: sys.stdout.buffer.write(out.getvalue())\n",
             streamed = if streamed { "True" } else { "False" }
         );
-        let out = Command::new("python3").args(["-c", &program]).stdout(Stdio::piped()).output().expect("python3");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        out.stdout
+        crate::archive::python(&program, Vec::new(), "Python could not write the zip")
     }
 
     /// Python's verdict on a zip: its names and each file's content length, or its error.
     fn python_list(zip: &[u8]) -> String {
         let program = "import sys, zipfile, io\nz = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))\nassert z.testzip() is None\nprint(' '.join(f'{i.filename}:{len(z.read(i))}:{oct(i.external_attr >> 16)}' for i in z.infolist()))";
-        let mut child = Command::new("python3")
-            .args(["-c", program])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(zip).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "python rejects the zip: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        let out = crate::archive::python(program, zip.to_vec(), "python rejects the zip");
+        String::from_utf8(out).unwrap().trim().to_string()
     }
 
     fn repack(zip: &[u8], chunk: usize) -> Result<(Vec<u8>, Vec<EntryEnd>), ZipError> {
@@ -1304,19 +1319,8 @@ mod tests {
                 compressed: raw.len() as u64,
                 uncompressed: content.len() as u64,
             };
-            let header = EntryHeader {
-                name: name.into(),
-                method,
-                flags: if streamed { SIZES_AFTER_DATA } else { 0 },
-                mod_time: 0,
-                mod_date: 33,
-                declared: (!streamed).then_some(sizes),
-                zip64: false,
-            };
-            out.extend_from_slice(&writer.start(&header));
-            out.extend_from_slice(&raw);
-            writer.data(raw.len());
-            out.extend_from_slice(&writer.end(sizes, MADE_ON_UNIX, file_attributes(0o644)));
+            let header = EntryHeader::new(name, method, sizes, streamed);
+            out.extend_from_slice(&writer.whole_entry(&header, &raw, sizes, file_attributes(0o644)));
         }
         out.extend_from_slice(&writer.finish());
         out

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use bitsmith::api::{ApiConfig, AppState, Index};
-use bitsmith::archive::zip::{EntryHeader, MADE_ON_UNIX, Sizes, ZipWriter, file_attributes};
+use bitsmith::archive::zip::{EntryHeader, Sizes, ZipWriter, file_attributes};
 use bitsmith::controller::{self, Options};
 use bitsmith::links::ApiUrls;
 use serde_json::Value;
@@ -116,19 +116,8 @@ fn zip(entries: &[(String, Vec<u8>)], streamed: bool) -> Vec<u8> {
     for (name, content) in entries {
         let size = content.len() as u64;
         let sizes = Sizes { crc: crc32fast::hash(content), compressed: size, uncompressed: size };
-        let header = EntryHeader {
-            name: name.as_str().into(),
-            method: 0,
-            flags: if streamed { 8 } else { 0 },
-            mod_time: 0,
-            mod_date: 33,
-            declared: (!streamed).then_some(sizes),
-            zip64: false,
-        };
-        out.extend_from_slice(&writer.start(&header));
-        out.extend_from_slice(content);
-        writer.data(content.len());
-        out.extend_from_slice(&writer.end(sizes, MADE_ON_UNIX, file_attributes(0o644)));
+        let header = EntryHeader::new(name.as_str(), 0, sizes, streamed);
+        out.extend_from_slice(&writer.whole_entry(&header, content, sizes, file_attributes(0o644)));
     }
     out.extend_from_slice(&writer.finish());
     out

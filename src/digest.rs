@@ -1,16 +1,17 @@
 //! The digest half of the pipeline: sha1 and sha256 of a byte stream in one pass.
 //!
-//! Each hash runs on its own blocking worker fed through a bounded channel, so on a fast stream the two hashes
-//! use both cores while the caller goes on writing the same bytes to the store. The channels are what bound
-//! memory: a full channel makes [`Digester::update`] wait, which slows the reader down.
+//! Each hash works through its blocks on tokio's blocking pool (see [`crate::workers`]), so on a fast stream the
+//! two hashes use both cores while the caller goes on writing the same bytes to the store, and a slow stream
+//! holds no thread between its blocks. A hash that falls behind makes [`Digester::update`] wait, which slows
+//! the reader down: that is what bounds memory.
 
 use bytes::Bytes;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
-/// Blocks queued per hash worker before the producer waits.
+use crate::workers::{BlockWork, Offloaded};
+
+/// Blocks queued per hash while it works on earlier ones.
 const QUEUE_DEPTH: usize = 4;
 
 /// The result of hashing a stream.
@@ -33,40 +34,38 @@ impl Digests {
 
 /// Hashes blocks handed to it, in order, with sha1 and sha256 in parallel.
 pub struct Digester {
-    sha1: HashWorker,
-    sha256: HashWorker,
+    sha1: Offloaded<Hashing<Sha1>>,
+    sha256: Offloaded<Hashing<Sha256>>,
     size: u64,
 }
 
-struct HashWorker {
-    blocks: mpsc::Sender<Bytes>,
-    result: JoinHandle<String>,
+/// A hash as [`BlockWork`].
+struct Hashing<D>(D);
+
+impl<D: Digest + Send + 'static> BlockWork for Hashing<D> {
+    fn update(&mut self, block: &[u8]) -> Result<(), String> {
+        self.0.update(block);
+        Ok(())
+    }
 }
 
-impl HashWorker {
-    fn spawn<D: Digest + Send + 'static>() -> Self {
-        let (blocks, mut rx) = mpsc::channel::<Bytes>(QUEUE_DEPTH);
-        let result = tokio::task::spawn_blocking(move || {
-            let mut hasher = D::new();
-            while let Some(block) = rx.blocking_recv() {
-                hasher.update(&block);
-            }
-            to_hex(&hasher.finalize())
-        });
-        HashWorker { blocks, result }
+impl<D: Digest + Send + 'static> Hashing<D> {
+    fn offloaded() -> Offloaded<Self> {
+        Offloaded::new(Hashing(D::new()), QUEUE_DEPTH)
     }
 
-    async fn finish(self) -> String {
-        drop(self.blocks);
-        // A worker only ends by its channel closing; a panic in a hash function is a bug worth propagating.
-        self.result.await.expect("hash worker panicked")
+    async fn hex(offloaded: Offloaded<Self>) -> String {
+        match offloaded.finish().await {
+            Ok(Hashing(hasher)) => to_hex(&hasher.finalize()),
+            Err(never) => unreachable!("hashing does not fail: {never}"),
+        }
     }
 }
 
 impl Digester {
-    /// Start the two hash workers. Must be called inside a tokio runtime.
+    /// Start hashing. Must be called inside a tokio runtime.
     pub fn new() -> Self {
-        Digester { sha1: HashWorker::spawn::<Sha1>(), sha256: HashWorker::spawn::<Sha256>(), size: 0 }
+        Digester { sha1: Hashing::offloaded(), sha256: Hashing::offloaded(), size: 0 }
     }
 
     /// Bytes hashed so far.
@@ -74,19 +73,19 @@ impl Digester {
         self.size
     }
 
-    /// Hash the next block. Waits while the workers are behind. `Bytes` clones share the buffer, so the caller
+    /// Hash the next block. Waits while the hashes are behind. `Bytes` clones share the buffer, so the caller
     /// can pass the same block on to the store without a copy.
     pub async fn update(&mut self, block: Bytes) {
         self.size += block.len() as u64;
-        // The workers hold the receivers until their senders drop, so a send cannot fail.
-        let _ = self.sha1.blocks.send(block.clone()).await;
-        let _ = self.sha256.blocks.send(block).await;
+        // Hashing cannot fail, so a push is always taken.
+        self.sha1.push(block.clone()).await;
+        self.sha256.push(block).await;
     }
 
-    /// Wait for both workers and return the digests.
+    /// Wait for both hashes and return the digests.
     pub async fn finish(self) -> Digests {
         let size = self.size;
-        let (sha1, sha256) = tokio::join!(self.sha1.finish(), self.sha256.finish());
+        let (sha1, sha256) = tokio::join!(Hashing::hex(self.sha1), Hashing::hex(self.sha256));
         Digests { sha1, sha256, size }
     }
 }

@@ -32,3 +32,4 @@ pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod validate;
+pub mod workers;

@@ -9,6 +9,7 @@ use crate::digest::{Digester, Digests};
 use crate::resources::{BlobRef, Checksum, ChecksumType};
 use crate::sources::{OpenedSource, PackageCopy, SourceError};
 use crate::store::{BlobOwner, BlobStore, StoreError};
+use crate::workers::{BlockWork, Offloaded};
 
 /// Cloud Controller's default maximum package size.
 pub const DEFAULT_MAX_SIZE: u64 = 1 << 30;
@@ -81,8 +82,8 @@ pub async fn store_stream(
     store_checked(source.stream, &source.description, store, owner, pin, max_size, None).await
 }
 
-/// A check of the bytes' content (e.g. that they form a valid archive), run beside the digests on a worker of
-/// its own. Nothing is stored when it fails.
+/// A check of the bytes' content (e.g. that they form a valid archive), run beside the digests on the blocking
+/// pool. Nothing is stored when it fails.
 pub trait ContentCheck: Send + 'static {
     /// Look at the next block. After an error no more blocks come.
     fn update(&mut self, block: &[u8]) -> Result<(), String>;
@@ -90,36 +91,19 @@ pub trait ContentCheck: Send + 'static {
     fn finish(self: Box<Self>) -> Result<(), String>;
 }
 
-/// Runs a [`ContentCheck`] on a blocking worker fed through a bounded channel, like the digests.
-struct CheckWorker {
-    blocks: Option<tokio::sync::mpsc::Sender<Bytes>>,
-    verdict: tokio::task::JoinHandle<Result<(), String>>,
+impl BlockWork for Box<dyn ContentCheck> {
+    fn update(&mut self, block: &[u8]) -> Result<(), String> {
+        ContentCheck::update(self.as_mut(), block)
+    }
 }
 
-impl CheckWorker {
-    fn spawn(mut check: Box<dyn ContentCheck>) -> Self {
-        let (blocks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-        let verdict = tokio::task::spawn_blocking(move || {
-            while let Some(block) = rx.blocking_recv() {
-                check.update(&block)?;
-            }
-            check.finish()
-        });
-        CheckWorker { blocks: Some(blocks), verdict }
-    }
+/// Blocks queued for a content check while it works on earlier ones.
+const CHECK_QUEUE_DEPTH: usize = 4;
 
-    /// False once the check has failed (its worker stopped taking blocks): the caller can stop early.
-    async fn update(&mut self, block: Bytes) -> bool {
-        match &self.blocks {
-            Some(blocks) => blocks.send(block).await.is_ok(),
-            None => false,
-        }
-    }
-
-    async fn finish(mut self) -> Result<(), String> {
-        self.blocks = None;
-        self.verdict.await.map_err(|e| format!("content check failed: {e}"))?
-    }
+/// The check's verdict once every block went through it.
+async fn check_verdict(check: Offloaded<Box<dyn ContentCheck>>) -> Result<(), String> {
+    let check = check.finish().await?;
+    tokio::task::spawn_blocking(move || check.finish()).await.map_err(|e| format!("content check failed: {e}"))?
 }
 
 /// Stream `chunks` (described as `description` in errors) into `store` as `owner`'s blob: hashed, checked by
@@ -138,7 +122,7 @@ where
 {
     let mut staged = store.begin_write().await?;
     let mut digester = Digester::new();
-    let mut checker = check.map(CheckWorker::spawn);
+    let mut checker = check.map(|check| Offloaded::new(check, CHECK_QUEUE_DEPTH));
     let mut blocks = Blocks::new(chunks);
     let streamed: Result<(), PipelineError> = async {
         while let Some(block) = blocks.next().await {
@@ -148,7 +132,7 @@ where
             }
             digester.update(block.clone()).await;
             if let Some(checker) = &mut checker
-                && !checker.update(block.clone()).await
+                && !checker.push(block.clone()).await
             {
                 // The check failed: its verdict says why.
                 return Ok(());
@@ -160,7 +144,7 @@ where
     .await;
     let digests = digester.finish().await;
     let checked = match checker {
-        Some(checker) => checker.finish().await.map_err(|detail| PipelineError::Invalid { detail }),
+        Some(checker) => check_verdict(checker).await.map_err(|detail| PipelineError::Invalid { detail }),
         None => Ok(()),
     };
     let verified = streamed.and(checked).and_then(|()| verify_pin(pin, &digests));

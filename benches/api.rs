@@ -8,6 +8,11 @@
 //!   the caller may download in two (so each request asks Kubernetes about three): median latency of 20
 //!   requests while the answers are cached, and of 3 requests after the auth caches expired.
 //! - `GET /v3/packages/:guid` requests per second under `wrk` (installed with apt when missing).
+//! - The transfer budget: twice `--max-concurrent-transfers` (default 4, `BITSMITH_BENCH_TRANSFERS`) uploads of a
+//!   1 GiB zip (four 256 MiB entries, each cached: the costliest upload) started at once, the refused ones tried
+//!   again after Retry-After; the API's peak RSS against the memory figure the budget is sized for.
+//!
+//! `API_BENCH=budget` runs the budget measurement alone.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -93,6 +98,29 @@ fn uploader(ns: &str) -> String {
 }
 
 struct Api(Child);
+
+impl Api {
+    /// `bitsmith api` on a free loopback port over the `file://` store `store`, answering once it returns.
+    async fn start(store: &Path, args: &[&str]) -> (Api, String) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let base = format!("http://127.0.0.1:{port}");
+        let api = Api(Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+            .args(["api", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0", "--store"])
+            .arg(store)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap());
+        let client = reqwest::Client::new();
+        for _ in 0..100 {
+            if client.get(format!("{base}/v3/nothing")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (api, base)
+    }
+}
 
 impl Drop for Api {
     fn drop(&mut self) {
@@ -180,25 +208,17 @@ async fn main() {
     let ns = format!("bench-api-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let token = uploader(&ns);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let base = format!("http://127.0.0.1:{port}");
+    if std::env::var("API_BENCH").is_ok_and(|only| only == "budget") {
+        let table = budget(dir.path(), &ns, &token).await;
+        println!("{table}");
+        kubectl(&["delete", "namespace", &ns, "--wait=false"], None);
+        return;
+    }
     let store_dir: PathBuf = dir.path().join("store");
     let limit = format!("{}", 2 * size + 64 * MIB);
-    let api = Api(Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(["api", "--listen", &format!("127.0.0.1:{port}"), "--store"])
-        .arg(&store_dir)
-        .args(["--max-upload-size", &limit, "--max-package-size", &limit])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap());
+    let (api, base) = Api::start(&store_dir, &["--max-upload-size", &limit, "--max-package-size", &limit]).await;
     let pid = api.0.id();
     let client = reqwest::Client::new();
-    for _ in 0..100 {
-        if client.get(format!("{base}/v3/nothing")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     // Upload throughput and memory.
     let big = package(&client, &base, &token, &ns, "big").await;
@@ -294,6 +314,8 @@ async fn main() {
     let (cold_ms, matches_ms) = (median_ms(cold), median_ms(warm));
 
     let rps = wrk(&format!("{base}/v3/packages/{big}"), token);
+    drop(api);
+    let budget_table = budget(dir.path(), &ns, token).await;
 
     println!(
         "\nbitsmith API benchmark: {:.2} GiB zip upload, {} cores",
@@ -315,9 +337,85 @@ async fn main() {
         "| resource_matches, same, auth caches expired: 1 TokenReview + 3 SubjectAccessReviews (median of 3) | {cold_ms:.1} ms | < 50 ms |"
     );
     println!("| GET /v3/packages/:guid (wrk, 2 threads, 32 connections, 10 s) | {rps:.0} req/s | |");
+    println!("{budget_table}");
 
-    drop(api);
     for namespace in [&ns, &peer, &other] {
         kubectl(&["delete", "namespace", namespace, "--wait=false"], None);
     }
+}
+
+/// Twice the budget of 1 GiB uploads started at once against an API with `--max-concurrent-transfers`; the
+/// refused ones wait as Retry-After says and try again. Returns the table of what the API's memory did.
+async fn budget(dir: &Path, ns: &str, token: &str) -> String {
+    let transfers: usize = std::env::var("BITSMITH_BENCH_TRANSFERS").map(|v| v.parse().expect("a count")).unwrap_or(4);
+    let zip = dir.join("budget.zip");
+    write_zip(&zip, 4, 256 * MIB);
+    let store = dir.join("budget-store");
+    let (api, base) = Api::start(&store, &["--max-concurrent-transfers", &transfers.to_string()]).await;
+    let pid = api.0.id();
+    let client = reqwest::Client::new();
+    let mut guids = Vec::new();
+    for n in 0..2 * transfers {
+        guids.push(package(&client, &base, token, ns, &format!("budget-{n}")).await);
+    }
+    let idle = rss_kib(pid, "VmRSS:");
+    let refusals = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let uploads = guids.iter().map(|guid| {
+        let (client, url, zip, refusals) =
+            (client.clone(), format!("{base}/v3/packages/{guid}/upload"), zip.clone(), refusals.clone());
+        async move {
+            loop {
+                let form = reqwest::multipart::Form::new().part("bits", file_part(&zip).await);
+                let response = client.post(&url).bearer_auth(token).multipart(form).send().await.unwrap();
+                if response.status() != 503 {
+                    assert_eq!(response.status(), 200, "upload failed: {}", response.text().await.unwrap());
+                    return;
+                }
+                refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let wait: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+        }
+    });
+    futures::future::join_all(uploads).await;
+    let took = started.elapsed();
+    let peak = rss_kib(pid, "VmHWM:");
+    drop(api);
+    let _ = std::fs::remove_dir_all(&store);
+    let figure = bitsmith::budget::memory_for(transfers);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let uploaded = (2 * transfers) as u64 * std::fs::metadata(&zip).unwrap().len();
+    [
+        format!(
+            "\ntransfer budget: {} uploads of a 1 GiB zip at once, --max-concurrent-transfers {transfers}",
+            2 * transfers
+        ),
+        "| measurement | value | target |".into(),
+        "|---|---:|---:|".into(),
+        format!(
+            "| uploads answered 503 + Retry-After, then tried again | {} | |",
+            refusals.load(std::sync::atomic::Ordering::Relaxed)
+        ),
+        format!(
+            "| all {} uploaded | {:.1} s ({:.0} MB/s) | |",
+            2 * transfers,
+            took.as_secs_f64(),
+            uploaded as f64 / took.as_secs_f64() / 1e6
+        ),
+        format!("| API idle RSS | {:.1} MiB | |", mib(idle)),
+        format!("| API peak RSS | {:.1} MiB | ≤ the budget's figure |", mib(peak)),
+        format!(
+            "| the budget's figure: {} MiB + {transfers} × {} MiB | {} MiB | |",
+            bitsmith::budget::BASE_MEMORY >> 20,
+            bitsmith::budget::TRANSFER_MEMORY >> 20,
+            figure >> 20
+        ),
+        format!(
+            "| peak above idle, per transfer | {:.1} MiB | ≤ {} MiB |",
+            mib(peak.saturating_sub(idle)) / transfers as f64,
+            bitsmith::budget::TRANSFER_MEMORY >> 20
+        ),
+    ]
+    .join("\n")
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
+use crate::budget::{self, TransferBudget};
 use crate::fetch::Fetcher;
 use crate::leader::{Leadership, LeaseConfig, run_as_leader};
 use crate::offline;
@@ -86,10 +87,6 @@ pub struct ApiArgs {
     /// Largest request head (request line and headers); larger ones are answered 431.
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub max_header_size: u64,
-    /// Uploads this replica serves at once (each costs up to ~40 MiB); more are answered 503
-    /// CF-ServiceUnavailable with Retry-After.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_concurrent_uploads: u32,
     /// Who is offered a file of the resource cache: `namespace`, callers who may download packages in a
     /// namespace whose uploads held it; `cluster`, every authenticated caller (Cloud Controller's global pool,
     /// for installs with a single tenant).
@@ -122,10 +119,38 @@ impl ApiArgs {
     }
 }
 
+/// How many transfers run at once.
+#[derive(Args, Debug, Clone)]
+pub struct TransferArgs {
+    /// Fetches and uploads this process runs at once, together; more uploads are answered 503
+    /// CF-ServiceUnavailable with Retry-After, more fetches wait. Default: as many as fit the container's memory
+    /// limit, at ~80 MiB each after 128 MiB for the rest (8 without a limit).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_transfers: Option<u32>,
+}
+
+impl TransferArgs {
+    /// The budget, reporting to `metrics`.
+    fn budget(&self, metrics: &crate::metrics::Metrics) -> TransferBudget {
+        let max = match self.max_concurrent_transfers {
+            Some(max) => max as usize,
+            None => {
+                let limit = budget::container_memory_limit();
+                let max = budget::transfers_for(limit);
+                tracing::info!(memory_limit = limit, max, "transfers at once, for the memory limit");
+                max
+            }
+        };
+        TransferBudget::with_metrics(max, metrics.transfers.clone())
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ApiServerArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub transfers: TransferArgs,
     #[command(flatten)]
     pub api: ApiArgs,
     /// Serve objects of one namespace only (default: all).
@@ -144,6 +169,8 @@ pub struct ApiServerArgs {
 pub struct ControllerArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub transfers: TransferArgs,
     /// Largest accepted size, e.g. 1GiB, 512MiB, 1000000.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub max_size: u64,
@@ -388,6 +415,7 @@ async fn start_api(
     instance: &str,
     listeners: ApiListeners,
     ops: &crate::ops::Ops,
+    transfers: TransferBudget,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, String> {
     let mut config = crate::api::ApiConfig::new(args.urls().expect("an external URL: --listen is set"));
     config.max_upload_size = args.max_upload_size;
@@ -398,13 +426,13 @@ async fn start_api(
         header_read_timeout: args.header_read_timeout,
         body_idle_timeout: args.body_idle_timeout,
         max_header_size: usize::try_from(args.max_header_size).unwrap_or(usize::MAX),
-        max_concurrent_uploads: args.max_concurrent_uploads as usize,
         shutdown_grace: args.shutdown_grace,
     };
     config.offload_client_ca = listeners.offload_client_ca;
     config.resource_cache_scope = args.resource_cache_scope;
     config.instance = instance.to_string();
     config.upload_claim_timeout = args.upload_claim_timeout;
+    config.transfers = transfers;
     let (tls, front_proxy) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let front_proxy = match crate::api::FrontProxy::from_cluster(client).await {
@@ -472,7 +500,9 @@ async fn api(args: ApiServerArgs) -> Result<(), String> {
     let client = connect().await?;
     let store = args.store.open_for(&args.api.size_limits())?;
     let instance = identity(args.instance);
-    let served = start_api(&client, store, args.namespace.as_deref(), &args.api, &instance, listeners, &ops).await?;
+    let transfers = args.transfers.budget(&ops.metrics);
+    let namespace = args.namespace.as_deref();
+    let served = start_api(&client, store, namespace, &args.api, &instance, listeners, &ops, transfers).await?;
     tokio::spawn(unready_on_shutdown(ops.ready.clone()));
     match served.await {
         Ok(result) => result.map_err(|e| format!("serving the API: {e}")),
@@ -502,13 +532,17 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
     let client = connect().await?;
     let limits = [&[("--max-size", args.max_size)][..], &args.api.size_limits()].concat();
     let policy = args.sources.policy(args.allow_files_under);
-    let fetcher = Fetcher::new(args.store.open_for(&limits)?, policy, args.max_size).map_err(|e| e.to_string())?;
+    let transfers = args.transfers.budget(&ops.metrics);
+    let fetcher = Fetcher::new(args.store.open_for(&limits)?, policy, args.max_size)
+        .map_err(|e| e.to_string())?
+        .with_budget(transfers.clone());
     let identity = identity(args.instance);
     // Every replica serves the API; only the leader reconciles.
     let api = match api {
         Some(listeners) => {
             let namespace = args.namespace.as_deref();
-            Some(start_api(&client, fetcher.store.clone(), namespace, &args.api, &identity, listeners, &ops).await?)
+            let store = fetcher.store.clone();
+            Some(start_api(&client, store, namespace, &args.api, &identity, listeners, &ops, transfers).await?)
         }
         None => None,
     };

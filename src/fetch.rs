@@ -1,6 +1,9 @@
 //! Fetching one object's bits: picks the source, runs the pipeline, returns stored digests. The caller looks up
 //! the Secret and the source Package (from the cluster, or from manifests) and turns the outcome into status.
 
+use std::time::Duration;
+
+use crate::budget::TransferBudget;
 use crate::pipeline::{self, PipelineError, Stored};
 use crate::resources::{Checksum, Package, Source, SourceKind};
 use crate::sources::{self, HttpFetcher, HttpOptions, SecretData, SourceError, SourcePolicy};
@@ -14,26 +17,55 @@ pub struct Fetcher {
     pub policy: SourcePolicy,
     /// Largest accepted size in bytes.
     pub max_size: u64,
+    /// Transfer slots: a fetch that streams bytes waits for one.
+    pub budget: TransferBudget,
 }
 
-/// What a fetch reads from besides the spec.
+/// What a fetch needs besides the source.
 #[derive(Default)]
 pub struct Inputs<'a> {
     /// The Secret named by the source's `secretRef`, when it has one.
     pub secret: Option<&'a SecretData>,
     /// The Package named by a `package` source.
     pub source_package: Option<&'a Package>,
+    /// How long the fetch may take once it has a transfer slot (`spec.timeout`); none: as long as it takes.
+    pub deadline: Option<Duration>,
 }
 
 impl Fetcher {
     /// A fetcher into `store` with default http timeouts; its http sources connect as `policy` allows.
     pub fn new(store: BlobStore, policy: SourcePolicy, max_size: u64) -> Result<Self, SourceError> {
         let http = HttpFetcher::new(HttpOptions::default(), policy.egress.clone())?;
-        Ok(Fetcher { store, http, policy, max_size })
+        Ok(Fetcher { store, http, policy, max_size, budget: TransferBudget::default() })
     }
 
-    /// Fetch `source` into the store as `owner`'s blob.
+    /// The same fetcher, taking its transfer slots from `budget`.
+    pub fn with_budget(self, budget: TransferBudget) -> Self {
+        Fetcher { budget, ..self }
+    }
+
+    /// Fetch `source` into the store as `owner`'s blob, within the deadline of `inputs`. A fetch that streams
+    /// bytes first waits for a transfer slot; the deadline runs from when it has one, so that waiting on other
+    /// transfers is not taken for a slow source. Dropping the future (e.g. at the deadline) aborts the staged write.
     pub async fn fetch(
+        &self,
+        owner: &BlobOwner,
+        source: &Source,
+        pin: Option<&Checksum>,
+        inputs: Inputs<'_>,
+    ) -> Result<Stored, PipelineError> {
+        let _slot = match source.package {
+            None => Some(self.budget.start().await),
+            // A copy inside the store moves no bytes through this process.
+            Some(_) => None,
+        };
+        let Some(limit) = inputs.deadline else { return self.fetch_now(owner, source, pin, inputs).await };
+        tokio::time::timeout(limit, self.fetch_now(owner, source, pin, inputs))
+            .await
+            .map_err(|_| PipelineError::Timeout { limit })?
+    }
+
+    async fn fetch_now(
         &self,
         owner: &BlobOwner,
         source: &Source,

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod archive;
 pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod claims;
 pub mod cli;

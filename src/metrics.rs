@@ -35,6 +35,8 @@ pub struct Metrics {
     status_writes: Family<KindLabel, Counter>,
     stored_bytes: Counter,
     objects: Family<StateLabels, Gauge>,
+    /// The transfer budget's slots, shared by fetches and uploads.
+    pub transfers: crate::budget::TransferMetrics,
     /// The last state each object was seen in, by `kind/namespace/name`; the `objects` gauges are counted from
     /// it at scrape time, so they never drift from what the controller saw.
     states: Mutex<HashMap<String, (String, String)>>,
@@ -62,6 +64,19 @@ impl Metrics {
         registry.register("status_writes", "Status writes to the Kubernetes API", status_writes.clone());
         registry.register("stored_bytes", "Bytes of bits stored", stored_bytes.clone());
         registry.register("objects", "Objects by kind and CF state, as last reconciled", objects.clone());
+        let transfers = crate::budget::TransferMetrics::default();
+        registry.register("transfers_running", "Fetches and uploads running", transfers.running.clone());
+        registry.register("transfers_waiting", "Fetches waiting for a transfer slot", transfers.waiting.clone());
+        registry.register(
+            "transfers_refused",
+            "Uploads refused for want of a transfer slot",
+            transfers.refused.clone(),
+        );
+        registry.register(
+            "transfers_max",
+            "Transfers allowed at once (--max-concurrent-transfers)",
+            transfers.max.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -70,6 +85,7 @@ impl Metrics {
             status_writes,
             stored_bytes,
             objects,
+            transfers,
             states: Mutex::default(),
         }
     }

@@ -48,8 +48,6 @@ pub enum OfflineError {
         #[source]
         source: Box<PipelineError>,
     },
-    #[error("{object}: the fetch did not finish within {} (spec.timeout)", humantime::format_duration(*limit))]
-    Timeout { object: String, limit: std::time::Duration },
 }
 
 /// Parse a multi-document YAML text. `origin` names it in errors (a file name, or `-`).
@@ -166,12 +164,11 @@ where
     };
     let source_package =
         source.package.as_ref().and_then(|p| seen.packages.get(&(namespace.to_string(), p.name.clone())));
-    let limit = object.fetch_timeout();
     let owner = BlobOwner::of(object, namespace);
-    let fetching = fetcher.fetch(&owner, source, object.checksum_pin(), Inputs { secret, source_package });
-    let stored = tokio::time::timeout(limit, fetching)
+    let inputs = Inputs { secret, source_package, deadline: Some(object.fetch_timeout()) };
+    let stored = fetcher
+        .fetch(&owner, source, object.checksum_pin(), inputs)
         .await
-        .map_err(|_| OfflineError::Timeout { object: description.clone(), limit })?
         .map_err(|source| OfflineError::Pipeline { object: description, source: Box::new(source) })?;
     let digests = status::stored_digests(&stored.digests, stored.blob);
     Ok(status::done(&prev, digests, generation, Timestamp::now()))

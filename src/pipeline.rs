@@ -39,6 +39,8 @@ pub enum PipelineError {
     /// The bytes are not what they must be (e.g. not a valid archive).
     #[error("{detail}")]
     Invalid { detail: String },
+    #[error("the fetch did not finish within {} (spec.timeout)", humantime::format_duration(*.limit))]
+    Timeout { limit: std::time::Duration },
 }
 
 impl PipelineError {
@@ -52,6 +54,7 @@ impl PipelineError {
             PipelineError::Source(_) => "SourceUnavailable",
             PipelineError::ChecksumMismatch { .. } => "ChecksumMismatch",
             PipelineError::Store(_) => "StoreError",
+            PipelineError::Timeout { .. } => "Timeout",
             PipelineError::Invalid { .. } => "InvalidBits",
         }
     }
@@ -63,7 +66,7 @@ impl PipelineError {
             PipelineError::TooLarge { .. } | PipelineError::ChecksumMismatch { .. } | PipelineError::Invalid { .. } => {
                 true
             }
-            PipelineError::Store(_) => false,
+            PipelineError::Store(_) | PipelineError::Timeout { .. } => false,
         }
     }
 }

@@ -23,6 +23,8 @@ use crate::resources::{BitsObject, BlobRef};
 const PART_SIZE: usize = 8 << 20;
 /// Parts uploading at once. With [`PART_SIZE`] this bounds a write's memory.
 const PARTS_IN_FLIGHT: usize = 3;
+/// The most a staged write holds: the part being filled and those uploading.
+pub const WRITE_MEMORY: u64 = (PART_SIZE * (PARTS_IN_FLIGHT + 1)) as u64;
 /// Where writes live until they are committed.
 const STAGING: &str = "staging";
 /// The largest object S3's CopyObject copies. A commit on S3 is a copy out of staging, so no larger blob can be

@@ -28,13 +28,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use kube::{Client, ResourceExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 pub use errors::CfError;
 pub use front_proxy::{Credentials, FrontProxy};
 pub use index::Index;
 
 use crate::auth::{Access, Authorizer};
+use crate::budget::TransferBudget;
 use crate::cache::ResourceCache;
 use crate::links::ApiUrls;
 use crate::metrics::Metrics;
@@ -72,6 +73,9 @@ pub struct ApiConfig {
     pub instance: String,
     /// Uploads renew their claim every quarter of this; the controller gives up a claim unrenewed this long.
     pub upload_claim_timeout: Duration,
+    /// The transfer slots an upload takes, shared with the controller's fetches when one process does both;
+    /// an upload that finds none free is answered 503 with Retry-After.
+    pub transfers: TransferBudget,
 }
 
 /// What the API tolerates of a connection, so that slow or oversized requests cannot tie it up.
@@ -83,21 +87,17 @@ pub struct Limits {
     pub body_idle_timeout: Duration,
     /// The largest request head (request line and headers) in bytes; larger ones get 431.
     pub max_header_size: usize,
-    /// Uploads (package and droplet, CF and aggregated routes) served at once; beyond it, 503 with Retry-After.
-    pub max_concurrent_uploads: usize,
     /// After a shutdown signal, requests in flight get this long to finish; the rest are cut off (an upload cut
     /// off is given back by its lapsing claim).
     pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
-    /// A transfer costs up to ~40 MiB, so 8 uploads fit the chart's 512 MiB with room for everything else.
     fn default() -> Self {
         Limits {
             header_read_timeout: Duration::from_secs(30),
             body_idle_timeout: Duration::from_secs(60),
             max_header_size: 64 << 10,
-            max_concurrent_uploads: 8,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -122,6 +122,7 @@ impl ApiConfig {
             resource_cache_scope: crate::cache::Scope::Namespace,
             instance: "bitsmith-api".into(),
             upload_claim_timeout: Duration::from_secs(60),
+            transfers: TransferBudget::default(),
         }
     }
 }
@@ -139,8 +140,6 @@ pub struct AppState {
     /// The cluster's front proxy, whose users reach the API through aggregation.
     pub front_proxy: Option<FrontProxy>,
     pub config: ApiConfig,
-    /// One permit per upload in progress.
-    uploads: Semaphore,
 }
 
 impl AppState {
@@ -157,8 +156,7 @@ impl AppState {
         let recorder = Recorder::new(client.clone(), reporter, metrics);
         let cache = ResourceCache::new(store.clone());
         tokio::spawn(cache.clone().keep_fresh(Duration::from_secs(300)));
-        let uploads = Semaphore::new(config.limits.max_concurrent_uploads);
-        Arc::new(AppState { client, store, index, auth, recorder, cache, front_proxy, config, uploads })
+        Arc::new(AppState { client, store, index, auth, recorder, cache, front_proxy, config })
     }
 
     /// The caller: the user the front proxy vouches for, or the owner of the bearer token.
@@ -228,25 +226,26 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(droplets::upload).layer(DefaultBodyLimit::max(body_limit(state.config.max_upload_size))),
         )
         .merge(aggregated::routes().layer(DefaultBodyLimit::max(body_limit(state.config.max_upload_size))))
-        .route_layer(middleware::from_fn_with_state(state.clone(), limit_uploads))
+        .route_layer(middleware::from_fn_with_state(state.clone(), budget_uploads))
         .fallback(|| async { CfError::UnknownRequest })
         .with_state(state)
 }
 
-/// Uploads beyond `--max-concurrent-uploads` are answered at once with 503 and `Retry-After`: the limit is the
-/// server's capacity, shared by all callers, not a quota this caller exceeded (which 429 would say). The permit
-/// is taken before authentication so that a refusal costs no TokenReview, and is held until the upload's answer.
-async fn limit_uploads(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+/// An upload that finds no free transfer slot (`--max-concurrent-transfers`) is answered at once with 503 and
+/// `Retry-After`: the limit is the server's capacity, shared by all callers, not a quota this caller exceeded
+/// (which 429 would say). The slot is taken before authentication so that a refusal costs no TokenReview, and
+/// is held until the upload's answer.
+async fn budget_uploads(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let upload = request.method() == Method::POST
         && request.extensions().get::<MatchedPath>().is_some_and(|path| path.as_str().ends_with("/upload"));
     if !upload {
         return next.run(request).await;
     }
-    let Ok(_permit) = state.uploads.try_acquire() else {
-        let max = state.config.limits.max_concurrent_uploads;
-        tracing::info!(max, "an upload refused: the API is serving its maximum of uploads at once");
+    let Some(_slot) = state.config.transfers.try_start() else {
+        let max = state.config.transfers.max();
+        tracing::info!(max, "an upload refused: all transfer slots are taken");
         let error = CfError::ServiceUnavailable(format!(
-            "The API is serving its maximum of {max} uploads at once; try again in {RETRY_AFTER_SECONDS} seconds."
+            "The server is running its maximum of {max} transfers at once; try again in {RETRY_AFTER_SECONDS} seconds."
         ));
         let mut response = error.into_response();
         response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));

@@ -160,6 +160,9 @@ impl Failure {
                 tracing::error!(error = %e, "storing an upload");
                 Failure::Retry { answer: CfError::BlobstoreUnavailable, message: error.to_string() }
             }
+            PipelineError::Timeout { .. } => {
+                Failure::Retry { answer: CfError::ServiceUnavailable(error.to_string()), message: error.to_string() }
+            }
             PipelineError::Invalid { .. } | PipelineError::TooLarge { .. } | PipelineError::ChecksumMismatch { .. } => {
                 Failure::Content { answer: content(&error), reason: error.reason(), message: error.to_string() }
             }

@@ -283,17 +283,11 @@ where
         Some(reference) => Api::<Package>::namespaced(ctx.client.clone(), namespace).get_opt(&reference.name).await?,
         None => None,
     };
-    let inputs = Inputs { secret: secret.as_ref(), source_package: source_package.as_ref() };
+    let deadline = Some(object.fetch_timeout());
+    let inputs = Inputs { secret: secret.as_ref(), source_package: source_package.as_ref(), deadline };
     let owner = BlobOwner::of(object, namespace);
-    let limit = object.fetch_timeout();
-    let fetched = tokio::time::timeout(limit, ctx.fetcher.fetch(&owner, source, object.checksum_pin(), inputs)).await;
+    let fetched = ctx.fetcher.fetch(&owner, source, object.checksum_pin(), inputs).await;
     let now = Timestamp::now();
-    let Ok(fetched) = fetched else {
-        // The fetch was dropped: its staged write is aborted, nothing of it is kept.
-        let message = format!("the fetch did not finish within {} (spec.timeout)", humantime::format_duration(limit));
-        let next = status::failed(current, "Timeout", &message, false, generation, now);
-        return Ok((next, Action::requeue(retry_delay(current))));
-    };
     Ok(match fetched {
         Ok(stored) => {
             ctx.metrics.stored(stored.digests.size);

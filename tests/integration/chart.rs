@@ -90,6 +90,7 @@ fn value_sets() -> Vec<(&'static str, Value)> {
                 "controller": {"watchNamespace": "apps",
                                "sources": {"denyCIDRs": ["10.0.0.0/8", "fd00::/8"], "allowCIDRs": ["127.0.0.0/8"]}},
                 "api": {"externalURL": "https://bits.example.com"},
+                "maxConcurrentTransfers": 3,
                 "metrics": {"serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}}},
                 "networkPolicy": {"enabled": true,
                                   "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
@@ -265,9 +266,13 @@ fn the_deployment_is_hardened_and_follows_the_values() {
     }
     assert!(args.contains(&"--external-url=https://bitsmith.bitsmith-system.svc".to_string()), "{args:?}");
     assert!(!args.iter().any(|a| a.contains("source-cidr") || a.contains("ambient")), "closed by default: {args:?}");
-    for arg in ["--max-zip-entries=100000", "--max-concurrent-uploads=8", "--resource-cache-scope=namespace"] {
+    for arg in ["--max-zip-entries=100000", "--resource-cache-scope=namespace"] {
         assert!(args.contains(&arg.to_string()), "{arg} in {args:?}");
     }
+    assert!(
+        !args.iter().any(|a| a.starts_with("--max-concurrent-transfers")),
+        "by default the binary sizes its transfers to the memory limit: {args:?}"
+    );
     let mounts = container["volumeMounts"].as_array().unwrap();
     assert!(mounts.iter().any(|m| m["name"] == "store" && m["mountPath"] == "/var/lib/bitsmith/store"));
     assert_eq!(
@@ -305,6 +310,7 @@ fn the_deployment_is_hardened_and_follows_the_values() {
         "--deny-source-cidr=10.0.0.0/8",
         "--deny-source-cidr=fd00::/8",
         "--allow-source-cidr=127.0.0.0/8",
+        "--max-concurrent-transfers=3",
     ] {
         assert!(args.contains(&arg.to_string()), "{arg} in {args:?}");
     }

@@ -107,27 +107,27 @@ async fn objects_as_sources<C: Cloud>(cloud: &C, seed: u64) {
 
     let source = cloud.object_source(&bucket_path(&store, &original.blob.key));
     let secret = cloud.secret();
-    let inputs = Inputs { secret: Some(&secret), source_package: None };
+    let inputs = Inputs { secret: Some(&secret), source_package: None, ..Default::default() };
     let copied = fetcher.fetch(&owner("b"), &source, None, inputs).await.unwrap();
     assert_eq!(copied.digests, coreutils_digests(seed, 6 << 20));
 
     let mut wrong = secret.clone();
     wrong.entries.insert(C::SECRET_KEY_ENTRY.into(), C::WRONG_SECRET_KEY.as_bytes().to_vec());
-    let inputs = Inputs { secret: Some(&wrong), source_package: None };
+    let inputs = Inputs { secret: Some(&wrong), source_package: None, ..Default::default() };
     let err = fetcher.fetch(&owner("c"), &source, None, inputs).await.unwrap_err();
     assert!(err.is_permanent() || matches!(err, PipelineError::Source(SourceError::ObjectRead { .. })), "{err}");
 
     let mut no_keys = secret.clone();
     no_keys.entries.clear();
     no_keys.entries.insert("unrelated".into(), b"x".to_vec());
-    let inputs = Inputs { secret: Some(&no_keys), source_package: None };
+    let inputs = Inputs { secret: Some(&no_keys), source_package: None, ..Default::default() };
     let err = fetcher.fetch(&owner("c"), &source, None, inputs).await.unwrap_err();
     assert!(matches!(err, PipelineError::Source(SourceError::RefusedOption(_))), "{err}");
     assert!(err.to_string().contains("\"unrelated\""), "{err}");
 
     let mut missing = source.clone();
     missing.object_store.as_mut().unwrap().url = format!("{}://{}/no/such/object", C::SCHEME, cloud.bucket());
-    let inputs = Inputs { secret: Some(&secret), source_package: None };
+    let inputs = Inputs { secret: Some(&secret), source_package: None, ..Default::default() };
     let err = fetcher.fetch(&owner("c"), &missing, None, inputs).await.unwrap_err();
     assert!(matches!(err, PipelineError::Source(SourceError::NotFound { .. })), "{err}");
 
@@ -154,7 +154,7 @@ async fn gcs_objects_as_sources() {
     let fetcher = file_fetcher(store.path(), 1 << 30);
     let source = gcs.object_source(&name);
     let secret = gcs.secret();
-    let with_secret = || Inputs { secret: Some(&secret), source_package: None };
+    let with_secret = || Inputs { secret: Some(&secret), source_package: None, ..Default::default() };
 
     // Read in several ranges, with credentials from the Secret.
     let stored = fetcher.fetch(&owner("gcs"), &source, None, with_secret()).await.unwrap();
@@ -173,7 +173,7 @@ async fn gcs_objects_as_sources() {
 
     // A Secret that holds no credentials is the Secret's fault, said as such.
     let empty = bitsmith::sources::SecretData { name: "cloud".into(), entries: Default::default() };
-    let inputs = Inputs { secret: Some(&empty), source_package: None };
+    let inputs = Inputs { secret: Some(&empty), source_package: None, ..Default::default() };
     let err = fetcher.fetch(&owner("c"), &source, None, inputs).await.unwrap_err();
     assert!(matches!(err, PipelineError::Source(SourceError::InvalidCredentials { .. })), "{err}");
 

@@ -497,3 +497,94 @@ async fn the_controller_and_the_api_carry_on_across_an_apiserver_restart() {
     assert!(restarted.elapsed() < Duration::from_secs(120), "carried on after {:?}", restarted.elapsed());
     drop(controller);
 }
+
+/// The value of the metric `name` (a line `name value`) on `process`'s operations endpoint.
+async fn metric(process: &Process, name: &str) -> f64 {
+    let text =
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", process.ops_port)).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+}
+
+/// Poll the metric `name` of `process` until it is `want`, for at most 30 s.
+async fn wait_for_metric(process: &Process, name: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(process, name).await != want {
+        assert!(Instant::now() < deadline, "{name} is {}, not {want}", metric(process, name).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_and_uploads_share_the_transfer_budget() {
+    use crate::support::http_server::{Reply, TestServer};
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("budget"));
+    let token = tokio::task::block_in_place(|| service_account_with_role(&ns, "uploader", "bitsmith-uploader"));
+    let work = tempfile::tempdir().unwrap();
+    let server = TestServer::start().await;
+    // The slow source takes about 4 s; the other would take no time.
+    server.route("/slow.zip", Reply::Slow { seed: 81, size: 1 << 20, per_second: 256 << 10 });
+    server.route("/fast.zip", Reply::Body { seed: 82, size: 64 << 10, length: true });
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "--leader-election-namespace",
+        &ns,
+        "--listen",
+        &listen,
+        "--max-concurrent-transfers",
+        "1",
+        "--allow-source-cidr",
+        "127.0.0.0/8",
+    ];
+    let controller = Process::spawn("controller", &ns, &work.path().join("store"), &args);
+    controller.ready().await;
+    assert_eq!(metric(&controller, "bitsmith_transfers_max").await, 1.0);
+    let http_package = |name: &str, path: &str| {
+        format!(
+            "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {name}\nspec:\n  type: bits\n  source:\n    http:\n      url: {}\n",
+            server.url(path)
+        )
+    };
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&awaiting_packages(&["app"])));
+    wait_for(&ns, "pkg/app", "{.status.state}", "AWAITING_UPLOAD").await;
+
+    // The slow fetch holds the only slot; the next fetch waits for it without asking its source.
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&http_package("slow", "/slow.zip")));
+    wait_for_metric(&controller, "bitsmith_transfers_running", 1.0).await;
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&http_package("fast", "/fast.zip")));
+    wait_for_metric(&controller, "bitsmith_transfers_waiting", 1.0).await;
+    assert!(!server.seen.lock().unwrap().iter().any(|s| s.path == "/fast.zip"), "a waiting fetch has not started");
+
+    // An upload finds no slot: 503 with Cloud Controller's error and Retry-After, and the package is untouched.
+    let uid = kube_ok(&["get", "pkg/app", "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let dir = tempfile::tempdir().unwrap();
+    let zip = std::fs::read(python_zip(dir.path(), "app.zip", "z.writestr('a.txt', 'hello')")).unwrap();
+    let upload = || {
+        let form = reqwest::multipart::Form::new()
+            .part("bits", reqwest::multipart::Part::bytes(zip.clone()).file_name("app.zip"));
+        reqwest::Client::new()
+            .post(format!("http://{listen}/v3/packages/{uid}/upload"))
+            .bearer_auth(&token)
+            .multipart(form)
+            .send()
+    };
+    let refused = upload().await.unwrap();
+    assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("5"));
+    let (status, title, _, detail) = cf_error(refused).await;
+    assert_eq!((status, title.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "CF-ServiceUnavailable"));
+    assert!(detail.contains("maximum of 1 transfers"), "{detail}");
+    assert_eq!(metric(&controller, "bitsmith_transfers_refused_total").await, 1.0);
+    assert_eq!(package_json(&ns, "app")["status"]["state"], "AWAITING_UPLOAD");
+
+    // The slot passes on: both fetches finish, and then the upload goes through.
+    wait_for(&ns, "pkg/slow", "{.status.state}", "READY").await;
+    wait_for(&ns, "pkg/fast", "{.status.state}", "READY").await;
+    wait_for_metric(&controller, "bitsmith_transfers_running", 0.0).await;
+    let accepted = upload().await.unwrap();
+    assert_eq!(accepted.status(), StatusCode::OK, "{}", accepted.text().await.unwrap());
+    wait_for(&ns, "pkg/app", "{.status.state}", "READY").await;
+    assert_eq!(metric(&controller, "bitsmith_transfers_waiting").await, 0.0);
+}

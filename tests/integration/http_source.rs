@@ -209,7 +209,7 @@ async fn credentials_and_headers_come_from_the_secret() {
         ("/bearer", &bearer, vec![]),
         ("/headers", &header, vec![Header { name: "X-Team".into(), value: "blue".into() }]),
     ] {
-        let inputs = Inputs { secret: Some(secret), source_package: None };
+        let inputs = Inputs { secret: Some(secret), source_package: None, ..Default::default() };
         let stored = fetcher.fetch(&owner("auth"), &with_ref(path, headers), None, inputs).await;
         assert_eq!(stored.unwrap().digests, expected, "{path}");
     }
@@ -221,7 +221,7 @@ async fn credentials_and_headers_come_from_the_secret() {
     assert!(!last.headers.contains_key("authorization"), "no credentials without a secretRef");
     assert!(last.headers["user-agent"].starts_with("bitsmith/"));
     let incomplete = secret(&[("username", "alice")]);
-    let inputs = Inputs { secret: Some(&incomplete), source_package: None };
+    let inputs = Inputs { secret: Some(&incomplete), source_package: None, ..Default::default() };
     let err = fetcher.fetch(&owner("auth"), &with_ref("/basic", vec![]), None, inputs).await.unwrap_err();
     assert!(matches!(err, PipelineError::Source(SourceError::InvalidCredentials { .. })), "{err}");
     assert!(err.to_string().contains("no password"), "{err}");

@@ -93,7 +93,7 @@ async fn package_copies_stay_inside_the_store() {
     let source = ready_package("a", &original);
     let copy_source = Source { package: Some(PackageSourceRef { name: "a".into() }), ..Default::default() };
 
-    let inputs = Inputs { secret: None, source_package: Some(&source) };
+    let inputs = Inputs { secret: None, source_package: Some(&source), ..Default::default() };
     let copied = fetcher.fetch(&owner("b"), &copy_source, None, inputs).await.unwrap();
     assert_eq!(copied.digests, original.digests);
     assert_ne!(copied.blob.key, original.blob.key);
@@ -101,14 +101,14 @@ async fn package_copies_stay_inside_the_store() {
     assert_eq!(bytes(&copied.blob.key), bytes(&original.blob.key));
 
     let wrong = Checksum { checksum_type: ChecksumType::Sha1, value: "f".repeat(40) };
-    let inputs = Inputs { secret: None, source_package: Some(&source) };
+    let inputs = Inputs { secret: None, source_package: Some(&source), ..Default::default() };
     let err = fetcher.fetch(&owner("c"), &copy_source, Some(&wrong), inputs).await.unwrap_err();
     assert!(matches!(err, PipelineError::ChecksumMismatch { .. }), "{err}");
     assert_eq!(files_under(dir.path()).len(), 2, "the mismatched copy left nothing");
 
     let mut pending = source.clone();
     pending.status.as_mut().unwrap().state = Some(PackageState::ProcessingUpload);
-    let inputs = Inputs { secret: None, source_package: Some(&pending) };
+    let inputs = Inputs { secret: None, source_package: Some(&pending), ..Default::default() };
     let err = fetcher.fetch(&owner("d"), &copy_source, None, inputs).await.unwrap_err();
     assert!(matches!(err, PipelineError::Source(SourceError::PackageNotReady { .. })), "{err}");
     assert!(!err.is_permanent(), "the source Package may become READY");

@@ -222,7 +222,7 @@ async fn uploads_beyond_the_cap_get_cf_json_while_the_first_complete() {
     let token = tokio::task::block_in_place(|| service_account_with_role(&ns, "uploader", "bitsmith-uploader"));
     let droplet = "---\napiVersion: bitsmith.dev/v1alpha1\nkind: Droplet\nmetadata:\n  name: web\nspec: {}\n";
     let manifests = awaiting_packages(&["held-1", "held-2", "extra"]) + droplet;
-    let api = ApiProcess::start(&ns, &manifests, args(&["--max-concurrent-uploads", "2"])).await;
+    let api = ApiProcess::start(&ns, &manifests, args(&["--max-concurrent-transfers", "2"])).await;
     let dir = tempfile::tempdir().unwrap();
     let zip = stored_zip(dir.path(), "app.zip", 300_000);
     let http = reqwest::Client::new();
@@ -259,7 +259,7 @@ async fn uploads_beyond_the_cap_get_cf_json_while_the_first_complete() {
         assert_eq!(response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("5".into()));
         let (status, title, code, detail) = cf_error(response).await;
         assert_eq!((status, title.as_str(), code), (StatusCode::SERVICE_UNAVAILABLE, "CF-ServiceUnavailable", 10015));
-        assert!(detail.contains("maximum of 2 uploads"), "{detail}");
+        assert!(detail.contains("maximum of 2 transfers"), "{detail}");
     }
     // Refused before it was looked at: the package was never claimed.
     wait_for(&ns, "pkg/extra", "{.status.state}", "").await;

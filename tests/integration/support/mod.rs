@@ -45,7 +45,8 @@ pub fn file_fetcher(dir: &Path, max_size: u64) -> Fetcher {
 /// servers are) and read files below `/`.
 pub fn fetcher(store: BlobStore, http: HttpOptions, max_size: u64) -> Fetcher {
     let policy = loopback_policy(Some("/".into()));
-    Fetcher { store, http: HttpFetcher::new(http, policy.egress.clone()).unwrap(), policy, max_size }
+    let http = HttpFetcher::new(http, policy.egress.clone()).unwrap();
+    Fetcher { store, http, policy, max_size, budget: Default::default() }
 }
 
 /// A `file://` store rooted at `dir`.

@@ -100,8 +100,9 @@ fn uploader(ns: &str) -> String {
 struct Api(Child);
 
 impl Api {
-    /// `bitsmith api` on a free loopback port over the `file://` store `store`, answering once it returns.
-    async fn start(store: &Path, args: &[&str]) -> (Api, String) {
+    /// `bitsmith api` on a free loopback port over `store` (a directory or a store URL), answering once it
+    /// returns.
+    async fn start(store: &std::ffi::OsStr, args: &[&str]) -> (Api, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let base = format!("http://127.0.0.1:{port}");
         let api = Api(Command::new(env!("CARGO_BIN_EXE_bitsmith"))
@@ -216,7 +217,8 @@ async fn main() {
     }
     let store_dir: PathBuf = dir.path().join("store");
     let limit = format!("{}", 2 * size + 64 * MIB);
-    let (api, base) = Api::start(&store_dir, &["--max-upload-size", &limit, "--max-package-size", &limit]).await;
+    let size_args = ["--max-upload-size", &limit, "--max-package-size", &limit];
+    let (api, base) = Api::start(store_dir.as_os_str(), &size_args).await;
     let pid = api.0.id();
     let client = reqwest::Client::new();
 
@@ -344,29 +346,56 @@ async fn main() {
     }
 }
 
-/// Twice the budget of 1 GiB uploads started at once against an API with `--max-concurrent-transfers`; the
-/// refused ones wait as Retry-After says and try again. Returns the table of what the API's memory did.
+/// The transfer budget's tables: on a `file://` store, and on Garage's S3 (whose writes keep parts in flight).
 async fn budget(dir: &Path, ns: &str, token: &str) -> String {
-    let transfers: usize = std::env::var("BITSMITH_BENCH_TRANSFERS").map(|v| v.parse().expect("a count")).unwrap_or(4);
     let zip = dir.join("budget.zip");
     write_zip(&zip, 4, 256 * MIB);
-    let store = dir.join("budget-store");
-    let (api, base) = Api::start(&store, &["--max-concurrent-transfers", &transfers.to_string()]).await;
+    let file_store = dir.join("budget-store");
+    let file = budget_on(&zip, file_store.as_os_str(), &[], "file", ns, token).await;
+    let _ = std::fs::remove_dir_all(&file_store);
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}: run through `make bench`"));
+    let s3 = format!(
+        "s3://{}/bench-budget-{}?endpoint={}&path_style=true&region=us-east-1",
+        var("BITSMITH_TEST_S3_BUCKET"),
+        &uuid::Uuid::new_v4().simple().to_string()[..8],
+        var("BITSMITH_TEST_S3_ENDPOINT")
+    );
+    let key = format!("aws_access_key_id={}", var("BITSMITH_TEST_S3_ACCESS_KEY"));
+    let secret = format!("aws_secret_access_key={}", var("BITSMITH_TEST_S3_SECRET_KEY"));
+    let options = ["--store-opt", &key, "--store-opt", &secret];
+    let table = budget_on(&zip, s3.as_ref(), &options, "s3", ns, token).await;
+    let credentials = [
+        ("aws_access_key_id".to_string(), var("BITSMITH_TEST_S3_ACCESS_KEY")),
+        ("aws_secret_access_key".to_string(), var("BITSMITH_TEST_S3_SECRET_KEY")),
+    ];
+    let store = BlobStore::open(&s3, &credentials.into_iter().collect()).unwrap();
+    for (key, _) in store.list("").await.unwrap() {
+        store.delete(&key).await.unwrap();
+    }
+    format!("{file}\n{table}")
+}
+
+/// Twice the budget of uploads of `zip` started at once against an API with `--max-concurrent-transfers` over
+/// `store`; the refused ones wait as Retry-After says and try again. Returns the table of what the API's memory
+/// did.
+async fn budget_on(zip: &Path, store: &std::ffi::OsStr, args: &[&str], name: &str, ns: &str, token: &str) -> String {
+    let transfers: usize = std::env::var("BITSMITH_BENCH_TRANSFERS").map(|v| v.parse().expect("a count")).unwrap_or(4);
+    let max = transfers.to_string();
+    let (api, base) = Api::start(store, &[args, &["--max-concurrent-transfers", &max]].concat()).await;
     let pid = api.0.id();
     let client = reqwest::Client::new();
     let mut guids = Vec::new();
     for n in 0..2 * transfers {
-        guids.push(package(&client, &base, token, ns, &format!("budget-{n}")).await);
+        guids.push(package(&client, &base, token, ns, &format!("budget-{name}-{n}")).await);
     }
     let idle = rss_kib(pid, "VmRSS:");
     let refusals = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let uploads = guids.iter().map(|guid| {
-        let (client, url, zip, refusals) =
-            (client.clone(), format!("{base}/v3/packages/{guid}/upload"), zip.clone(), refusals.clone());
+        let (client, url, refusals) = (client.clone(), format!("{base}/v3/packages/{guid}/upload"), refusals.clone());
         async move {
             loop {
-                let form = reqwest::multipart::Form::new().part("bits", file_part(&zip).await);
+                let form = reqwest::multipart::Form::new().part("bits", file_part(zip).await);
                 let response = client.post(&url).bearer_auth(token).multipart(form).send().await.unwrap();
                 if response.status() != 503 {
                     assert_eq!(response.status(), 200, "upload failed: {}", response.text().await.unwrap());
@@ -382,10 +411,9 @@ async fn budget(dir: &Path, ns: &str, token: &str) -> String {
     let took = started.elapsed();
     let peak = rss_kib(pid, "VmHWM:");
     drop(api);
-    let _ = std::fs::remove_dir_all(&store);
     let figure = bitsmith::budget::memory_for(transfers);
     let mib = |kib: u64| kib as f64 / 1024.0;
-    let uploaded = (2 * transfers) as u64 * std::fs::metadata(&zip).unwrap().len();
+    let uploaded = (2 * transfers) as u64 * std::fs::metadata(zip).unwrap().len();
     [
         format!(
             "\ntransfer budget: {} uploads of a 1 GiB zip at once, --max-concurrent-transfers {transfers}",

@@ -91,21 +91,27 @@ pub(super) async fn upload_to(state: &AppState, droplet: &Droplet, body: UploadB
     let store = claimed.store(state);
     let max = state.config.max_upload_size;
     let receiving = async {
-        match body {
-            UploadBody::Form(mut form) => {
-                while let Some(field) = upload::next_field(&mut form).await? {
-                    if field.name() == Some("bits") {
-                        return store_tgz(state, &store, &owner, Box::pin(upload::field_stream(field))).await;
+        let stored = async {
+            match body {
+                UploadBody::Form(mut form) => {
+                    while let Some(field) = upload::next_field(&mut form).await? {
+                        if field.name() == Some("bits") {
+                            return store_tgz(state, &store, &owner, Box::pin(upload::field_stream(field))).await;
+                        }
                     }
+                    Err(PipelineError::Invalid { detail: "the form has no bits".into() })
                 }
-                Err(PipelineError::Invalid { detail: "the form has no bits".into() })
+                UploadBody::Raw(body) => {
+                    store_tgz(state, &store, &owner, Box::pin(upload::raw_stream(body, max))).await
+                }
             }
-            UploadBody::Raw(body) => store_tgz(state, &store, &owner, Box::pin(upload::raw_stream(body, max))).await,
         }
+        .await;
+        stored.map_err(|e| {
+            Failure::pipeline(e, |e| CfError::UnprocessableEntity(format!("Uploaded droplet file is invalid: {e}")))
+        })
     };
-    let outcome = upload::hold(state, &mut claimed, receiving).await?.map_err(|e| {
-        Failure::pipeline(e, |e| CfError::UnprocessableEntity(format!("Uploaded droplet file is invalid: {e}")))
-    });
+    let outcome = upload::hold(state, &mut claimed, receiving).await?;
     upload::settle(state, &claimed, outcome).await?;
     let guid = claimed.object.metadata.uid.as_deref().unwrap_or_default();
     let job = state.config.urls.job(guid);

@@ -140,6 +140,8 @@ pub struct AppState {
     /// The cluster's front proxy, whose users reach the API through aggregation.
     pub front_proxy: Option<FrontProxy>,
     pub config: ApiConfig,
+    /// Turns true when the shutdown grace has run out: uploads still running give their objects back.
+    cut_off: watch::Sender<bool>,
 }
 
 impl AppState {
@@ -156,7 +158,8 @@ impl AppState {
         let recorder = Recorder::new(client.clone(), reporter, metrics);
         let cache = ResourceCache::new(store.clone());
         tokio::spawn(cache.clone().keep_fresh(Duration::from_secs(300)));
-        Arc::new(AppState { client, store, index, auth, recorder, cache, front_proxy, config })
+        let cut_off = watch::Sender::new(false);
+        Arc::new(AppState { client, store, index, auth, recorder, cache, front_proxy, config, cut_off })
     }
 
     /// The caller: the user the front proxy vouches for, or the owner of the bearer token.
@@ -342,10 +345,21 @@ async fn serve_endpoint(
         }
     }
     drop(acceptor);
-    if tokio::time::timeout(state.config.limits.shutdown_grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!("requests still in flight at the end of the shutdown grace are cut off");
+    let mut finished = std::pin::pin!(graceful.shutdown());
+    if tokio::time::timeout(state.config.limits.shutdown_grace, &mut finished).await.is_ok() {
+        return;
+    }
+    // Uploads still running give their objects back (AWAITING_UPLOAD) and answer 503, rather than leave them
+    // to the controller once their claims lapse.
+    tracing::warn!("uploads still running at the end of the shutdown grace are given back");
+    state.cut_off.send_replace(true);
+    if tokio::time::timeout(SETTLE_GRACE, &mut finished).await.is_err() {
+        tracing::warn!("requests still in flight after the shutdown grace are cut off");
     }
 }
+
+/// How long uploads cut off at the end of the shutdown grace get to record that they gave their objects back.
+const SETTLE_GRACE: Duration = Duration::from_secs(5);
 
 enum Connection {
     Plain(tokio::net::TcpStream),

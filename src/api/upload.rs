@@ -110,18 +110,35 @@ pub(super) async fn claim<O: Uploadable>(state: &AppState, object: &O) -> Result
 /// Run `work` (the upload) while renewing `claimed`'s claim every quarter of the claim timeout. A renewal that
 /// finds the status changed means the claim is lost (the controller judged it abandoned): the work stops and
 /// the upload is answered 503, to be tried again. A renewal the API server does not answer is tried again at
-/// the next turn; the controller's timeout covers them.
-pub(super) async fn hold<O: Uploadable, F: std::future::Future>(
+/// the next turn; the controller's timeout covers them. When the server's shutdown grace runs out, the work
+/// stops, its staged bytes are removed, and the outcome is a failure to retry: the object awaits another upload.
+pub(super) async fn hold<O: Uploadable>(
     state: &AppState,
     claimed: &mut Claimed<O>,
-    work: F,
-) -> Result<F::Output, CfError> {
+    work: impl std::future::Future<Output = Result<Stored, Failure>>,
+) -> Result<Result<Stored, Failure>, CfError> {
     let api = api_of(state, &claimed.object);
     let every = state.config.upload_claim_timeout / 4;
-    let mut work = std::pin::pin!(work);
+    let mut cut_off = state.cut_off.subscribe();
+    let mut cut_off = std::pin::pin!(async move {
+        // The guard `wait_for` answers with is not Send: drop it here, not across the select's await.
+        if cut_off.wait_for(|cut_off| *cut_off).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    });
+    let mut work = Box::pin(work);
     loop {
         tokio::select! {
             output = &mut work => return Ok(output),
+            () = &mut cut_off => {
+                drop(work);
+                if let Err(error) = state.store.sweep_staged(&claimed.id).await {
+                    tracing::warn!(%error, claim = claimed.id, "removing the staged bytes of an upload cut off");
+                }
+                let message = "the server shut down before the upload finished".to_string();
+                let answer = CfError::ServiceUnavailable("The server is shutting down; upload again.".into());
+                return Ok(Err(Failure::Retry { answer, message }));
+            }
             () = tokio::time::sleep(every) => {}
         }
         let next = status::upload_renewed(&claimed.status(), Timestamp::now());
@@ -129,14 +146,17 @@ pub(super) async fn hold<O: Uploadable, F: std::future::Future>(
             Ok(Ok(written)) => claimed.object = written.unwrap_or_else(|| claimed.object.clone()),
             Ok(Err(WriteError::Conflict { .. })) => {
                 tracing::warn!(object = claimed.object.name_any(), claim = claimed.id, "an upload lost its claim");
-                return Err(CfError::ServiceUnavailable(
-                    "The upload's claim on the object lapsed before it finished; upload again.".into(),
-                ));
+                return Err(claim_lapsed());
             }
             Ok(Err(WriteError::Kube(error))) => tracing::warn!(%error, "renewing an upload's claim"),
             Err(_) => tracing::warn!("renewing an upload's claim: the API server did not answer in time"),
         }
     }
+}
+
+/// The answer to an upload whose claim lapsed before it finished.
+fn claim_lapsed() -> CfError {
+    CfError::ServiceUnavailable("The upload's claim on the object lapsed before it finished; upload again.".into())
 }
 
 /// Why an upload stored no bits.
@@ -208,9 +228,7 @@ pub(super) async fn settle<O: Uploadable>(
             // The claim lapsed: the object is no longer this upload's. Bits it stored stay where they are rather
             // than risk removing a later upload's identical bits (same key); they go with the object.
             tracing::warn!(object = claimed.object.name_any(), stored = ?stored_key, "an upload finished after its claim lapsed");
-            Err(CfError::ServiceUnavailable(
-                "The upload's claim on the object lapsed before it finished; upload again.".into(),
-            ))
+            Err(claim_lapsed())
         }
         Err(WriteError::Kube(error)) => Err(CfError::internal("recording the upload's outcome", &error)),
     }

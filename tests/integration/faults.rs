@@ -419,6 +419,42 @@ async fn sigterm_stops_a_follower_that_serves_the_api_and_the_leader_hands_over_
     assert!(exit_status(&mut c, Duration::from_secs(10)).await.success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_still_running_when_the_shutdown_grace_ends_gives_its_package_back_at_once() {
+    let scene = UploadScene::new("grace").await;
+    let UploadScene { ns, token, work, store, uid, .. } = &scene;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["--listen", &listen, "--instance", "api-stopping", "--shutdown-grace", "2s"];
+    let mut api = Process::spawn("api", ns, store, &args);
+    api.ready().await;
+    // 96 MiB at about 8 MiB/s: far from done when the grace ends.
+    let zip = random_zip(work.path(), "big.zip", 96 << 20);
+    let path = format!("/v3/packages/{uid}/upload");
+    let pause = Duration::from_millis(30);
+    let sending = tokio::spawn(trickle_upload(listen.clone(), path, token.clone(), zip, 256 << 10, pause));
+    wait_for(ns, "pkg/app", "{.status.upload.holder}", "api-stopping").await;
+
+    signal(&api, libc::SIGTERM);
+    let stopped = Instant::now();
+    let status = exit_status(&mut api, Duration::from_secs(20)).await;
+    let took = stopped.elapsed();
+    assert!(status.success(), "exits 0: {status}");
+    assert!(took >= Duration::from_secs(2), "the upload had its grace: {took:?}");
+    assert!(took < Duration::from_secs(12), "the grace, then a few seconds to give the package back: {took:?}");
+    sending.abort();
+    // The upload gave the package back itself before the process exited: no claim was left to lapse.
+    let status = package_json(ns, "app")["status"].clone();
+    assert_eq!(status["state"], "AWAITING_UPLOAD", "{status}");
+    assert!(status["error"].as_str().unwrap().contains("shut down"), "{status}");
+    assert!(status["upload"].is_null(), "no claim is left: {status}");
+    let abandoned = kube_ok(
+        &["get", "events", "-n", ns, "--field-selector", "reason=UploadAbandoned", "-o", "jsonpath={.items[*].type}"],
+        None,
+    );
+    assert_eq!(abandoned, "", "not judged abandoned");
+    assert!(staged(store).is_empty(), "nothing staged is left: {:?}", staged(store));
+}
+
 /// Poll `jsonpath` of `object` in `plane` until it equals `want`, for at most `within`.
 async fn wait_in(plane: &OwnControlPlane, ns: &str, object: &str, jsonpath: &str, want: &str, within: Duration) {
     let deadline = Instant::now() + within;

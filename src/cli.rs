@@ -405,18 +405,25 @@ async fn bind_api(args: &ApiArgs) -> Result<Option<ApiListeners>, String> {
     Ok(Some(ApiListeners { main, offload, offload_client_ca }))
 }
 
+/// What the parts of one process share.
+struct Process<'a> {
+    client: &'a kube::Client,
+    ops: &'a crate::ops::Ops,
+    /// This replica's name.
+    instance: &'a str,
+}
+
 /// Start serving the API, once its watch cache is filled. Over TLS, the cluster's front proxy (when it has one)
 /// may present its client certificate, so that users reach the API through aggregation too.
 async fn start_api(
-    client: &kube::Client,
+    process: &Process<'_>,
     store: BlobStore,
+    transfers: TransferBudget,
     namespace: Option<&str>,
     args: &ApiArgs,
-    instance: &str,
     listeners: ApiListeners,
-    ops: &crate::ops::Ops,
-    transfers: TransferBudget,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, String> {
+    let Process { client, ops, instance } = *process;
     let mut config = crate::api::ApiConfig::new(args.urls().expect("an external URL: --listen is set"));
     config.max_upload_size = args.max_upload_size;
     config.max_package_size = args.max_package_size;
@@ -502,7 +509,8 @@ async fn api(args: ApiServerArgs) -> Result<(), String> {
     let instance = identity(args.instance);
     let transfers = args.transfers.budget(&ops.metrics);
     let namespace = args.namespace.as_deref();
-    let served = start_api(&client, store, namespace, &args.api, &instance, listeners, &ops, transfers).await?;
+    let process = Process { client: &client, ops: &ops, instance: &instance };
+    let served = start_api(&process, store, transfers, namespace, &args.api, listeners).await?;
     tokio::spawn(unready_on_shutdown(ops.ready.clone()));
     match served.await {
         Ok(result) => result.map_err(|e| format!("serving the API: {e}")),
@@ -542,7 +550,8 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         Some(listeners) => {
             let namespace = args.namespace.as_deref();
             let store = fetcher.store.clone();
-            Some(start_api(&client, store, namespace, &args.api, &identity, listeners, &ops, transfers).await?)
+            let process = Process { client: &client, ops: &ops, instance: &identity };
+            Some(start_api(&process, store, transfers, namespace, &args.api, listeners).await?)
         }
         None => None,
     };

@@ -8,6 +8,7 @@ mod droplets;
 pub mod errors;
 pub mod front_proxy;
 mod index;
+mod linger;
 mod packages;
 mod resources;
 pub mod tls;
@@ -237,13 +238,15 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// An upload that finds no free transfer slot (`--max-concurrent-transfers`) is answered at once with 503 and
 /// `Retry-After`: the limit is the server's capacity, shared by all callers, not a quota this caller exceeded
 /// (which 429 would say). The slot is taken before authentication so that a refusal costs no TokenReview, and
-/// is held until the upload's answer.
+/// is held until the upload's answer. An upload answered before its body was read to the end lingers (see
+/// [`linger`]), so that the client reads the answer rather than a reset connection.
 async fn budget_uploads(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let upload = request.method() == Method::POST
         && request.extensions().get::<MatchedPath>().is_some_and(|path| path.as_str().ends_with("/upload"));
     if !upload {
         return next.run(request).await;
     }
+    let request = request.map(linger::lingering);
     let Some(_slot) = state.config.transfers.try_start() else {
         let max = state.config.transfers.max();
         tracing::info!(max, "an upload refused: all transfer slots are taken");

@@ -288,6 +288,58 @@ async fn of_two_overlapping_uploads_exactly_one_wins() {
     scene.ready_with(&zips[winner]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_frozen_past_its_claim_finds_it_lapsed_and_writes_nothing() {
+    let scene = UploadScene::new("lapsed").await;
+    let UploadScene { ns, token, work, store, uid, .. } = &scene;
+    let port = free_port();
+    let api = Process::api(ns, store, port, "api-frozen").await;
+    // 96 MiB at about 8 MiB/s: still running when the process is frozen, and when it thaws.
+    let zip = random_zip(work.path(), "big.zip", 96 << 20);
+    let path = format!("/v3/packages/{uid}/upload");
+    let pause = Duration::from_millis(30);
+    let sending = tokio::spawn(trickle_upload(format!("127.0.0.1:{port}"), path, token.clone(), zip, 256 << 10, pause));
+    wait_for(ns, "pkg/app", "{.status.upload.holder}", "api-frozen").await;
+
+    // Frozen, the upload stops renewing its claim: the controller gives the package back.
+    signal(&api, libc::SIGSTOP);
+    let frozen = Instant::now();
+    wait_for(ns, "pkg/app", "{.status.conditions[?(@.type==\"Ready\")].reason}", "UploadAbandoned").await;
+    assert!(frozen.elapsed() < ABANDONED_WITHIN, "given back after {:?}", frozen.elapsed());
+    let given_back = package_json(ns, "app");
+
+    // Thawed, its next renewal finds the status changed: it stops, and writes nothing over the controller's.
+    signal(&api, libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !staged(store).is_empty() {
+        assert!(Instant::now() < deadline, "the lapsed upload left staged bytes: {:?}", staged(store));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = package_json(ns, "app");
+    assert_eq!(
+        after["metadata"]["resourceVersion"], given_back["metadata"]["resourceVersion"],
+        "nothing was written after the package was given back: {}",
+        after["status"]
+    );
+    assert_eq!(after["status"]["state"], "AWAITING_UPLOAD");
+    sending.abort();
+
+    // The same process takes the next upload to the end.
+    let small = random_zip(work.path(), "small.zip", 200_000);
+    let form = reqwest::multipart::Form::new()
+        .part("bits", reqwest::multipart::Part::bytes(small.clone()).file_name("app.zip"));
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v3/packages/{uid}/upload"))
+        .bearer_auth(token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
+    scene.ready_with(&small).await;
+}
+
 /// Wait for `process` to exit, for at most `within`.
 async fn exit_status(process: &mut Process, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;

@@ -253,6 +253,11 @@ async fn uploads_beyond_the_cap_get_cf_json_while_the_first_complete() {
         http.post(format!("{}/apis/api.bitsmith.dev/v1alpha1/namespaces/{ns}/packages/extra/upload", api.base))
             .bearer_auth(&token)
             .body(small.clone()),
+        // A body far bigger than the socket buffers: the answer comes while the client is still sending, and the
+        // client gets to read it.
+        http.post(format!("{}/apis/api.bitsmith.dev/v1alpha1/namespaces/{ns}/packages/extra/upload", api.base))
+            .bearer_auth(&token)
+            .body(vec![0u8; 256 << 20]),
     ];
     for request in refused {
         let response = request.send().await.unwrap();

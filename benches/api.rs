@@ -416,7 +416,7 @@ async fn budget_on(zip: &Path, store: &std::ffi::OsStr, args: &[&str], name: &st
     let uploaded = (2 * transfers) as u64 * std::fs::metadata(zip).unwrap().len();
     [
         format!(
-            "\ntransfer budget: {} uploads of a 1 GiB zip at once, --max-concurrent-transfers {transfers}",
+            "\ntransfer budget, {name} store: {} uploads of a 1 GiB zip at once, --max-concurrent-transfers {transfers}",
             2 * transfers
         ),
         "| measurement | value | target |".into(),

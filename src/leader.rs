@@ -95,7 +95,8 @@ impl Leadership {
         Leadership { inner: None }
     }
 
-    fn elected() -> Self {
+    /// For a replica taking part in an election: not leading until it wins.
+    pub(crate) fn elected() -> Self {
         Leadership { inner: Some(Arc::new(Deadline { origin: Instant::now(), until: AtomicU64::new(0) })) }
     }
 

@@ -61,6 +61,11 @@ impl Mocked {
     }
 
     pub fn with_store(world: World, store: BlobStore) -> Self {
+        Self::with_leadership(world, store, crate::leader::Leadership::always())
+    }
+
+    /// Over `store`, for a replica whose leadership is `leadership`.
+    pub fn with_leadership(world: World, store: BlobStore, leadership: crate::leader::Leadership) -> Self {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
         let recorded = calls.clone();
@@ -90,7 +95,7 @@ impl Mocked {
             urls: None,
             upload_claim_timeout: std::time::Duration::from_secs(60),
             claims: Default::default(),
-            leadership: crate::leader::Leadership::always(),
+            leadership,
         });
         Mocked { context, calls }
     }

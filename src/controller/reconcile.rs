@@ -541,4 +541,36 @@ mod tests {
         assert_eq!(calls[0].method, Method::PATCH);
         assert!(calls[0].body.to_string().contains("remove"), "{}", calls[0].body);
     }
+
+    #[tokio::test]
+    async fn a_replica_that_lost_the_lease_writes_and_removes_nothing() {
+        // Not leading (any more): past its renew deadline, frozen or cut off from the API server.
+        let lost = crate::leader::Leadership::elected();
+        let awaiting = package(bits(None));
+        let world = World { object: serde_json::to_value(&awaiting).unwrap(), ..Default::default() };
+        let mocked = Mocked::with_leadership(world, super::super::fixtures::memory_store(), lost.clone());
+        let outcome = reconcile(Arc::new(awaiting), mocked.context.clone()).await;
+        let refused = outcome.as_ref().err().map(|e| format!("{e:?}"));
+        assert!(refused.as_deref().is_some_and(|e| e.contains("NotLeading")), "{outcome:?}");
+        assert!(mocked.calls().is_empty(), "no status, no Event: {:?}", mocked.calls());
+
+        let store = super::super::fixtures::memory_store();
+        let mut going = package(bits(None));
+        let key = BlobOwner::of(&going, "team").blob_key("bits");
+        let mut write = store.begin_write().await.unwrap();
+        write.write(Bytes::from_static(b"bits")).await.unwrap();
+        let blob = write.commit(&key).await.unwrap();
+        going.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        going.status = Some(PackageStatus {
+            state: Some(PackageState::Ready),
+            stored: crate::resources::StoredDigests { blob: Some(blob.clone()), ..Default::default() },
+            ..Default::default()
+        });
+        let world = World { object: serde_json::to_value(&going).unwrap(), ..Default::default() };
+        let mocked = Mocked::with_leadership(world, store.clone(), lost);
+        let outcome = reconcile(Arc::new(going), mocked.context.clone()).await;
+        assert!(format!("{outcome:?}").contains("NotLeading"), "{outcome:?}");
+        assert_eq!(store.size(&blob.key).await.unwrap(), 4, "the blob stays for the leader to remove");
+        assert!(mocked.calls().is_empty(), "the finalizer stays: {:?}", mocked.calls());
+    }
 }

@@ -96,6 +96,8 @@ async fn main() {
         metrics: metrics.clone(),
         urls: None,
         upload_claim_timeout: std::time::Duration::from_secs(60),
+        package_retention: Default::default(),
+        droplet_retention: Default::default(),
     };
     tokio::spawn(controller::run(client.clone(), fetcher, options, bitsmith::leader::Leadership::always()));
 

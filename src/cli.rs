@@ -10,6 +10,7 @@ use crate::budget::{self, TransferBudget};
 use crate::fetch::Fetcher;
 use crate::leader::{Leadership, LeaseConfig, run_as_leader};
 use crate::offline;
+use crate::retention::Retention;
 use crate::sources::{Egress, OptionPolicy, SourcePolicy, error_chain};
 use crate::store::BlobStore;
 
@@ -35,9 +36,9 @@ pub enum Command {
     Fetch(FetchArgs),
     /// Reconcile Packages and Droplets in the cluster of the current kubeconfig (or the in-cluster config);
     /// with --listen, also serve the CF v3 API.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Serve the CF v3 API alone (any number of replicas behind one Service).
-    Api(ApiServerArgs),
+    Api(Box<ApiServerArgs>),
 }
 
 /// The CF v3 API's settings.
@@ -212,7 +213,40 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_listen: std::net::SocketAddr,
     #[command(flatten)]
+    pub retention: RetentionArgs,
+    #[command(flatten)]
     pub api: ApiArgs,
+}
+
+/// How long objects are kept.
+#[derive(Args, Debug, Clone)]
+pub struct RetentionArgs {
+    /// READY or FAILED Packages kept per app (`spec.appRef`) in a namespace; older ones become EXPIRED and lose
+    /// their bits. The annotation `bitsmith.dev/retain: "true"` exempts one.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_retained_packages_per_app: u32,
+    /// STAGED or FAILED Droplets kept per app, likewise.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_retained_droplets_per_app: u32,
+    /// Packages and Droplets awaiting an upload this long after their creation become EXPIRED (default: never).
+    #[arg(long, value_parser = parse_timeout)]
+    pub expire_awaiting_upload_after: Option<std::time::Duration>,
+}
+
+impl RetentionArgs {
+    fn packages(&self) -> Retention {
+        Retention {
+            keep: self.max_retained_packages_per_app as usize,
+            awaiting_upload: self.expire_awaiting_upload_after,
+        }
+    }
+
+    fn droplets(&self) -> Retention {
+        Retention {
+            keep: self.max_retained_droplets_per_app as usize,
+            awaiting_upload: self.expire_awaiting_upload_after,
+        }
+    }
 }
 
 /// What sources may reach: Package authors choose their sources, and the connections are the controller's.
@@ -354,8 +388,8 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             crate::crd::write_dir(&dir).map_err(|e| format!("writing CRDs to {}: {e}", dir.display()))
         }
         Command::Fetch(args) => fetch(args).await,
-        Command::Controller(args) => controller(args).await,
-        Command::Api(args) => api(args).await,
+        Command::Controller(args) => controller(*args).await,
+        Command::Api(args) => api(*args).await,
     }
 }
 
@@ -564,6 +598,8 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         metrics: ops.metrics.clone(),
         urls: args.api.urls(),
         upload_claim_timeout: args.api.upload_claim_timeout,
+        package_retention: args.retention.packages(),
+        droplet_retention: args.retention.droplets(),
     };
     tracing::info!(store = fetcher.store.url(), identity, "controller starting");
     let mut lease = LeaseConfig::new(args.leader_election_namespace, args.leader_election_id, identity);

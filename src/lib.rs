@@ -28,6 +28,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod record;
 pub mod resources;
+pub mod retention;
 pub mod sources;
 pub mod status;
 pub mod store;

@@ -18,7 +18,7 @@ pub enum Plan<'a> {
     /// An upload through the API holds the object (PROCESSING_UPLOAD): leave it to the upload while its claim
     /// is renewed, and return the object to AWAITING_UPLOAD once it is not.
     UploadInProgress,
-    /// The bits of the current generation are stored already.
+    /// The bits of the current generation are stored already; or the object EXPIRED, which is final.
     UpToDate,
     /// Fetch the bits from this source.
     Fetch(&'a Source),
@@ -57,6 +57,9 @@ pub fn plan<O: Planned>(object: &O) -> Plan<'_>
 where
     O::State: CfState,
 {
+    if object.bits_status().and_then(|s| s.state) == Some(O::State::EXPIRED) {
+        return Plan::UpToDate;
+    }
     if let Err(e) = object.validate() {
         return Plan::Invalid(e);
     }

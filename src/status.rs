@@ -20,6 +20,8 @@ pub trait CfState: Copy + PartialEq {
     /// READY for a Package, STAGED for a Droplet.
     const DONE: Self;
     const FAILED: Self;
+    /// Past retention: the object stays, its bits are gone. Final.
+    const EXPIRED: Self;
 }
 
 impl CfState for PackageState {
@@ -28,6 +30,7 @@ impl CfState for PackageState {
     const COPYING: Self = PackageState::Copying;
     const DONE: Self = PackageState::Ready;
     const FAILED: Self = PackageState::Failed;
+    const EXPIRED: Self = PackageState::Expired;
 }
 
 impl CfState for DropletState {
@@ -36,6 +39,7 @@ impl CfState for DropletState {
     const COPYING: Self = DropletState::ProcessingUpload;
     const DONE: Self = DropletState::Staged;
     const FAILED: Self = DropletState::Failed;
+    const EXPIRED: Self = DropletState::Expired;
 }
 
 /// The recorded digests and location of stored bits.
@@ -185,6 +189,34 @@ impl Activity {
             Activity::Uploading => "Uploading",
         }
     }
+}
+
+/// Past retention (see [`crate::retention`]): EXPIRED, for good. The digests stay as a record of what the bits
+/// were; the blob, the artifact and any error go. `Ready` is False and `Stalled` True with reason `Expired`: no
+/// more progress will be made.
+pub fn expired<S: CfState>(
+    prev: &BitsStatus<S>,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> BitsStatus<S> {
+    let mut status = prev.clone();
+    status.state = Some(S::EXPIRED);
+    status.stored.blob = None;
+    status.artifact = None;
+    status.error = None;
+    status.upload = None;
+    status.observed_generation = generation;
+    conditions::upsert(
+        &mut status.conditions,
+        conditions::new(READY, Status::False, "Expired", message, generation, now),
+    );
+    conditions::upsert(
+        &mut status.conditions,
+        conditions::new(STALLED, Status::True, "Expired", message, generation, now),
+    );
+    conditions::remove(&mut status.conditions, RECONCILING);
+    status
 }
 
 /// Work is in flight: PROCESSING_UPLOAD, or COPYING for a copy. Bits already READY stay visible until the new

@@ -2,8 +2,9 @@
 -- state and the kstatus conditions Ready, Reconciling and Stalled.
 --   Healthy      READY (Package) or STAGED (Droplet), the current generation, nothing in flight
 --   Progressing  not yet seen, an older generation, or bits being fetched, copied or uploaded
---   Degraded     FAILED, EXPIRED, or Stalled (retrying cannot help: see the message)
---   Suspended    AWAITING_UPLOAD: waiting for someone to upload the bits
+--   Degraded     FAILED, or Stalled (retrying cannot help: see the message)
+--   Suspended    AWAITING_UPLOAD: waiting for someone to upload the bits; EXPIRED: past retention, its bits
+--                removed on purpose (final, and nothing to repair)
 local hs = {}
 local status = obj.status
 if status == nil or status.state == nil then
@@ -28,8 +29,15 @@ local function condition(type)
   return nil
 end
 
+if status.state == "EXPIRED" then
+  local ready = condition("Ready")
+  hs.status = "Suspended"
+  hs.message = (ready and ready.message) or "Expired"
+  return hs
+end
+
 local stalled = condition("Stalled")
-if status.state == "FAILED" or status.state == "EXPIRED" or (stalled ~= nil and stalled.status == "True") then
+if status.state == "FAILED" or (stalled ~= nil and stalled.status == "True") then
   hs.status = "Degraded"
   hs.message = status.error or (stalled and stalled.message) or status.state
   return hs

@@ -96,6 +96,8 @@ impl Mocked {
             upload_claim_timeout: std::time::Duration::from_secs(60),
             claims: Default::default(),
             leadership,
+            packages: detached(),
+            droplets: detached(),
         });
         Mocked { context, calls }
     }
@@ -114,6 +116,12 @@ impl Mocked {
     pub fn events(&self) -> Vec<(String, String)> {
         self.calls().iter().filter_map(|c| c.event().map(|(t, r)| (t.to_string(), r.to_string()))).collect()
     }
+}
+
+/// Siblings of no one: an empty watch cache, and triggers nobody follows.
+fn detached<K: kube::Resource<DynamicType = ()> + Clone + 'static>() -> super::siblings::Kin<K> {
+    let (store, _writer) = kube::runtime::reflector::store();
+    super::siblings::Kin::new(store, Default::default()).0
 }
 
 pub fn memory_store() -> BlobStore {

@@ -4,6 +4,7 @@
 #[cfg(test)]
 mod fixtures;
 mod reconcile;
+mod siblings;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,9 @@ use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::record::Managed;
 use crate::resources::{Droplet, Package};
+use crate::retention::Retention;
 use crate::store::BlobStore;
+use siblings::Kin;
 
 /// How the controller runs.
 #[derive(Clone, Debug)]
@@ -42,6 +45,10 @@ pub struct Options {
     pub urls: Option<crate::links::ApiUrls>,
     /// An upload whose claim does not change for this long was abandoned: the object awaits another upload.
     pub upload_claim_timeout: Duration,
+    /// How many Packages of an app are kept, and how long an upload is awaited.
+    pub package_retention: Retention,
+    /// How many Droplets of an app are kept, and how long an upload is awaited.
+    pub droplet_retention: Retention,
 }
 
 /// Staged writes older than this were left by a process that died mid-write.
@@ -52,6 +59,18 @@ const STALE_STAGING: Duration = Duration::from_secs(3600);
 pub async fn run(client: Client, fetcher: Fetcher, options: Options, leadership: Leadership) {
     // Stopped with the rest when leading ends, however it ends (the work is dropped when the Lease is lost).
     let _sweeper = AbortOnDrop(tokio::spawn(sweep_staging(fetcher.store.clone())));
+    let packages = with_secret_triggers(
+        controller_for(scoped::<Package>(&client, &options.namespace)),
+        &client,
+        &options.namespace,
+    );
+    let droplets = with_secret_triggers(
+        controller_for(scoped::<Droplet>(&client, &options.namespace)),
+        &client,
+        &options.namespace,
+    );
+    let (package_kin, package_triggers) = Kin::new(packages.store(), options.package_retention);
+    let (droplet_kin, droplet_triggers) = Kin::new(droplets.store(), options.droplet_retention);
     let context = Arc::new(Context {
         client: client.clone(),
         fetcher,
@@ -61,16 +80,18 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options, leadership:
         upload_claim_timeout: options.upload_claim_timeout,
         claims: Default::default(),
         leadership,
+        packages: package_kin,
+        droplets: droplet_kin,
     });
     let config = controller::Config::default().concurrency(options.concurrency);
-    let packages: Api<Package> = scoped(&client, &options.namespace);
-    let droplets: Api<Droplet> = scoped(&client, &options.namespace);
-    let packages = with_secret_triggers(controller_for(packages), &client, &options.namespace)
+    let packages = packages
+        .reconcile_on(package_triggers)
         .with_config(config.clone())
         .shutdown_on_signal()
         .run(reconcile::reconcile::<Package>, reconcile::error_policy::<Package>, context.clone())
         .for_each(|result| async move { reconcile::log_outcome(result) });
-    let droplets = with_secret_triggers(controller_for(droplets), &client, &options.namespace)
+    let droplets = droplets
+        .reconcile_on(droplet_triggers)
         .with_config(config)
         .shutdown_on_signal()
         .run(reconcile::reconcile::<Droplet>, reconcile::error_policy::<Droplet>, context)

@@ -13,6 +13,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 
+use super::siblings::{self, Kin, Kindred};
 use crate::claims::{ClaimWatch, Verdict};
 use crate::conditions::{self, RECONCILING};
 use crate::fetch::{Fetcher, Inputs};
@@ -21,7 +22,8 @@ use crate::links::ApiUrls;
 use crate::metrics::Metrics;
 use crate::plan::{Plan, plan};
 use crate::record::{Managed, Recorder, WriteError};
-use crate::resources::{BitsStatus, Package};
+use crate::resources::{BitsStatus, Droplet, Package};
+use crate::retention::Expiry;
 use crate::sources::SecretData;
 use crate::status::{self, Activity, CfState};
 use crate::store::BlobOwner;
@@ -44,6 +46,10 @@ pub struct Context {
     /// Whether this replica still leads: checked before every write, so that a leader that lost its Lease
     /// (frozen, or cut off from the API server) writes nothing once another replica may lead.
     pub leadership: Leadership,
+    /// The Packages watched, and how many of an app's are kept.
+    pub packages: Kin<Package>,
+    /// The Droplets watched, and how many of an app's are kept.
+    pub droplets: Kin<Droplet>,
 }
 
 impl Context {
@@ -106,7 +112,7 @@ impl From<WriteError> for ReconcileError {
 const AFTER_CONFLICT: Duration = Duration::from_secs(1);
 
 /// Reconcile one object, behind the finalizer that cleans up its blobs.
-pub async fn reconcile<O: Managed>(object: Arc<O>, ctx: Arc<Context>) -> Result<Action, ReconcileError>
+pub async fn reconcile<O: Kindred>(object: Arc<O>, ctx: Arc<Context>) -> Result<Action, ReconcileError>
 where
     O::State: CfState + Serialize + Send + Sync,
 {
@@ -161,7 +167,61 @@ pub fn log_outcome<O: Managed, E: std::error::Error>(
     }
 }
 
-async fn apply<O: Managed>(api: &Api<O>, object: &O, namespace: &str, ctx: &Context) -> Result<Action, ReconcileError>
+/// Follow the object's plan, unless retention expires it first; then apply retention to what it has become.
+async fn apply<O: Kindred>(api: &Api<O>, object: &O, namespace: &str, ctx: &Context) -> Result<Action, ReconcileError>
+where
+    O::State: CfState + Serialize + Send + Sync,
+{
+    if let Some(expiry) = siblings::verdict(object, ctx, Timestamp::now()) {
+        return expire(api, object, namespace, &expiry, ctx).await;
+    }
+    let (action, state) = advance(api, object, namespace, ctx).await?;
+    match siblings::after(object, state, ctx, Timestamp::now()) {
+        // Awaiting an upload that may not come: look again when it would expire.
+        Some(expires_in) if action == Action::await_change() => {
+            Ok(Action::requeue(expires_in + Duration::from_secs(1)))
+        }
+        _ => Ok(action),
+    }
+}
+
+/// Expire `object`: EXPIRED, Stalled, an Event saying why; its bits go once the status no longer names them.
+async fn expire<O: Kindred>(
+    api: &Api<O>,
+    object: &O,
+    namespace: &str,
+    expiry: &Expiry,
+    ctx: &Context,
+) -> Result<Action, ReconcileError>
+where
+    O::State: CfState + Serialize + Send + Sync,
+{
+    let prev = object.bits_status().cloned().unwrap_or_default();
+    let message = expiry.message(O::NOUN, object.app().unwrap_or_default());
+    let next = status::expired(&prev, &message, object.meta().generation, Timestamp::now());
+    ctx.write_status(api, object, &next).await?;
+    record_state(ctx, object, next.state);
+    tracing::info!(object = %ObjectRef::from(object), message, "expired");
+    if ctx.leadership.check() {
+        let removed = match (BlobOwner::of(object, namespace).own_prefix(), &prev.stored.blob) {
+            (Some(prefix), _) => ctx.fetcher.store.remove_under(&prefix, None).await.map(|_| ()),
+            (None, Some(blob)) if ctx.fetcher.store.holds(blob) => ctx.fetcher.store.delete(&blob.key).await,
+            (None, _) => Ok(()),
+        };
+        if let Err(error) = removed {
+            tracing::warn!(%error, object = %ObjectRef::from(object), "removing an expired object's bits; they go with the object");
+        }
+    }
+    Ok(Action::await_change())
+}
+
+/// Take the next step of the object's plan. Returns when to look again, and the state the object was left in.
+async fn advance<O: Managed>(
+    api: &Api<O>,
+    object: &O,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(Action, Option<O::State>), ReconcileError>
 where
     O::State: CfState + Serialize + Send + Sync,
 {
@@ -177,7 +237,7 @@ where
             // Links change only when the API's external URL does.
             ctx.write_status(api, object, &prev).await?;
             record_state(ctx, object, prev.state);
-            return Ok(Action::await_change());
+            return Ok((Action::await_change(), prev.state));
         }
         Plan::UploadInProgress => return watch_upload(api, object, ctx).await,
         Plan::Invalid(error) => {
@@ -211,18 +271,22 @@ where
                     }
                 }
             }
-            return Ok(action);
+            return Ok((action, next.state));
         }
     };
     ctx.write_status(api, object, &next).await?;
     record_state(ctx, object, next.state);
-    Ok(action)
+    Ok((action, next.state))
 }
 
 /// An upload through the API holds `object`: leave it alone while the upload's holder renews its claim; once
 /// the claim has not changed for the claim timeout, return the object to AWAITING_UPLOAD (a Warning Event
 /// `UploadAbandoned`) and remove what the upload had staged.
-async fn watch_upload<O: Managed>(api: &Api<O>, object: &O, ctx: &Context) -> Result<Action, ReconcileError>
+async fn watch_upload<O: Managed>(
+    api: &Api<O>,
+    object: &O,
+    ctx: &Context,
+) -> Result<(Action, Option<O::State>), ReconcileError>
 where
     O::State: CfState + Serialize + Send + Sync,
 {
@@ -236,7 +300,7 @@ where
         ctx.upload_claim_timeout,
     );
     if let Verdict::Live { recheck_in } = verdict {
-        return Ok(Action::requeue(recheck_in + Duration::from_millis(100)));
+        return Ok((Action::requeue(recheck_in + Duration::from_millis(100)), status.state));
     }
     let next = status::upload_abandoned(&status, object.meta().generation, Timestamp::now());
     ctx.write_status(api, object, &next).await?;
@@ -249,7 +313,7 @@ where
             Err(error) => tracing::warn!(%error, "removing an abandoned upload's staged bytes; the staging sweep will"),
         }
     }
-    Ok(Action::await_change())
+    Ok((Action::await_change(), next.state))
 }
 
 fn forget_claim<O: Managed>(ctx: &Context, object: &O) {

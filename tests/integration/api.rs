@@ -62,6 +62,8 @@ async fn setup_with(
         metrics: Default::default(),
         urls: Some(urls.clone()),
         upload_claim_timeout: std::time::Duration::from_secs(60),
+        package_retention: Default::default(),
+        droplet_retention: Default::default(),
     };
     let fetcher: Fetcher = fetcher(store.clone(), Default::default(), 1 << 30);
     let running =

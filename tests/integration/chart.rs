@@ -88,7 +88,8 @@ fn value_sets() -> Vec<(&'static str, Value)> {
                           "options": {"aws_region": "eu-central-1", "aws_endpoint": "https://minio.example:9000"}},
                 "tls": {"source": "secret", "existingSecret": "bits-tls", "caBundle": "QUJD"},
                 "controller": {"watchNamespace": "apps",
-                               "sources": {"denyCIDRs": ["10.0.0.0/8", "fd00::/8"], "allowCIDRs": ["127.0.0.0/8"]}},
+                               "sources": {"denyCIDRs": ["10.0.0.0/8", "fd00::/8"], "allowCIDRs": ["127.0.0.0/8"]},
+                               "retention": {"maxPackagesPerApp": 3, "expireAwaitingUploadAfter": "24h"}},
                 "api": {"externalURL": "https://bits.example.com"},
                 "maxConcurrentTransfers": 3,
                 "metrics": {"serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}}},
@@ -266,12 +267,21 @@ fn the_deployment_is_hardened_and_follows_the_values() {
     }
     assert!(args.contains(&"--external-url=https://bitsmith.bitsmith-system.svc".to_string()), "{args:?}");
     assert!(!args.iter().any(|a| a.contains("source-cidr") || a.contains("ambient")), "closed by default: {args:?}");
-    for arg in ["--max-zip-entries=100000", "--resource-cache-scope=namespace"] {
+    for arg in [
+        "--max-zip-entries=100000",
+        "--resource-cache-scope=namespace",
+        "--max-retained-packages-per-app=5",
+        "--max-retained-droplets-per-app=5",
+    ] {
         assert!(args.contains(&arg.to_string()), "{arg} in {args:?}");
     }
     assert!(
         !args.iter().any(|a| a.starts_with("--max-concurrent-transfers")),
         "by default the binary sizes its transfers to the memory limit: {args:?}"
+    );
+    assert!(
+        !args.iter().any(|a| a.starts_with("--expire-awaiting-upload-after")),
+        "uploads awaited for ever: {args:?}"
     );
     let mounts = container["volumeMounts"].as_array().unwrap();
     assert!(mounts.iter().any(|m| m["name"] == "store" && m["mountPath"] == "/var/lib/bitsmith/store"));
@@ -311,6 +321,8 @@ fn the_deployment_is_hardened_and_follows_the_values() {
         "--deny-source-cidr=fd00::/8",
         "--allow-source-cidr=127.0.0.0/8",
         "--max-concurrent-transfers=3",
+        "--max-retained-packages-per-app=3",
+        "--expire-awaiting-upload-after=24h",
     ] {
         assert!(args.contains(&arg.to_string()), "{arg} in {args:?}");
     }

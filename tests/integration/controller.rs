@@ -31,6 +31,11 @@ impl Drop for Setup {
 }
 
 async fn setup(test: &str) -> Setup {
+    setup_with(test, Default::default()).await
+}
+
+/// [`setup`], keeping Packages and Droplets as `retention` says.
+async fn setup_with(test: &str, retention: bitsmith::retention::Retention) -> Setup {
     tokio::task::block_in_place(install_crds);
     let ns = tokio::task::block_in_place(|| namespace(test));
     let server = TestServer::start().await;
@@ -43,6 +48,8 @@ async fn setup(test: &str) -> Setup {
     let options = Options {
         urls: None,
         upload_claim_timeout: std::time::Duration::from_secs(60),
+        package_retention: retention,
+        droplet_retention: retention,
         concurrency: 4,
         namespace: Some(ns.clone()),
         reporter: "bitsmith-test".into(),
@@ -218,6 +225,8 @@ async fn of_two_replicas_only_the_leader_reconciles_and_the_other_takes_over() {
         let options = Options {
             urls: None,
             upload_claim_timeout: std::time::Duration::from_secs(60),
+            package_retention: Default::default(),
+            droplet_retention: Default::default(),
             concurrency: 2,
             namespace: Some(ns.clone()),
             reporter: identity.into(),
@@ -412,4 +421,123 @@ async fn a_source_that_trickles_times_out_and_is_tried_again() {
     wait_for(ns, "pkg/bad-timeout", "{.status.state}", "FAILED").await;
     let message = kube_ok(&["get", "pkg/bad-timeout", "-n", ns, "-o", "jsonpath={.status.error}"], None);
     assert!(message.contains("spec.timeout"), "{message}");
+}
+
+/// The `Ready` condition's reason of `object`.
+fn ready_reason(ns: &str, object: &str) -> String {
+    kube_ok(&["get", object, "-n", ns, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}"], None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_packages_of_an_app_expire_and_lose_their_bits() {
+    let Setup { ns, server, store, .. } = &setup("retention").await;
+    server.route("/app.zip", Reply::Body { seed: 91, size: 20_000, length: true });
+    // Eight Packages of app `web`, created in this order; `p1` is exempt; `other` belongs to another app.
+    let mut manifests = String::new();
+    for n in 1..=8 {
+        let annotations = if n == 1 { "  annotations:\n    bitsmith.dev/retain: \"true\"\n" } else { "" };
+        manifests.push_str(&format!(
+            "---\napiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: p{n}\n{annotations}spec:\n  type: bits\n  appRef:\n    name: web\n  source:\n    http:\n      url: {}\n",
+            server.url("/app.zip")
+        ));
+    }
+    manifests.push_str(&format!(
+        "---\napiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: other\nspec:\n  type: bits\n  appRef:\n    name: api\n  source:\n    http:\n      url: {}\n",
+        server.url("/app.zip")
+    ));
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&manifests));
+    let uid = |name: &str| kube_ok(&["get", "pkg", name, "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let uids: Vec<String> = (1..=8).map(|n| uid(&format!("p{n}"))).collect();
+
+    // Of the seven not exempt, the newest five are kept: p2 and p3 expire.
+    for n in [2, 3] {
+        wait_for(ns, &format!("pkg/p{n}"), "{.status.state}", "EXPIRED").await;
+        assert_eq!(ready_reason(ns, &format!("pkg/p{n}")), "Expired");
+        let message = kube_ok(
+            &[
+                "get",
+                &format!("pkg/p{n}"),
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}",
+            ],
+            None,
+        );
+        assert!(message.contains("app \"web\"") && message.contains("5 are kept"), "{message}");
+        let object: serde_json::Value =
+            serde_json::from_str(&kube_ok(&["get", &format!("pkg/p{n}"), "-n", ns, "-o", "json"], None)).unwrap();
+        let status = &object["status"];
+        assert!(status["blob"].is_null() && status["artifact"].is_null(), "an expired Package names no bits: {status}");
+        assert!(status["checksum"]["value"].is_string(), "what the bits were stays on record: {status}");
+    }
+    for name in ["p1", "p4", "p5", "p6", "p7", "p8", "other"] {
+        wait_for(ns, &format!("pkg/{name}"), "{.status.state}", "READY").await;
+    }
+    // Their bits are gone from the store; the others' are there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let files = files_under(store.path());
+        let holds = |uid: &str| files.iter().any(|f| f.to_string_lossy().contains(uid));
+        let expired_gone = !holds(&uids[1]) && !holds(&uids[2]);
+        let kept_there = [0, 3, 4, 5, 6, 7].iter().all(|&i| holds(&uids[i]));
+        if expired_gone && kept_there {
+            break;
+        }
+        assert!(Instant::now() < deadline, "expired bits removed, kept ones there: {files:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let events = kube_ok(
+        &[
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            "reason=Expired",
+            "-o",
+            "jsonpath={.items[*].involvedObject.name}",
+        ],
+        None,
+    );
+    assert!(events.contains("p2") && events.contains("p3"), "an Event says why: {events:?}");
+
+    // Expiry is final: a new spec fetches nothing.
+    kube_ok(&["patch", "pkg/p2", "-n", ns, "--type=merge", "-p", r#"{"spec":{"timeout":"5m"}}"#], None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(kube_ok(&["get", "pkg/p2", "-n", ns, "-o", "jsonpath={.status.state}"], None), "EXPIRED");
+
+    // A ninth Package, once READY, pushes the next oldest out.
+    kube_ok(
+        &["apply", "-n", ns, "-f", "-"],
+        Some(&format!(
+            "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: p9\nspec:\n  type: bits\n  appRef:\n    name: web\n  source:\n    http:\n      url: {}\n",
+            server.url("/app.zip")
+        )),
+    );
+    wait_for(ns, "pkg/p9", "{.status.state}", "READY").await;
+    wait_for(ns, "pkg/p4", "{.status.state}", "EXPIRED").await;
+    assert_eq!(kube_ok(&["get", "pkg/p1", "-n", ns, "-o", "jsonpath={.status.state}"], None), "READY", "exempt");
+    assert_eq!(kube_ok(&["get", "pkg/other", "-n", ns, "-o", "jsonpath={.status.state}"], None), "READY");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_awaited_too_long_expires() {
+    let retention =
+        bitsmith::retention::Retention { awaiting_upload: Some(Duration::from_secs(3)), ..Default::default() };
+    let Setup { ns, .. } = &setup_with("awaiting-expiry", retention).await;
+    let awaiting = |name: &str| {
+        format!("apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {name}\nspec:\n  type: bits\n")
+    };
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&awaiting("late")));
+    let created = Instant::now();
+    wait_for(ns, "pkg/late", "{.status.state}", "AWAITING_UPLOAD").await;
+    wait_for(ns, "pkg/late", "{.status.state}", "EXPIRED").await;
+    let took = created.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(15), "expired after {took:?}");
+    let message = kube_ok(
+        &["get", "pkg/late", "-n", ns, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}"],
+        None,
+    );
+    assert!(message.contains("no upload came within 3s"), "{message}");
 }

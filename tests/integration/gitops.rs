@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use bitsmith::controller::{self, Options};
+use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
 use crate::support::file_fetcher;
@@ -68,6 +69,8 @@ async fn argocd_health_follows_the_status_the_controller_writes() {
         metrics: Arc::default(),
         urls: None,
         upload_claim_timeout: std::time::Duration::from_secs(60),
+        package_retention: Default::default(),
+        droplet_retention: Default::default(),
     };
     let running = tokio::spawn(controller::run(
         client,
@@ -117,6 +120,13 @@ async fn argocd_health_follows_the_status_the_controller_writes() {
 
     // READY objects carry a Flux-style artifact.
     let ready = list["items"].as_array().unwrap().iter().find(|i| i["metadata"]["name"] == "ready").unwrap();
+    // Past retention: final and nothing to repair, so not Degraded.
+    let mut expired = ready.clone();
+    let status: bitsmith::resources::PackageStatus = serde_json::from_value(ready["status"].clone()).unwrap();
+    let message = "expired: 5 newer packages of app \"web\" are finished, and 5 are kept per app";
+    expired["status"] =
+        serde_json::to_value(bitsmith::status::expired(&status, message, Some(1), Timestamp::now())).unwrap();
+    assert_eq!(argocd_health(&expired), ("Suspended".to_string(), message.to_string()));
     let artifact = &ready["status"]["artifact"];
     assert_eq!(artifact["digest"], format!("sha256:{}", crate::support::data::coreutils_digests(80, 10_000).sha256));
     assert_eq!(artifact["revision"], artifact["digest"]);

@@ -49,6 +49,8 @@ async fn start(test: &str) -> Api {
         metrics: Default::default(),
         urls: Some(urls.clone()),
         upload_claim_timeout: std::time::Duration::from_secs(60),
+        package_retention: Default::default(),
+        droplet_retention: Default::default(),
     };
     let blobs = file_store(store.path());
     let running = tokio::spawn(controller::run(

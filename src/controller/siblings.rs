@@ -1,0 +1,125 @@
+//! An object's siblings: the other Packages (Droplets) of its app in its namespace, found in the controller's
+//! watch cache, so that retention can be judged; and a trigger that has the older ones reconciled when a newer
+//! one finishes, so that they expire without waiting for a change of their own.
+
+use std::sync::Arc;
+
+use futures::channel::mpsc;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::reconcile::Context;
+use crate::record::Managed;
+use crate::resources::{Droplet, Package};
+use crate::retention::{self, Expiry, Member, RETAIN_ANNOTATION, Retention, Stage};
+use crate::status::CfState;
+
+/// The objects of one kind the controller watches, how many of an app's it keeps, and how to have one
+/// reconciled.
+pub struct Kin<K: kube::Resource<DynamicType = ()> + 'static> {
+    store: Store<K>,
+    trigger: mpsc::UnboundedSender<ObjectRef<K>>,
+    pub retention: Retention,
+}
+
+impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Kin<K> {
+    /// Over the watch cache `store`; reconciles are asked for through the returned stream.
+    pub fn new(store: Store<K>, retention: Retention) -> (Self, mpsc::UnboundedReceiver<ObjectRef<K>>) {
+        let (trigger, triggered) = mpsc::unbounded();
+        (Kin { store, trigger, retention }, triggered)
+    }
+}
+
+/// Kinds that retention applies to.
+pub trait Kindred: Managed<State: CfState> {
+    fn kin(ctx: &Context) -> &Kin<Self>;
+    /// The app the object belongs to (`spec.appRef.name`).
+    fn app(&self) -> Option<&str>;
+}
+
+impl Kindred for Package {
+    fn kin(ctx: &Context) -> &Kin<Self> {
+        &ctx.packages
+    }
+    fn app(&self) -> Option<&str> {
+        self.spec.app_ref.as_ref().map(|app| app.name.as_str())
+    }
+}
+
+impl Kindred for Droplet {
+    fn kin(ctx: &Context) -> &Kin<Self> {
+        &ctx.droplets
+    }
+    fn app(&self) -> Option<&str> {
+        self.spec.app_ref.as_ref().map(|app| app.name.as_str())
+    }
+}
+
+/// Where `state` stands for retention.
+fn stage<S: CfState>(state: Option<S>) -> Stage {
+    match state {
+        Some(s) if s == S::DONE || s == S::FAILED => Stage::Finished,
+        Some(s) if s == S::AWAITING_UPLOAD => Stage::AwaitingUpload,
+        _ => Stage::Other,
+    }
+}
+
+/// `object` as retention sees it, in `state`.
+fn member<K: Kindred>(object: &K, state: Option<K::State>) -> Member<'_> {
+    Member {
+        name: object.meta().name.as_deref().unwrap_or_default(),
+        created: object.meta().creation_timestamp.as_ref().map_or(Timestamp::UNIX_EPOCH, |t| t.0),
+        stage: stage(state),
+        retained: object.annotations().get(RETAIN_ANNOTATION).is_some_and(|v| v == "true"),
+    }
+}
+
+/// The objects of `object`'s app in its namespace, from the watch cache: all but `object` itself, which the caller
+/// knows better.
+fn others<K: Kindred>(object: &K, ctx: &Context) -> Vec<Arc<K>> {
+    let Some(app) = object.app() else { return Vec::new() };
+    let namespace = object.namespace();
+    K::kin(ctx)
+        .store
+        .state()
+        .into_iter()
+        .filter(|o| o.namespace() == namespace && o.app() == Some(app) && o.uid() != object.uid())
+        .collect()
+}
+
+/// Whether `object`, as it now is, expires.
+pub fn verdict<K: Kindred>(object: &K, ctx: &Context, now: Timestamp) -> Option<Expiry> {
+    let state = object.bits_status().and_then(|s| s.state);
+    let others = others(object, ctx);
+    let mut app: Vec<Member> =
+        others.iter().map(|o| member(o.as_ref(), o.bits_status().and_then(|s| s.state))).collect();
+    let me = member(object, state);
+    app.push(me.clone());
+    retention::judge(&me, &app, K::kin(ctx).retention, now)
+}
+
+/// `object` is now in `state`. Finished, it has the older objects of its app it pushed past the limit
+/// reconciled, so that they expire; awaiting an upload, it says when it expires by age (`None`: never).
+pub fn after<K: Kindred>(
+    object: &K,
+    state: Option<K::State>,
+    ctx: &Context,
+    now: Timestamp,
+) -> Option<std::time::Duration> {
+    let kin = K::kin(ctx);
+    let me = member(object, state);
+    if me.stage == Stage::Finished && object.app().is_some() {
+        let others = others(object, ctx);
+        let mut app: Vec<Member> =
+            others.iter().map(|o| member(o.as_ref(), o.bits_status().and_then(|s| s.state))).collect();
+        app.push(me.clone());
+        for name in retention::pushed_out(&me, &app, kin.retention) {
+            let mut older = ObjectRef::new(name);
+            older.namespace = object.namespace();
+            // The controller's stream outlives every reconcile; after it ended nothing needs reconciling.
+            let _ = kin.trigger.unbounded_send(older);
+        }
+    }
+    retention::awaiting_expires_in(&me, kin.retention, now)
+}

@@ -98,6 +98,7 @@ async fn main() {
         upload_claim_timeout: std::time::Duration::from_secs(60),
         package_retention: Default::default(),
         droplet_retention: Default::default(),
+        audit: Default::default(),
     };
     tokio::spawn(controller::run(client.clone(), fetcher, options, bitsmith::leader::Leadership::always()));
 

@@ -218,9 +218,16 @@ pub struct ControllerArgs {
     pub api: ApiArgs,
 }
 
-/// How long objects are kept.
+/// How long objects and blobs are kept, and how the store is checked.
 #[derive(Args, Debug, Clone)]
 pub struct RetentionArgs {
+    /// How often the leader checks that every READY (STAGED) object's blob is in the store with its recorded
+    /// size; one that is not is fetched again (with a source) or FAILED (uploaded). Also at the start of leading.
+    #[arg(long, default_value = "10m", value_parser = parse_timeout)]
+    pub audit_interval: std::time::Duration,
+    /// Blobs whose object no longer exists, and staged writes nobody finished, are removed once this old.
+    #[arg(long, default_value = "1h", value_parser = parse_timeout)]
+    pub orphan_grace: std::time::Duration,
     /// READY or FAILED Packages kept per app (`spec.appRef`) in a namespace; older ones become EXPIRED and lose
     /// their bits. The annotation `bitsmith.dev/retain: "true"` exempts one.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -600,6 +607,10 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         upload_claim_timeout: args.api.upload_claim_timeout,
         package_retention: args.retention.packages(),
         droplet_retention: args.retention.droplets(),
+        audit: crate::controller::AuditOptions {
+            interval: args.retention.audit_interval,
+            orphan_grace: args.retention.orphan_grace,
+        },
     };
     tracing::info!(store = fetcher.store.url(), identity, "controller starting");
     let mut lease = LeaseConfig::new(args.leader_election_namespace, args.leader_election_id, identity);

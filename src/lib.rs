@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod archive;
+pub mod audit;
 pub mod auth;
 pub mod budget;
 pub mod cache;

@@ -35,6 +35,10 @@ pub struct Metrics {
     status_writes: Family<KindLabel, Counter>,
     stored_bytes: Counter,
     objects: Family<StateLabels, Gauge>,
+    audit_blobs: Gauge,
+    audit_bytes: Gauge,
+    audit_findings: Counter,
+    orphans_removed: Counter,
     /// The transfer budget's slots, shared by fetches and uploads.
     pub transfers: crate::budget::TransferMetrics,
     /// The last state each object was seen in, by `kind/namespace/name`; the `objects` gauges are counted from
@@ -64,6 +68,12 @@ impl Metrics {
         registry.register("status_writes", "Status writes to the Kubernetes API", status_writes.clone());
         registry.register("stored_bytes", "Bytes of bits stored", stored_bytes.clone());
         registry.register("objects", "Objects by kind and CF state, as last reconciled", objects.clone());
+        let (audit_blobs, audit_bytes) = (Gauge::default(), Gauge::default());
+        let (audit_findings, orphans_removed) = (Counter::default(), Counter::default());
+        registry.register("store_blobs", "Blobs in the store, as the last audit listed them", audit_blobs.clone());
+        registry.register("store_bytes", "Bytes in the store, as the last audit listed them", audit_bytes.clone());
+        registry.register("audit_findings", "Objects whose bits an audit found gone or wrong", audit_findings.clone());
+        registry.register("orphans_removed", "Blobs removed because no object owns them", orphans_removed.clone());
         let transfers = crate::budget::TransferMetrics::default();
         registry.register("transfers_running", "Fetches and uploads running", transfers.running.clone());
         registry.register("transfers_waiting", "Fetches waiting for a transfer slot", transfers.waiting.clone());
@@ -85,6 +95,10 @@ impl Metrics {
             status_writes,
             stored_bytes,
             objects,
+            audit_blobs,
+            audit_bytes,
+            audit_findings,
+            orphans_removed,
             transfers,
             states: Mutex::default(),
         }
@@ -111,6 +125,18 @@ impl Metrics {
     /// Bytes were stored.
     pub fn stored(&self, bytes: u64) {
         self.stored_bytes.inc_by(bytes);
+    }
+
+    /// An audit listed `blobs` blobs of `bytes` in all, and found `findings` objects' bits wrong.
+    pub fn audited(&self, blobs: u64, bytes: u64, findings: u64) {
+        self.audit_blobs.set(i64::try_from(blobs).unwrap_or(i64::MAX));
+        self.audit_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.audit_findings.inc_by(findings);
+    }
+
+    /// An orphaned blob was removed.
+    pub fn orphan_removed(&self) {
+        self.orphans_removed.inc();
     }
 
     /// The object `key` (`kind/namespace/name`) is in `state`, or gone when `None`.

@@ -219,6 +219,44 @@ pub fn expired<S: CfState>(
     status
 }
 
+/// The stored bits are gone or wrong (`reason` BlobMissing or BlobCorrupt): the status stops naming them at once,
+/// so that nothing is READY for bits that are not there. With a source (`refetch`) the object is fetched again:
+/// PROCESSING_UPLOAD, Reconciling. Without one (uploaded bits cannot be made again) it is FAILED and Stalled,
+/// with the reason in `error`. The digests stay as a record of what the bits were.
+pub fn bits_lost<S: CfState>(
+    prev: &BitsStatus<S>,
+    reason: &str,
+    message: &str,
+    refetch: bool,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> BitsStatus<S> {
+    let mut status = prev.clone();
+    status.stored.blob = None;
+    status.artifact = None;
+    status.upload = None;
+    conditions::upsert(&mut status.conditions, conditions::new(READY, Status::False, reason, message, generation, now));
+    if refetch {
+        status.state = Some(S::PROCESSING_UPLOAD);
+        status.error = None;
+        let fetching = format!("{message}; fetching them again");
+        conditions::upsert(
+            &mut status.conditions,
+            conditions::new(RECONCILING, Status::True, reason, fetching, generation, now),
+        );
+        conditions::remove(&mut status.conditions, STALLED);
+    } else {
+        status.state = Some(S::FAILED);
+        status.error = Some(format!("{message}; they were uploaded, so upload them again to a new object"));
+        conditions::upsert(
+            &mut status.conditions,
+            conditions::new(STALLED, Status::True, reason, message, generation, now),
+        );
+        conditions::remove(&mut status.conditions, RECONCILING);
+    }
+    status
+}
+
 /// Work is in flight: PROCESSING_UPLOAD, or COPYING for a copy. Bits already READY stay visible until the new
 /// ones replace them, so a consumer never loses a working version.
 pub fn in_progress<S: CfState>(

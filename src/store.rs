@@ -224,6 +224,29 @@ impl BlobStore {
         Ok(Some(url))
     }
 
+    /// The blobs under `prefix` as the store lists them, one page at a time: a listing of any length costs a
+    /// page of memory.
+    pub fn listing(&self, prefix: &str) -> BoxStream<'static, Result<Listed, StoreError>> {
+        let this = self.clone();
+        let root = self.client.path.as_ref().to_string();
+        let owned_prefix = prefix.to_string();
+        self.client
+            .store
+            .list(Some(&self.path(prefix)))
+            .map(move |item| match item {
+                Ok(meta) => {
+                    let key = meta.location.as_ref().strip_prefix(&root).unwrap_or(meta.location.as_ref());
+                    Ok(Listed {
+                        key: key.trim_start_matches('/').to_string(),
+                        size: meta.size,
+                        modified: SystemTime::from(meta.last_modified),
+                    })
+                }
+                Err(e) => Err(this.backend_error("list", &owned_prefix, e)),
+            })
+            .boxed()
+    }
+
     /// Every blob under `prefix`: its key (relative to the store) and size.
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let root = self.client.path.as_ref().to_string();
@@ -315,6 +338,15 @@ impl BlobStore {
         }
         Ok(removed)
     }
+}
+
+/// A blob as a listing shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    /// Relative to the store.
+    pub key: String,
+    pub size: u64,
+    pub modified: SystemTime,
 }
 
 /// An in-progress write under a staging key. Call [`StagedWrite::commit`] once the bytes are verified, or

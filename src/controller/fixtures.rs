@@ -98,6 +98,7 @@ impl Mocked {
             leadership,
             packages: detached(),
             droplets: detached(),
+            findings: Default::default(),
         });
         Mocked { context, calls }
     }
@@ -121,7 +122,8 @@ impl Mocked {
 /// Siblings of no one: an empty watch cache, and triggers nobody follows.
 fn detached<K: kube::Resource<DynamicType = ()> + Clone + 'static>() -> super::siblings::Kin<K> {
     let (store, _writer) = kube::runtime::reflector::store();
-    super::siblings::Kin::new(store, Default::default()).0
+    let (_, filled) = tokio::sync::watch::channel(true);
+    super::siblings::Kin::new(store, filled, Default::default()).0
 }
 
 pub fn memory_store() -> BlobStore {

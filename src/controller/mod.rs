@@ -1,6 +1,7 @@
 //! The in-cluster controller: reconciles Packages and Droplets by following their [`plan`](crate::plan), and
 //! records each outcome as status (server-side apply under one field manager) and as Events.
 
+mod audit;
 #[cfg(test)]
 mod fixtures;
 mod reconcile;
@@ -9,7 +10,7 @@ mod siblings;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
@@ -19,6 +20,7 @@ use kube::runtime::{Predicate, predicates};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 
+pub use audit::AuditOptions;
 pub use reconcile::{Context, FINALIZER, ReconcileError};
 
 use crate::fetch::Fetcher;
@@ -49,28 +51,21 @@ pub struct Options {
     pub package_retention: Retention,
     /// How many Droplets of an app are kept, and how long an upload is awaited.
     pub droplet_retention: Retention,
+    /// How often the store is audited, and how long orphans and staged leftovers are given.
+    pub audit: AuditOptions,
 }
-
-/// Staged writes older than this were left by a process that died mid-write.
-const STALE_STAGING: Duration = Duration::from_secs(3600);
 
 /// Reconcile Packages and Droplets until the process is asked to stop (SIGTERM or Ctrl-C), writing only while
 /// `leadership` holds.
 pub async fn run(client: Client, fetcher: Fetcher, options: Options, leadership: Leadership) {
     // Stopped with the rest when leading ends, however it ends (the work is dropped when the Lease is lost).
-    let _sweeper = AbortOnDrop(tokio::spawn(sweep_staging(fetcher.store.clone())));
-    let packages = with_secret_triggers(
-        controller_for(scoped::<Package>(&client, &options.namespace)),
-        &client,
-        &options.namespace,
-    );
-    let droplets = with_secret_triggers(
-        controller_for(scoped::<Droplet>(&client, &options.namespace)),
-        &client,
-        &options.namespace,
-    );
-    let (package_kin, package_triggers) = Kin::new(packages.store(), options.package_retention);
-    let (droplet_kin, droplet_triggers) = Kin::new(droplets.store(), options.droplet_retention);
+    let _sweeper = AbortOnDrop(tokio::spawn(sweep_staging(fetcher.store.clone(), options.audit.orphan_grace)));
+    let (packages, packages_filled) = controller_for(scoped::<Package>(&client, &options.namespace));
+    let (droplets, droplets_filled) = controller_for(scoped::<Droplet>(&client, &options.namespace));
+    let packages = with_secret_triggers(packages, &client, &options.namespace);
+    let droplets = with_secret_triggers(droplets, &client, &options.namespace);
+    let (package_kin, package_triggers) = Kin::new(packages.store(), packages_filled, options.package_retention);
+    let (droplet_kin, droplet_triggers) = Kin::new(droplets.store(), droplets_filled, options.droplet_retention);
     let context = Arc::new(Context {
         client: client.clone(),
         fetcher,
@@ -82,7 +77,9 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options, leadership:
         leadership,
         packages: package_kin,
         droplets: droplet_kin,
+        findings: Default::default(),
     });
+    let _auditor = AbortOnDrop(tokio::spawn(audit::run(context.clone(), options.audit)));
     let config = controller::Config::default().concurrency(options.concurrency);
     let packages = packages
         .reconcile_on(package_triggers)
@@ -108,10 +105,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Remove what writers killed mid-write left under `staging/` (never visible as blobs), every 10 minutes.
-async fn sweep_staging(store: BlobStore) {
+/// Remove what writers killed mid-write left under `staging/` (never visible as blobs) once older than `grace`,
+/// every 10 minutes.
+async fn sweep_staging(store: BlobStore, grace: Duration) {
     loop {
-        match store.sweep_staging(STALE_STAGING).await {
+        match store.sweep_staging(grace).await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "removed stale staged writes"),
             Err(error) => tracing::warn!(%error, "sweeping stale staged writes"),
@@ -124,14 +122,25 @@ async fn sweep_staging(store: BlobStore) {
 /// or gives back its claim, and not when only the rest of the status does: the controller's own status writes
 /// would otherwise trigger it again at once. Retries, and the watch on a claim's renewals, are scheduled by the
 /// reconciler's requeues.
-fn controller_for<K: Managed>(api: Api<K>) -> Controller<K> {
+fn controller_for<K: Managed>(api: Api<K>) -> (Controller<K>, tokio::sync::watch::Receiver<bool>) {
     let (reader, writer) = reflector::store();
-    let triggers =
-        watcher(api, watcher::Config::default()).default_backoff().reflect(writer).applied_objects().predicate_filter(
+    // Whether the watch cache holds the whole list: the store's own readiness wakes one waiter only, which the
+    // controller itself is.
+    let (filled, filled_rx) = tokio::sync::watch::channel(false);
+    let triggers = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                filled.send_replace(true);
+            }
+        })
+        .applied_objects()
+        .predicate_filter(
             predicates::generation.combine(predicates::finalizers).combine(upload_claim::<K>),
             Default::default(),
         );
-    Controller::for_stream(triggers, reader)
+    (Controller::for_stream(triggers, reader), filled_rx)
 }
 
 /// Which upload holds the object, if any.

@@ -13,6 +13,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 
+use super::audit::Findings;
 use super::siblings::{self, Kin, Kindred};
 use crate::claims::{ClaimWatch, Verdict};
 use crate::conditions::{self, RECONCILING};
@@ -50,6 +51,8 @@ pub struct Context {
     pub packages: Kin<Package>,
     /// The Droplets watched, and how many of an app's are kept.
     pub droplets: Kin<Droplet>,
+    /// What store audits found, for each object's reconcile to act on.
+    pub findings: Findings,
 }
 
 impl Context {
@@ -175,6 +178,8 @@ where
     if let Some(expiry) = siblings::verdict(object, ctx, Timestamp::now()) {
         return expire(api, object, namespace, &expiry, ctx).await;
     }
+    let current = bits_checked(api, object, ctx).await?;
+    let object = current.as_ref().unwrap_or(object);
     let (action, state) = advance(api, object, namespace, ctx).await?;
     match siblings::after(object, state, ctx, Timestamp::now()) {
         // Awaiting an upload that may not come: look again when it would expire.
@@ -183,6 +188,35 @@ where
         }
         _ => Ok(action),
     }
+}
+
+/// When an audit found `object`'s blob gone or wrong, and it still is: stop naming it (see
+/// [`status::bits_lost`]). Returns the object as written then, for the plan to go on from (a fetch, when it has a
+/// source).
+async fn bits_checked<O: Kindred>(api: &Api<O>, object: &O, ctx: &Context) -> Result<Option<O>, ReconcileError>
+where
+    O::State: CfState + Serialize + Send + Sync,
+{
+    let prev = object.bits_status().cloned().unwrap_or_default();
+    let (Some(uid), Some(blob)) = (object.uid(), prev.stored.blob.as_ref()) else { return Ok(None) };
+    if ctx.findings.take(&uid, &blob.key).is_none() {
+        return Ok(None);
+    }
+    // The audit's listing may be older than the object's latest bits: look at the blob itself.
+    let finding = match ctx.fetcher.store.size(&blob.key).await {
+        Ok(size) if Some(size) == prev.stored.size => return Ok(None),
+        Ok(found) => crate::audit::Finding::WrongSize { recorded: prev.stored.size.unwrap_or_default(), found },
+        Err(crate::store::StoreError::NotFound { .. }) => crate::audit::Finding::Missing,
+        Err(error) => return Err(error.into()),
+    };
+    let message = finding.message(&blob.key);
+    let refetch = object.source().is_some();
+    let next =
+        status::bits_lost(&prev, finding.reason(), &message, refetch, object.meta().generation, Timestamp::now());
+    tracing::warn!(object = %ObjectRef::from(object), reason = finding.reason(), refetch, "stored bits lost");
+    let written = ctx.write_status(api, object, &next).await?;
+    record_state(ctx, object, next.state);
+    Ok(Some(written))
 }
 
 /// Expire `object`: EXPIRED, Stalled, an Event saying why; its bits go once the status no longer names them.

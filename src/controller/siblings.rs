@@ -19,15 +19,39 @@ use crate::status::CfState;
 /// reconciled.
 pub struct Kin<K: kube::Resource<DynamicType = ()> + 'static> {
     store: Store<K>,
+    /// True once the watch cache holds the whole list.
+    filled: tokio::sync::watch::Receiver<bool>,
     trigger: mpsc::UnboundedSender<ObjectRef<K>>,
     pub retention: Retention,
 }
 
 impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Kin<K> {
-    /// Over the watch cache `store`; reconciles are asked for through the returned stream.
-    pub fn new(store: Store<K>, retention: Retention) -> (Self, mpsc::UnboundedReceiver<ObjectRef<K>>) {
+    /// Over the watch cache `store`, which `filled` says is whole; reconciles are asked for through the returned
+    /// stream.
+    pub fn new(
+        store: Store<K>,
+        filled: tokio::sync::watch::Receiver<bool>,
+        retention: Retention,
+    ) -> (Self, mpsc::UnboundedReceiver<ObjectRef<K>>) {
         let (trigger, triggered) = mpsc::unbounded();
-        (Kin { store, trigger, retention }, triggered)
+        (Kin { store, filled, trigger, retention }, triggered)
+    }
+
+    /// Wait until the watch cache holds the whole list; false when it never will (the controller stopped).
+    pub async fn filled(&self) -> bool {
+        let mut filled = self.filled.clone();
+        filled.wait_for(|filled| *filled).await.is_ok()
+    }
+
+    /// The watch cache.
+    pub fn store(&self) -> &Store<K> {
+        &self.store
+    }
+
+    /// Have `object` reconciled soon.
+    pub fn reconcile(&self, object: ObjectRef<K>) {
+        // The controller's stream outlives every reconcile; after it ended nothing needs reconciling.
+        let _ = self.trigger.unbounded_send(object);
     }
 }
 
@@ -117,8 +141,7 @@ pub fn after<K: Kindred>(
         for name in retention::pushed_out(&me, &app, kin.retention) {
             let mut older = ObjectRef::new(name);
             older.namespace = object.namespace();
-            // The controller's stream outlives every reconcile; after it ended nothing needs reconciling.
-            let _ = kin.trigger.unbounded_send(older);
+            kin.reconcile(older);
         }
     }
     retention::awaiting_expires_in(&me, kin.retention, now)

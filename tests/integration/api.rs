@@ -64,6 +64,7 @@ async fn setup_with(
         upload_claim_timeout: std::time::Duration::from_secs(60),
         package_retention: Default::default(),
         droplet_retention: Default::default(),
+        audit: Default::default(),
     };
     let fetcher: Fetcher = fetcher(store.clone(), Default::default(), 1 << 30);
     let running =

@@ -676,3 +676,126 @@ async fn fetches_and_uploads_share_the_transfer_budget() {
     wait_for(&ns, "pkg/app", "{.status.state}", "READY").await;
     assert_eq!(metric(&controller, "bitsmith_transfers_waiting").await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bits_lost_behind_the_operators_back_are_found_and_orphans_removed() {
+    use crate::support::http_server::{Reply, TestServer};
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace("audit"));
+    let token = tokio::task::block_in_place(|| service_account_with_role(&ns, "uploader", "bitsmith-uploader"));
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    let server = TestServer::start().await;
+    server.route("/app.zip", Reply::Body { seed: 95, size: 300_000, length: true });
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "--leader-election-namespace",
+        &ns,
+        "--listen",
+        &listen,
+        "--allow-source-cidr",
+        "127.0.0.0/8",
+        "--audit-interval",
+        "2s",
+        "--orphan-grace",
+        "3s",
+    ];
+    let controller = Process::spawn("controller", &ns, &store, &args);
+    controller.ready().await;
+    let sourced = |name: &str| {
+        format!(
+            "---\napiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {name}\nspec:\n  type: bits\n  source:\n    http:\n      url: {}\n",
+            server.url("/app.zip")
+        )
+    };
+    let manifests = sourced("gone") + &sourced("cut") + "---\n" + &awaiting_packages(&["uploaded"]);
+    kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&manifests));
+    wait_for(&ns, "pkg/uploaded", "{.status.state}", "AWAITING_UPLOAD").await;
+    let uid = |name: &str| kube_ok(&["get", "pkg", name, "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let zip = random_zip(work.path(), "app.zip", 100_000);
+    let form = reqwest::multipart::Form::new().part("bits", reqwest::multipart::Part::bytes(zip).file_name("app.zip"));
+    let response = reqwest::Client::new()
+        .post(format!("http://{listen}/v3/packages/{}/upload", uid("uploaded")))
+        .bearer_auth(&token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
+    for name in ["gone", "cut", "uploaded"] {
+        wait_for(&ns, &format!("pkg/{name}"), "{.status.state}", "READY").await;
+    }
+    let checksum =
+        |name: &str| kube_ok(&["get", "pkg", name, "-n", &ns, "-o", "jsonpath={.status.checksum.value}"], None);
+    let (gone_checksum, cut_checksum) = (checksum("gone"), checksum("cut"));
+    let blob_of = |name: &str| {
+        let uid = uid(name);
+        let blobs: Vec<PathBuf> = files_under(&store)
+            .into_iter()
+            .filter(|f| f.starts_with("packages") && f.to_string_lossy().contains(&uid))
+            .collect();
+        assert_eq!(blobs.len(), 1, "{name}: {blobs:?}");
+        store.join(&blobs[0])
+    };
+
+    // Behind the operator's back: two blobs deleted, one cut short, and a blob nobody owns.
+    std::fs::remove_file(blob_of("gone")).unwrap();
+    std::fs::remove_file(blob_of("uploaded")).unwrap();
+    let cut = blob_of("cut");
+    std::fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(1000).unwrap();
+    let orphan = store.join(format!("packages/{ns}/ghost/0b5e55ed-0000-4000-8000-000000000000/abc"));
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"nobody's").unwrap();
+    let damaged = Instant::now();
+
+    // Fetched again: READY with the same digests and a whole blob.
+    let reason = |name: &str| {
+        let events = format!("involvedObject.name={name}");
+        kube_ok(&["get", "events", "-n", &ns, "--field-selector", &events, "-o", "jsonpath={.items[*].reason}"], None)
+    };
+    for (name, want, finding) in [("gone", &gone_checksum, "BlobMissing"), ("cut", &cut_checksum, "BlobCorrupt")] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !reason(name).contains(finding) {
+            assert!(Instant::now() < deadline, "{name}: no {finding} Event: {}", reason(name));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        wait_for(&ns, &format!("pkg/{name}"), "{.status.state}", "READY").await;
+        assert_eq!(&checksum(name), want);
+        assert_eq!(std::fs::metadata(blob_of(name)).unwrap().len(), 300_000, "{name}: the blob is whole again");
+    }
+    // Uploaded bits cannot be made again: FAILED and Stalled, naming no blob, and said with a Warning.
+    wait_for(&ns, "pkg/uploaded", "{.status.state}", "FAILED").await;
+    assert!(damaged.elapsed() < Duration::from_secs(30), "found within the audit bound: {:?}", damaged.elapsed());
+    let status = package_json(&ns, "uploaded")["status"].clone();
+    let condition = |type_: &str| {
+        let c = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == type_).unwrap().clone();
+        (c["status"].as_str().unwrap().to_string(), c["reason"].as_str().unwrap().to_string())
+    };
+    assert_eq!(condition("Ready"), ("False".to_string(), "BlobMissing".to_string()));
+    assert_eq!(condition("Stalled"), ("True".to_string(), "BlobMissing".to_string()));
+    assert!(status["blob"].is_null() && status["artifact"].is_null(), "{status}");
+    assert!(status["error"].as_str().unwrap().contains("gone"), "{status}");
+    let warnings = kube_ok(
+        &[
+            "get",
+            "events",
+            "-n",
+            &ns,
+            "--field-selector",
+            "involvedObject.name=uploaded,type=Warning",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+        None,
+    );
+    assert!(warnings.contains("BlobMissing"), "{warnings}");
+    // The orphan goes once older than the grace.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while orphan.exists() {
+        assert!(Instant::now() < deadline, "the orphan was not removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(damaged.elapsed() >= Duration::from_secs(3), "not before the grace");
+    assert!(metric(&controller, "bitsmith_orphans_removed_total").await >= 1.0);
+    assert!(metric(&controller, "bitsmith_audit_findings_total").await >= 3.0);
+}

@@ -71,6 +71,7 @@ async fn argocd_health_follows_the_status_the_controller_writes() {
         upload_claim_timeout: std::time::Duration::from_secs(60),
         package_retention: Default::default(),
         droplet_retention: Default::default(),
+        audit: Default::default(),
     };
     let running = tokio::spawn(controller::run(
         client,

@@ -51,6 +51,7 @@ async fn start(test: &str) -> Api {
         upload_claim_timeout: std::time::Duration::from_secs(60),
         package_retention: Default::default(),
         droplet_retention: Default::default(),
+        audit: Default::default(),
     };
     let blobs = file_store(store.path());
     let running = tokio::spawn(controller::run(

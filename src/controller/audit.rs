@@ -1,0 +1,147 @@
+//! The leader's store audit, every `--audit-interval`: the blob of every READY (STAGED) object is looked for in a
+//! listing of the store; an object whose blob is gone or has the wrong size is handed to its reconcile, which
+//! looks again and acts (fetch again, or FAILED). Blobs of objects that no longer exist are removed after
+//! `--orphan-grace`. See [`crate::audit`] for the rules.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+
+use super::reconcile::Context;
+use super::siblings::Kindred;
+use crate::audit::{Audit, Expected, Finding, Report};
+use crate::resources::{Droplet, Package};
+use crate::status::CfState;
+
+/// How often the store is audited, and how old an orphan must be before it goes.
+#[derive(Clone, Copy, Debug)]
+pub struct AuditOptions {
+    pub interval: Duration,
+    pub orphan_grace: Duration,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        AuditOptions { interval: Duration::from_secs(600), orphan_grace: Duration::from_secs(3600) }
+    }
+}
+
+/// An object an audit found something wrong with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Audited {
+    Package(ObjectRef<Package>),
+    Droplet(ObjectRef<Droplet>),
+}
+
+/// What audits found, by object uid, until each object's reconcile takes it.
+#[derive(Default)]
+pub struct Findings(std::sync::Mutex<HashMap<String, (String, Finding)>>);
+
+impl Findings {
+    /// The finding for the object `uid`, if its blob is `key`; taken, so that it is acted on once.
+    pub fn take(&self, uid: &str, key: &str) -> Option<Finding> {
+        let mut findings = self.0.lock().expect("findings lock");
+        match findings.remove(uid) {
+            Some((found_key, finding)) if found_key == key => Some(finding),
+            _ => None,
+        }
+    }
+
+    fn put(&self, uid: String, key: String, finding: Finding) {
+        self.0.lock().expect("findings lock").insert(uid, (key, finding));
+    }
+}
+
+/// Audit now, and then every `options.interval`, until dropped (when leading ends).
+pub async fn run(ctx: Arc<Context>, options: AuditOptions) {
+    // Judge nothing before the watch caches hold every object: an object not seen yet would look like an
+    // orphan's owner gone.
+    if !ctx.packages.filled().await || !ctx.droplets.filled().await {
+        return;
+    }
+    tracing::info!(every = ?options.interval, "auditing the store");
+    loop {
+        match audit(&ctx, options).await {
+            Ok(report) => act(&ctx, report).await,
+            Err(error) => tracing::warn!(%error, "auditing the store; trying again at the next interval"),
+        }
+        tokio::time::sleep(options.interval).await;
+    }
+}
+
+/// The READY (STAGED) objects' blobs, by key, and the uids of all objects, of one kind.
+fn expected_of<K: Kindred>(
+    ctx: &Context,
+    wrap: impl Fn(ObjectRef<K>) -> Audited,
+    expected: &mut HashMap<String, Expected<(String, Audited)>>,
+    live: &mut HashSet<String>,
+) {
+    for object in K::kin(ctx).store().state() {
+        let Some(uid) = object.uid() else { continue };
+        live.insert(uid.clone());
+        let Some(status) = object.bits_status() else { continue };
+        if status.state != Some(K::State::DONE) {
+            continue;
+        }
+        if let (Some(blob), Some(size)) = (&status.stored.blob, status.stored.size)
+            && ctx.fetcher.store.holds(blob)
+        {
+            let owner = (uid, wrap(ObjectRef::from(object.as_ref())));
+            expected.insert(blob.key.clone(), Expected { size, owner });
+        }
+    }
+}
+
+/// One audit: the expected blobs against a listing of the store, streamed.
+async fn audit(ctx: &Context, options: AuditOptions) -> Result<Report<(String, Audited)>, crate::store::StoreError> {
+    let started = std::time::Instant::now();
+    let (mut expected, mut live) = (HashMap::new(), HashSet::new());
+    expected_of::<Package>(ctx, Audited::Package, &mut expected, &mut live);
+    expected_of::<Droplet>(ctx, Audited::Droplet, &mut expected, &mut live);
+    let mut audit = Audit::new(expected, live, options.orphan_grace, SystemTime::now());
+    for prefix in ["packages/", "droplets/"] {
+        let mut listing = ctx.fetcher.store.listing(prefix);
+        while let Some(listed) = listing.next().await {
+            audit.saw(listed?);
+        }
+    }
+    let report = audit.finish();
+    tracing::info!(
+        blobs = report.blobs,
+        bytes = report.bytes,
+        findings = report.findings.len(),
+        orphans = report.orphans.len(),
+        took = ?started.elapsed(),
+        "audited the store"
+    );
+    Ok(report)
+}
+
+/// Hand each finding to its object's reconcile, and remove the orphans.
+async fn act(ctx: &Context, report: Report<(String, Audited)>) {
+    ctx.metrics.audited(report.blobs, report.bytes, report.findings.len() as u64);
+    for ((uid, object), key, finding) in report.findings {
+        tracing::warn!(?object, key, reason = finding.reason(), "the audit found an object's bits wrong");
+        ctx.findings.put(uid, key, finding);
+        match object {
+            Audited::Package(object) => ctx.packages.reconcile(object),
+            Audited::Droplet(object) => ctx.droplets.reconcile(object),
+        }
+    }
+    for key in report.orphans {
+        if !ctx.leadership.check() {
+            return;
+        }
+        match ctx.fetcher.store.delete(&key).await {
+            Ok(()) => {
+                tracing::info!(key, "removed an orphaned blob");
+                ctx.metrics.orphan_removed();
+            }
+            Err(error) => tracing::warn!(%error, key, "removing an orphaned blob"),
+        }
+    }
+}

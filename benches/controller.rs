@@ -2,7 +2,8 @@
 //! (default 1000, `BITSMITH_BENCH_PACKAGES`) are created at once, each with a small http source on loopback, and
 //! the controller runs in this process with a `file://` store. Prints a table: the time until every Package is
 //! READY, and the API writes per Package (status writes from the controller's own metrics, Events and finalizer
-//! patches counted on the apiserver). Asserts nothing about time.
+//! patches counted on the apiserver). Then the store audit over 100 000 blobs: its time and peak RSS
+//! (`CONTROLLER_BENCH=audit` runs that alone). Asserts nothing about time.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -66,6 +67,10 @@ fn metric(metrics: &Metrics, line_prefix: &str) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var("CONTROLLER_BENCH").is_ok_and(|only| only == "audit") {
+        println!("{}", audit_bench().await);
+        return;
+    }
     let count: usize = std::env::var("BITSMITH_BENCH_PACKAGES").map(|v| v.parse().expect("a count")).unwrap_or(1000);
     let concurrency: u16 =
         std::env::var("BITSMITH_BENCH_CONCURRENCY").map(|v| v.parse().expect("a count")).unwrap_or(8);
@@ -166,4 +171,66 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Api::<Namespace>::all(client).delete(&ns, &Default::default()).await.unwrap();
+    println!("{}", audit_bench().await);
+}
+
+fn rss_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The store audit over `count` blobs in a `file://` store (default 100 000, `BITSMITH_BENCH_AUDIT_BLOBS`): 1% of
+/// the expected ones missing, 1% with another size, and 1% more orphaned. Returns the table.
+async fn audit_bench() -> String {
+    use bitsmith::audit::{Audit, Expected};
+    use std::collections::{HashMap, HashSet};
+    let count: usize =
+        std::env::var("BITSMITH_BENCH_AUDIT_BLOBS").map(|v| v.parse().expect("a count")).unwrap_or(100_000);
+    let dir = tempfile::tempdir_in("target").unwrap();
+    let started = Instant::now();
+    let (mut expected, mut live) = (HashMap::new(), HashSet::new());
+    for n in 0..count {
+        let uid = format!("{:08x}-0000-4000-8000-{n:012x}", n);
+        let key = format!("packages/bench/p{n}/{uid}/{:064x}", n);
+        let orphan = n % 100 == 1;
+        if !orphan {
+            live.insert(uid);
+            expected.insert(key.clone(), Expected { size: 16, owner: n });
+        }
+        if n % 100 != 0 {
+            let path = dir.path().join(&key);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let size = if n % 100 == 2 { 17 } else { 16 };
+            std::fs::write(path, vec![b'x'; size]).unwrap();
+        }
+    }
+    let made = started.elapsed();
+    let store =
+        BlobStore::open(url::Url::from_directory_path(dir.path()).unwrap().as_str(), &Default::default()).unwrap();
+    let before = rss_kib("VmRSS:");
+    std::fs::write("/proc/self/clear_refs", "5").expect("resetting the peak RSS");
+    let started = Instant::now();
+    let audit = Audit::new(expected, live, Duration::ZERO, std::time::SystemTime::now());
+    let report = bitsmith::audit::over(audit, store.listing("packages/")).await.unwrap().finish();
+    let took = started.elapsed();
+    let peak = rss_kib("VmHWM:");
+    let listed = count - count.div_ceil(100);
+    assert_eq!(report.blobs as usize, listed);
+    assert_eq!(report.findings.len(), count.div_ceil(100) + (count + 97) / 100, "missing and wrong sizes");
+    assert_eq!(report.orphans.len(), (count + 98) / 100);
+    [
+        format!("\nstore audit: {count} expected blobs in a file:// store (made in {:.1} s)", made.as_secs_f64()),
+        "| measurement | value |".into(),
+        "|---|---:|".into(),
+        format!("| blobs listed | {} |", report.blobs),
+        format!("| findings (missing, wrong size) / orphans | {} / {} |", report.findings.len(), report.orphans.len()),
+        format!("| audit time | {:.2} s ({:.0} blobs/s) |", took.as_secs_f64(), listed as f64 / took.as_secs_f64()),
+        format!("| RSS before (the expected blobs, as the statuses hold them) | {:.1} MiB |", before as f64 / 1024.0),
+        format!("| peak RSS during the audit, above that | {:.1} MiB |", peak.saturating_sub(before) as f64 / 1024.0),
+    ]
+    .join("\n")
 }

@@ -116,6 +116,18 @@ impl<T> Audit<T> {
     }
 }
 
+/// Feed `audit` a listing, one entry at a time as the store pages it in.
+pub async fn over<T, E, S>(mut audit: Audit<T>, mut listing: S) -> Result<Audit<T>, E>
+where
+    S: futures::Stream<Item = Result<Listed, E>> + Unpin,
+{
+    use futures::StreamExt;
+    while let Some(listed) = listing.next().await {
+        audit.saw(listed?);
+    }
+    Ok(audit)
+}
+
 /// The owner uid in a blob key `<plural>/<namespace>/<name>/<uid>/<sha256>`; none for keys of another shape.
 fn owner_uid(key: &str) -> Option<&str> {
     let parts: Vec<&str> = key.split('/').collect();

@@ -7,7 +7,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
@@ -104,10 +103,7 @@ async fn audit(ctx: &Context, options: AuditOptions) -> Result<Report<(String, A
     expected_of::<Droplet>(ctx, Audited::Droplet, &mut expected, &mut live);
     let mut audit = Audit::new(expected, live, options.orphan_grace, SystemTime::now());
     for prefix in ["packages/", "droplets/"] {
-        let mut listing = ctx.fetcher.store.listing(prefix);
-        while let Some(listed) = listing.next().await {
-            audit.saw(listed?);
-        }
+        audit = crate::audit::over(audit, ctx.fetcher.store.listing(prefix)).await?;
     }
     let report = audit.finish();
     tracing::info!(

@@ -272,6 +272,8 @@ fn the_deployment_is_hardened_and_follows_the_values() {
         "--resource-cache-scope=namespace",
         "--max-retained-packages-per-app=5",
         "--max-retained-droplets-per-app=5",
+        "--audit-interval=10m",
+        "--orphan-grace=1h",
     ] {
         assert!(args.contains(&arg.to_string()), "{arg} in {args:?}");
     }

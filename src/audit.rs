@@ -19,6 +19,8 @@ pub enum Finding {
     Missing,
     /// The store has it with another size than the status records.
     WrongSize { recorded: u64, found: u64 },
+    /// Its bytes hash to another sha256 than the status records (found by `--verify-interval`).
+    WrongDigest { recorded: String, found: String },
 }
 
 impl Finding {
@@ -26,7 +28,7 @@ impl Finding {
     pub fn reason(&self) -> &'static str {
         match self {
             Finding::Missing => "BlobMissing",
-            Finding::WrongSize { .. } => "BlobCorrupt",
+            Finding::WrongSize { .. } | Finding::WrongDigest { .. } => "BlobCorrupt",
         }
     }
 
@@ -36,6 +38,9 @@ impl Finding {
             Finding::Missing => format!("the stored bits ({key}) are gone from the store"),
             Finding::WrongSize { recorded, found } => {
                 format!("the stored bits ({key}) have {found} bytes in the store, not the {recorded} recorded")
+            }
+            Finding::WrongDigest { recorded, found } => {
+                format!("the stored bits ({key}) hash to sha256 {found} in the store, not the {recorded} recorded")
             }
         }
     }

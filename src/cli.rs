@@ -225,6 +225,10 @@ pub struct RetentionArgs {
     /// size; one that is not is fetched again (with a source) or FAILED (uploaded). Also at the start of leading.
     #[arg(long, default_value = "10m", value_parser = parse_timeout)]
     pub audit_interval: std::time::Duration,
+    /// Every this long, the leader reads and hashes every READY (STAGED) object's blob again, in transfer
+    /// slots like fetches; one whose sha256 is not the recorded one is handled like a missing one (default: never).
+    #[arg(long, value_parser = parse_timeout)]
+    pub verify_interval: Option<std::time::Duration>,
     /// Blobs whose object no longer exists, and staged writes nobody finished, are removed once this old.
     #[arg(long, default_value = "1h", value_parser = parse_timeout)]
     pub orphan_grace: std::time::Duration,
@@ -610,6 +614,7 @@ async fn controller(args: ControllerArgs) -> Result<(), String> {
         audit: crate::controller::AuditOptions {
             interval: args.retention.audit_interval,
             orphan_grace: args.retention.orphan_grace,
+            verify_every: args.retention.verify_interval,
         },
     };
     tracing::info!(store = fetcher.store.url(), identity, "controller starting");

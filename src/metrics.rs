@@ -134,6 +134,11 @@ impl Metrics {
         self.audit_findings.inc_by(findings);
     }
 
+    /// A verification found `wrong` blobs hashing to other bits than recorded.
+    pub fn audited_digests(&self, wrong: u64) {
+        self.audit_findings.inc_by(wrong);
+    }
+
     /// An orphaned blob was removed.
     pub fn orphan_removed(&self) {
         self.orphans_removed.inc();

@@ -16,16 +16,19 @@ use crate::audit::{Audit, Expected, Finding, Report};
 use crate::resources::{Droplet, Package};
 use crate::status::CfState;
 
-/// How often the store is audited, and how old an orphan must be before it goes.
+/// How often the store is audited, how old an orphan must be before it goes, and how often blobs are hashed
+/// again.
 #[derive(Clone, Copy, Debug)]
 pub struct AuditOptions {
     pub interval: Duration,
     pub orphan_grace: Duration,
+    /// Every this long, every READY (STAGED) object's blob is read and hashed again; never when `None`.
+    pub verify_every: Option<Duration>,
 }
 
 impl Default for AuditOptions {
     fn default() -> Self {
-        AuditOptions { interval: Duration::from_secs(600), orphan_grace: Duration::from_secs(3600) }
+        AuditOptions { interval: Duration::from_secs(600), orphan_grace: Duration::from_secs(3600), verify_every: None }
     }
 }
 
@@ -43,6 +46,10 @@ pub struct Findings(std::sync::Mutex<HashMap<String, (String, Finding)>>);
 impl Findings {
     /// The finding for the object `uid`, if its blob is `key`; taken, so that it is acted on once.
     pub fn take(&self, uid: &str, key: &str) -> Option<Finding> {
+        self.take_if(uid, key)
+    }
+
+    fn take_if(&self, uid: &str, key: &str) -> Option<Finding> {
         let mut findings = self.0.lock().expect("findings lock");
         match findings.remove(uid) {
             Some((found_key, finding)) if found_key == key => Some(finding),
@@ -62,7 +69,8 @@ pub async fn run(ctx: Arc<Context>, options: AuditOptions) {
     if !ctx.packages.filled().await || !ctx.droplets.filled().await {
         return;
     }
-    tracing::info!(every = ?options.interval, "auditing the store");
+    tracing::info!(every = ?options.interval, verify = ?options.verify_every, "auditing the store");
+    let _verifier = options.verify_every.map(|every| super::AbortOnDrop(tokio::spawn(verify(ctx.clone(), every))));
     loop {
         match audit(&ctx, options).await {
             Ok(report) => act(&ctx, report).await,
@@ -140,4 +148,66 @@ async fn act(ctx: &Context, report: Report<(String, Audited)>) {
             Err(error) => tracing::warn!(%error, key, "removing an orphaned blob"),
         }
     }
+}
+
+/// Read and hash every READY (STAGED) object's blob again, every `every`, each in a transfer slot like a fetch;
+/// a blob whose sha256 is not the recorded one is a finding.
+async fn verify(ctx: Arc<Context>, every: Duration) {
+    loop {
+        let mut blobs = Vec::new();
+        verifiable::<Package>(&ctx, Audited::Package, &mut blobs);
+        verifiable::<Droplet>(&ctx, Audited::Droplet, &mut blobs);
+        let (started, count) = (std::time::Instant::now(), blobs.len());
+        let mut wrong = 0;
+        for (uid, object, key, recorded) in blobs {
+            let _slot = ctx.fetcher.budget.start().await;
+            match hash(&ctx.fetcher.store, &key).await {
+                Ok(found) if found == recorded => {}
+                Ok(found) => {
+                    wrong += 1;
+                    tracing::warn!(?object, key, "a blob hashes to other bits than recorded");
+                    ctx.findings.put(uid, key, Finding::WrongDigest { recorded, found });
+                    match object {
+                        Audited::Package(object) => ctx.packages.reconcile(object),
+                        Audited::Droplet(object) => ctx.droplets.reconcile(object),
+                    }
+                }
+                // A blob that is gone is the audit's to find.
+                Err(error) => tracing::debug!(%error, key, "verifying a blob"),
+            }
+        }
+        ctx.metrics.audited_digests(wrong);
+        tracing::info!(blobs = count, wrong, took = ?started.elapsed(), "verified the stored bits");
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// The READY (STAGED) objects of one kind whose blob and sha256 are recorded.
+fn verifiable<K: Kindred>(
+    ctx: &Context,
+    wrap: impl Fn(ObjectRef<K>) -> Audited,
+    out: &mut Vec<(String, Audited, String, String)>,
+) {
+    for object in K::kin(ctx).store().state() {
+        let (Some(uid), Some(status)) = (object.uid(), object.bits_status()) else { continue };
+        if status.state != Some(K::State::DONE) {
+            continue;
+        }
+        if let (Some(blob), Some(sha256)) = (&status.stored.blob, &status.stored.checksum)
+            && ctx.fetcher.store.holds(blob)
+        {
+            out.push((uid, wrap(ObjectRef::from(object.as_ref())), blob.key.clone(), sha256.value.clone()));
+        }
+    }
+}
+
+/// The sha256 of the blob at `key`, streamed.
+async fn hash(store: &crate::store::BlobStore, key: &str) -> Result<String, crate::store::StoreError> {
+    use futures::TryStreamExt;
+    let (_, mut bytes) = store.read(key).await?;
+    let mut digester = crate::digest::Digester::new();
+    while let Some(chunk) = bytes.try_next().await? {
+        digester.update(chunk).await;
+    }
+    Ok(digester.finish().await.sha256)
 }

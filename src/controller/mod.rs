@@ -97,7 +97,7 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options, leadership:
 }
 
 /// A task that stops when its handle goes.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

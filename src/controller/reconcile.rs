@@ -199,15 +199,24 @@ where
 {
     let prev = object.bits_status().cloned().unwrap_or_default();
     let (Some(uid), Some(blob)) = (object.uid(), prev.stored.blob.as_ref()) else { return Ok(None) };
-    if ctx.findings.take(&uid, &blob.key).is_none() {
-        return Ok(None);
-    }
-    // The audit's listing may be older than the object's latest bits: look at the blob itself.
-    let finding = match ctx.fetcher.store.size(&blob.key).await {
-        Ok(size) if Some(size) == prev.stored.size => return Ok(None),
-        Ok(found) => crate::audit::Finding::WrongSize { recorded: prev.stored.size.unwrap_or_default(), found },
-        Err(crate::store::StoreError::NotFound { .. }) => crate::audit::Finding::Missing,
-        Err(error) => return Err(error.into()),
+    let Some(found) = ctx.findings.take(&uid, &blob.key) else { return Ok(None) };
+    // The audit's listing may be older than the object's latest bits: look at the blob itself. A wrong digest is
+    // taken as found when the status still records the digest it was held against.
+    let finding = match found {
+        crate::audit::Finding::WrongDigest { recorded, found } => {
+            if prev.stored.checksum.as_ref().map(|c| &c.value) != Some(&recorded) {
+                return Ok(None);
+            }
+            crate::audit::Finding::WrongDigest { recorded, found }
+        }
+        crate::audit::Finding::Missing | crate::audit::Finding::WrongSize { .. } => {
+            match ctx.fetcher.store.size(&blob.key).await {
+                Ok(size) if Some(size) == prev.stored.size => return Ok(None),
+                Ok(found) => crate::audit::Finding::WrongSize { recorded: prev.stored.size.unwrap_or_default(), found },
+                Err(crate::store::StoreError::NotFound { .. }) => crate::audit::Finding::Missing,
+                Err(error) => return Err(error.into()),
+            }
+        }
     };
     let message = finding.message(&blob.key);
     let refetch = object.source().is_some();

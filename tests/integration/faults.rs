@@ -699,6 +699,8 @@ async fn bits_lost_behind_the_operators_back_are_found_and_orphans_removed() {
         "2s",
         "--orphan-grace",
         "3s",
+        "--verify-interval",
+        "2s",
     ];
     let controller = Process::spawn("controller", &ns, &store, &args);
     controller.ready().await;
@@ -708,7 +710,8 @@ async fn bits_lost_behind_the_operators_back_are_found_and_orphans_removed() {
             server.url("/app.zip")
         )
     };
-    let manifests = sourced("gone") + &sourced("cut") + "---\n" + &awaiting_packages(&["uploaded"]);
+    let manifests =
+        sourced("gone") + &sourced("cut") + &sourced("flipped") + "---\n" + &awaiting_packages(&["uploaded"]);
     kube_ok(&["apply", "-n", &ns, "-f", "-"], Some(&manifests));
     wait_for(&ns, "pkg/uploaded", "{.status.state}", "AWAITING_UPLOAD").await;
     let uid = |name: &str| kube_ok(&["get", "pkg", name, "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
@@ -722,12 +725,12 @@ async fn bits_lost_behind_the_operators_back_are_found_and_orphans_removed() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
-    for name in ["gone", "cut", "uploaded"] {
+    for name in ["gone", "cut", "flipped", "uploaded"] {
         wait_for(&ns, &format!("pkg/{name}"), "{.status.state}", "READY").await;
     }
     let checksum =
         |name: &str| kube_ok(&["get", "pkg", name, "-n", &ns, "-o", "jsonpath={.status.checksum.value}"], None);
-    let (gone_checksum, cut_checksum) = (checksum("gone"), checksum("cut"));
+    let (gone_checksum, cut_checksum, flipped_checksum) = (checksum("gone"), checksum("cut"), checksum("flipped"));
     let blob_of = |name: &str| {
         let uid = uid(name);
         let blobs: Vec<PathBuf> = files_under(&store)
@@ -738,7 +741,13 @@ async fn bits_lost_behind_the_operators_back_are_found_and_orphans_removed() {
         store.join(&blobs[0])
     };
 
-    // Behind the operator's back: two blobs deleted, one cut short, and a blob nobody owns.
+    // Behind the operator's back: two blobs deleted, one cut short, one with a byte changed (its size stays: only
+    // hashing again finds it), and a blob nobody owns.
+    let flipped = blob_of("flipped");
+    let whole = std::fs::read(&flipped).unwrap();
+    let mut changed = whole.clone();
+    changed[1000] ^= 0xff;
+    std::fs::write(&flipped, &changed).unwrap();
     std::fs::remove_file(blob_of("gone")).unwrap();
     std::fs::remove_file(blob_of("uploaded")).unwrap();
     let cut = blob_of("cut");
@@ -753,7 +762,12 @@ async fn bits_lost_behind_the_operators_back_are_found_and_orphans_removed() {
         let events = format!("involvedObject.name={name}");
         kube_ok(&["get", "events", "-n", &ns, "--field-selector", &events, "-o", "jsonpath={.items[*].reason}"], None)
     };
-    for (name, want, finding) in [("gone", &gone_checksum, "BlobMissing"), ("cut", &cut_checksum, "BlobCorrupt")] {
+    let lost = [
+        ("gone", &gone_checksum, "BlobMissing"),
+        ("cut", &cut_checksum, "BlobCorrupt"),
+        ("flipped", &flipped_checksum, "BlobCorrupt"),
+    ];
+    for (name, want, finding) in lost {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !reason(name).contains(finding) {
             assert!(Instant::now() < deadline, "{name}: no {finding} Event: {}", reason(name));
@@ -763,6 +777,7 @@ async fn bits_lost_behind_the_operators_back_are_found_and_orphans_removed() {
         assert_eq!(&checksum(name), want);
         assert_eq!(std::fs::metadata(blob_of(name)).unwrap().len(), 300_000, "{name}: the blob is whole again");
     }
+    assert!(std::fs::read(blob_of("flipped")).unwrap() == whole, "the changed blob holds the right bytes again");
     // Uploaded bits cannot be made again: FAILED and Stalled, naming no blob, and said with a Warning.
     wait_for(&ns, "pkg/uploaded", "{.status.state}", "FAILED").await;
     assert!(damaged.elapsed() < Duration::from_secs(30), "found within the audit bound: {:?}", damaged.elapsed());

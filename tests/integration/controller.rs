@@ -521,6 +521,21 @@ async fn the_oldest_packages_of_an_app_expire_and_lose_their_bits() {
     wait_for(ns, "pkg/p4", "{.status.state}", "EXPIRED").await;
     assert_eq!(kube_ok(&["get", "pkg/p1", "-n", ns, "-o", "jsonpath={.status.state}"], None), "READY", "exempt");
     assert_eq!(kube_ok(&["get", "pkg/other", "-n", ns, "-o", "jsonpath={.status.state}"], None), "READY");
+
+    // Droplets likewise: of six STAGED Droplets of the app, the oldest expires.
+    let droplets: String = (1..=6)
+        .map(|n| {
+            format!(
+                "---\napiVersion: bitsmith.dev/v1alpha1\nkind: Droplet\nmetadata:\n  name: d{n}\nspec:\n  appRef:\n    name: web\n  source:\n    http:\n      url: {}\n",
+                server.url("/app.zip")
+            )
+        })
+        .collect();
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&droplets));
+    wait_for(ns, "droplet/d1", "{.status.state}", "EXPIRED").await;
+    for n in 2..=6 {
+        wait_for(ns, &format!("droplet/d{n}"), "{.status.state}", "STAGED").await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

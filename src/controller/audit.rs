@@ -57,7 +57,8 @@ impl Findings {
         }
     }
 
-    fn put(&self, uid: String, key: String, finding: Finding) {
+    /// Note `finding` about the blob `key` of the object `uid`, for its next reconcile to look into.
+    pub fn put(&self, uid: String, key: String, finding: Finding) {
         self.0.lock().expect("findings lock").insert(uid, (key, finding));
     }
 }

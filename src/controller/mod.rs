@@ -137,10 +137,22 @@ fn controller_for<K: Managed>(api: Api<K>) -> (Controller<K>, tokio::sync::watch
         })
         .applied_objects()
         .predicate_filter(
-            predicates::generation.combine(predicates::finalizers).combine(upload_claim::<K>),
+            predicates::generation
+                .combine(predicates::finalizers)
+                .combine(upload_claim::<K>)
+                .combine(requested_at::<K>),
             Default::default(),
         );
     (Controller::for_stream(triggers, reader), filled_rx)
+}
+
+/// The reconcile request on the object (`bitsmith.dev/requested-at`), if any: a new value triggers a reconcile.
+fn requested_at<K: Managed>(object: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let requested = object.annotations().get(crate::resources::REQUESTED_AT_ANNOTATION);
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    requested.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// Which upload holds the object, if any.

@@ -59,6 +59,8 @@ impl Context {
     /// `status` with the links of `object` in its state.
     fn linked<O: Managed>(&self, object: &O, status: &BitsStatus<O::State>) -> BitsStatus<O::State> {
         let mut status = status.clone();
+        // Every status the controller writes says which reconcile request it has handled.
+        status.last_handled_reconcile_at = requested_at(object).map(str::to_string);
         let links = self.urls.as_ref().map(|urls| object.links(urls, status.state));
         crate::links::set_links(&mut status, links);
         status
@@ -178,6 +180,14 @@ where
     if let Some(expiry) = siblings::verdict(object, ctx, Timestamp::now()) {
         return expire(api, object, namespace, &expiry, ctx).await;
     }
+    // A new reconcile request looks at the stored bits too, as an audit would.
+    let status = object.bits_status();
+    if let (Some(requested), Some(uid), Some(blob)) =
+        (requested_at(object), object.uid(), status.and_then(|s| s.stored.blob.as_ref()))
+        && status.and_then(|s| s.last_handled_reconcile_at.as_deref()) != Some(requested)
+    {
+        ctx.findings.put(uid, blob.key.clone(), crate::audit::Finding::Missing);
+    }
     let current = bits_checked(api, object, ctx).await?;
     let object = current.as_ref().unwrap_or(object);
     let (action, state) = advance(api, object, namespace, ctx).await?;
@@ -188,6 +198,11 @@ where
         }
         _ => Ok(action),
     }
+}
+
+/// The reconcile request (`bitsmith.dev/requested-at`) on `object`, if any.
+fn requested_at<O: Managed>(object: &O) -> Option<&str> {
+    object.annotations().get(crate::resources::REQUESTED_AT_ANNOTATION).map(String::as_str)
 }
 
 /// When an audit found `object`'s blob gone or wrong, and it still is: stop naming it (see
@@ -211,7 +226,7 @@ where
         }
         crate::audit::Finding::Missing | crate::audit::Finding::WrongSize { .. } => {
             match ctx.fetcher.store.size(&blob.key).await {
-                Ok(size) if Some(size) == prev.stored.size => return Ok(None),
+                Ok(size) if prev.stored.size.is_none_or(|recorded| recorded == size) => return Ok(None),
                 Ok(found) => crate::audit::Finding::WrongSize { recorded: prev.stored.size.unwrap_or_default(), found },
                 Err(crate::store::StoreError::NotFound { .. }) => crate::audit::Finding::Missing,
                 Err(error) => return Err(error.into()),

@@ -11,7 +11,7 @@ pub use droplet::{Droplet, DropletSpec, DropletState, DropletStatus, Lifecycle, 
 pub use package::{AppRef, ImageSpec, Package, PackageSpec, PackageState, PackageStatus, PackageType};
 pub use shared::{
     Artifact, BitsStatus, BlobRef, Checksum, ChecksumType, Header, HttpSource, Link, Links, ObjectStoreSource,
-    PackageSourceRef, SecretRef, Source, SourceKind, StoredDigests, UploadClaim,
+    PackageSourceRef, REQUESTED_AT_ANNOTATION, SecretRef, Source, SourceKind, StoredDigests, UploadClaim,
 };
 
 /// The API group of every bitsmith resource.

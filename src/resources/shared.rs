@@ -264,7 +264,14 @@ pub struct BitsStatus<S> {
     /// The upload the API is receiving, while the state is PROCESSING_UPLOAD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload: Option<UploadClaim>,
+    /// The value of the annotation `bitsmith.dev/requested-at` the controller last acted on (like Flux's
+    /// `reconcile.fluxcd.io/requestedAt`): a new value asks for a reconcile now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
 }
+
+/// The annotation that asks for a reconcile now: any new value.
+pub const REQUESTED_AT_ANNOTATION: &str = "bitsmith.dev/requested-at";
 
 /// An upload in progress through the API: who receives it, and proof that it still does. The holder renews the
 /// claim while the upload runs; a claim whose renewals stop changing for `--upload-claim-timeout`, as the
@@ -293,6 +300,7 @@ impl<S> Default for BitsStatus<S> {
             conditions: Vec::new(),
             observed_generation: None,
             upload: None,
+            last_handled_reconcile_at: None,
         }
     }
 }

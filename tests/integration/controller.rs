@@ -558,3 +558,47 @@ async fn an_upload_awaited_too_long_expires() {
     );
     assert!(message.contains("no upload came within 3s"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_request_is_handled_at_once_and_looks_at_the_stored_bits() {
+    let Setup { ns, server, store, .. } = &setup("requested").await;
+    server.route("/app.zip", Reply::Body { seed: 97, size: 50_000, length: true });
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&http_package("app", &server.url("/app.zip"), "")));
+    wait_for(ns, "pkg/app", "{.status.state}", "READY").await;
+    let get = |path: &str| kube_ok(&["get", "pkg/app", "-n", ns, "-o", &format!("jsonpath={path}")], None);
+    let checksum = get("{.status.checksum.value}");
+
+    // A request on intact bits is echoed, and nothing else changes.
+    let version = get("{.metadata.resourceVersion}");
+    kube_ok(&["annotate", "pkg/app", "-n", ns, "bitsmith.dev/requested-at=first"], None);
+    wait_for(ns, "pkg/app", "{.status.lastHandledReconcileAt}", "first").await;
+    assert_eq!(get("{.status.state}"), "READY");
+    assert_ne!(get("{.metadata.resourceVersion}"), version);
+
+    // Bits lost behind the operator's back are found by the next request, long before an audit, and fetched
+    // again.
+    let blob: Vec<_> = files_under(store.path()).into_iter().filter(|f| f.starts_with("packages")).collect();
+    assert_eq!(blob.len(), 1, "{blob:?}");
+    std::fs::remove_file(store.path().join(&blob[0])).unwrap();
+    let requested = Instant::now();
+    kube_ok(&["annotate", "--overwrite", "pkg/app", "-n", ns, "bitsmith.dev/requested-at=second"], None);
+    wait_for(ns, "pkg/app", "{.status.lastHandledReconcileAt}", "second").await;
+    wait_for(ns, "pkg/app", "{.status.state}", "READY").await;
+    assert!(store.path().join(&blob[0]).exists(), "fetched again");
+    assert_eq!(get("{.status.checksum.value}"), checksum);
+    assert!(requested.elapsed() < Duration::from_secs(30), "handled after {:?}", requested.elapsed());
+    let reasons = kube_ok(
+        &[
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            "involvedObject.name=app",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+        None,
+    );
+    assert!(reasons.contains("BlobMissing"), "{reasons}");
+}

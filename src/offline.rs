@@ -171,7 +171,9 @@ where
         .await
         .map_err(|source| OfflineError::Pipeline { object: description, source: Box::new(source) })?;
     let digests = status::stored_digests(&stored.digests, stored.blob);
-    Ok(status::done(&prev, digests, generation, Timestamp::now()))
+    let mut next = status::done(&prev, digests, generation, Timestamp::now());
+    next.resolved_source = stored.resolved;
+    Ok(next)
 }
 
 /// The results as a multi-document YAML stream.

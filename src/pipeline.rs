@@ -23,6 +23,8 @@ pub const BLOCK_SIZE: usize = 1 << 20;
 pub struct Stored {
     pub digests: Digests,
     pub blob: BlobRef,
+    /// What the source said of what it served; none for uploads and copies.
+    pub resolved: Option<crate::resources::ResolvedSource>,
 }
 
 /// Why bits were not stored. Nothing is left in the store after any of these.
@@ -82,7 +84,8 @@ pub async fn store_stream(
     if let Some(size) = source.length.filter(|&n| n > max_size) {
         return Err(SourceError::TooLarge { url: source.description, size, max: max_size }.into());
     }
-    store_checked(source.stream, &source.description, store, owner, pin, max_size, None).await
+    let stored = store_checked(source.stream, &source.description, store, owner, pin, max_size, None).await?;
+    Ok(Stored { resolved: Some(source.resolved), ..stored })
 }
 
 /// A check of the bytes' content (e.g. that they form a valid archive), run beside the digests on the blocking
@@ -156,7 +159,7 @@ where
         return Err(e);
     }
     let blob = staged.commit(&owner.blob_key(&digests.sha256)).await?;
-    Ok(Stored { digests, blob })
+    Ok(Stored { digests, blob, resolved: None })
 }
 
 /// Copy another Package's blob inside the store, after checking the pin against its recorded digests.
@@ -171,7 +174,7 @@ pub async fn copy_in_store(
     if copy.blob.key != key {
         store.copy(&copy.blob.key, &key).await?;
     }
-    Ok(Stored { blob: store.blob_ref(&key), digests: copy.digests })
+    Ok(Stored { blob: store.blob_ref(&key), digests: copy.digests, resolved: None })
 }
 
 fn verify_pin(pin: Option<&Checksum>, digests: &Digests) -> Result<(), PipelineError> {

@@ -414,7 +414,9 @@ where
         Ok(stored) => {
             ctx.metrics.stored(stored.digests.size);
             let digests = status::stored_digests(&stored.digests, stored.blob);
-            (status::done(current, digests, generation, now), Action::await_change())
+            let mut next = status::done(current, digests, generation, now);
+            next.resolved_source = stored.resolved;
+            (next, Action::await_change())
         }
         Err(error) if error.is_permanent() => {
             let next = status::failed(current, error.reason(), &error.to_string(), true, generation, now);

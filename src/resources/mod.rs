@@ -11,7 +11,8 @@ pub use droplet::{Droplet, DropletSpec, DropletState, DropletStatus, Lifecycle, 
 pub use package::{AppRef, ImageSpec, Package, PackageSpec, PackageState, PackageStatus, PackageType};
 pub use shared::{
     Artifact, BitsStatus, BlobRef, Checksum, ChecksumType, Header, HttpSource, Link, Links, ObjectStoreSource,
-    PackageSourceRef, REQUESTED_AT_ANNOTATION, SecretRef, Source, SourceKind, StoredDigests, UploadClaim,
+    PackageSourceRef, REQUESTED_AT_ANNOTATION, ResolvedSource, SecretRef, Source, SourceKind, StoredDigests,
+    UploadClaim,
 };
 
 /// The API group of every bitsmith resource.

@@ -264,10 +264,30 @@ pub struct BitsStatus<S> {
     /// The upload the API is receiving, while the state is PROCESSING_UPLOAD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload: Option<UploadClaim>,
+    /// What the last fetch actually read: the URL after redirects, and the source's validators and size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_source: Option<ResolvedSource>,
     /// The value of the annotation `bitsmith.dev/requested-at` the controller last acted on (like Flux's
     /// `reconcile.fluxcd.io/requestedAt`): a new value asks for a reconcile now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
+}
+
+/// What a fetch read, as the source described it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedSource {
+    /// The URL read, after redirects, without credentials.
+    pub url: String,
+    /// The source's ETag, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// The source's Last-Modified, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+    /// The size the source announced, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// The annotation that asks for a reconcile now: any new value.
@@ -300,6 +320,7 @@ impl<S> Default for BitsStatus<S> {
             conditions: Vec::new(),
             observed_generation: None,
             upload: None,
+            resolved_source: None,
             last_handled_reconcile_at: None,
         }
     }

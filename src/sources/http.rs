@@ -113,13 +113,20 @@ impl HttpFetcher {
         if let Some(size) = length.filter(|&n| n > max_size) {
             return Err(SourceError::TooLarge { url: shown, size, max: max_size });
         }
+        let text = |name| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let resolved = crate::resources::ResolvedSource {
+            url: redacted(response.url()),
+            etag: text(reqwest::header::ETAG),
+            last_modified: text(reqwest::header::LAST_MODIFIED),
+            size: length,
+        };
         let max_redirects = self.options.max_redirects;
         let stream_url = shown.clone();
         let stream = response
             .bytes_stream()
             .map(move |chunk| chunk.map_err(|e| classify(&stream_url, &e, max_redirects)))
             .boxed();
-        Ok(OpenedSource { stream, length, description: shown })
+        Ok(OpenedSource { stream, length, description: shown, resolved })
     }
 }
 

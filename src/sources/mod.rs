@@ -28,6 +28,8 @@ pub struct OpenedSource {
     pub length: Option<u64>,
     /// What is being read, for messages (a URL without credentials).
     pub description: String,
+    /// What the source said of what it serves.
+    pub resolved: crate::resources::ResolvedSource,
 }
 
 /// The decoded entries of a Kubernetes Secret.

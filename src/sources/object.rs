@@ -64,11 +64,17 @@ pub async fn open_object(
     if meta.size > max_size {
         return Err(SourceError::TooLarge { url, size: meta.size, max: max_size });
     }
+    let resolved = crate::resources::ResolvedSource {
+        url: url.clone(),
+        etag: meta.e_tag.clone(),
+        last_modified: Some(meta.last_modified.to_rfc3339()),
+        size: Some(meta.size),
+    };
     let stream_url = url.clone();
     let stream = object_url::ranged_stream(client.store, client.path, 0..meta.size)
         .map_err(move |e| read_error(&stream_url, e))
         .boxed();
-    Ok(OpenedSource { stream, length: Some(meta.size), description: url })
+    Ok(OpenedSource { stream, length: Some(meta.size), description: url, resolved })
 }
 
 /// Refuse settings outside the backend's allowlist (wherever they are written) and endpoints sources may not

@@ -563,10 +563,14 @@ async fn an_upload_awaited_too_long_expires() {
 async fn a_reconcile_request_is_handled_at_once_and_looks_at_the_stored_bits() {
     let Setup { ns, server, store, .. } = &setup("requested").await;
     server.route("/app.zip", Reply::Body { seed: 97, size: 50_000, length: true });
-    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&http_package("app", &server.url("/app.zip"), "")));
+    server.route("/latest.zip", Reply::Redirect("/app.zip".into()));
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&http_package("app", &server.url("/latest.zip"), "")));
     wait_for(ns, "pkg/app", "{.status.state}", "READY").await;
     let get = |path: &str| kube_ok(&["get", "pkg/app", "-n", ns, "-o", &format!("jsonpath={path}")], None);
     let checksum = get("{.status.checksum.value}");
+    // What was read: the URL after the redirect, and its size.
+    assert_eq!(get("{.status.resolvedSource.url}"), server.url("/app.zip"));
+    assert_eq!(get("{.status.resolvedSource.size}"), "50000");
 
     // A request on intact bits is echoed, and nothing else changes.
     let version = get("{.metadata.resourceVersion}");

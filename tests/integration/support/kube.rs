@@ -44,17 +44,23 @@ pub fn install_crds() {
     INSTALLED.call_once(|| {
         let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds");
         kubectl_ok(&["apply", "-f", crds], None);
-        kubectl_ok(
-            &[
-                "wait",
-                "--for",
-                "condition=established",
-                "--timeout=60s",
-                "crd/packages.bitsmith.dev",
-                "crd/droplets.bitsmith.dev",
-            ],
-            None,
-        );
+        // Right after an apply that changed a CRD, kubectl may find no conditions to wait on yet; it then fails
+        // instead of waiting, so look again.
+        let wait = [
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            "crd/packages.bitsmith.dev",
+            "crd/droplets.bitsmith.dev",
+        ];
+        for _ in 0..10 {
+            if kubectl(&wait, None).status.success() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        kubectl_ok(&wait, None);
     });
 }
 

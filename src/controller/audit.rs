@@ -46,10 +46,6 @@ pub struct Findings(std::sync::Mutex<HashMap<String, (String, Finding)>>);
 impl Findings {
     /// The finding for the object `uid`, if its blob is `key`; taken, so that it is acted on once.
     pub fn take(&self, uid: &str, key: &str) -> Option<Finding> {
-        self.take_if(uid, key)
-    }
-
-    fn take_if(&self, uid: &str, key: &str) -> Option<Finding> {
         let mut findings = self.0.lock().expect("findings lock");
         match findings.remove(uid) {
             Some((found_key, finding)) if found_key == key => Some(finding),
@@ -57,8 +53,7 @@ impl Findings {
         }
     }
 
-    /// Note `finding` about the blob `key` of the object `uid`, for its next reconcile to look into.
-    pub fn put(&self, uid: String, key: String, finding: Finding) {
+    fn put(&self, uid: String, key: String, finding: Finding) {
         self.0.lock().expect("findings lock").insert(uid, (key, finding));
     }
 }
@@ -81,25 +76,42 @@ pub async fn run(ctx: Arc<Context>, options: AuditOptions) {
     }
 }
 
-/// The READY (STAGED) objects' blobs, by key, and the uids of all objects, of one kind.
-fn expected_of<K: Kindred>(
+/// Every object of one kind: `each` is given its uid, and its blob and status when it is READY (STAGED) with a
+/// blob in this store.
+fn walk<K: Kindred>(
     ctx: &Context,
     wrap: impl Fn(ObjectRef<K>) -> Audited,
-    expected: &mut HashMap<String, Expected<(String, Audited)>>,
-    live: &mut HashSet<String>,
+    mut each: impl FnMut(String, Option<(Audited, &crate::resources::BlobRef, &crate::resources::StoredDigests)>),
 ) {
     for object in K::kin(ctx).store().state() {
         let Some(uid) = object.uid() else { continue };
-        live.insert(uid.clone());
-        let Some(status) = object.bits_status() else { continue };
-        if status.state != Some(K::State::DONE) {
-            continue;
-        }
-        if let (Some(blob), Some(size)) = (&status.stored.blob, status.stored.size)
-            && ctx.fetcher.store.holds(blob)
-        {
-            let owner = (uid, wrap(ObjectRef::from(object.as_ref())));
-            expected.insert(blob.key.clone(), Expected { size, owner });
+        let stored = object
+            .bits_status()
+            .filter(|status| status.state == Some(K::State::DONE))
+            .and_then(|status| Some((status.stored.blob.as_ref()?, &status.stored)))
+            .filter(|(blob, _)| ctx.fetcher.store.holds(blob))
+            .map(|(blob, stored)| (wrap(ObjectRef::from(object.as_ref())), blob, stored));
+        each(uid, stored);
+    }
+}
+
+/// Both kinds, [`walk`]ed.
+fn walk_all(
+    ctx: &Context,
+    mut each: impl FnMut(String, Option<(Audited, &crate::resources::BlobRef, &crate::resources::StoredDigests)>),
+) {
+    walk::<Package>(ctx, Audited::Package, &mut each);
+    walk::<Droplet>(ctx, Audited::Droplet, &mut each);
+}
+
+impl Audited {
+    /// Note `finding` about the blob `key` for the object's reconcile, and have it reconciled now.
+    fn hand_over(self, ctx: &Context, uid: String, key: String, finding: Finding) {
+        tracing::warn!(object = ?self, key, reason = finding.reason(), "the stored bits of an object are wrong");
+        ctx.findings.put(uid, key, finding);
+        match self {
+            Audited::Package(object) => ctx.packages.reconcile(object),
+            Audited::Droplet(object) => ctx.droplets.reconcile(object),
         }
     }
 }
@@ -108,8 +120,14 @@ fn expected_of<K: Kindred>(
 async fn audit(ctx: &Context, options: AuditOptions) -> Result<Report<(String, Audited)>, crate::store::StoreError> {
     let started = std::time::Instant::now();
     let (mut expected, mut live) = (HashMap::new(), HashSet::new());
-    expected_of::<Package>(ctx, Audited::Package, &mut expected, &mut live);
-    expected_of::<Droplet>(ctx, Audited::Droplet, &mut expected, &mut live);
+    walk_all(ctx, |uid, stored| {
+        if let Some((object, blob, digests)) = stored
+            && let Some(size) = digests.size
+        {
+            expected.insert(blob.key.clone(), Expected { size, owner: (uid.clone(), object) });
+        }
+        live.insert(uid);
+    });
     let mut audit = Audit::new(expected, live, options.orphan_grace, SystemTime::now());
     for prefix in ["packages/", "droplets/"] {
         audit = crate::audit::over(audit, ctx.fetcher.store.listing(prefix)).await?;
@@ -130,12 +148,7 @@ async fn audit(ctx: &Context, options: AuditOptions) -> Result<Report<(String, A
 async fn act(ctx: &Context, report: Report<(String, Audited)>) {
     ctx.metrics.audited(report.blobs, report.bytes, report.findings.len() as u64);
     for ((uid, object), key, finding) in report.findings {
-        tracing::warn!(?object, key, reason = finding.reason(), "the audit found an object's bits wrong");
-        ctx.findings.put(uid, key, finding);
-        match object {
-            Audited::Package(object) => ctx.packages.reconcile(object),
-            Audited::Droplet(object) => ctx.droplets.reconcile(object),
-        }
+        object.hand_over(ctx, uid, key, finding);
     }
     for key in report.orphans {
         if !ctx.leadership.check() {
@@ -156,8 +169,13 @@ async fn act(ctx: &Context, report: Report<(String, Audited)>) {
 async fn verify(ctx: Arc<Context>, every: Duration) {
     loop {
         let mut blobs = Vec::new();
-        verifiable::<Package>(&ctx, Audited::Package, &mut blobs);
-        verifiable::<Droplet>(&ctx, Audited::Droplet, &mut blobs);
+        walk_all(&ctx, |uid, stored| {
+            if let Some((object, blob, digests)) = stored
+                && let Some(sha256) = &digests.checksum
+            {
+                blobs.push((uid, object, blob.key.clone(), sha256.value.clone()));
+            }
+        });
         let (started, count) = (std::time::Instant::now(), blobs.len());
         let mut wrong = 0;
         for (uid, object, key, recorded) in blobs {
@@ -166,12 +184,7 @@ async fn verify(ctx: Arc<Context>, every: Duration) {
                 Ok(found) if found == recorded => {}
                 Ok(found) => {
                     wrong += 1;
-                    tracing::warn!(?object, key, "a blob hashes to other bits than recorded");
-                    ctx.findings.put(uid, key, Finding::WrongDigest { recorded, found });
-                    match object {
-                        Audited::Package(object) => ctx.packages.reconcile(object),
-                        Audited::Droplet(object) => ctx.droplets.reconcile(object),
-                    }
+                    object.hand_over(&ctx, uid, key, Finding::WrongDigest { recorded, found });
                 }
                 // A blob that is gone is the audit's to find.
                 Err(error) => tracing::debug!(%error, key, "verifying a blob"),
@@ -180,25 +193,6 @@ async fn verify(ctx: Arc<Context>, every: Duration) {
         ctx.metrics.audited_digests(wrong);
         tracing::info!(blobs = count, wrong, took = ?started.elapsed(), "verified the stored bits");
         tokio::time::sleep(every).await;
-    }
-}
-
-/// The READY (STAGED) objects of one kind whose blob and sha256 are recorded.
-fn verifiable<K: Kindred>(
-    ctx: &Context,
-    wrap: impl Fn(ObjectRef<K>) -> Audited,
-    out: &mut Vec<(String, Audited, String, String)>,
-) {
-    for object in K::kin(ctx).store().state() {
-        let (Some(uid), Some(status)) = (object.uid(), object.bits_status()) else { continue };
-        if status.state != Some(K::State::DONE) {
-            continue;
-        }
-        if let (Some(blob), Some(sha256)) = (&status.stored.blob, &status.stored.checksum)
-            && ctx.fetcher.store.holds(blob)
-        {
-            out.push((uid, wrap(ObjectRef::from(object.as_ref())), blob.key.clone(), sha256.value.clone()));
-        }
     }
 }
 

@@ -180,14 +180,6 @@ where
     if let Some(expiry) = siblings::verdict(object, ctx, Timestamp::now()) {
         return expire(api, object, namespace, &expiry, ctx).await;
     }
-    // A new reconcile request looks at the stored bits too, as an audit would.
-    let status = object.bits_status();
-    if let (Some(requested), Some(uid), Some(blob)) =
-        (requested_at(object), object.uid(), status.and_then(|s| s.stored.blob.as_ref()))
-        && status.and_then(|s| s.last_handled_reconcile_at.as_deref()) != Some(requested)
-    {
-        ctx.findings.put(uid, blob.key.clone(), crate::audit::Finding::Missing);
-    }
     let current = bits_checked(api, object, ctx).await?;
     let object = current.as_ref().unwrap_or(object);
     let (action, state) = advance(api, object, namespace, ctx).await?;
@@ -205,8 +197,8 @@ fn requested_at<O: Managed>(object: &O) -> Option<&str> {
     object.annotations().get(crate::resources::REQUESTED_AT_ANNOTATION).map(String::as_str)
 }
 
-/// When an audit found `object`'s blob gone or wrong, and it still is: stop naming it (see
-/// [`status::bits_lost`]). Returns the object as written then, for the plan to go on from (a fetch, when it has a
+/// When an audit found `object`'s blob gone or wrong, or a new reconcile request asks for a look, and it is gone
+/// or wrong: stop naming it (see [`status::bits_lost`]). Returns the object as written then, for the plan to go on from (a fetch, when it has a
 /// source).
 async fn bits_checked<O: Kindred>(api: &Api<O>, object: &O, ctx: &Context) -> Result<Option<O>, ReconcileError>
 where
@@ -214,7 +206,10 @@ where
 {
     let prev = object.bits_status().cloned().unwrap_or_default();
     let (Some(uid), Some(blob)) = (object.uid(), prev.stored.blob.as_ref()) else { return Ok(None) };
-    let Some(found) = ctx.findings.take(&uid, &blob.key) else { return Ok(None) };
+    let requested = requested_at(object).is_some_and(|r| prev.last_handled_reconcile_at.as_deref() != Some(r));
+    let Some(found) = ctx.findings.take(&uid, &blob.key).or(requested.then_some(crate::audit::Finding::Missing)) else {
+        return Ok(None);
+    };
     // The audit's listing may be older than the object's latest bits: look at the blob itself. A wrong digest is
     // taken as found when the status still records the digest it was held against.
     let finding = match found {

@@ -112,15 +112,19 @@ fn others<K: Kindred>(object: &K, ctx: &Context) -> Vec<Arc<K>> {
         .collect()
 }
 
-/// Whether `object`, as it now is, expires.
-pub fn verdict<K: Kindred>(object: &K, ctx: &Context, now: Timestamp) -> Option<Expiry> {
-    let state = object.bits_status().and_then(|s| s.state);
-    let others = others(object, ctx);
+/// The members of `object`'s app: the others from `others`, and `me` for `object` itself.
+fn app<'a, K: Kindred>(others: &'a [Arc<K>], me: &Member<'a>) -> Vec<Member<'a>> {
     let mut app: Vec<Member> =
         others.iter().map(|o| member(o.as_ref(), o.bits_status().and_then(|s| s.state))).collect();
-    let me = member(object, state);
     app.push(me.clone());
-    retention::judge(&me, &app, K::kin(ctx).retention, now)
+    app
+}
+
+/// Whether `object`, as it now is, expires.
+pub fn verdict<K: Kindred>(object: &K, ctx: &Context, now: Timestamp) -> Option<Expiry> {
+    let others = others(object, ctx);
+    let me = member(object, object.bits_status().and_then(|s| s.state));
+    retention::judge(&me, &app(&others, &me), K::kin(ctx).retention, now)
 }
 
 /// `object` is now in `state`. Finished, it has the older objects of its app it pushed past the limit
@@ -135,10 +139,7 @@ pub fn after<K: Kindred>(
     let me = member(object, state);
     if me.stage == Stage::Finished && object.app().is_some() {
         let others = others(object, ctx);
-        let mut app: Vec<Member> =
-            others.iter().map(|o| member(o.as_ref(), o.bits_status().and_then(|s| s.state))).collect();
-        app.push(me.clone());
-        for name in retention::pushed_out(&me, &app, kin.retention) {
+        for name in retention::pushed_out(&me, &app(&others, &me), kin.retention) {
             let mut older = ObjectRef::new(name);
             older.namespace = object.namespace();
             kin.reconcile(older);

@@ -135,6 +135,18 @@ fn random_zip(dir: &Path, name: &str, size: usize) -> Vec<u8> {
     std::fs::read(python_zip(dir, name, &script)).unwrap()
 }
 
+/// Upload `zip` as the bits of the package `uid` through the CF API at `addr`, as the holder of `token`.
+async fn upload_zip(addr: &str, uid: &str, token: &str, zip: Vec<u8>) -> reqwest::Response {
+    let form = reqwest::multipart::Form::new().part("bits", reqwest::multipart::Part::bytes(zip).file_name("app.zip"));
+    reqwest::Client::new()
+        .post(format!("http://{addr}/v3/packages/{uid}/upload"))
+        .bearer_auth(token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A namespace with an uploader, a running controller over a store of its own, and the Package `app` awaiting an
 /// upload.
 struct UploadScene {
@@ -227,15 +239,7 @@ async fn an_upload_whose_api_process_is_killed_is_given_back_and_can_be_made_aga
     let port = free_port();
     let _api = Process::api(ns, store, port, "api-next").await;
     let small = random_zip(work.path(), "small.zip", 200_000);
-    let form = reqwest::multipart::Form::new()
-        .part("bits", reqwest::multipart::Part::bytes(small.clone()).file_name("app.zip"));
-    let response = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port}/v3/packages/{uid}/upload"))
-        .bearer_auth(token)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let response = upload_zip(&format!("127.0.0.1:{port}"), uid, token, small.clone()).await;
     assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
     scene.ready_with(&small).await;
 }
@@ -249,15 +253,12 @@ async fn of_two_overlapping_uploads_exactly_one_wins() {
 
     // Two different 200 MiB zips, sent at once from two clients.
     let zips = [random_zip(work.path(), "a.zip", 200 << 20), random_zip(work.path(), "b.zip", 200 << 20)];
-    let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/v3/packages/{uid}/upload");
+    let addr = format!("127.0.0.1:{port}");
     let send = |zip: Vec<u8>| {
-        let (client, url, token) = (client.clone(), url.clone(), token.clone());
+        let (addr, token) = (addr.clone(), token.clone());
         async move {
             let started = Instant::now();
-            let form =
-                reqwest::multipart::Form::new().part("bits", reqwest::multipart::Part::bytes(zip).file_name("app.zip"));
-            let response = client.post(url).bearer_auth(token).multipart(form).send().await.unwrap();
+            let response = upload_zip(&addr, uid, &token, zip).await;
             let status = response.status();
             let error = if status == StatusCode::OK { None } else { Some(cf_error(response).await) };
             (started, Instant::now(), status, error)
@@ -327,15 +328,7 @@ async fn an_upload_frozen_past_its_claim_finds_it_lapsed_and_writes_nothing() {
 
     // The same process takes the next upload to the end.
     let small = random_zip(work.path(), "small.zip", 200_000);
-    let form = reqwest::multipart::Form::new()
-        .part("bits", reqwest::multipart::Part::bytes(small.clone()).file_name("app.zip"));
-    let response = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port}/v3/packages/{uid}/upload"))
-        .bearer_auth(token)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let response = upload_zip(&format!("127.0.0.1:{port}"), uid, token, small.clone()).await;
     assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
     scene.ready_with(&small).await;
 }
@@ -563,15 +556,7 @@ async fn the_controller_and_the_api_carry_on_across_an_apiserver_restart() {
     let zip = random_zip(work.path(), "small.zip", 100_000);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let form = reqwest::multipart::Form::new()
-            .part("bits", reqwest::multipart::Part::bytes(zip.clone()).file_name("app.zip"));
-        let response = reqwest::Client::new()
-            .post(format!("http://{listen}/v3/packages/{uid}/upload"))
-            .bearer_auth(&admin)
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
+        let response = upload_zip(&listen, &uid, &admin, zip.clone()).await;
         let status = response.status();
         if status == StatusCode::OK {
             break;
@@ -650,16 +635,8 @@ async fn fetches_and_uploads_share_the_transfer_budget() {
     let uid = kube_ok(&["get", "pkg/app", "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
     let dir = tempfile::tempdir().unwrap();
     let zip = std::fs::read(python_zip(dir.path(), "app.zip", "z.writestr('a.txt', 'hello')")).unwrap();
-    let upload = || {
-        let form = reqwest::multipart::Form::new()
-            .part("bits", reqwest::multipart::Part::bytes(zip.clone()).file_name("app.zip"));
-        reqwest::Client::new()
-            .post(format!("http://{listen}/v3/packages/{uid}/upload"))
-            .bearer_auth(&token)
-            .multipart(form)
-            .send()
-    };
-    let refused = upload().await.unwrap();
+    let upload = || upload_zip(&listen, &uid, &token, zip.clone());
+    let refused = upload().await;
     assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("5"));
     let (status, title, _, detail) = cf_error(refused).await;
     assert_eq!((status, title.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "CF-ServiceUnavailable"));
@@ -671,7 +648,7 @@ async fn fetches_and_uploads_share_the_transfer_budget() {
     wait_for(&ns, "pkg/slow", "{.status.state}", "READY").await;
     wait_for(&ns, "pkg/fast", "{.status.state}", "READY").await;
     wait_for_metric(&controller, "bitsmith_transfers_running", 0.0).await;
-    let accepted = upload().await.unwrap();
+    let accepted = upload().await;
     assert_eq!(accepted.status(), StatusCode::OK, "{}", accepted.text().await.unwrap());
     wait_for(&ns, "pkg/app", "{.status.state}", "READY").await;
     assert_eq!(metric(&controller, "bitsmith_transfers_waiting").await, 0.0);
@@ -716,14 +693,7 @@ async fn bits_lost_behind_the_operators_back_are_found_and_orphans_removed() {
     wait_for(&ns, "pkg/uploaded", "{.status.state}", "AWAITING_UPLOAD").await;
     let uid = |name: &str| kube_ok(&["get", "pkg", name, "-n", &ns, "-o", "jsonpath={.metadata.uid}"], None);
     let zip = random_zip(work.path(), "app.zip", 100_000);
-    let form = reqwest::multipart::Form::new().part("bits", reqwest::multipart::Part::bytes(zip).file_name("app.zip"));
-    let response = reqwest::Client::new()
-        .post(format!("http://{listen}/v3/packages/{}/upload", uid("uploaded")))
-        .bearer_auth(&token)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let response = upload_zip(&listen, &uid("uploaded"), &token, zip).await;
     assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
     for name in ["gone", "cut", "flipped", "uploaded"] {
         wait_for(&ns, &format!("pkg/{name}"), "{.status.state}", "READY").await;

@@ -1,5 +1,6 @@
 //! Kubernetes conditions with their kstatus meaning: `Ready`, `Reconciling` (work in flight) and `Stalled`
-//! (retrying cannot help). Pure functions; the caller supplies the clock.
+//! (retrying cannot help); and `SourceVerified`, present while a pinned source serves bits that do not match.
+//! Pure functions; the caller supplies the clock.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -7,6 +8,9 @@ use k8s_openapi::jiff::Timestamp;
 pub const READY: &str = "Ready";
 pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
+/// False while the source of an object with `spec.checksum` and `spec.interval` serves changed bits that do
+/// not match the pin; the last good bits stay READY meanwhile.
+pub const SOURCE_VERIFIED: &str = "SourceVerified";
 
 /// A condition's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
-use crate::budget::TransferBudget;
+use crate::budget::{TransferBudget, TransferSlot};
 use crate::pipeline::{self, PipelineError, Stored};
-use crate::resources::{Checksum, Package, Source, SourceKind};
-use crate::sources::{self, HttpFetcher, HttpOptions, SecretData, SourceError, SourcePolicy};
+use crate::resources::{Checksum, Package, ResolvedSource, Source, SourceKind};
+use crate::sources::{
+    self, HttpFetcher, HttpOptions, OpenedSource, PackageCopy, SecretData, SourceError, SourcePolicy,
+};
 use crate::store::{BlobOwner, BlobStore};
 
 /// Everything needed to fetch bits into the store.
@@ -30,6 +32,23 @@ pub struct Inputs<'a> {
     pub source_package: Option<&'a Package>,
     /// How long the fetch may take once it has a transfer slot (`spec.timeout`); none: as long as it takes.
     pub deadline: Option<Duration>,
+    /// What an earlier fetch read from the source, when its bits are still the object's: [`Fetcher::open`] asks the
+    /// source whether it changed since, and opens nothing when it did not.
+    pub known: Option<&'a ResolvedSource>,
+}
+
+/// A source opened for one transfer: it holds a transfer slot and its deadline until it is stored or dropped.
+pub struct Transfer<'f> {
+    fetcher: &'f Fetcher,
+    opened: Opened,
+    /// When the transfer must be done, and the limit that set it (for the error).
+    deadline: Option<(tokio::time::Instant, Duration)>,
+    _slot: Option<TransferSlot>,
+}
+
+enum Opened {
+    Stream(OpenedSource),
+    Copy(PackageCopy),
 }
 
 impl Fetcher {
@@ -44,9 +63,8 @@ impl Fetcher {
         Fetcher { budget, ..self }
     }
 
-    /// Fetch `source` into the store as `owner`'s blob, within the deadline of `inputs`. A fetch that streams
-    /// bytes first waits for a transfer slot; the deadline runs from when it has one, so that waiting on other
-    /// transfers is not taken for a slow source. Dropping the future (e.g. at the deadline) aborts the staged write.
+    /// Fetch `source` into the store as `owner`'s blob, within the deadline of `inputs`, whatever an earlier fetch
+    /// read (`inputs.known` is not consulted).
     pub async fn fetch(
         &self,
         owner: &BlobOwner,
@@ -54,45 +72,78 @@ impl Fetcher {
         pin: Option<&Checksum>,
         inputs: Inputs<'_>,
     ) -> Result<Stored, PipelineError> {
-        let _slot = match source.package {
+        let opened = self.open(source, Inputs { known: None, ..inputs }).await?;
+        opened.expect("a source opened without known validators always has bytes").store(owner, pin).await
+    }
+
+    /// Open `source` for a transfer; `None` when `inputs.known` says what it serves and it still serves that. A
+    /// fetch that streams bytes first waits for a transfer slot; the deadline runs from when it has one, so that
+    /// waiting on other transfers is not taken for a slow source.
+    pub async fn open(&self, source: &Source, inputs: Inputs<'_>) -> Result<Option<Transfer<'_>>, PipelineError> {
+        let slot = match source.package {
             None => Some(self.budget.start().await),
             // A copy inside the store moves no bytes through this process.
             Some(_) => None,
         };
-        let Some(limit) = inputs.deadline else { return self.fetch_now(owner, source, pin, inputs).await };
-        tokio::time::timeout(limit, self.fetch_now(owner, source, pin, inputs))
-            .await
-            .map_err(|_| PipelineError::Timeout { limit })?
+        let deadline = inputs.deadline.map(|limit| (tokio::time::Instant::now() + limit, limit));
+        let opened = within(deadline, self.open_now(source, inputs)).await?;
+        Ok(opened.map(|opened| Transfer { fetcher: self, opened, deadline, _slot: slot }))
     }
 
-    async fn fetch_now(
-        &self,
-        owner: &BlobOwner,
-        source: &Source,
-        pin: Option<&Checksum>,
-        inputs: Inputs<'_>,
-    ) -> Result<Stored, PipelineError> {
+    async fn open_now(&self, source: &Source, inputs: Inputs<'_>) -> Result<Option<Opened>, PipelineError> {
         let kind = source.kind().ok_or_else(|| SourceError::InvalidUrl {
             url: String::new(),
             reason: "set exactly one of http, objectStore or package".into(),
         })?;
-        match kind {
+        Ok(match kind {
             SourceKind::Http(http) => {
-                let opened = self.http.open(http, inputs.secret, self.max_size).await?;
-                pipeline::store_stream(opened, &self.store, owner, pin, self.max_size).await
+                self.http.open(http, inputs.secret, self.max_size, inputs.known).await?.map(Opened::Stream)
             }
             SourceKind::ObjectStore(object) => {
-                let opened = sources::open_object(object, inputs.secret, &self.policy, self.max_size).await?;
-                pipeline::store_stream(opened, &self.store, owner, pin, self.max_size).await
+                sources::open_object(object, inputs.secret, &self.policy, self.max_size, inputs.known)
+                    .await?
+                    .map(Opened::Stream)
             }
             SourceKind::Package(reference) => {
                 let package = inputs.source_package.ok_or_else(|| SourceError::PackageNotReady {
                     name: reference.name.clone(),
                     reason: "not found".into(),
                 })?;
-                let copy = sources::resolve_package_copy(package, self.store.url())?;
-                pipeline::copy_in_store(copy, &self.store, owner, pin).await
+                Some(Opened::Copy(sources::resolve_package_copy(package, self.store.url())?))
             }
+        })
+    }
+}
+
+impl Transfer<'_> {
+    /// What the source says it serves; none for a copy.
+    pub fn resolved(&self) -> Option<&ResolvedSource> {
+        match &self.opened {
+            Opened::Stream(opened) => Some(&opened.resolved),
+            Opened::Copy(_) => None,
         }
     }
+
+    /// Store the bits as `owner`'s blob, checked against `pin`. Dropping the future (e.g. at the deadline) aborts
+    /// the staged write.
+    pub async fn store(self, owner: &BlobOwner, pin: Option<&Checksum>) -> Result<Stored, PipelineError> {
+        let Transfer { fetcher, opened, deadline, _slot } = self;
+        let store = &fetcher.store;
+        within(deadline, async {
+            match opened {
+                Opened::Stream(opened) => pipeline::store_stream(opened, store, owner, pin, fetcher.max_size).await,
+                Opened::Copy(copy) => pipeline::copy_in_store(copy, store, owner, pin).await,
+            }
+        })
+        .await
+    }
+}
+
+/// `work`, cut off at the deadline.
+async fn within<T>(
+    deadline: Option<(tokio::time::Instant, Duration)>,
+    work: impl Future<Output = Result<T, PipelineError>>,
+) -> Result<T, PipelineError> {
+    let Some((at, limit)) = deadline else { return work.await };
+    tokio::time::timeout_at(at, work).await.map_err(|_| PipelineError::Timeout { limit })?
 }

@@ -151,7 +151,8 @@ where
         }
         Plan::AwaitUpload => return Ok(status::awaiting_upload(&prev, generation, Timestamp::now())),
         // Without a cluster nothing uploads: the state is as the manifest says.
-        Plan::UpToDate | Plan::UploadInProgress => return Ok(prev),
+        Plan::UpToDate | Plan::UploadInProgress | Plan::Recheck { .. } => return Ok(prev),
+        Plan::Suspended => return Ok(status::suspended(&prev, generation, Timestamp::now())),
         Plan::Fetch(source) => source,
     };
     let secret = match source.secret_name().map(str::to_string) {
@@ -165,7 +166,7 @@ where
     let source_package =
         source.package.as_ref().and_then(|p| seen.packages.get(&(namespace.to_string(), p.name.clone())));
     let owner = BlobOwner::of(object, namespace);
-    let inputs = Inputs { secret, source_package, deadline: Some(object.fetch_timeout()) };
+    let inputs = Inputs { secret, source_package, deadline: Some(object.fetch_timeout()), known: None };
     let stored = fetcher
         .fetch(&owner, source, object.checksum_pin(), inputs)
         .await

@@ -1,7 +1,7 @@
 //! What to do with a Package or Droplet, decided from the object alone. Pure: `bitsmith fetch` follows it
 //! today, and the reconciler's decisions are the same ones.
 
-use crate::conditions::{RECONCILING, STALLED, find};
+use crate::conditions::{READY, RECONCILING, STALLED, find};
 use crate::resources::{BitsObject, Droplet, Package, PackageType, Source};
 use crate::status::CfState;
 use crate::validate::{self, SpecError};
@@ -22,6 +22,11 @@ pub enum Plan<'a> {
     UpToDate,
     /// Fetch the bits from this source.
     Fetch(&'a Source),
+    /// The bits of the current generation are stored, and `spec.interval` asks to look whether the source
+    /// changed every `interval`.
+    Recheck { source: &'a Source, interval: std::time::Duration },
+    /// `spec.suspend`: leave the source alone.
+    Suspended,
 }
 
 /// Kind-specific rules: validation, and whether an object has bits at all.
@@ -67,6 +72,7 @@ where
         return Plan::ReadyWithoutBits { message };
     }
     let Some(source) = object.source() else {
+        // Suspension is about sources; an object without one takes uploads as ever.
         // Without a source the bits come through the API, which takes the state on from AWAITING_UPLOAD.
         let status = object.bits_status();
         return match status.and_then(|s| s.state) {
@@ -83,6 +89,9 @@ where
             Some(_) => Plan::UpToDate,
         };
     };
+    if object.refresh().suspend {
+        return Plan::Suspended;
+    }
     // A READY object whose newer generation failed keeps its old bits and state, so READY alone does not say
     // the current generation is stored: a pending retry (Reconciling) or a stalled attempt (Stalled) says not.
     let done_for_this_generation = object.bits_status().is_some_and(|s| {
@@ -91,7 +100,26 @@ where
             && s.observed_generation == object.meta().generation
             && ![RECONCILING, STALLED].iter().any(|t| find(&s.conditions, t).is_some_and(|c| c.status == "True"))
     });
-    if done_for_this_generation { Plan::UpToDate } else { Plan::Fetch(source) }
+    match object.recheck_interval() {
+        _ if !done_for_this_generation => Plan::Fetch(source),
+        Some(interval) => Plan::Recheck { source, interval },
+        None => Plan::UpToDate,
+    }
+}
+
+/// Whether the stored bits are the current generation's: READY (STAGED) with a blob, and `Ready` True for this
+/// generation. A failed attempt at a newer generation leaves READY and `Ready` as they were, so the generation of
+/// `Ready` is the one the bits were stored for. Only then may the source be asked whether it changed since.
+pub fn holds_current_bits<O: Planned>(object: &O) -> bool
+where
+    O::State: CfState,
+{
+    object.bits_status().is_some_and(|s| {
+        s.state == Some(O::State::DONE)
+            && s.stored.blob.is_some()
+            && find(&s.conditions, READY)
+                .is_some_and(|c| c.status == "True" && c.observed_generation == object.meta().generation)
+    })
 }
 
 #[cfg(test)]
@@ -178,5 +206,36 @@ mod tests {
         let stalled = status::failed(ready.status.as_ref().unwrap(), "ChecksumMismatch", "bad", true, Some(2), now);
         ready.status = Some(stalled);
         assert!(matches!(plan(&ready), Plan::Fetch(_)), "a new trigger tries a stalled generation again");
+    }
+
+    #[test]
+    fn an_interval_rechecks_current_bits_and_suspension_stops_everything() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let stored =
+            StoredDigests { blob: Some(BlobRef { store: "memory://".into(), key: "k".into() }), ..Default::default() };
+        let mut watched = package(Some(http()));
+        watched.spec.refresh.interval = Some("10m".into());
+        assert!(matches!(plan(&watched), Plan::Fetch(_)), "nothing stored yet");
+        assert!(!holds_current_bits(&watched));
+        watched.status = Some(status::done(&Default::default(), stored, Some(2), now));
+        assert!(
+            matches!(plan(&watched), Plan::Recheck { interval, .. } if interval.as_secs() == 600),
+            "{:?}",
+            plan(&watched)
+        );
+        assert!(holds_current_bits(&watched));
+
+        // A newer generation failing keeps READY, but its bits are not the new generation's.
+        watched.metadata.generation = Some(3);
+        let failing = status::failed(watched.status.as_ref().unwrap(), "SourceUnavailable", "503", false, Some(3), now);
+        watched.status = Some(failing);
+        assert!(matches!(plan(&watched), Plan::Fetch(_)));
+        assert!(!holds_current_bits(&watched), "a retry of generation 3 must not ask with generation 2's validators");
+
+        watched.spec.refresh.suspend = true;
+        assert_eq!(plan(&watched), Plan::Suspended);
+        let mut upload = package(None);
+        upload.spec.refresh.suspend = true;
+        assert_eq!(plan(&upload), Plan::AwaitUpload, "suspension is about sources");
     }
 }

@@ -132,24 +132,79 @@ impl Recorder {
     where
         O::State: CfState,
     {
-        let ready = conditions::find(&next.conditions, conditions::READY);
-        let (reason, note) = ready.map(|c| (c.reason.clone(), c.message.clone())).unwrap_or_default();
-        let changed = prev.state != next.state
-            || conditions::find(&prev.conditions, conditions::READY).map(|c| &c.reason) != Some(&reason);
-        if !changed {
-            return;
-        }
-        let failed = next.state == Some(O::State::FAILED) || next.error.is_some();
-        let event = Event {
-            type_: if failed { EventType::Warning } else { EventType::Normal },
-            reason,
-            note: Some(next.error.clone().unwrap_or(note)),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
+        let Some(event) = transition_event(prev, next) else { return };
         // An Event that cannot be published must not fail the work whose status is already written.
         if let Err(error) = self.events.publish(&event, &object.object_ref(&())).await {
             tracing::warn!(%error, "publishing an Event failed");
         }
+    }
+}
+
+/// The Event a status change deserves, if any: a new state or `Ready` reason; new bits from a changed source (same
+/// state and reason, another revision); a pinned source refusing changed bits.
+pub fn transition_event<S: CfState>(prev: &BitsStatus<S>, next: &BitsStatus<S>) -> Option<Event> {
+    let event = |warning: bool, reason: &str, note: String| Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let ready = conditions::find(&next.conditions, conditions::READY);
+    let (reason, note) = ready.map(|c| (c.reason.clone(), c.message.clone())).unwrap_or_default();
+    if prev.state != next.state
+        || conditions::find(&prev.conditions, conditions::READY).map(|c| &c.reason) != Some(&reason)
+    {
+        let failed = next.state == Some(S::FAILED) || next.error.is_some();
+        return Some(event(failed, &reason, next.error.clone().unwrap_or(note)));
+    }
+    let revision = |s: &BitsStatus<S>| s.artifact.as_ref().map(|a| a.revision.clone());
+    if let (Some(before), Some(after)) = (revision(prev), revision(next))
+        && before != after
+    {
+        return Some(event(false, "NewRevision", format!("the source changed: stored {after} in place of {before}")));
+    }
+    let refused = |s: &BitsStatus<S>| {
+        conditions::find(&s.conditions, conditions::SOURCE_VERIFIED).filter(|c| c.status == "False").cloned()
+    };
+    match (refused(prev), refused(next)) {
+        (before, Some(now)) if before.as_ref().map(|c| &c.message) != Some(&now.message) => {
+            Some(event(true, &now.reason, now.message))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+    use crate::digest::Digests;
+    use crate::resources::{BlobRef, PackageStatus};
+    use crate::status;
+
+    fn ready(sha256: char) -> PackageStatus {
+        let digests = Digests { sha1: "1".repeat(40), sha256: sha256.to_string().repeat(64), size: 3 };
+        let blob = BlobRef { store: "memory://".into(), key: sha256.to_string() };
+        status::done(&PackageStatus::default(), status::stored_digests(&digests, blob), Some(1), Timestamp::now())
+    }
+
+    #[test]
+    fn events_for_new_states_new_revisions_and_refused_changes() {
+        let first = transition_event(&PackageStatus::default(), &ready('a')).unwrap();
+        assert_eq!((first.type_, first.reason.as_str()), (EventType::Normal, "Succeeded"));
+        assert!(transition_event(&ready('a'), &ready('a')).is_none(), "nothing new");
+        let changed =
+            transition_event(&ready('a'), &status::done(&ready('a'), ready('b').stored, Some(1), Timestamp::now()))
+                .unwrap();
+        assert_eq!((changed.type_, changed.reason.as_str()), (EventType::Normal, "NewRevision"));
+        assert!(changed.note.unwrap().contains(&"b".repeat(64)));
+        let refused = status::source_unverified(&ready('a'), "checksum mismatch: c", Some(1), Timestamp::now());
+        let warning = transition_event(&ready('a'), &refused).unwrap();
+        assert_eq!((warning.type_, warning.reason.as_str()), (EventType::Warning, "ChecksumMismatch"));
+        assert!(transition_event(&refused, &refused).is_none(), "said once");
+        let refused_again = status::source_unverified(&ready('a'), "checksum mismatch: d", Some(1), Timestamp::now());
+        assert!(transition_event(&refused, &refused_again).is_some(), "another refused version is news");
     }
 }

@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::conditions::{self, READY, RECONCILING, STALLED, Status};
+use crate::conditions::{self, READY, RECONCILING, SOURCE_VERIFIED, STALLED, Status};
 use crate::digest::Digests;
 
 use crate::resources::{
@@ -74,6 +74,54 @@ pub fn done<S: CfState>(
     );
     conditions::remove(&mut status.conditions, RECONCILING);
     conditions::remove(&mut status.conditions, STALLED);
+    conditions::remove(&mut status.conditions, SOURCE_VERIFIED);
+    status
+}
+
+/// A re-check found the source serving what it served before: the stored bits stay, and a retry pending from a
+/// failed re-check is over. Equal to `prev` when nothing was pending, so that nothing is written.
+pub fn source_unchanged<S: CfState>(prev: &BitsStatus<S>, generation: Option<i64>) -> BitsStatus<S> {
+    let mut status = prev.clone();
+    status.error = None;
+    status.observed_generation = generation;
+    conditions::remove(&mut status.conditions, RECONCILING);
+    conditions::remove(&mut status.conditions, STALLED);
+    status
+}
+
+/// The source of a pinned object changed to bits that do not match the pin (`message` says how): the bits that
+/// matched stay READY, and `SourceVerified` False says that the source no longer serves them.
+pub fn source_unverified<S: CfState>(
+    prev: &BitsStatus<S>,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> BitsStatus<S> {
+    let mut status = source_unchanged(prev, generation);
+    let message = format!("{message}; the source changed, and the bits that match stay");
+    conditions::upsert(
+        &mut status.conditions,
+        conditions::new(SOURCE_VERIFIED, Status::False, "ChecksumMismatch", message, generation, now),
+    );
+    status
+}
+
+/// `spec.suspend`: nothing is fetched or re-checked. Stored bits stay as they are; `Reconciling` False says why
+/// nothing moves, and an object without bits is not Ready for the same reason.
+pub fn suspended<S: CfState>(prev: &BitsStatus<S>, generation: Option<i64>, now: Timestamp) -> BitsStatus<S> {
+    let mut status = prev.clone();
+    status.observed_generation = generation;
+    let message = "spec.suspend is true: the source is neither fetched nor re-checked";
+    conditions::upsert(
+        &mut status.conditions,
+        conditions::new(RECONCILING, Status::False, "Suspended", message, generation, now),
+    );
+    if conditions::find(&status.conditions, READY).is_none_or(|c| c.status != "True") {
+        conditions::upsert(
+            &mut status.conditions,
+            conditions::new(READY, Status::False, "Suspended", message, generation, now),
+        );
+    }
     status
 }
 
@@ -422,5 +470,37 @@ mod tests {
         assert_eq!(status.state, Some(DropletState::Staged));
         let copying = in_progress(&BitsStatus::<DropletState>::default(), Activity::Copying, "", None, now());
         assert_eq!(copying.state, Some(DropletState::ProcessingUpload));
+    }
+
+    #[test]
+    fn a_refused_change_keeps_the_good_bits_ready_until_new_ones_are_stored() {
+        let ready: PackageStatus = done(&PackageStatus::default(), stored_digests(&digests(), blob()), Some(1), now());
+        let retrying = failed(&ready, "SourceUnavailable", "503", false, Some(1), now());
+        assert_eq!(source_unchanged(&ready, Some(1)), ready, "nothing pending: nothing to write");
+        assert_eq!(source_unchanged(&retrying, Some(1)), ready, "an unchanged source ends a pending retry");
+
+        let refused = source_unverified(&retrying, "checksum mismatch", Some(1), now());
+        assert_eq!(refused.state, Some(PackageState::Ready));
+        assert_eq!(refused.stored, ready.stored);
+        assert_eq!(find(&refused.conditions, READY).unwrap().status, "True");
+        let verified = find(&refused.conditions, SOURCE_VERIFIED).unwrap();
+        assert_eq!((verified.status.as_str(), verified.reason.as_str()), ("False", "ChecksumMismatch"));
+        assert!(find(&refused.conditions, RECONCILING).is_none());
+        assert!(find(&source_unchanged(&refused, Some(1)).conditions, SOURCE_VERIFIED).is_some(), "still refused");
+        let fixed = done(&refused, stored_digests(&digests(), blob()), Some(1), now());
+        assert!(find(&fixed.conditions, SOURCE_VERIFIED).is_none(), "matching bits again");
+    }
+
+    #[test]
+    fn suspension_says_so_and_keeps_the_bits() {
+        let ready: PackageStatus = done(&PackageStatus::default(), stored_digests(&digests(), blob()), Some(1), now());
+        let paused = suspended(&ready, Some(2), now());
+        assert_eq!(paused.state, Some(PackageState::Ready));
+        let reconciling = find(&paused.conditions, RECONCILING).unwrap();
+        assert_eq!((reconciling.status.as_str(), reconciling.reason.as_str()), ("False", "Suspended"));
+        assert_eq!(find(&paused.conditions, READY).unwrap().status, "True");
+        let never_fetched = suspended(&PackageStatus::default(), Some(1), now());
+        let ready = find(&never_fetched.conditions, READY).unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Suspended"));
     }
 }

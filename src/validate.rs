@@ -1,7 +1,7 @@
 //! Spec validation that the CRD schema cannot express on Kubernetes 1.20 (no CEL). Pure functions: an invalid
 //! spec fails the same way every time, so callers treat these errors as permanent.
 
-use crate::resources::{Checksum, DropletSpec, PackageSpec, PackageType, Source, SourceKind};
+use crate::resources::{Checksum, DropletSpec, PackageSpec, PackageType, Refresh, Source, SourceKind, duration};
 
 /// What is wrong with a spec, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,7 +37,8 @@ pub fn package_spec(spec: &PackageSpec) -> Result<(), SpecError> {
     if let Some(pin) = &spec.checksum {
         checksum_pin(pin)?;
     }
-    fetch_timeout(spec.timeout.as_deref())
+    fetch_timeout(spec.timeout.as_deref())?;
+    refresh(&spec.refresh, spec.source.as_ref())
 }
 
 /// Check a Droplet spec.
@@ -51,14 +52,25 @@ pub fn droplet_spec(spec: &DropletSpec) -> Result<(), SpecError> {
     if let Some(package) = &spec.package_ref {
         object_name(&package.name).map_err(|reason| invalid("spec.packageRef.name", reason))?;
     }
-    fetch_timeout(spec.timeout.as_deref())
+    fetch_timeout(spec.timeout.as_deref())?;
+    refresh(&spec.refresh, spec.source.as_ref())
+}
+
+/// `spec.interval`: at least a minute, and only for a source that can change under the same spec.
+fn refresh(refresh: &Refresh, source: Option<&Source>) -> Result<(), SpecError> {
+    let Some(text) = &refresh.interval else { return Ok(()) };
+    duration::parse_interval(text).map_err(|reason| invalid("spec.interval", reason))?;
+    match source.and_then(Source::kind) {
+        Some(SourceKind::Http(_) | SourceKind::ObjectStore(_)) => Ok(()),
+        _ => Err(invalid("spec.interval", "re-checks an http or objectStore source; this object has neither")),
+    }
 }
 
 /// `spec.timeout`: a duration from one second to a day.
 fn fetch_timeout(timeout: Option<&str>) -> Result<(), SpecError> {
     let Some(text) = timeout else { return Ok(()) };
     let bad = || invalid("spec.timeout", format!("{text:?} is not a duration from 1s to 24h, like 10m or 90s"));
-    let duration = humantime::parse_duration(text).map_err(|_| bad())?;
+    let duration = duration::parse(text).ok_or_else(bad)?;
     if duration < std::time::Duration::from_secs(1) || duration > std::time::Duration::from_secs(86_400) {
         return Err(bad());
     }
@@ -243,5 +255,22 @@ mod tests {
             let error = package_spec(&spec).unwrap_err().to_string();
             assert!(error.contains("spec.timeout"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn intervals_need_a_minute_and_a_source_that_can_change() {
+        let mut spec = bits();
+        spec.refresh.interval = Some("10m".into());
+        assert_eq!(package_spec(&spec).unwrap_err().field, "spec.interval", "no source");
+        spec.source = Some(Source {
+            http: Some(crate::resources::HttpSource { url: "https://example.com/a.zip".into(), ..Default::default() }),
+            ..Default::default()
+        });
+        assert_eq!(package_spec(&spec), Ok(()));
+        spec.refresh.interval = Some("30s".into());
+        assert!(package_spec(&spec).unwrap_err().reason.contains("minimum of 1m"));
+        spec.refresh.interval = Some("1m".into());
+        spec.source = Some(Source { package: Some(PackageSourceRef { name: "other".into() }), ..Default::default() });
+        assert!(package_spec(&spec).unwrap_err().reason.contains("http or objectStore"));
     }
 }

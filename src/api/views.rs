@@ -188,6 +188,7 @@ mod tests {
             image: None,
             app_ref: Some(AppRef { name: "web".into() }),
             timeout: None,
+            refresh: Default::default(),
         };
         let mut p = Package::new("app", spec);
         meta(&mut p.metadata);
@@ -219,6 +220,7 @@ mod tests {
             }),
             app_ref: None,
             timeout: None,
+            refresh: Default::default(),
         };
         let mut p = Package::new("image", spec);
         meta(&mut p.metadata);

@@ -99,6 +99,7 @@ impl Mocked {
             packages: detached(),
             droplets: detached(),
             findings: Default::default(),
+            rechecks: Default::default(),
         });
         Mocked { context, calls }
     }

@@ -78,6 +78,7 @@ pub async fn run(client: Client, fetcher: Fetcher, options: Options, leadership:
         packages: package_kin,
         droplets: droplet_kin,
         findings: Default::default(),
+        rechecks: Default::default(),
     });
     let _auditor = AbortOnDrop(tokio::spawn(audit::run(context.clone(), options.audit)));
     let config = controller::Config::default().concurrency(options.concurrency);

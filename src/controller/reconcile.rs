@@ -21,9 +21,10 @@ use crate::fetch::{Fetcher, Inputs};
 use crate::leader::Leadership;
 use crate::links::ApiUrls;
 use crate::metrics::Metrics;
+use crate::pipeline::PipelineError;
 use crate::plan::{Plan, plan};
 use crate::record::{Managed, Recorder, WriteError};
-use crate::resources::{BitsStatus, Droplet, Package};
+use crate::resources::{BitsStatus, Droplet, Package, ResolvedSource, Source};
 use crate::retention::Expiry;
 use crate::sources::SecretData;
 use crate::status::{self, Activity, CfState};
@@ -53,6 +54,8 @@ pub struct Context {
     pub droplets: Kin<Droplet>,
     /// What store audits found, for each object's reconcile to act on.
     pub findings: Findings,
+    /// When each source was last asked whether it changed (`spec.interval`).
+    pub rechecks: std::sync::Mutex<crate::rechecks::Rechecks>,
 }
 
 impl Context {
@@ -135,6 +138,7 @@ where
             },
             finalizer::Event::Cleanup(object) => {
                 forget_claim(&ctx, object.as_ref());
+                ctx.rechecks.lock().expect("rechecks lock").forget(object.uid().as_deref().unwrap_or_default());
                 cleanup(object.as_ref(), &namespace, &ctx).await
             }
         }
@@ -300,31 +304,20 @@ where
             (status::done_without_bits(&prev, &message, generation, now), Action::await_change())
         }
         Plan::AwaitUpload => (status::awaiting_upload(&prev, generation, now), Action::await_change()),
-        Plan::Fetch(source) => {
-            let activity = if source.package.is_some() { Activity::Copying } else { Activity::Fetching };
-            let started = status::in_progress(&prev, activity, "fetching the bits", generation, now);
-            let current = ctx.write_status(api, object, &started).await?;
-            let started = current.bits_status().cloned().unwrap_or_default();
-            let (next, action) = fetch(object, namespace, source, &started, ctx).await?;
-            ctx.write_status(api, &current, &next).await?;
-            record_state(ctx, object, next.state);
-            // Blobs of earlier generations go only once the status names the new one, so that a READY status
-            // never points at a deleted blob. All of the owner's other blobs go, so that one an earlier removal
-            // failed to delete goes now.
-            if let Some(new) = &next.stored.blob
-                && ctx.leadership.check()
-                && ctx.fetcher.store.holds(new)
-                && let Some(prefix) = BlobOwner::of(object, namespace).own_prefix()
-            {
-                match ctx.fetcher.store.remove_under(&prefix, Some(&new.key)).await {
-                    Ok(0) => {}
-                    Ok(removed) => tracing::info!(removed, prefix, "removed the blobs of earlier generations"),
-                    Err(error) => {
-                        tracing::warn!(%error, prefix, "removing the blobs of earlier generations; they stay until the next fetch or the deletion")
-                    }
+        Plan::Suspended => (status::suspended(&prev, generation, now), Action::await_change()),
+        Plan::Fetch(source) => return transfer(api, object, namespace, source, ctx).await,
+        Plan::Recheck { source, interval } => {
+            let uid = object.uid().unwrap_or_default();
+            let wait = ctx.rechecks.lock().expect("rechecks lock").due_in(&uid, interval, Instant::now());
+            let requested = requested_at(object).is_some_and(|r| prev.last_handled_reconcile_at.as_deref() != Some(r));
+            match wait {
+                Some(wait) if !requested => {
+                    ctx.write_status(api, object, &prev).await?;
+                    record_state(ctx, object, prev.state);
+                    return Ok((Action::requeue(wait), prev.state));
                 }
+                _ => return transfer(api, object, namespace, source, ctx).await,
             }
-            return Ok((action, next.state));
         }
     };
     ctx.write_status(api, object, &next).await?;
@@ -373,26 +366,127 @@ fn forget_claim<O: Managed>(ctx: &Context, object: &O) {
     ctx.claims.lock().expect("claims lock").forget(object.uid().as_deref().unwrap_or_default());
 }
 
-/// Read what the source refers to, fetch, and turn the outcome into the next status and when to look again.
-async fn fetch<O: Managed>(
+/// Fetch the bits from `source` and write what came of it. When the stored bits are this generation's (a re-check,
+/// or the retry of one), the source is first asked whether it changed since it was read: the bits are fetched only
+/// when it did, and nothing is written when it did not.
+async fn transfer<O: Managed>(
+    api: &Api<O>,
     object: &O,
     namespace: &str,
-    source: &crate::resources::Source,
-    current: &BitsStatus<O::State>,
+    source: &Source,
     ctx: &Context,
-) -> Result<(BitsStatus<O::State>, Action), ReconcileError>
+) -> Result<(Action, Option<O::State>), ReconcileError>
 where
-    O::State: CfState,
+    O::State: CfState + Serialize + Send + Sync,
 {
+    let prev = object.bits_status().cloned().unwrap_or_default();
     let generation = object.meta().generation;
+    let uid = object.uid().unwrap_or_default();
+    let recheck = crate::plan::holds_current_bits(object);
+    let known = recheck
+        .then(|| {
+            let rechecks = ctx.rechecks.lock().expect("rechecks lock");
+            rechecks.refused(&uid).cloned().or_else(|| prev.resolved_source.clone())
+        })
+        .flatten();
+    // A first fetch says so at once. A re-check says so only once the source says it changed; one without
+    // validators cannot say, so its bits are fetched and compared quietly.
+    let conditional = known.as_ref().is_some_and(ResolvedSource::has_validators);
+    let activity = if source.package.is_some() { Activity::Copying } else { Activity::Fetching };
+    let announce = |message: &str| status::in_progress(&prev, activity, message, generation, Timestamp::now());
+    let mut current =
+        if recheck { object.clone() } else { ctx.write_status(api, object, &announce("fetching the bits")).await? };
+    ctx.rechecks.lock().expect("rechecks lock").checked(&uid, Instant::now());
+    let interval = object.recheck_interval();
+    let look_again = || interval.map_or_else(Action::await_change, Action::requeue);
+
+    let (secret, source_package) = match fetch_inputs(source, namespace, ctx).await? {
+        Ok(inputs) => inputs,
+        Err(missing) => {
+            let base = current.bits_status().cloned().unwrap_or_default();
+            let next = status::failed(&base, "SecretNotFound", &missing, false, generation, Timestamp::now());
+            ctx.write_status(api, &current, &next).await?;
+            record_state(ctx, object, next.state);
+            return Ok((Action::requeue(retry_delay(&base)), next.state));
+        }
+    };
+    let inputs = Inputs {
+        secret: secret.as_ref(),
+        source_package: source_package.as_ref(),
+        deadline: Some(object.fetch_timeout()),
+        known: known.as_ref(),
+    };
+    let owner = BlobOwner::of(object, namespace);
+    let mut served = None;
+    let fetched = match ctx.fetcher.open(source, inputs).await {
+        Ok(None) => None,
+        Ok(Some(opened)) => {
+            if conditional {
+                current = ctx.write_status(api, &current, &announce("the source changed; fetching it")).await?;
+            }
+            served = opened.resolved().cloned();
+            Some(opened.store(&owner, object.checksum_pin()).await)
+        }
+        Err(error) => Some(Err(error)),
+    };
+
+    let base = current.bits_status().cloned().unwrap_or_default();
+    let now = Timestamp::now();
+    let (next, action) = match fetched {
+        None => (status::source_unchanged(&base, generation), look_again()),
+        Some(Ok(stored)) => {
+            ctx.rechecks.lock().expect("rechecks lock").stored(&uid);
+            ctx.metrics.stored(stored.digests.size);
+            let digests = status::stored_digests(&stored.digests, stored.blob);
+            let mut next = status::done(&base, digests, generation, now);
+            next.resolved_source = stored.resolved;
+            (next, look_again())
+        }
+        // A pinned source that changed to other bits: the bits that matched stay (verification, not a failure).
+        Some(Err(error @ PipelineError::ChecksumMismatch { .. })) if recheck => {
+            ctx.rechecks.lock().expect("rechecks lock").refuse(&uid, served);
+            (status::source_unverified(&base, &error.to_string(), generation, now), look_again())
+        }
+        Some(Err(error)) if error.is_permanent() => {
+            (status::failed(&base, error.reason(), &error.to_string(), true, generation, now), look_again())
+        }
+        Some(Err(error)) => (
+            status::failed(&base, error.reason(), &error.to_string(), false, generation, now),
+            Action::requeue(retry_delay(&base)),
+        ),
+    };
+    ctx.write_status(api, &current, &next).await?;
+    record_state(ctx, object, next.state);
+    // Blobs of earlier generations (or revisions) go only once the status names the new one, so that a READY
+    // status never points at a deleted blob. All of the owner's other blobs go, so that one an earlier removal
+    // failed to delete goes now.
+    if let Some(new) = &next.stored.blob
+        && next.stored.blob != prev.stored.blob
+        && ctx.leadership.check()
+        && ctx.fetcher.store.holds(new)
+        && let Some(prefix) = owner.own_prefix()
+    {
+        match ctx.fetcher.store.remove_under(&prefix, Some(&new.key)).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, prefix, "removed the blobs of earlier generations"),
+            Err(error) => {
+                tracing::warn!(%error, prefix, "removing the blobs of earlier generations; they stay until the next fetch or the deletion")
+            }
+        }
+    }
+    Ok((action, next.state))
+}
+
+/// The Secret and the source Package a fetch of `source` reads, or why it cannot start yet (a missing Secret).
+async fn fetch_inputs(
+    source: &Source,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Result<(Option<SecretData>, Option<Package>), String>, ReconcileError> {
     let secret = match source.secret_name() {
         Some(name) => match Api::<Secret>::namespaced(ctx.client.clone(), namespace).get_opt(name).await? {
             Some(secret) => Some(SecretData::from_secret(&secret)),
-            None => {
-                let message = format!("Secret {name:?} not found; waiting for it");
-                let next = status::failed(current, "SecretNotFound", &message, false, generation, Timestamp::now());
-                return Ok((next, Action::requeue(retry_delay(current))));
-            }
+            None => return Ok(Err(format!("Secret {name:?} not found; waiting for it"))),
         },
         None => None,
     };
@@ -400,28 +494,7 @@ where
         Some(reference) => Api::<Package>::namespaced(ctx.client.clone(), namespace).get_opt(&reference.name).await?,
         None => None,
     };
-    let deadline = Some(object.fetch_timeout());
-    let inputs = Inputs { secret: secret.as_ref(), source_package: source_package.as_ref(), deadline };
-    let owner = BlobOwner::of(object, namespace);
-    let fetched = ctx.fetcher.fetch(&owner, source, object.checksum_pin(), inputs).await;
-    let now = Timestamp::now();
-    Ok(match fetched {
-        Ok(stored) => {
-            ctx.metrics.stored(stored.digests.size);
-            let digests = status::stored_digests(&stored.digests, stored.blob);
-            let mut next = status::done(current, digests, generation, now);
-            next.resolved_source = stored.resolved;
-            (next, Action::await_change())
-        }
-        Err(error) if error.is_permanent() => {
-            let next = status::failed(current, error.reason(), &error.to_string(), true, generation, now);
-            (next, Action::await_change())
-        }
-        Err(error) => {
-            let next = status::failed(current, error.reason(), &error.to_string(), false, generation, now);
-            (next, Action::requeue(retry_delay(current)))
-        }
-    })
+    Ok(Ok((secret, source_package)))
 }
 
 /// How long to wait before retrying a transient failure: half the time it has been failing, between 5 seconds

@@ -10,7 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::package::AppRef;
-use super::shared::{BitsStatus, Checksum, Source};
+use super::shared::{BitsStatus, Checksum, Refresh, Source};
 
 /// A staged application: the droplet tarball a lifecycle built from a Package, with its start commands.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -25,8 +25,11 @@ use super::shared::{BitsStatus, Checksum, Source};
     derive = "PartialEq",
     printcolumn(name = "Package", type_ = "string", json_path = ".spec.packageRef.name"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
-    printcolumn(name = "Checksum", type_ = "string", json_path = ".status.checksum.value"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Checksum", type_ = "string", json_path = ".status.checksum.value", priority = 1),
+    printcolumn(name = "Interval", type_ = "string", json_path = ".spec.interval", priority = 1),
+    printcolumn(name = "Suspended", type_ = "boolean", json_path = ".spec.suspend", priority = 1)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DropletSpec {
@@ -57,7 +60,10 @@ pub struct DropletSpec {
     /// How long one fetch from the source may take in all, e.g. `10m` (the default), `90s` or `1h`: a fetch
     /// that takes longer (a source that trickles) fails with reason `Timeout` and is tried again with backoff.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::DURATION_PATTERN))]
     pub timeout: Option<String>,
+    #[serde(flatten)]
+    pub refresh: Refresh,
 }
 
 /// A Package in the same namespace.

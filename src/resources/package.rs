@@ -7,7 +7,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::shared::{BitsStatus, Checksum, SecretRef, Source};
+use super::shared::{BitsStatus, Checksum, Refresh, SecretRef, Source};
 
 /// The application's source code, as Cloud Foundry keeps it: a zip of the app (`bits`) or a docker image.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -23,8 +23,11 @@ use super::shared::{BitsStatus, Checksum, SecretRef, Source};
     derive = "PartialEq",
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
-    printcolumn(name = "Checksum", type_ = "string", json_path = ".status.checksum.value"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Checksum", type_ = "string", json_path = ".status.checksum.value", priority = 1),
+    printcolumn(name = "Interval", type_ = "string", json_path = ".spec.interval", priority = 1),
+    printcolumn(name = "Suspended", type_ = "boolean", json_path = ".spec.suspend", priority = 1)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PackageSpec {
@@ -46,7 +49,10 @@ pub struct PackageSpec {
     /// How long one fetch from the source may take in all, e.g. `10m` (the default), `90s` or `1h`: a fetch
     /// that takes longer (a source that trickles) fails with reason `Timeout` and is tried again with backoff.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::DURATION_PATTERN))]
     pub timeout: Option<String>,
+    #[serde(flatten)]
+    pub refresh: Refresh,
 }
 
 impl PackageSpec {
@@ -59,6 +65,7 @@ impl PackageSpec {
             image: None,
             app_ref: None,
             timeout: None,
+            refresh: Refresh::default(),
         }
     }
 }

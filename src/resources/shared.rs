@@ -63,6 +63,25 @@ fn exactly_one_source(schema: &mut schemars::Schema) {
     );
 }
 
+/// Re-checking a mutable source. Packages and Droplets share these fields of their spec.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Refresh {
+    /// How often to look whether an `http` or `objectStore` source changed, e.g. `10m` or `1h`; at least `1m`.
+    /// Absent: the source is fetched once. An http source is asked with a conditional GET (`If-None-Match`,
+    /// `If-Modified-Since`) and an object with a HEAD that compares its ETag, so an unchanged source costs one
+    /// small request and no status write. Changed bits are fetched into a new blob, which replaces the old one
+    /// once the status names it. With `checksum` set, changed bits that do not match it are refused and the
+    /// last good ones stay READY (condition `SourceVerified` False).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::INTERVAL_PATTERN))]
+    pub interval: Option<String>,
+    /// Stop fetching from the source and re-checking it (`Reconciling` False, reason `Suspended`); stored bits
+    /// stay as they are. Objects without a source ignore it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+}
+
 /// An http(s) download.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -288,6 +307,13 @@ pub struct ResolvedSource {
     /// The size the source announced, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+}
+
+impl ResolvedSource {
+    /// Whether the source said anything to ask it "changed since?" with.
+    pub fn has_validators(&self) -> bool {
+        self.etag.is_some() || self.last_modified.is_some()
+    }
 }
 
 /// The annotation that asks for a reconcile now: any new value.

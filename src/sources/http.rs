@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH};
 
 use super::egress::{Egress, GuardedResolver};
 use super::{OpenedSource, SecretData, SourceError, error_chain};
-use crate::resources::HttpSource;
+use crate::resources::{HttpSource, ResolvedSource};
 
 /// Timeouts and limits for http sources.
 #[derive(Clone, Debug)]
@@ -52,13 +52,15 @@ impl HttpFetcher {
         Ok(HttpFetcher { options, egress, shared })
     }
 
-    /// Send the request and check the answer; the body is streamed by the returned source.
+    /// Send the request and check the answer; the body is streamed by the returned source. With `known` (what an
+    /// earlier fetch read) the request is conditional, and `None` means the server still serves that (304).
     pub async fn open(
         &self,
         spec: &HttpSource,
         secret: Option<&SecretData>,
         max_size: u64,
-    ) -> Result<OpenedSource, SourceError> {
+        known: Option<&ResolvedSource>,
+    ) -> Result<Option<OpenedSource>, SourceError> {
         let url = parse_url(&spec.url)?;
         let shown = redacted(&url);
         self.egress.check_url(&url).map_err(|refusal| SourceError::Refused { url: shown.clone(), refusal })?;
@@ -97,6 +99,15 @@ impl HttpFetcher {
             })?;
             headers.insert(name, value);
         }
+        if let Some(known) = known {
+            // The source's own validators, sent back as they came; one that is not a valid header value is skipped.
+            let validators = [(IF_NONE_MATCH, &known.etag), (IF_MODIFIED_SINCE, &known.last_modified)];
+            for (name, value) in validators {
+                if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                    headers.insert(name, value);
+                }
+            }
+        }
         let mut request = client.get(url.clone()).headers(headers);
         request = match &auth.scheme {
             Some(Auth::Basic { username, password }) => request.basic_auth(username, Some(password)),
@@ -106,6 +117,9 @@ impl HttpFetcher {
 
         let response = request.send().await.map_err(|e| classify(&shown, &e, self.options.max_redirects))?;
         let status = response.status();
+        if status == reqwest::StatusCode::NOT_MODIFIED && known.is_some() {
+            return Ok(None);
+        }
         if !status.is_success() {
             return Err(SourceError::HttpStatus { url: shown, status: status.as_u16() });
         }
@@ -114,7 +128,7 @@ impl HttpFetcher {
             return Err(SourceError::TooLarge { url: shown, size, max: max_size });
         }
         let text = |name| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let resolved = crate::resources::ResolvedSource {
+        let resolved = ResolvedSource {
             url: redacted(response.url()),
             etag: text(reqwest::header::ETAG),
             last_modified: text(reqwest::header::LAST_MODIFIED),
@@ -126,7 +140,7 @@ impl HttpFetcher {
             .bytes_stream()
             .map(move |chunk| chunk.map_err(|e| classify(&stream_url, &e, max_redirects)))
             .boxed();
-        Ok(OpenedSource { stream, length, description: shown, resolved })
+        Ok(Some(OpenedSource { stream, length, description: shown, resolved }))
     }
 }
 

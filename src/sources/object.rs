@@ -10,16 +10,19 @@ use super::egress::GuardedResolver;
 use super::options::{self, Origin};
 use super::{OpenedSource, SecretData, SourceError, SourcePolicy, error_chain};
 use crate::object_url::{self, CredentialPolicy, Scheme};
-use crate::resources::ObjectStoreSource;
+use crate::resources::{ObjectStoreSource, ResolvedSource};
 
 /// Look the object up and open it as a stream of ranged reads. Every setting is checked against the allowlist
-/// and every endpoint's address against the egress policy before the first request.
+/// and every endpoint's address against the egress policy before the first request. With `known` (what an earlier
+/// fetch read), `None` means the object's HEAD still describes that: the same ETag, or without ETags the same
+/// size and modification time.
 pub async fn open_object(
     spec: &ObjectStoreSource,
     secret: Option<&SecretData>,
     policy: &SourcePolicy,
     max_size: u64,
-) -> Result<OpenedSource, SourceError> {
+    known: Option<&ResolvedSource>,
+) -> Result<Option<OpenedSource>, SourceError> {
     check_settings(spec, secret, policy).await?;
     let mut options: BTreeMap<String, String> = spec.options.clone();
     if let Some(endpoint) = &spec.endpoint {
@@ -64,17 +67,28 @@ pub async fn open_object(
     if meta.size > max_size {
         return Err(SourceError::TooLarge { url, size: meta.size, max: max_size });
     }
-    let resolved = crate::resources::ResolvedSource {
+    let resolved = ResolvedSource {
         url: url.clone(),
         etag: meta.e_tag.clone(),
         last_modified: Some(meta.last_modified.to_rfc3339()),
         size: Some(meta.size),
     };
+    if known.is_some_and(|known| unchanged(known, &resolved)) {
+        return Ok(None);
+    }
     let stream_url = url.clone();
     let stream = object_url::ranged_stream(client.store, client.path, 0..meta.size)
         .map_err(move |e| read_error(&stream_url, e))
         .boxed();
-    Ok(OpenedSource { stream, length: Some(meta.size), description: url, resolved })
+    Ok(Some(OpenedSource { stream, length: Some(meta.size), description: url, resolved }))
+}
+
+/// Whether a HEAD (`now`) describes the object an earlier fetch read (`known`).
+fn unchanged(known: &ResolvedSource, now: &ResolvedSource) -> bool {
+    match (&known.etag, &now.etag) {
+        (Some(before), Some(after)) => before == after && known.size == now.size,
+        _ => known.last_modified.is_some() && known.last_modified == now.last_modified && known.size == now.size,
+    }
 }
 
 /// Refuse settings outside the backend's allowlist (wherever they are written) and endpoints sources may not
@@ -158,5 +172,26 @@ fn check_file_allowed(url: &str, path: &str, policy: &SourcePolicy) -> Result<()
         Ok(())
     } else {
         Err(SourceError::FileNotAllowed { url: url.to_string(), allowed: root.display().to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_object_is_unchanged_by_its_etag_or_else_by_time_and_size() {
+        let seen = |etag: Option<&str>, modified: Option<&str>, size| ResolvedSource {
+            url: "s3://b/k".into(),
+            etag: etag.map(str::to_string),
+            last_modified: modified.map(str::to_string),
+            size: Some(size),
+        };
+        let known = seen(Some("\"1\""), Some("t1"), 5);
+        assert!(unchanged(&known, &seen(Some("\"1\""), Some("t2"), 5)), "a copy in place keeps the ETag");
+        assert!(!unchanged(&known, &seen(Some("\"2\""), Some("t1"), 5)));
+        assert!(unchanged(&seen(None, Some("t1"), 5), &seen(None, Some("t1"), 5)));
+        assert!(!unchanged(&seen(None, Some("t1"), 5), &seen(None, Some("t1"), 6)));
+        assert!(!unchanged(&seen(None, None, 5), &seen(None, None, 5)), "nothing to compare: changed");
     }
 }

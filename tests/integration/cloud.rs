@@ -111,6 +111,21 @@ async fn objects_as_sources<C: Cloud>(cloud: &C, seed: u64) {
     let copied = fetcher.fetch(&owner("b"), &source, None, inputs).await.unwrap();
     assert_eq!(copied.digests, coreutils_digests(seed, 6 << 20));
 
+    // Asked again with what that fetch read, an unchanged object opens nothing (a HEAD that compares the ETag);
+    // the object overwritten in place is opened again, with a new ETag.
+    let known = copied.resolved.clone().expect("what the source served");
+    assert!(known.etag.is_some(), "{known:?}");
+    let inputs = Inputs { secret: Some(&secret), known: Some(&known), ..Default::default() };
+    assert!(fetcher.open(&source, inputs).await.unwrap().is_none(), "unchanged");
+    let mut overwrite = store.begin_write().await.unwrap();
+    overwrite.write(bytes::Bytes::from(bytes(seed + 100, 1 << 20))).await.unwrap();
+    overwrite.commit(&original.blob.key).await.unwrap();
+    let inputs = Inputs { secret: Some(&secret), known: Some(&known), ..Default::default() };
+    let changed = fetcher.open(&source, inputs).await.unwrap().expect("the object changed");
+    assert_ne!(changed.resolved().unwrap().etag, known.etag);
+    let stored = changed.store(&owner("b"), None).await.unwrap();
+    assert_eq!(stored.digests, coreutils_digests(seed + 100, 1 << 20));
+
     let mut wrong = secret.clone();
     wrong.entries.insert(C::SECRET_KEY_ENTRY.into(), C::WRONG_SECRET_KEY.as_bytes().to_vec());
     let inputs = Inputs { secret: Some(&wrong), source_package: None, ..Default::default() };
@@ -131,7 +146,7 @@ async fn objects_as_sources<C: Cloud>(cloud: &C, seed: u64) {
     let err = fetcher.fetch(&owner("c"), &missing, None, inputs).await.unwrap_err();
     assert!(matches!(err, PipelineError::Source(SourceError::NotFound { .. })), "{err}");
 
-    assert_eq!(lister.keys().await.len(), 2, "{:?}", lister.keys().await);
+    assert_eq!(lister.keys().await.len(), 3, "the original, and both versions copied: {:?}", lister.keys().await);
 }
 
 #[tokio::test]

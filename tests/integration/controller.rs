@@ -11,7 +11,7 @@ use bitsmith::ops::Ops;
 
 use crate::support::data::coreutils_digests;
 use crate::support::http_server::{Reply, TestServer};
-use crate::support::kube::{install_crds, kube_ok, namespace, wait_for};
+use crate::support::kube::{install_crds, kube_ok, namespace, wait_for, wait_for_within};
 use crate::support::{file_fetcher, files_under};
 
 /// A namespace of its own, a loopback source server, a file store, and a controller watching that namespace.
@@ -90,7 +90,7 @@ async fn packages_go_ready_and_their_blobs_go_with_them() {
     wait_for(ns, "pkg/app", "{.status.hash.value}", &expected.sha1).await;
     wait_for(ns, "pkg/app", "{.status.size}", &(5u64 << 20).to_string()).await;
     wait_for(ns, "pkg/app", "{.status.conditions[?(@.type==\"Ready\")].status}", "True").await;
-    let table = kube_ok(&["get", "pkg", "app", "-n", ns], None);
+    let table = kube_ok(&["get", "pkg", "app", "-n", ns, "-o", "wide"], None);
     assert!(table.contains("READY") && table.contains(&expected.sha256), "{table}");
     let events = kube_ok(&["get", "events", "-n", ns, "-o", "jsonpath={.items[*].reason}"], None);
     assert!(events.contains("Succeeded"), "an Event for the transition: {events}");
@@ -605,4 +605,101 @@ async fn a_reconcile_request_is_handled_at_once_and_looks_at_the_stored_bits() {
         None,
     );
     assert!(reasons.contains("BlobMissing"), "{reasons}");
+}
+
+/// `spec.interval`, with a real wait of one interval: a source changed in place is fetched again (new revision,
+/// old blob gone, an Event); an unchanged one is asked with a conditional GET and its status is not written; a
+/// pinned one that changes keeps its good bits READY and says so; a suspended one is not asked at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutable_sources_are_checked_again_every_interval() {
+    let Setup { ns, server, store, .. } = &setup("interval").await;
+    let size = 60_000;
+    let version = |seed: u64, etag: &str| Reply::Versioned { seed, size, etag: etag.into() };
+    for (path, seed) in [("/same.zip", 161), ("/moving.zip", 162), ("/pinned.zip", 163), ("/paused.zip", 164)] {
+        server.route(path, version(seed, "v1"));
+    }
+    let pin = coreutils_digests(163, size).sha256;
+    let every_minute = "  interval: 1m\n";
+    let manifests = [
+        http_package("same", &server.url("/same.zip"), every_minute),
+        http_package("moving", &server.url("/moving.zip"), every_minute),
+        http_package(
+            "pinned",
+            &server.url("/pinned.zip"),
+            &format!("{every_minute}  checksum:\n    type: sha256\n    value: {pin}\n"),
+        ),
+        http_package("paused", &server.url("/paused.zip"), every_minute),
+    ]
+    .join("---\n");
+    kube_ok(&["apply", "-n", ns, "-f", "-"], Some(&manifests));
+    for name in ["same", "moving", "pinned", "paused"] {
+        wait_for(ns, &format!("pkg/{name}"), "{.status.state}", "READY").await;
+    }
+    let get =
+        |name: &str, path: &str| kube_ok(&["get", "pkg", name, "-n", ns, "-o", &format!("jsonpath={path}")], None);
+    kube_ok(&["patch", "pkg", "paused", "-n", ns, "--type=merge", "-p", r#"{"spec":{"suspend":true}}"#], None);
+    wait_for(ns, "pkg/paused", "{.status.conditions[?(@.type==\"Reconciling\")].reason}", "Suspended").await;
+    assert_eq!(get("paused", "{.status.conditions[?(@.type==\"Reconciling\")].status}"), "False");
+    let unchanged_version = get("same", "{.metadata.resourceVersion}");
+    let first_revision = get("moving", "{.status.artifact.revision}");
+
+    server.route("/moving.zip", version(165, "v2"));
+    server.route("/pinned.zip", version(166, "v2"));
+    server.route("/paused.zip", version(167, "v2"));
+    let moved = coreutils_digests(165, size).sha256;
+    let interval_and_margin = Duration::from_secs(60 + 30);
+    wait_for_within(ns, "pkg/moving", "{.status.checksum.value}", &moved, interval_and_margin).await;
+    assert_eq!(get("moving", "{.status.artifact.revision}"), format!("sha256:{moved}"));
+    assert_ne!(get("moving", "{.status.artifact.revision}"), first_revision);
+    assert_eq!(get("moving", "{.status.resolvedSource.etag}"), "\"v2\"");
+    wait_for_within(
+        ns,
+        "pkg/pinned",
+        "{.status.conditions[?(@.type==\"SourceVerified\")].reason}",
+        "ChecksumMismatch",
+        interval_and_margin,
+    )
+    .await;
+    assert_eq!(get("pinned", "{.status.state}"), "READY");
+    assert_eq!(get("pinned", "{.status.checksum.value}"), pin, "the bits that match stay");
+    assert_eq!(get("pinned", "{.status.conditions[?(@.type==\"Ready\")].status}"), "True");
+
+    // The unchanged source was asked too, conditionally, and answered 304: nothing was written.
+    let asked = |path: &str| server.seen.lock().unwrap().iter().filter(|s| s.path == path).cloned().collect::<Vec<_>>();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while asked("/same.zip").len() < 2 {
+        assert!(Instant::now() < deadline, "the unchanged source was not asked again: {:?}", asked("/same.zip"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let again = &asked("/same.zip")[1];
+    assert_eq!(again.headers.get("if-none-match").map(String::as_str), Some("\"v1\""), "{:?}", again.headers);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        get("same", "{.metadata.resourceVersion}"),
+        unchanged_version,
+        "no status write for an unchanged source"
+    );
+    assert_eq!(asked("/paused.zip").len(), 1, "a suspended source is left alone");
+    assert_eq!(get("paused", "{.status.checksum.value}"), coreutils_digests(164, size).sha256);
+
+    let events = |name: &str| {
+        kube_ok(
+            &[
+                "get",
+                "events",
+                "-n",
+                ns,
+                "--field-selector",
+                &format!("involvedObject.name={name}"),
+                "-o",
+                "jsonpath={.items[*].reason}",
+            ],
+            None,
+        )
+    };
+    assert!(events("moving").contains("NewRevision"), "{}", events("moving"));
+    assert!(events("pinned").contains("ChecksumMismatch"), "{}", events("pinned"));
+    // One blob per Package: the moving one's earlier blob went once its status named the new one.
+    let blobs: Vec<_> = files_under(store.path()).into_iter().filter(|f| f.starts_with("packages")).collect();
+    assert_eq!(blobs.len(), 4, "{blobs:?}");
 }

@@ -30,8 +30,13 @@ fn crds_need_no_cel_and_declare_the_printer_columns() {
     assert_eq!(package.spec.scope, "Namespaced");
     let version = &package.spec.versions[0];
     assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
-    let columns: Vec<_> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-    assert_eq!(columns, ["Type", "State", "Checksum", "Age"]);
+    let columns = version.additional_printer_columns.iter().flatten();
+    let shown = |wide: bool| -> Vec<_> {
+        columns.clone().filter(|c| wide || c.priority.unwrap_or(0) == 0).map(|c| c.name.as_str()).collect()
+    };
+    // What fits a terminal by default; the 64-digit checksum and the refresh settings with `-o wide`.
+    assert_eq!(shown(false), ["Type", "State", "Ready", "Age"]);
+    assert_eq!(shown(true), ["Type", "State", "Ready", "Age", "Checksum", "Interval", "Suspended"]);
     let schema = serde_json::to_value(&version.schema).unwrap();
     let source = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["source"];
     assert_eq!(source["oneOf"].as_array().map(|a| a.len()), Some(3), "source must say exactly one variant");
@@ -55,8 +60,24 @@ fn a_kubernetes_1_20_apiserver_serves_the_crds() {
 
     let table = kubectl_ok(&["get", "pkg", "-n", &ns, "hello"], None);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "TYPE", "STATE", "CHECKSUM", "AGE"]);
+    assert_eq!(header, ["NAME", "TYPE", "STATE", "READY", "AGE"]);
     assert!(table.contains("hello") && table.contains("bits"), "{table}");
+    let wide = kubectl_ok(&["get", "pkg", "-n", &ns, "hello", "-o", "wide"], None);
+    let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "TYPE", "STATE", "READY", "AGE", "CHECKSUM", "INTERVAL", "SUSPENDED"]);
+
+    // Durations are checked by the API server: an interval under a minute or a timeout that is not a duration.
+    let watched = |interval: &str, timeout: &str| {
+        format!(
+            "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: watched\nspec:\n  type: bits\n  source:\n    http: {{url: 'http://127.0.0.1/a.zip'}}\n  interval: '{interval}'\n  timeout: '{timeout}'\n"
+        )
+    };
+    for (interval, timeout, field) in [("30s", "10m", "spec.interval"), ("1m", "forever", "spec.timeout")] {
+        let out = kubectl(&["apply", "--dry-run=server", "-n", &ns, "-f", "-"], Some(&watched(interval, timeout)));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(field), "{interval} / {timeout}: {stderr}");
+    }
+    kubectl_ok(&["apply", "--dry-run=server", "-n", &ns, "-f", "-"], Some(&watched("1h30m", "90s")));
 
     let two_sources = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: two\nspec:\n  type: bits\n  source:\n    http: {url: 'http://127.0.0.1/a.zip'}\n    package: {name: hello}\n";
     let out = kubectl(&["apply", "-n", &ns, "-f", "-"], Some(two_sources));

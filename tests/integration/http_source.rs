@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bitsmith::fetch::Inputs;
 use bitsmith::pipeline::PipelineError;
-use bitsmith::resources::{Checksum, ChecksumType, Header, HttpSource, SecretRef, Source};
+use bitsmith::resources::{Checksum, ChecksumType, Header, HttpSource, ResolvedSource, SecretRef, Source};
 use bitsmith::sources::{HttpOptions, SecretData, SourceError};
 
 use crate::support::data::coreutils_digests;
@@ -152,6 +152,39 @@ async fn checksum_pins_are_enforced() {
             fetcher.fetch(&owner("pinned"), &http_source(server.url("/app.zip")), Some(&pin), Inputs::default()).await;
         assert_eq!(stored.unwrap().digests, expected);
     }
+}
+
+/// Asked with what an earlier fetch read, an unchanged http source answers 304 and nothing is opened; a changed
+/// one is opened, with its new validators. A server without validators is simply fetched.
+#[tokio::test]
+async fn conditional_requests_open_only_changed_sources() {
+    let server = TestServer::start().await;
+    server.route("/app.zip", Reply::Versioned { seed: 81, size: 300_000, etag: "v1".into() });
+    let dir = tempfile::tempdir().unwrap();
+    let fetcher = file_fetcher(dir.path(), 1 << 30);
+    let source = http_source(server.url("/app.zip"));
+    let first = fetcher.fetch(&owner("versioned"), &source, None, Inputs::default()).await.unwrap();
+    let known = first.resolved.clone().unwrap();
+    assert_eq!(known.etag.as_deref(), Some("\"v1\""));
+    assert!(known.last_modified.is_some());
+
+    let inputs = Inputs { known: Some(&known), ..Default::default() };
+    assert!(fetcher.open(&source, inputs).await.unwrap().is_none(), "304: unchanged");
+    let asked = server.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(asked.headers.get("if-none-match").map(String::as_str), Some("\"v1\""));
+    assert!(asked.headers.contains_key("if-modified-since"), "{:?}", asked.headers);
+
+    server.route("/app.zip", Reply::Versioned { seed: 82, size: 200_000, etag: "v2".into() });
+    let inputs = Inputs { known: Some(&known), ..Default::default() };
+    let changed = fetcher.open(&source, inputs).await.unwrap().expect("changed");
+    assert_eq!(changed.resolved().unwrap().etag.as_deref(), Some("\"v2\""));
+    let stored = changed.store(&owner("versioned"), None).await.unwrap();
+    assert_eq!(stored.digests, coreutils_digests(82, 200_000));
+
+    server.route("/plain.zip", Reply::Body { seed: 83, size: 1000, length: true });
+    let plain = ResolvedSource { url: server.url("/plain.zip"), ..Default::default() };
+    let inputs = Inputs { known: Some(&plain), ..Default::default() };
+    assert!(fetcher.open(&http_source(server.url("/plain.zip")), inputs).await.unwrap().is_some());
 }
 
 #[tokio::test]

@@ -26,6 +26,9 @@ pub enum Reply {
     Stall { seed: u64, announced: u64, sent: u64 },
     /// 302 to another path on this server, or to an absolute URL.
     Redirect(String),
+    /// Like `Body` with a Content-Length, an ETag (`"<etag>"`) and a Last-Modified; 304 Not Modified to a request
+    /// whose If-None-Match names the ETag.
+    Versioned { seed: u64, size: u64, etag: String },
     /// Answer `then` only if the request carries this header value; 401 otherwise.
     Require { header: String, value: String, then: Box<Reply> },
 }
@@ -146,6 +149,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     while let Reply::Require { header, value, then } = reply.clone() {
         reply = if headers.get(&header.to_ascii_lowercase()) == Some(&value) { *then } else { Reply::Status(401) };
     }
+    if let Reply::Versioned { etag, .. } = &reply
+        && headers.get("if-none-match") == Some(&format!("\"{etag}\""))
+    {
+        reply = Reply::Status(304);
+    }
     let _ = answer(&mut stream, reply).await;
 }
 
@@ -169,6 +177,13 @@ async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, reply: Reply) -> std::io:
             stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n").await?;
             send(stream, seed, size, true).await?;
             stream.write_all(b"0\r\n\r\n").await?;
+        }
+        Reply::Versioned { seed, size, etag } => {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {size}\r\netag: \"{etag}\"\r\nlast-modified: Mon, 30 Nov 2026 12:00:00 GMT\r\nconnection: close\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await?;
+            send(stream, seed, size, false).await?;
         }
         Reply::Slow { seed, size, per_second } => {
             let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n");

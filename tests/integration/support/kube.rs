@@ -110,8 +110,13 @@ pub fn kube_ok(args: &[&str], stdin: Option<&str>) -> String {
 
 /// Poll `jsonpath` of an object until it equals `want`, for at most a minute.
 pub async fn wait_for(ns: &str, object: &str, jsonpath: &str, want: &str) {
+    wait_for_within(ns, object, jsonpath, want, std::time::Duration::from_secs(60)).await
+}
+
+/// Poll `jsonpath` of an object until it equals `want`, for at most `limit`.
+pub async fn wait_for_within(ns: &str, object: &str, jsonpath: &str, want: &str, limit: std::time::Duration) {
     use std::time::{Duration, Instant};
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + limit;
     loop {
         let out = tokio::task::block_in_place(|| {
             kubectl(&["get", object, "-n", ns, "-o", &format!("jsonpath={jsonpath}")], None)
@@ -120,7 +125,7 @@ pub async fn wait_for(ns: &str, object: &str, jsonpath: &str, want: &str) {
         if got == want {
             return;
         }
-        assert!(Instant::now() < deadline, "{object}: {jsonpath} is {got:?}, not {want:?}, after 60 s");
+        assert!(Instant::now() < deadline, "{object}: {jsonpath} is {got:?}, not {want:?}, after {limit:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

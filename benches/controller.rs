@@ -14,7 +14,7 @@ use axum::routing::get;
 use bitsmith::controller::{self, Options};
 use bitsmith::fetch::Fetcher;
 use bitsmith::metrics::Metrics;
-use bitsmith::resources::{HttpSource, Package, PackageSpec, PackageState, PackageType, Source};
+use bitsmith::resources::{HttpSource, Package, PackageSpec, PackageState, Source};
 use bitsmith::store::BlobStore;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Event, Namespace};
@@ -45,14 +45,7 @@ fn package(n: usize, base: &str) -> Package {
         http: Some(HttpSource { url: format!("{base}/bits/{n}"), ..Default::default() }),
         ..Default::default()
     };
-    let spec = PackageSpec {
-        package_type: PackageType::Bits,
-        source: Some(source),
-        checksum: None,
-        image: None,
-        app_ref: None,
-        timeout: None,
-    };
+    let spec = PackageSpec::bits(Some(source));
     Package::new(&format!("app-{n:04}"), spec)
 }
 

@@ -4,7 +4,10 @@
 --   Progressing  not yet seen, an older generation, or bits being fetched, copied or uploaded
 --   Degraded     FAILED, or Stalled (retrying cannot help: see the message)
 --   Suspended    AWAITING_UPLOAD: waiting for someone to upload the bits; EXPIRED: past retention, its bits
---                removed on purpose (final, and nothing to repair)
+--                removed on purpose (final, and nothing to repair); spec.suspend (Reconciling False, Suspended)
+-- Stored bits found missing or corrupt (reason BlobMissing / BlobCorrupt) are Progressing while they are fetched
+-- again, Degraded when they were uploaded and cannot be. A pinned source that changed to other bits
+-- (SourceVerified False) stays Healthy, since the bits that match stay; the message says what the source did.
 local hs = {}
 local status = obj.status
 if status == nil or status.state == nil then
@@ -44,6 +47,11 @@ if status.state == "FAILED" or (stalled ~= nil and stalled.status == "True") the
 end
 
 local reconciling = condition("Reconciling")
+if reconciling ~= nil and reconciling.status == "False" and reconciling.reason == "Suspended" then
+  hs.status = "Suspended"
+  hs.message = reconciling.message
+  return hs
+end
 if reconciling ~= nil and reconciling.status == "True" then
   hs.status = "Progressing"
   hs.message = reconciling.message or reconciling.reason
@@ -52,8 +60,12 @@ end
 
 if status.state == "READY" or status.state == "STAGED" then
   local ready = condition("Ready")
+  local verified = condition("SourceVerified")
   hs.status = "Healthy"
   hs.message = (ready and ready.message) or status.state
+  if verified ~= nil and verified.status == "False" then
+    hs.message = verified.message
+  end
   return hs
 end
 

@@ -128,6 +128,29 @@ async fn argocd_health_follows_the_status_the_controller_writes() {
     expired["status"] =
         serde_json::to_value(bitsmith::status::expired(&status, message, Some(1), Timestamp::now())).unwrap();
     assert_eq!(argocd_health(&expired), ("Suspended".to_string(), message.to_string()));
+    // Stored bits lost: fetched again (Progressing), or, uploaded, gone for good (Degraded).
+    let with_status = |status: bitsmith::resources::PackageStatus| {
+        let mut object = ready.clone();
+        object["status"] = serde_json::to_value(status).unwrap();
+        argocd_health(&object)
+    };
+    let lost = |refetch| {
+        bitsmith::status::bits_lost(&status, "BlobMissing", "blob k is gone", refetch, Some(1), Timestamp::now())
+    };
+    let refetching = with_status(lost(true));
+    assert_eq!(refetching.0, "Progressing", "{refetching:?}");
+    assert!(refetching.1.contains("fetching them again"), "{refetching:?}");
+    let gone = with_status(lost(false));
+    assert_eq!(gone.0, "Degraded", "{gone:?}");
+    assert!(gone.1.contains("upload them again"), "{gone:?}");
+    // spec.suspend, and a pinned source that changed to other bits.
+    let suspended = with_status(bitsmith::status::suspended(&status, Some(1), Timestamp::now()));
+    assert_eq!(suspended.0, "Suspended", "{suspended:?}");
+    assert!(suspended.1.contains("spec.suspend"), "{suspended:?}");
+    let refused = bitsmith::status::source_unverified(&status, "checksum mismatch: x", Some(1), Timestamp::now());
+    let refused = with_status(refused);
+    assert_eq!(refused.0, "Healthy", "{refused:?}");
+    assert!(refused.1.contains("checksum mismatch"), "{refused:?}");
     let artifact = &ready["status"]["artifact"];
     assert_eq!(artifact["digest"], format!("sha256:{}", crate::support::data::coreutils_digests(80, 10_000).sha256));
     assert_eq!(artifact["revision"], artifact["digest"]);

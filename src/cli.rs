@@ -1,4 +1,5 @@
-//! The command line: `bitsmith crd`, `fetch`, `controller` and `api`.
+//! The command line: `bitsmith crd`, `fetch`, `controller` and `api`; and `push`, `download` and `wait`, which are
+//! also `kubectl bitsmith …` when the binary runs as `kubectl-bitsmith`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,6 +40,12 @@ pub enum Command {
     Controller(Box<ControllerArgs>),
     /// Serve the CF v3 API alone (any number of replicas behind one Service).
     Api(Box<ApiServerArgs>),
+    /// Upload an app directory (or a zip) to a Package straight to bitsmith's API, and wait until it is READY.
+    Push(crate::plugin::PushArgs),
+    /// Download a READY Package's bits into a file, checked against its sha256.
+    Download(crate::plugin::DownloadArgs),
+    /// Wait until a Package is READY (exit 0) or FAILED (exit 1), and print its sha256.
+    Wait(crate::plugin::WaitArgs),
 }
 
 /// The CF v3 API's settings.
@@ -374,7 +381,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Parse a positive duration such as 30s, 2m or 500ms.
-fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
     match humantime::parse_duration(text) {
         Ok(duration) if duration.is_zero() => Err("must be more than zero".into()),
         Ok(duration) => Ok(duration),
@@ -401,6 +408,9 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Fetch(args) => fetch(args).await,
         Command::Controller(args) => controller(*args).await,
         Command::Api(args) => api(*args).await,
+        Command::Push(args) => crate::plugin::push(args).await.map_err(|e| e.to_string()),
+        Command::Download(args) => crate::plugin::download(args).await.map_err(|e| e.to_string()),
+        Command::Wait(args) => crate::plugin::wait(args).await.map_err(|e| e.to_string()),
     }
 }
 

@@ -27,6 +27,7 @@ pub mod offline;
 pub mod ops;
 pub mod pipeline;
 pub mod plan;
+pub mod plugin;
 pub mod rechecks;
 pub mod record;
 pub mod resources;

@@ -1,12 +1,22 @@
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 #[tokio::main]
 async fn main() {
     return_large_buffers_to_the_os();
-    let cli = bitsmith::cli::Cli::parse();
+    // Run as `kubectl-bitsmith` (a symlink or a copy on the PATH), this is the kubectl plugin `kubectl bitsmith`.
+    let plugin = std::env::args_os()
+        .next()
+        .and_then(|argv0| std::path::Path::new(&argv0).file_name().map(|n| n.to_string_lossy().into_owned()))
+        .is_some_and(|name| name.starts_with("kubectl-bitsmith"));
+    let (name, command) = if plugin {
+        ("kubectl bitsmith", bitsmith::cli::Cli::command().bin_name("kubectl bitsmith"))
+    } else {
+        ("bitsmith", bitsmith::cli::Cli::command())
+    };
+    let cli = bitsmith::cli::Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     bitsmith::telemetry::init(cli.log_json);
     if let Err(line) = bitsmith::cli::run(cli).await {
-        eprintln!("bitsmith: {line}");
+        eprintln!("{name}: {line}");
         std::process::exit(1);
     }
 }

@@ -1,0 +1,169 @@
+//! An app directory as a push sees it: the files and directories `.cfignore` leaves in, each file with its size,
+//! mode and sha1 (hashed on every core), and what was skipped. Symlinks are not followed: a link could name
+//! anything on the pusher's disk.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sha1::Digest;
+
+use super::cfignore::{CfIgnore, CfIgnoreError};
+
+/// One file to push.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppFile {
+    /// `/`-separated, relative to the app's root.
+    pub path: String,
+    pub full: PathBuf,
+    pub size: u64,
+    /// Permission bits, e.g. `0o644`.
+    pub mode: u32,
+    /// Lowercase hex.
+    pub sha1: String,
+}
+
+/// What a push of a directory takes.
+#[derive(Debug, Default)]
+pub struct AppDir {
+    pub files: Vec<AppFile>,
+    /// Directories, `/`-separated and ending in `/`, parents first; empty ones are kept too.
+    pub dirs: Vec<String>,
+    /// Symlinks and other things that are not files or directories, left out.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppDirError {
+    #[error("reading {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: a file name that is not UTF-8")]
+    NotUtf8 { path: String },
+    #[error(transparent)]
+    CfIgnore(#[from] CfIgnoreError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AppDirError + '_ {
+    move |source| AppDirError::Io { path: path.display().to_string(), source }
+}
+
+impl AppDir {
+    /// Walk `root` as `.cfignore` says, then hash every file, `threads` at a time.
+    pub fn read(root: &Path, threads: usize) -> Result<Self, AppDirError> {
+        let cfignore = match std::fs::read_to_string(root.join(".cfignore")) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&root.join(".cfignore"))(e)),
+        };
+        let rules = CfIgnore::new(root, cfignore.as_deref())?;
+        let mut dir = AppDir::default();
+        let mut pending = vec![(root.to_path_buf(), String::new())];
+        while let Some((full, relative)) = pending.pop() {
+            let mut entries =
+                std::fs::read_dir(&full).map_err(io(&full))?.collect::<Result<Vec<_>, _>>().map_err(io(&full))?;
+            // A stable order: the same directory zips the same way every time.
+            entries.sort_by_key(|e| e.file_name());
+            for entry in entries.iter().rev() {
+                let name = entry.file_name();
+                let name =
+                    name.to_str().ok_or_else(|| AppDirError::NotUtf8 { path: entry.path().display().to_string() })?;
+                let path = if relative.is_empty() { name.to_string() } else { format!("{relative}/{name}") };
+                let meta = entry.path().symlink_metadata().map_err(io(&entry.path()))?;
+                if rules.ignores(&path, meta.is_dir()) {
+                    continue;
+                }
+                if meta.is_dir() {
+                    pending.push((entry.path(), path));
+                } else if meta.is_file() {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = meta.permissions().mode() & 0o7777;
+                    dir.files.push(AppFile { path, full: entry.path(), size: meta.len(), mode, sha1: String::new() });
+                } else {
+                    dir.skipped.push(path);
+                }
+            }
+            if !relative.is_empty() {
+                dir.dirs.push(format!("{relative}/"));
+            }
+        }
+        dir.files.sort_by(|a, b| a.path.cmp(&b.path));
+        dir.dirs.sort();
+        hash_all(&mut dir.files, threads)?;
+        Ok(dir)
+    }
+
+    /// Bytes in all files.
+    pub fn total_size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Fill in every file's sha1, `threads` files at a time.
+fn hash_all(files: &mut [AppFile], threads: usize) -> Result<(), AppDirError> {
+    let next = AtomicUsize::new(0);
+    let hashes: Vec<std::sync::OnceLock<String>> = files.iter().map(|_| Default::default()).collect();
+    let files_ref: &[AppFile] = files;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                scope.spawn(|| -> Result<(), AppDirError> {
+                    let mut buffer = vec![0u8; 256 << 10];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(file) = files_ref.get(i) else { return Ok(()) };
+                        let _ = hashes[i].set(sha1_of(&file.full, &mut buffer)?);
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().expect("a hashing thread panicked"))
+    })?;
+    for (file, hash) in files.iter_mut().zip(hashes) {
+        file.sha1 = hash.into_inner().expect("every file hashed");
+    }
+    Ok(())
+}
+
+fn sha1_of(path: &Path, buffer: &mut [u8]) -> Result<String, AppDirError> {
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = sha1::Sha1::new();
+    loop {
+        let n = file.read(buffer).map_err(io(path))?;
+        if n == 0 {
+            return Ok(crate::digest::to_hex(&hasher.finalize()));
+        }
+        hasher.update(&buffer[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_walked_as_cfignore_says_and_hashed() {
+        let root = tempfile::tempdir().unwrap();
+        let write = |path: &str, data: &[u8]| {
+            let full = root.path().join(path);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(full, data).unwrap();
+        };
+        write("app.js", b"console.log(1)");
+        write("lib/deep/util.js", b"");
+        write("debug.log", b"noise");
+        write(".git/config", b"[core]");
+        write("manifest.yml", b"applications: []");
+        write(".cfignore", b"*.log\n");
+        std::fs::create_dir_all(root.path().join("empty")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.path().join("link")).unwrap();
+
+        let dir = AppDir::read(root.path(), 2).unwrap();
+        let paths: Vec<_> = dir.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["app.js", "lib/deep/util.js"]);
+        assert_eq!(dir.dirs, ["empty/", "lib/", "lib/deep/"]);
+        assert_eq!(dir.skipped, ["link"]);
+        assert_eq!(dir.files[1].sha1, "da39a3ee5e6b4b0d3255bfef95601890afd80709", "sha1 of nothing");
+        assert_eq!(dir.files[0].size, 14);
+        assert_eq!(dir.total_size(), 14);
+    }
+}

@@ -1,0 +1,529 @@
+//! The client side: `bitsmith push|download|wait`, also run as the kubectl plugin `kubectl bitsmith …` (the binary
+//! named `kubectl-bitsmith`). It finds Packages through the Kubernetes API with the user's kubeconfig, and sends
+//! bits straight to bitsmith's own API (the Package's `status.links`, or `--api-url`), never through
+//! kube-apiserver, whose request timeout would cut a long upload.
+
+pub mod appdir;
+pub mod cfignore;
+mod progress;
+pub mod zipstream;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use clap::Args;
+use futures::StreamExt;
+use kube::api::PostParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, ResourceExt};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use sha2::Digest;
+use tokio::io::AsyncWriteExt;
+
+use crate::resources::{AppRef, Package, PackageSpec, PackageState};
+use appdir::{AppDir, AppFile};
+use progress::Progress;
+
+/// How to reach the cluster and the API, as kubectl users expect.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Target {
+    /// The namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// The kubeconfig context to use.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// The kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// bitsmith's API, e.g. `https://bits.example.com`, when the Package's status has no links (a controller run
+    /// without the API).
+    #[arg(long)]
+    pub api_url: Option<url::Url>,
+    /// A PEM CA that bitsmith's API certificate chains to, besides the system's.
+    #[arg(long)]
+    pub api_ca: Option<PathBuf>,
+}
+
+/// `push PATH PACKAGE`.
+#[derive(Args, Debug, Clone)]
+pub struct PushArgs {
+    /// An app directory (walked as its `.cfignore` says) or a `.zip`.
+    pub path: PathBuf,
+    /// The Package to upload to; it must await an upload.
+    pub package: String,
+    /// Create the Package when it does not exist.
+    #[arg(long)]
+    pub create: bool,
+    /// With --create: the app it belongs to (`spec.appRef.name`).
+    #[arg(long, requires = "create")]
+    pub app: Option<String>,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// How long to wait for the Package to become READY after the upload.
+    #[arg(long, default_value = "5m", value_parser = crate::cli::parse_timeout)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// `download PACKAGE -o FILE`.
+#[derive(Args, Debug, Clone)]
+pub struct DownloadArgs {
+    pub package: String,
+    /// Where to write the bits; the file appears only once its sha256 matched the Package's.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// `wait PACKAGE`.
+#[derive(Args, Debug, Clone)]
+pub struct WaitArgs {
+    pub package: String,
+    /// How long to wait for READY.
+    #[arg(long, default_value = "5m", value_parser = crate::cli::parse_timeout)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Why a command failed, as one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    #[error("{0}")]
+    Kube(String),
+    #[error("package {name:?} not found in namespace {namespace:?}{hint}")]
+    NotFound { name: String, namespace: String, hint: &'static str },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{what}: HTTP {status} {title}: {detail}")]
+    Api { what: &'static str, status: u16, title: String, detail: String },
+    #[error("{url}: {detail}")]
+    Http { url: String, detail: String },
+    #[error("package {name:?} FAILED: {reason}")]
+    Failed { name: String, reason: String },
+    #[error("package {name:?} is not READY after {}", humantime::format_duration(*.after))]
+    Timeout { name: String, after: Duration },
+    #[error("{0}")]
+    AppDir(#[from] appdir::AppDirError),
+    #[error("{0}")]
+    Zip(#[from] zipstream::ZipStreamError),
+    #[error("{path}: {source}")]
+    File { path: String, source: std::io::Error },
+    #[error("the downloaded bits have sha256 {actual}, the package says {expected}; nothing was kept")]
+    Mismatch { expected: String, actual: String },
+}
+
+impl From<kube::Error> for PluginError {
+    fn from(error: kube::Error) -> Self {
+        match error {
+            kube::Error::Api(status) => PluginError::Kube(format!("kubernetes: {} ({})", status.message, status.code)),
+            other => PluginError::Kube(format!("kubernetes: {}", crate::sources::error_chain(&other))),
+        }
+    }
+}
+
+/// The cluster, the namespace and the API, as the user's kubeconfig and flags say.
+struct Session {
+    client: kube::Client,
+    namespace: String,
+    /// The kubeconfig user's bearer token, which bitsmith's API takes as Kubernetes does.
+    token: Option<String>,
+    target: Target,
+    http: reqwest::Client,
+}
+
+impl Session {
+    async fn open(target: &Target) -> Result<Self, PluginError> {
+        let bad = |e: &(dyn std::error::Error + 'static)| PluginError::Kubeconfig(crate::sources::error_chain(e));
+        let kubeconfig = match &target.kubeconfig {
+            Some(path) => Kubeconfig::read_from(path).map_err(|e| bad(&e))?,
+            None => Kubeconfig::read().map_err(|e| bad(&e))?,
+        };
+        let options = KubeConfigOptions { context: target.context.clone(), ..Default::default() };
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|e| bad(&e))?;
+        let token = match (&config.auth_info.token, &config.auth_info.token_file) {
+            (Some(token), _) => Some(token.expose_secret().to_string()),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|source| PluginError::File { path: file.clone(), source })?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let namespace = target.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+        let client = kube::Client::try_from(config).map_err(|e| bad(&e))?;
+        let mut http = reqwest::Client::builder()
+            .user_agent(concat!("kubectl-bitsmith/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(15))
+            // Redirects are followed by hand, without the credentials (see `download`).
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(path) = &target.api_ca {
+            let pem =
+                std::fs::read(path).map_err(|source| PluginError::File { path: path.display().to_string(), source })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| PluginError::Refused(format!("--api-ca {}: {e}", path.display())))?;
+            http = http.tls_certs_merge(certs);
+        }
+        let http = http.build().map_err(|e| PluginError::Refused(format!("http client: {e}")))?;
+        Ok(Session { client, namespace, token, target: target.clone(), http })
+    }
+
+    fn packages(&self) -> Api<Package> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    async fn package(&self, name: &str, hint: &'static str) -> Result<Package, PluginError> {
+        self.packages().get_opt(name).await?.ok_or_else(|| PluginError::NotFound {
+            name: name.into(),
+            namespace: self.namespace.clone(),
+            hint,
+        })
+    }
+
+    fn bearer(&self) -> Result<&str, PluginError> {
+        self.token.as_deref().ok_or_else(|| {
+            PluginError::Refused(
+                "this kubeconfig user has no bearer token, which bitsmith's API needs (e.g. a ServiceAccount token from `kubectl create token`)".into(),
+            )
+        })
+    }
+
+    /// The URL of one of the package's API actions: its status's link, else under `--api-url`.
+    fn action_url(&self, package: &Package, action: Action) -> Result<String, PluginError> {
+        let links = package.status.as_ref().and_then(|s| s.links.as_ref());
+        let link = links.and_then(|l| match action {
+            Action::Upload => l.upload.as_ref(),
+            Action::Download => l.download.as_ref(),
+        });
+        if let Some(link) = link {
+            return Ok(link.href.clone());
+        }
+        let uid = package.uid().unwrap_or_default();
+        match &self.target.api_url {
+            Some(base) => Ok(format!("{}/v3/packages/{uid}/{}", base.as_str().trim_end_matches('/'), action.path())),
+            None => Err(PluginError::Refused(format!(
+                "package {:?} has no {} link in its status (is the controller running with the API?); name the API with --api-url",
+                package.name_any(),
+                action.path()
+            ))),
+        }
+    }
+
+    /// POST `body` and read the JSON answer; a CF error answer becomes [`PluginError::Api`].
+    async fn send(&self, what: &'static str, request: reqwest::RequestBuilder) -> Result<Value, PluginError> {
+        let response = request.bearer_auth(self.bearer()?).send().await.map_err(|e| http_error(what, &e))?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        let error = &body["errors"][0];
+        Err(PluginError::Api {
+            what,
+            status: status.as_u16(),
+            title: error["title"].as_str().unwrap_or("error").to_string(),
+            detail: error["detail"].as_str().unwrap_or("no detail").to_string(),
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    Upload,
+    Download,
+}
+
+impl Action {
+    fn path(self) -> &'static str {
+        match self {
+            Action::Upload => "upload",
+            Action::Download => "download",
+        }
+    }
+}
+
+fn http_error(what: &str, error: &reqwest::Error) -> PluginError {
+    let url = error.url().map(|u| u.to_string()).unwrap_or_else(|| what.to_string());
+    PluginError::Http { url, detail: crate::sources::error_chain(error) }
+}
+
+/// Files the server's resource cache takes part in matching, as Cloud Controller's clients ask for them.
+const MATCH_BATCH: usize = 5000;
+
+/// `push`: upload an app directory (or a zip) to a Package, then wait until it is READY and print its sha256.
+pub async fn push(args: PushArgs) -> Result<(), PluginError> {
+    let session = Session::open(&args.target).await?;
+    let api = session.packages();
+    let package = match api.get_opt(&args.package).await? {
+        Some(package) => package,
+        None if args.create => {
+            let mut spec = PackageSpec::bits(None);
+            spec.app_ref = args.app.clone().map(|name| AppRef { name });
+            api.create(&PostParams::default(), &Package::new(&args.package, spec)).await?
+        }
+        None => {
+            return Err(PluginError::NotFound {
+                name: args.package.clone(),
+                namespace: session.namespace.clone(),
+                hint: " (push --create creates it)",
+            });
+        }
+    };
+    // Read the app while the controller takes a new Package in.
+    let app = read_app(&args.path).await?;
+    let package = awaiting_upload(&api, &package).await?;
+    let upload = session.action_url(&package, Action::Upload)?;
+    let base = upload.split("/v3/").next().unwrap_or_default().to_string();
+
+    let (matched, rest) = match &app {
+        App::Dir(dir) => matches(&session, &base, &dir.files).await?,
+        App::Zip { .. } => (Vec::new(), Vec::new()),
+    };
+    let (to_send, total) = match &app {
+        App::Dir(_) => (rest.len(), rest.iter().map(|f| f.size).sum::<u64>()),
+        App::Zip { size, .. } => (1, *size),
+    };
+    if let App::Dir(dir) = &app {
+        for skipped in &dir.skipped {
+            eprintln!("skipping {skipped}: not a file or directory (symlinks are not followed)");
+        }
+        if !args.quiet {
+            let cached: u64 = matched.iter().map(|f| f.size).sum();
+            eprintln!(
+                "uploading {to_send} files ({total} bytes); {} files ({cached} bytes) are on the server already",
+                matched.len()
+            );
+        }
+    }
+
+    let read = Arc::new(AtomicU64::new(0));
+    let progress = (!args.quiet).then(|| Progress::start(read.clone(), total));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let producer = match app {
+        App::Dir(dir) => {
+            let read = read.clone();
+            tokio::task::spawn_blocking(move || zipstream::write_zip(&dir.dirs, &rest, tx, read))
+        }
+        App::Zip { path, .. } => {
+            let read = read.clone();
+            tokio::task::spawn_blocking(move || zipstream::send_file(&path, tx, read))
+        }
+    };
+    let bits = reqwest::Body::wrap_stream(tokio_stream(rx));
+    let resources: Vec<Value> = matched.iter().map(resource_json).collect();
+    let form = reqwest::multipart::Form::new().text("resources", Value::Array(resources).to_string()).part(
+        "bits",
+        reqwest::multipart::Part::stream(bits)
+            .file_name("app.zip")
+            .mime_str("application/zip")
+            .expect("a valid mime type"),
+    );
+    let sent = session.send("upload", session.http.post(&upload).multipart(form)).await;
+    let produced = producer.await.expect("the zip writer panicked");
+    if let Some(progress) = progress {
+        progress.finish().await;
+    }
+    // A file that could not be read says more than the broken upload it caused.
+    produced?;
+    sent?;
+    let ready = wait_ready(&api, &args.package, args.timeout).await?;
+    println!("{}", ready.status.and_then(|s| s.stored.checksum).map(|c| c.value).unwrap_or_default());
+    Ok(())
+}
+
+enum App {
+    Dir(AppDir),
+    Zip { path: PathBuf, size: u64 },
+}
+
+async fn read_app(path: &Path) -> Result<App, PluginError> {
+    let meta =
+        std::fs::metadata(path).map_err(|source| PluginError::File { path: path.display().to_string(), source })?;
+    if meta.is_dir() {
+        let path = path.to_path_buf();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok(App::Dir(tokio::task::spawn_blocking(move || AppDir::read(&path, threads)).await.expect("walk")?))
+    } else {
+        Ok(App::Zip { path: path.to_path_buf(), size: meta.len() })
+    }
+}
+
+/// Which of `files` the server has already (asked in batches of [`MATCH_BATCH`]), and the others.
+async fn matches(
+    session: &Session,
+    base: &str,
+    files: &[AppFile],
+) -> Result<(Vec<AppFile>, Vec<AppFile>), PluginError> {
+    let candidates: Vec<&AppFile> = files.iter().filter(|f| crate::cache::cacheable(f.size)).collect();
+    let mut held = std::collections::HashSet::new();
+    for batch in candidates.chunks(MATCH_BATCH) {
+        let body = json!({ "resources": batch.iter().map(|f| resource_json(f)).collect::<Vec<_>>() });
+        let answer = session
+            .send("resource_matches", session.http.post(format!("{base}/v3/resource_matches")).json(&body))
+            .await?;
+        for item in answer["resources"].as_array().into_iter().flatten() {
+            if let Some(path) = item["path"].as_str() {
+                held.insert(path.to_string());
+            }
+        }
+    }
+    Ok(files.iter().cloned().partition(|f| held.contains(&f.path)))
+}
+
+/// A file as Cloud Controller's v3 resource lists name it.
+fn resource_json(file: &AppFile) -> Value {
+    json!({
+        "path": file.path,
+        "size_in_bytes": file.size,
+        "checksum": {"value": file.sha1},
+        "mode": format!("{:o}", file.mode),
+    })
+}
+
+fn tokio_stream(
+    mut rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// The Package once the controller has taken it in; refused unless it awaits an upload.
+async fn awaiting_upload(api: &Api<Package>, package: &Package) -> Result<Package, PluginError> {
+    let name = package.name_any();
+    let seen = kube::runtime::wait::await_condition(api.clone(), &name, |p: Option<&Package>| {
+        p.and_then(|p| p.status.as_ref()).and_then(|s| s.state).is_some()
+    });
+    let seen = tokio::time::timeout(Duration::from_secs(60), seen)
+        .await
+        .map_err(|_| {
+            PluginError::Refused(format!("package {name:?} has no state after 60 s: is the controller running?"))
+        })?
+        .map_err(|e| PluginError::Kube(format!("watching package {name:?}: {e}")))?
+        .ok_or_else(|| PluginError::Refused(format!("package {name:?} was deleted")))?;
+    let state = seen.status.as_ref().and_then(|s| s.state);
+    match state {
+        Some(PackageState::AwaitingUpload) => Ok(seen),
+        Some(state) => Err(PluginError::Refused(format!(
+            "package {name:?} is {}, not AWAITING_UPLOAD: bits may be uploaded only once; push to a new package",
+            state_name(state)
+        ))),
+        None => unreachable!("waited for a state"),
+    }
+}
+
+fn state_name(state: PackageState) -> String {
+    serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+/// Watch the Package until it is READY (returned) or FAILED (an error with its reason), for at most `timeout`.
+async fn wait_ready(api: &Api<Package>, name: &str, timeout: Duration) -> Result<Package, PluginError> {
+    let settled = kube::runtime::wait::await_condition(api.clone(), name, |p: Option<&Package>| {
+        matches!(
+            p.and_then(|p| p.status.as_ref()).and_then(|s| s.state),
+            Some(PackageState::Ready | PackageState::Failed | PackageState::Expired)
+        )
+    });
+    let package = tokio::time::timeout(timeout, settled)
+        .await
+        .map_err(|_| PluginError::Timeout { name: name.into(), after: timeout })?
+        .map_err(|e| PluginError::Kube(format!("watching package {name:?}: {e}")))?
+        .ok_or_else(|| PluginError::Refused(format!("package {name:?} was deleted")))?;
+    let status = package.status.clone().unwrap_or_default();
+    match status.state {
+        Some(PackageState::Ready) => Ok(package),
+        _ => Err(PluginError::Failed {
+            name: name.into(),
+            reason: status.error.unwrap_or_else(|| format!("{:?}", status.state.map(state_name))),
+        }),
+    }
+}
+
+/// `wait`: until the Package is READY; prints its sha256.
+pub async fn wait(args: WaitArgs) -> Result<(), PluginError> {
+    let session = Session::open(&args.target).await?;
+    session.package(&args.package, "").await?;
+    let ready = wait_ready(&session.packages(), &args.package, args.timeout).await?;
+    println!("{}", ready.status.and_then(|s| s.stored.checksum).map(|c| c.value).unwrap_or_default());
+    Ok(())
+}
+
+/// `download`: the Package's bits into a file, kept only once their sha256 matches the status's. A redirect (a
+/// presigned URL of the store) is followed without the credentials.
+pub async fn download(args: DownloadArgs) -> Result<(), PluginError> {
+    let session = Session::open(&args.target).await?;
+    let package = session.package(&args.package, "").await?;
+    let expected = package
+        .status
+        .as_ref()
+        .filter(|s| s.state == Some(PackageState::Ready))
+        .and_then(|s| s.stored.checksum.clone())
+        .ok_or_else(|| PluginError::Refused(format!("package {:?} is not READY: nothing to download", args.package)))?;
+    let url = session.action_url(&package, Action::Download)?;
+    let mut response =
+        session.http.get(&url).bearer_auth(session.bearer()?).send().await.map_err(|e| http_error("download", &e))?;
+    if response.status().is_redirection() {
+        let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok());
+        let location = location
+            .ok_or_else(|| PluginError::Http { url: url.clone(), detail: "a redirect without a Location".into() })?;
+        let target = reqwest::Url::parse(&url)
+            .and_then(|base| base.join(location))
+            .map_err(|e| PluginError::Http { url: url.clone(), detail: e.to_string() })?;
+        response = session.http.get(target).send().await.map_err(|e| http_error("download", &e))?;
+    }
+    if !response.status().is_success() {
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let error = &body["errors"][0];
+        return Err(PluginError::Api {
+            what: "download",
+            status,
+            title: error["title"].as_str().unwrap_or("error").to_string(),
+            detail: error["detail"].as_str().unwrap_or("no detail").to_string(),
+        });
+    }
+    let partial = partial_path(&args.output);
+    let written = write_checked(response, &partial).await;
+    let actual = match written {
+        Ok(actual) => actual,
+        Err(error) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
+        }
+    };
+    if actual != expected.value {
+        let _ = std::fs::remove_file(&partial);
+        return Err(PluginError::Mismatch { expected: expected.value, actual });
+    }
+    std::fs::rename(&partial, &args.output)
+        .map_err(|source| PluginError::File { path: args.output.display().to_string(), source })?;
+    Ok(())
+}
+
+/// A hidden sibling of `output` that the bits are written to before they are checked.
+fn partial_path(output: &Path) -> PathBuf {
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    output.with_file_name(format!(".{name}.{}.partial", std::process::id()))
+}
+
+async fn write_checked(response: reqwest::Response, path: &Path) -> Result<String, PluginError> {
+    let file_error = |source| PluginError::File { path: path.display().to_string(), source };
+    let mut file = tokio::fs::File::create(path).await.map_err(file_error)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| http_error("download", &e))?;
+        hasher.update(&chunk);
+        file.write_all(&chunk).await.map_err(file_error)?;
+    }
+    file.sync_all().await.map_err(file_error)?;
+    Ok(crate::digest::to_hex(&hasher.finalize()))
+}

@@ -39,8 +39,8 @@ pub struct Target {
     /// The kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// bitsmith's API, e.g. `https://bits.example.com`, when the Package's status has no links (a controller run
-    /// without the API).
+    /// bitsmith's API, e.g. `https://bits.example.com` (default: the links in the Package's status, which a
+    /// controller that serves the API writes).
     #[arg(long)]
     pub api_url: Option<url::Url>,
     /// A PEM CA that bitsmith's API certificate chains to, besides the system's.
@@ -198,19 +198,19 @@ impl Session {
         })
     }
 
-    /// The URL of one of the package's API actions: its status's link, else under `--api-url`.
+    /// The URL of one of the package's API actions: under `--api-url`, else its status's link.
     fn action_url(&self, package: &Package, action: Action) -> Result<String, PluginError> {
+        let uid = package.uid().unwrap_or_default();
+        if let Some(base) = &self.target.api_url {
+            return Ok(format!("{}/v3/packages/{uid}/{}", base.as_str().trim_end_matches('/'), action.path()));
+        }
         let links = package.status.as_ref().and_then(|s| s.links.as_ref());
         let link = links.and_then(|l| match action {
             Action::Upload => l.upload.as_ref(),
             Action::Download => l.download.as_ref(),
         });
-        if let Some(link) = link {
-            return Ok(link.href.clone());
-        }
-        let uid = package.uid().unwrap_or_default();
-        match &self.target.api_url {
-            Some(base) => Ok(format!("{}/v3/packages/{uid}/{}", base.as_str().trim_end_matches('/'), action.path())),
+        match link {
+            Some(link) => Ok(link.href.clone()),
             None => Err(PluginError::Refused(format!(
                 "package {:?} has no {} link in its status (is the controller running with the API?); name the API with --api-url",
                 package.name_any(),

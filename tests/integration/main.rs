@@ -13,5 +13,6 @@ mod faults;
 mod gitops;
 mod http_source;
 mod object_source;
+mod plugin;
 mod security;
 mod store;

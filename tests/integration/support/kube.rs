@@ -173,10 +173,7 @@ impl OwnControlPlane {
 
     /// A kubeconfig like this one's, authenticating with `token` instead of the admin's.
     pub fn kubeconfig_for(&self, token: &str, path: &std::path::Path) {
-        let admin = self.kubectl_ok(&["config", "view", "--raw", "-o", "jsonpath={.users[0].user.token}"], None);
-        let text = std::fs::read_to_string(&self.kubeconfig).unwrap();
-        assert!(text.contains(&admin));
-        std::fs::write(path, text.replace(&admin, token)).unwrap();
+        kubeconfig_with_token(&self.kubeconfig, token, path);
     }
 }
 
@@ -187,6 +184,15 @@ impl Drop for OwnControlPlane {
             .arg(self.dir.path().join("apiserver"))
             .status();
     }
+}
+
+/// A copy of the kubeconfig at `kubeconfig` that authenticates with `token` instead of the admin's, at `path`.
+pub fn kubeconfig_with_token(kubeconfig: &str, token: &str, path: &std::path::Path) {
+    let out = kubectl_at(kubeconfig, &["config", "view", "--raw", "-o", "jsonpath={.users[0].user.token}"], None);
+    let admin = String::from_utf8(out.stdout).unwrap();
+    let text = std::fs::read_to_string(kubeconfig).unwrap();
+    assert!(!admin.is_empty() && text.contains(&admin), "the admin authenticates with a token");
+    std::fs::write(path, text.replace(&admin, token)).unwrap();
 }
 
 /// Manifests of bits Packages without a source, named `names`: they await an upload.

@@ -6,6 +6,7 @@ pub mod http_server;
 pub mod kube;
 pub mod pki;
 pub mod policy;
+pub mod process;
 
 pub use policy::loopback_policy;
 

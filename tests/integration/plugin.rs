@@ -1,0 +1,244 @@
+//! `kubectl bitsmith`: the real binary as a kubectl plugin (a `kubectl-bitsmith` symlink on the PATH), run by the
+//! real kubectl with a ServiceAccount's kubeconfig, against the real control plane and a controller that serves
+//! the API. Bytes on the wire are counted by a loopback proxy in front of the API.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::Digest;
+
+use crate::api::zip_contents;
+use crate::support::data;
+use crate::support::kube::{
+    install_crds, kube_ok, kubeconfig, kubeconfig_with_token, namespace, service_account_with_role, wait_for,
+};
+use crate::support::process::{Process, free_port};
+
+struct Setup {
+    ns: String,
+    dir: tempfile::TempDir,
+    /// Where `kubectl-bitsmith` is.
+    bin: PathBuf,
+    uploader: PathBuf,
+    viewer: PathBuf,
+    /// The API through a proxy that counts the bytes clients send.
+    api: String,
+    sent: Arc<AtomicU64>,
+    _controller: Process,
+}
+
+async fn setup(test: &str) -> Setup {
+    tokio::task::block_in_place(install_crds);
+    let ns = tokio::task::block_in_place(|| namespace(test));
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--leader-election-namespace", &ns, "--instance", "controller-0", "--listen", &listen];
+    let controller = Process::spawn("controller", &ns, &store, &args);
+    controller.ready().await;
+    let (api, sent) = counting_proxy(port).await;
+
+    let kubeconfigs = tokio::task::block_in_place(|| {
+        [("uploader", "bitsmith-uploader"), ("viewer", "bitsmith-viewer")].map(|(name, role)| {
+            let token = service_account_with_role(&ns, name, role);
+            let path = dir.path().join(format!("{name}.kubeconfig"));
+            kubeconfig_with_token(&kubeconfig(), &token, &path);
+            path
+        })
+    });
+    let [uploader, viewer] = kubeconfigs;
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_bitsmith"), bin.join("kubectl-bitsmith")).unwrap();
+    Setup { ns, dir, bin, uploader, viewer, api, sent, _controller: controller }
+}
+
+impl Setup {
+    /// `kubectl bitsmith <args> -n <ns> --api-url <proxy>` as the user of `kubeconfig`.
+    fn kubectl_bitsmith(&self, kubeconfig: &Path, args: &[&str]) -> Output {
+        let path = format!("{}:{}", self.bin.display(), std::env::var("PATH").unwrap_or_default());
+        tokio::task::block_in_place(|| {
+            std::process::Command::new("kubectl")
+                .env("PATH", path)
+                .env("KUBECONFIG", kubeconfig)
+                .arg("bitsmith")
+                .args(args)
+                .args(["-n", &self.ns, "--api-url", &self.api])
+                .output()
+                .unwrap()
+        })
+    }
+
+    /// As [`Setup::kubectl_bitsmith`], requiring success; returns stdout and stderr.
+    fn ok(&self, kubeconfig: &Path, args: &[&str]) -> (String, String) {
+        let out = self.kubectl_bitsmith(kubeconfig, args);
+        let (stdout, stderr) = (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap());
+        assert!(out.status.success(), "kubectl bitsmith {args:?}: {stderr}");
+        (stdout, stderr)
+    }
+
+    /// As [`Setup::kubectl_bitsmith`], requiring failure with exit code 1 and one line on stderr, which is returned.
+    fn fails(&self, kubeconfig: &Path, args: &[&str]) -> String {
+        let out = self.kubectl_bitsmith(kubeconfig, args);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "kubectl bitsmith {args:?} should fail: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.starts_with("kubectl bitsmith: "), "{stderr}");
+        stderr
+    }
+
+    fn get(&self, object: &str, path: &str) -> String {
+        kube_ok(&["get", object, "-n", &self.ns, "-o", &format!("jsonpath={path}")], None)
+    }
+}
+
+/// A TCP proxy on loopback to `port`, counting the bytes clients send through it.
+async fn counting_proxy(port: u16) -> (String, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let back = tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
+                let mut buffer = vec![0u8; 64 << 10];
+                while let Ok(n) = client_read.read(&mut buffer).await {
+                    if n == 0 || server_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                let _ = server_write.shutdown().await;
+                let _ = back.await;
+            });
+        }
+    });
+    (url, sent)
+}
+
+/// An app with nested, empty and unicode-named files, two files big enough for the resource cache, a symlink,
+/// a `.cfignore`, and files the cf CLI never pushes.
+fn app(root: &Path) -> Vec<String> {
+    let write = |path: &str, bytes: &[u8]| {
+        let full = root.join(path);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(full, bytes).unwrap();
+    };
+    let big = data::bytes(501, 2 << 20);
+    let deep = data::bytes(502, 1 << 20);
+    write("index.js", b"require('./lib')\n");
+    write("lib/big.bin", &big);
+    write("lib/nested/deep/data.bin", &deep);
+    write("empty.txt", b"");
+    write("naïve-ünïcode.txt", "héllo".as_bytes());
+    write(".cfignore", b"*.log\nsecret/\n");
+    write("debug.log", b"noise");
+    write("secret/key.pem", b"-----BEGIN-----");
+    write(".git/HEAD", b"ref: refs/heads/main");
+    write("manifest.yml", b"applications: []");
+    std::fs::create_dir_all(root.join("assets/empty")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.join("link")).unwrap();
+    let sha1 = |bytes: &[u8]| bitsmith::digest::to_hex(&sha1::Sha1::digest(bytes));
+    let mut want = vec![
+        "assets/".to_string(),
+        "assets/empty/".to_string(),
+        format!("empty.txt:{}", sha1(b"")),
+        format!("index.js:{}", sha1(b"require('./lib')\n")),
+        "lib/".to_string(),
+        format!("lib/big.bin:{}", sha1(&big)),
+        "lib/nested/".to_string(),
+        "lib/nested/deep/".to_string(),
+        format!("lib/nested/deep/data.bin:{}", sha1(&deep)),
+        format!("naïve-ünïcode.txt:{}", sha1("héllo".as_bytes())),
+    ];
+    want.sort();
+    want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_is_pushed_downloaded_and_pushed_again_from_the_cache() {
+    let s = setup("plugin").await;
+    let root = s.dir.path().join("app");
+    let want = app(&root);
+    let root = root.to_str().unwrap();
+
+    let (stdout, stderr) = s.ok(&s.uploader, &["push", root, "first", "--create", "--app", "web"]);
+    let sha256 = stdout.trim();
+    assert_eq!(sha256.len(), 64, "{stdout}");
+    assert_eq!(s.get("pkg/first", "{.status.state}"), "READY");
+    assert_eq!(s.get("pkg/first", "{.status.checksum.value}"), sha256);
+    assert_eq!(s.get("pkg/first", "{.spec.appRef.name}"), "web");
+    assert!(stderr.contains("skipping link"), "the symlink is dropped, and said so: {stderr}");
+    let first_sent = s.sent.swap(0, Ordering::Relaxed);
+
+    let out = s.dir.path().join("first.zip");
+    s.ok(&s.uploader, &["download", "first", "-o", out.to_str().unwrap()]);
+    let zip = std::fs::read(&out).unwrap();
+    assert_eq!(bitsmith::digest::to_hex(&sha2::Sha256::digest(&zip)), sha256);
+    assert_eq!(zip_contents(&zip), want, "what .cfignore and the defaults leave in, nothing else");
+    s.sent.store(0, Ordering::Relaxed);
+
+    // The same app again, to a new Package: the big files come from the server's cache.
+    let (_, stderr) = s.ok(&s.uploader, &["push", root, "second", "--create", "--quiet"]);
+    assert!(!stderr.contains("MiB") && !stderr.contains("uploading"), "--quiet: no progress: {stderr}");
+    assert!(stderr.contains("skipping link"), "but what is left out is still said: {stderr}");
+    let second_sent = s.sent.swap(0, Ordering::Relaxed);
+    assert!(first_sent > 3 << 20, "the first push sent the app: {first_sent} bytes");
+    assert!(second_sent < first_sent / 50, "the second push sent {second_sent} bytes, the first {first_sent}");
+    let out = s.dir.path().join("second.zip");
+    s.ok(&s.uploader, &["download", "second", "-o", out.to_str().unwrap()]);
+    assert_eq!(zip_contents(&std::fs::read(&out).unwrap()), want, "the cached files are in the package");
+
+    // A zip is pushed as it is; `bitsmith wait` is the same command without kubectl.
+    s.ok(&s.uploader, &["push", out.to_str().unwrap(), "third", "--create", "--quiet"]);
+    let waited = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+            .args(["wait", "third", "-n", &s.ns, "--kubeconfig", s.uploader.to_str().unwrap()])
+            .output()
+            .unwrap()
+    });
+    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stderr));
+    assert_eq!(String::from_utf8(waited.stdout).unwrap().trim(), s.get("pkg/third", "{.status.checksum.value}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_is_one_line_and_a_failing_exit() {
+    let s = setup("plugin-errors").await;
+    let root = s.dir.path().join("app");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("index.js"), b"1").unwrap();
+    let root = root.to_str().unwrap();
+
+    let missing = s.fails(&s.uploader, &["push", root, "missing", "--quiet"]);
+    assert!(missing.contains("not found") && missing.contains("--create"), "{missing}");
+
+    s.ok(&s.uploader, &["push", root, "done", "--create", "--quiet"]);
+    let twice = s.fails(&s.uploader, &["push", root, "done", "--quiet"]);
+    assert!(twice.contains("is READY, not AWAITING_UPLOAD"), "{twice}");
+
+    // A viewer may read the Package but not upload to it: the API says so.
+    kube_ok(&["apply", "-n", &s.ns, "-f", "-"], Some(&crate::support::kube::awaiting_packages(&["theirs"])));
+    wait_for(&s.ns, "pkg/theirs", "{.status.state}", "AWAITING_UPLOAD").await;
+    let refused = s.fails(&s.viewer, &["push", root, "theirs", "--quiet"]);
+    assert!(refused.contains("403") && refused.contains("CF-NotAuthorized"), "{refused}");
+    let not_ready = s.fails(&s.viewer, &["download", "theirs", "-o", "/dev/null"]);
+    assert!(not_ready.contains("not READY"), "{not_ready}");
+    let no_such_dir = s.fails(&s.uploader, &["push", "/nonexistent/app", "theirs", "--quiet"]);
+    assert!(no_such_dir.contains("/nonexistent/app"), "{no_such_dir}");
+
+    // A Package that fails: `wait` says why.
+    let invalid = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: broken\nspec:\n  type: bits\n  source:\n    http: {url: 'ftp://127.0.0.1/app.zip'}\n";
+    kube_ok(&["apply", "-n", &s.ns, "-f", "-"], Some(invalid));
+    let failed = s.fails(&s.uploader, &["wait", "broken", "--timeout", "60s"]);
+    assert!(failed.contains("FAILED") && failed.contains("http"), "{failed}");
+}

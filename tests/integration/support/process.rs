@@ -1,0 +1,81 @@
+//! The `bitsmith` binary as a child process of a test, against the test control plane, over a `file://` store.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+
+/// The claim timeout the processes run with: short, so that the tests wait little.
+pub const CLAIM_TIMEOUT: &str = "4s";
+
+/// A `bitsmith` child process, killed on drop.
+pub struct Process {
+    pub child: std::process::Child,
+    pub ops_port: u16,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    /// `bitsmith <args>` for namespace `ns` over the `file://` store `store`.
+    pub fn spawn(command: &str, ns: &str, store: &Path, args: &[&str]) -> Process {
+        Process::spawn_at(&crate::support::kube::kubeconfig(), command, ns, store, args)
+    }
+
+    /// [`Process::spawn`] against the control plane of `kubeconfig`.
+    pub fn spawn_at(kubeconfig: &str, command: &str, ns: &str, store: &Path, args: &[&str]) -> Process {
+        let ops_port = free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+            .args([command, "--namespace", ns, "--metrics-listen", &format!("127.0.0.1:{ops_port}")])
+            .args(["--upload-claim-timeout", CLAIM_TIMEOUT, "--store"])
+            .arg(store)
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .spawn()
+            .unwrap();
+        Process { child, ops_port }
+    }
+
+    /// The API alone, on `port`.
+    pub async fn api(ns: &str, store: &Path, port: u16, instance: &str) -> Process {
+        let listen = format!("127.0.0.1:{port}");
+        let process = Process::spawn("api", ns, store, &["--listen", &listen, "--instance", instance]);
+        process.ready().await;
+        process
+    }
+
+    /// The controller, leading in `ns`.
+    pub async fn controller(ns: &str, store: &Path) -> Process {
+        let args = ["--leader-election-namespace", ns, "--instance", "controller-0"];
+        let process = Process::spawn("controller", ns, store, &args);
+        process.ready().await;
+        process
+    }
+
+    pub async fn ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", self.ops_port)).await;
+            if ready.is_ok_and(|r| r.status() == StatusCode::OK) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the process did not become ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        // SAFETY: signals our own child process.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

@@ -6,10 +6,17 @@ EXAMPLES_PORT ?= 8765
 
 IMAGE ?= ghcr.io/bitsmith-dev/bitsmith:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 
-.PHONY: build test crds bench fuzz run fetch lint image clean
+.PHONY: build test crds bench fuzz run fetch lint image clean install
 
 build:
 	$(CARGO) build --release --locked
+
+# bitsmith and its kubectl plugin name (`kubectl bitsmith …`) on the PATH, under PREFIX.
+PREFIX ?= $(HOME)/.local
+install: build
+	install -d $(PREFIX)/bin
+	install -m 0755 $(BIN) $(PREFIX)/bin/bitsmith
+	ln -sf bitsmith $(PREFIX)/bin/kubectl-bitsmith
 
 # Starts the S3 server the tests need (installing it on first use), runs every test, stops it.
 test:

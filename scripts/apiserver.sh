@@ -8,6 +8,7 @@
 #   scripts/apiserver.sh restart-apiserver DIR   stops kube-apiserver and starts it again on the same address
 #                                    with the same data, as when a control plane is upgraded or its Pod moves
 #   scripts/apiserver.sh stop DIR
+# BITSMITH_APISERVER_ARGS adds flags to kube-apiserver (e.g. a short --request-timeout).
 set -euo pipefail
 cmd=${1:?usage: apiserver.sh start|restart-apiserver|stop DIR}
 dir=${2:?usage: apiserver.sh start|restart-apiserver|stop DIR}
@@ -51,7 +52,7 @@ start_apiserver() {
     --requestheader-extra-headers-prefix X-Remote-Extra- \
     --proxy-client-cert-file "$dir/certs/front-proxy-client.crt" \
     --proxy-client-key-file "$dir/certs/front-proxy-client.key" \
-    --enable-priority-and-fairness=false
+    --enable-priority-and-fairness=false ${BITSMITH_APISERVER_ARGS:-}
 }
 
 # Wait until kube-apiserver answers /readyz with the admin token.

@@ -18,7 +18,7 @@ use crate::api::errors::CfError;
 use crate::resources::GROUP;
 
 /// Who is calling, as Kubernetes authenticated them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Caller {
     pub username: String,
     pub uid: Option<String>,
@@ -163,7 +163,7 @@ impl Authorizer {
 }
 
 /// The token of `bearer <token>` (the scheme in any case, as CF clients send both `bearer` and `Bearer`).
-fn bearer_token(header: &str) -> Option<&str> {
+pub(crate) fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, token) = header.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)

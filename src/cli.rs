@@ -109,6 +109,14 @@ pub struct ApiArgs {
     /// finish before it exits. Set the Pod's terminationGracePeriodSeconds above it.
     #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     pub shutdown_grace: std::time::Duration,
+    /// A file of at least 32 bytes (e.g. a mounted Secret) that signs upload tokens: give every replica the same
+    /// one. Without it each replica signs with a random key of its own, and a token is good only where it was
+    /// issued.
+    #[arg(long)]
+    pub upload_token_key_file: Option<PathBuf>,
+    /// How long an upload token (handed out through the aggregated API) is good for.
+    #[arg(long, default_value = "10m", value_parser = parse_timeout)]
+    pub upload_token_ttl: std::time::Duration,
 }
 
 impl ApiArgs {
@@ -468,6 +476,24 @@ struct Process<'a> {
     instance: &'a str,
 }
 
+/// The upload tokens' signer: the key of --upload-token-key-file, or a random one for this replica alone.
+fn upload_tokens(args: &ApiArgs) -> Result<crate::api::upload_token::UploadTokens, String> {
+    use crate::api::upload_token::{MIN_KEY_LEN, UploadTokens};
+    let Some(path) = &args.upload_token_key_file else {
+        tracing::info!("upload tokens are signed with a key of this replica: give replicas --upload-token-key-file");
+        return Ok(UploadTokens::random(args.upload_token_ttl));
+    };
+    let key = std::fs::read(path).map_err(|e| format!("--upload-token-key-file {}: {e}", path.display()))?;
+    if key.len() < MIN_KEY_LEN {
+        return Err(format!(
+            "--upload-token-key-file {}: {} bytes, fewer than {MIN_KEY_LEN}",
+            path.display(),
+            key.len()
+        ));
+    }
+    Ok(UploadTokens::new(&key, args.upload_token_ttl))
+}
+
 /// Start serving the API, once its watch cache is filled. Over TLS, the cluster's front proxy (when it has one)
 /// may present its client certificate, so that users reach the API through aggregation too.
 async fn start_api(
@@ -495,6 +521,7 @@ async fn start_api(
     config.instance = instance.to_string();
     config.upload_claim_timeout = args.upload_claim_timeout;
     config.transfers = transfers;
+    config.upload_tokens = std::sync::Arc::new(upload_tokens(args)?);
     let (tls, front_proxy) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let front_proxy = match crate::api::FrontProxy::from_cluster(client).await {

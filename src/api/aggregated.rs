@@ -5,6 +5,10 @@
 //! on `api.bitsmith.dev`; this API then checks the same SubjectAccessReviews on `bitsmith.dev` as for CF clients.
 //! Downloads are always the bytes: kubectl's requests go through the API server and cannot follow a redirect to
 //! the store.
+//!
+//! `POST …/packages/NAME/uploadtoken` (and for droplets) hands a user who may upload to that object a short-lived
+//! upload token (see [`super::upload_token`]), for sending the bits straight to this API — as `kubectl bitsmith
+//! push` does — instead of through the API server, whose request timeout cuts long uploads (kubernetes#73421).
 
 use std::sync::Arc;
 
@@ -14,12 +18,15 @@ use axum::extract::{Path, Request, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{get, post};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use serde_json::{Value, json};
 
 use super::blobs::{self, Delivery};
 use super::front_proxy::Credentials;
 use super::upload::UploadBody;
 use super::{AppState, CfError, droplets, packages};
+use crate::resources::BitsObject;
 
 /// The aggregated API's group.
 pub const GROUP: &str = "api.bitsmith.dev";
@@ -35,6 +42,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route(&format!("{base}/namespaces/{{namespace}}/packages/{{name}}/download"), get(download_package))
         .route(&format!("{base}/namespaces/{{namespace}}/droplets/{{name}}/upload"), post(upload_droplet))
         .route(&format!("{base}/namespaces/{{namespace}}/droplets/{{name}}/download"), get(download_droplet))
+        .route(&format!("{base}/namespaces/{{namespace}}/packages/{{name}}/uploadtoken"), post(package_upload_token))
+        .route(&format!("{base}/namespaces/{{namespace}}/droplets/{{name}}/uploadtoken"), post(droplet_upload_token))
 }
 
 /// `GET /apis/api.bitsmith.dev`: the group and its one version.
@@ -58,6 +67,8 @@ async fn resources() -> Json<Value> {
             resource("packages/download", "Package", "get"),
             resource("droplets/upload", "Droplet", "create"),
             resource("droplets/download", "Droplet", "get"),
+            resource("packages/uploadtoken", "Package", "create"),
+            resource("droplets/uploadtoken", "Droplet", "create"),
         ],
     }))
 }
@@ -104,4 +115,52 @@ async fn download_droplet(
     let found = || state.index.droplet_named(&namespace, &name);
     let droplet = state.authorized(&credentials, found, "Droplet", "get", Some("download")).await?;
     blobs::download(&state, droplets::droplet_blob(&droplet)?, &headers, Delivery::Bytes).await
+}
+
+async fn package_upload_token(
+    State(state): State<Arc<AppState>>,
+    Path((namespace, name)): Path<(String, String)>,
+    credentials: Credentials,
+) -> Result<Json<Value>, CfError> {
+    let found = || state.index.package_named(&namespace, &name);
+    let (token, package) = upload_token(&state, &credentials, found, "Package").await?;
+    let upload = state.config.urls.href(&format!("/v3/packages/{}/upload", package.uid().unwrap_or_default()));
+    Ok(Json(token_answer(token, upload)))
+}
+
+async fn droplet_upload_token(
+    State(state): State<Arc<AppState>>,
+    Path((namespace, name)): Path<(String, String)>,
+    credentials: Credentials,
+) -> Result<Json<Value>, CfError> {
+    let found = || state.index.droplet_named(&namespace, &name);
+    let (token, droplet) = upload_token(&state, &credentials, found, "Droplet").await?;
+    let upload = state.config.urls.href(&format!("/v3/droplets/{}/upload", droplet.uid().unwrap_or_default()));
+    Ok(Json(token_answer(token, upload)))
+}
+
+/// A token for the caller, who may upload to the object, bound to it.
+async fn upload_token<O: BitsObject>(
+    state: &AppState,
+    credentials: &Credentials,
+    found: impl FnOnce() -> Option<Arc<O>>,
+    what: &'static str,
+) -> Result<((String, Timestamp), Arc<O>), CfError> {
+    // An upload token is not traded for another: its life would have no end.
+    if state.authenticated_as(credentials).await?.upload_of.is_some() {
+        return Err(CfError::NotAuthorized);
+    }
+    let (caller, object) = state.authorized_caller(credentials, found, what, "create", Some("upload")).await?;
+    let uid = object.uid().unwrap_or_default();
+    Ok((state.config.upload_tokens.issue(&caller, O::PLURAL, &uid, Timestamp::now()), object))
+}
+
+fn token_answer((token, expires): (String, Timestamp), upload: String) -> Value {
+    json!({
+        "kind": "UploadToken",
+        "apiVersion": format!("{GROUP}/{VERSION}"),
+        "token": token,
+        "expirationTimestamp": expires.to_string(),
+        "upload": upload,
+    })
 }

@@ -13,6 +13,7 @@ mod packages;
 mod resources;
 pub mod tls;
 mod upload;
+pub mod upload_token;
 pub mod views;
 
 use std::sync::Arc;
@@ -77,6 +78,8 @@ pub struct ApiConfig {
     /// The transfer slots an upload takes, shared with the controller's fetches when one process does both;
     /// an upload that finds none free is answered 503 with Retry-After.
     pub transfers: TransferBudget,
+    /// Signs the upload tokens the aggregated API hands out, and checks them.
+    pub upload_tokens: Arc<upload_token::UploadTokens>,
 }
 
 /// What the API tolerates of a connection, so that slow or oversized requests cannot tie it up.
@@ -124,6 +127,7 @@ impl ApiConfig {
             instance: "bitsmith-api".into(),
             upload_claim_timeout: Duration::from_secs(60),
             transfers: TransferBudget::default(),
+            upload_tokens: Arc::new(upload_token::UploadTokens::random(Duration::from_secs(600))),
         }
     }
 }
@@ -163,12 +167,28 @@ impl AppState {
         Arc::new(AppState { client, store, index, auth, recorder, cache, front_proxy, config, cut_off })
     }
 
-    /// The caller: the user the front proxy vouches for, or the owner of the bearer token.
+    /// The caller: the user the front proxy vouches for, or the owner of the bearer token (an upload token's
+    /// user too: see [`AppState::authenticated_as`]).
     async fn authenticated(&self, credentials: &Credentials) -> Result<crate::auth::Caller, CfError> {
-        match &credentials.proxied {
-            Some(caller) => Ok(caller.clone()),
-            None => self.auth.authenticate(credentials.authorization.as_deref()).await,
+        Ok(self.authenticated_as(credentials).await?.caller)
+    }
+
+    /// The caller, and the one object whose upload they may do when they came with an upload token. Upload tokens
+    /// are checked here, against this API's key: they never reach kube-apiserver's TokenReview.
+    async fn authenticated_as(&self, credentials: &Credentials) -> Result<Authenticated, CfError> {
+        if let Some(caller) = &credentials.proxied {
+            return Ok(Authenticated { caller: caller.clone(), upload_of: None });
         }
+        let header = credentials.authorization.as_deref().unwrap_or_default();
+        if let Some(token) = crate::auth::bearer_token(header).filter(|t| t.starts_with(upload_token::PREFIX)) {
+            let grant = self.config.upload_tokens.verify(token, k8s_openapi::jiff::Timestamp::now()).map_err(|e| {
+                tracing::info!(reason = %e, "an upload token was refused");
+                CfError::InvalidAuthToken
+            })?;
+            return Ok(Authenticated { caller: grant.user, upload_of: Some((grant.resource, grant.uid)) });
+        }
+        let caller = self.auth.authenticate(credentials.authorization.as_deref()).await?;
+        Ok(Authenticated { caller, upload_of: None })
     }
 
     /// The object `guid` names, once the caller may `verb` it (or its `subresource`): 401 without a valid token,
@@ -193,8 +213,17 @@ impl AppState {
         verb: &'static str,
         subresource: Option<&'static str>,
     ) -> Result<(crate::auth::Caller, Arc<O>), CfError> {
-        let caller = self.authenticated(credentials).await?;
+        let Authenticated { caller, upload_of } = self.authenticated_as(credentials).await?;
         let object = found().ok_or(CfError::ResourceNotFound { what: not_found })?;
+        // An upload token is good for its object's upload, nothing else; the user's RBAC still decides that one.
+        if let Some((resource, uid)) = &upload_of
+            && !(resource == O::PLURAL
+                && object.uid().as_ref() == Some(uid)
+                && verb == "create"
+                && subresource == Some("upload"))
+        {
+            return Err(CfError::NotAuthorized);
+        }
         let access = Access {
             verb,
             resource: O::PLURAL,
@@ -205,6 +234,12 @@ impl AppState {
         self.auth.authorize(&caller, &access).await?;
         Ok((caller, object))
     }
+}
+
+/// Who is calling, and the object `(plural, uid)` an upload token limits them to, if they came with one.
+struct Authenticated {
+    caller: crate::auth::Caller,
+    upload_of: Option<(String, String)>,
 }
 
 /// A body limit for axum (a `usize`), with room for the multipart framing around the file.

@@ -219,9 +219,37 @@ impl Session {
         }
     }
 
-    /// POST `body` and read the JSON answer; a CF error answer becomes [`PluginError::Api`].
-    async fn send(&self, what: &'static str, request: reqwest::RequestBuilder) -> Result<Value, PluginError> {
-        let response = request.bearer_auth(self.bearer()?).send().await.map_err(|e| http_error(what, &e))?;
+    /// What an upload to `package` authenticates with: an upload token for that one object from the aggregated
+    /// API (so the user's own credentials never leave for bitsmith's API, and work whatever kind they are), or,
+    /// where the aggregated API is not served, the kubeconfig's bearer token.
+    async fn upload_credential(&self, package: &Package) -> Result<String, PluginError> {
+        let path = format!(
+            "/apis/api.bitsmith.dev/v1alpha1/namespaces/{}/packages/{}/uploadtoken",
+            self.namespace,
+            package.name_any()
+        );
+        let request = http::Request::post(path).body(Vec::new()).expect("a valid request");
+        match self.client.request::<Value>(request).await {
+            Ok(answer) => answer["token"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| PluginError::Refused("the aggregated API answered without an upload token".into())),
+            // Not registered (404), or registered but not available (503): the kubeconfig's token, if any.
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 503 => {
+                self.bearer().map(str::to_string)
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Send `request` with `credential` and read the JSON answer; a CF error answer becomes [`PluginError::Api`].
+    async fn send(
+        &self,
+        what: &'static str,
+        request: reqwest::RequestBuilder,
+        credential: &str,
+    ) -> Result<Value, PluginError> {
+        let response = request.bearer_auth(credential).send().await.map_err(|e| http_error(what, &e))?;
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if status.is_success() {
@@ -285,8 +313,9 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
     let upload = session.action_url(&package, Action::Upload)?;
     let base = upload.split("/v3/").next().unwrap_or_default().to_string();
 
+    let credential = session.upload_credential(&package).await?;
     let (matched, rest) = match &app {
-        App::Dir(dir) => matches(&session, &base, &dir.files).await?,
+        App::Dir(dir) => matches(&session, &base, &dir.files, &credential).await?,
         App::Zip { .. } => (Vec::new(), Vec::new()),
     };
     let (to_send, total) = match &app {
@@ -328,7 +357,7 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
             .mime_str("application/zip")
             .expect("a valid mime type"),
     );
-    let sent = session.send("upload", session.http.post(&upload).multipart(form)).await;
+    let sent = session.send("upload", session.http.post(&upload).multipart(form), &credential).await;
     let produced = producer.await.expect("the zip writer panicked");
     if let Some(progress) = progress {
         progress.finish().await;
@@ -363,14 +392,14 @@ async fn matches(
     session: &Session,
     base: &str,
     files: &[AppFile],
+    credential: &str,
 ) -> Result<(Vec<AppFile>, Vec<AppFile>), PluginError> {
     let candidates: Vec<&AppFile> = files.iter().filter(|f| crate::cache::cacheable(f.size)).collect();
     let mut held = std::collections::HashSet::new();
     for batch in candidates.chunks(MATCH_BATCH) {
         let body = json!({ "resources": batch.iter().map(|f| resource_json(f)).collect::<Vec<_>>() });
-        let answer = session
-            .send("resource_matches", session.http.post(format!("{base}/v3/resource_matches")).json(&body))
-            .await?;
+        let request = session.http.post(format!("{base}/v3/resource_matches")).json(&body);
+        let answer = session.send("resource_matches", request, credential).await?;
         for item in answer["resources"].as_array().into_iter().flatten() {
             if let Some(path) = item["path"].as_str() {
                 held.insert(path.to_string());

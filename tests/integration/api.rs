@@ -681,7 +681,7 @@ async fn bad_uploads_are_refused_with_cf_errors() {
 }
 
 /// A CA and a serving certificate from it for `names` (DNS names), made with openssl: `(ca.crt, tls.crt, tls.key)`.
-fn serving_certificate(
+pub(crate) fn serving_certificate(
     dir: &std::path::Path,
     names: &[&str],
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {

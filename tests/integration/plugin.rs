@@ -98,9 +98,17 @@ impl Setup {
 
 /// A TCP proxy on loopback to `port`, counting the bytes clients send through it.
 async fn counting_proxy(port: u16) -> (String, Arc<AtomicU64>) {
+    let (url, _, sent) = proxy(port, None).await;
+    (url, sent)
+}
+
+/// A TCP proxy on loopback to `port`, counting the bytes clients send and passing them on at most `per_second`
+/// (none: as they come). Returns its URL, its port and the count.
+async fn proxy(port: u16, per_second: Option<u64>) -> (String, u16, Arc<AtomicU64>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let proxy_port = listener.local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{proxy_port}");
     let sent = Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
     tokio::spawn(async move {
@@ -117,13 +125,16 @@ async fn counting_proxy(port: u16) -> (String, Arc<AtomicU64>) {
                         break;
                     }
                     counter.fetch_add(n as u64, Ordering::Relaxed);
+                    if let Some(rate) = per_second {
+                        tokio::time::sleep(std::time::Duration::from_secs_f64(n as f64 / rate as f64)).await;
+                    }
                 }
                 let _ = server_write.shutdown().await;
                 let _ = back.await;
             });
         }
     });
-    (url, sent)
+    (url, proxy_port, sent)
 }
 
 /// An app with nested, empty and unicode-named files, two files big enough for the resource cache, a symlink,
@@ -226,11 +237,16 @@ async fn every_error_is_one_line_and_a_failing_exit() {
     let twice = s.fails(&s.uploader, &["push", root, "done", "--quiet"]);
     assert!(twice.contains("is READY, not AWAITING_UPLOAD"), "{twice}");
 
-    // A viewer may read the Package but not upload to it: the API says so.
+    // A viewer may read the Package but not upload to it.
     kube_ok(&["apply", "-n", &s.ns, "-f", "-"], Some(&crate::support::kube::awaiting_packages(&["theirs"])));
     wait_for(&s.ns, "pkg/theirs", "{.status.state}", "AWAITING_UPLOAD").await;
     let refused = s.fails(&s.viewer, &["push", root, "theirs", "--quiet"]);
-    assert!(refused.contains("403") && refused.contains("CF-NotAuthorized"), "{refused}");
+    // Refused by kube-apiserver (no upload token for a viewer) when the aggregated API is registered, else by
+    // bitsmith's API itself.
+    assert!(
+        refused.contains("403") && (refused.contains("CF-NotAuthorized") || refused.contains("forbidden")),
+        "{refused}"
+    );
     let not_ready = s.fails(&s.viewer, &["download", "theirs", "-o", "/dev/null"]);
     assert!(not_ready.contains("not READY"), "{not_ready}");
     let no_such_dir = s.fails(&s.uploader, &["push", "/nonexistent/app", "theirs", "--quiet"]);
@@ -241,4 +257,149 @@ async fn every_error_is_one_line_and_a_failing_exit() {
     kube_ok(&["apply", "-n", &s.ns, "-f", "-"], Some(invalid));
     let failed = s.fails(&s.uploader, &["wait", "broken", "--timeout", "60s"]);
     assert!(failed.contains("FAILED") && failed.contains("http"), "{failed}");
+}
+
+/// A user with a client certificate (no bearer token: nothing bitsmith's API could check) pushes through a
+/// kube-apiserver whose request timeout is 5 s, over a link of 1 MiB/s: the push gets an upload token through the
+/// aggregated API and sends its 8 MiB straight to bitsmith, while the same bytes through `kubectl create --raw`
+/// are cut at the timeout. The token is good for its object's upload only, and not after it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_outlasts_the_api_servers_request_timeout_with_an_upload_token() {
+    use crate::support::kube::OwnControlPlane;
+    let plane = tokio::task::block_in_place(|| OwnControlPlane::start_with("--request-timeout=5s"));
+    let ns = "push";
+    let admin = |args: &[&str], stdin: Option<&str>| tokio::task::block_in_place(|| plane.kubectl_ok(args, stdin));
+    let root = env!("CARGO_MANIFEST_DIR");
+    admin(&["apply", "-f", &format!("{root}/crds"), "-f", &format!("{root}/config/rbac/user-roles.yaml")], None);
+    admin(&["wait", "--for=condition=established", "--timeout=60s", "crd/packages.bitsmith.dev"], None);
+    admin(&["create", "namespace", ns], None);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) =
+        crate::api::serving_certificate(dir.path(), &[&format!("bitsmith-api.{ns}.svc"), "localhost"]);
+    let token_key = dir.path().join("token.key");
+    std::fs::write(&token_key, data::bytes(9, 32)).unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let port = free_port();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "--leader-election-namespace",
+        ns,
+        "--instance",
+        "controller-0",
+        "--listen",
+        &listen,
+        "--tls-cert",
+        &path(&cert),
+        "--tls-key",
+        &path(&key),
+        "--upload-token-key-file",
+        &path(&token_key),
+        "--upload-token-ttl",
+        "6s",
+    ];
+    let controller = Process::spawn_at(&plane.kubeconfig, "controller", ns, &store, &args);
+    controller.ready().await;
+    // Both ways in pass the same slow link: the aggregator's, and the plugin's own.
+    let (_, proxy_port, _) = proxy(port, Some(1 << 20)).await;
+    use base64::Engine;
+    let bundle = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&ca).unwrap());
+    let registration = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: bitsmith-api\n  namespace: {ns}\nspec:\n  type: ExternalName\n  externalName: localhost\n---\napiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata:\n  name: v1alpha1.api.bitsmith.dev\nspec:\n  group: api.bitsmith.dev\n  version: v1alpha1\n  groupPriorityMinimum: 1000\n  versionPriority: 15\n  caBundle: {bundle}\n  service:\n    namespace: {ns}\n    name: bitsmith-api\n    port: {proxy_port}\n"
+    );
+    admin(&["apply", "-f", "-"], Some(&registration));
+    admin(&["wait", "--for=condition=Available", "--timeout=90s", "apiservice/v1alpha1.api.bitsmith.dev"], None);
+
+    // alice: a client certificate from the cluster's CA, allowed to upload in the namespace.
+    let alice =
+        crate::support::pki::issue(dir.path(), &plane.client_ca(), "alice", "alice", "extendedKeyUsage=clientAuth\n");
+    let admin_config = std::fs::read_to_string(&plane.kubeconfig).unwrap();
+    let token_line = admin_config.lines().find(|l| l.trim_start().starts_with("user: {token:")).unwrap();
+    let alice_config = dir.path().join("alice.kubeconfig");
+    let certificate =
+        format!("  user: {{client-certificate: {:?}, client-key: {:?}}}", path(&alice.cert), path(&alice.key));
+    std::fs::write(&alice_config, admin_config.replace(token_line, &certificate)).unwrap();
+    admin(&["create", "rolebinding", "alice", "-n", ns, "--clusterrole", "bitsmith-uploader", "--user", "alice"], None);
+    admin(&["apply", "-n", ns, "-f", "-"], Some(&crate::support::kube::awaiting_packages(&["pushed", "raw", "other"])));
+    let as_alice = |args: &[&str]| {
+        tokio::task::block_in_place(|| crate::support::kube::kubectl_at(alice_config.to_str().unwrap(), args, None))
+    };
+
+    let app = dir.path().join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("blob.bin"), data::bytes(77, 8 << 20)).unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_bitsmith"), bin.join("kubectl-bitsmith")).unwrap();
+    let started = std::time::Instant::now();
+    let pushed = tokio::task::block_in_place(|| {
+        std::process::Command::new("kubectl")
+            .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+            .env("KUBECONFIG", &alice_config)
+            .args(["bitsmith", "push", &path(&app), "pushed", "-n", ns, "--quiet"])
+            .args(["--api-url", &format!("https://localhost:{proxy_port}"), "--api-ca", &path(&ca)])
+            .output()
+            .unwrap()
+    });
+    let took = started.elapsed();
+    assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
+    assert!(took > std::time::Duration::from_secs(6), "the push took {took:?}: longer than the request timeout");
+    let state = admin(&["get", "pkg", "pushed", "-n", ns, "-o", "jsonpath={.status.state}"], None);
+    assert_eq!(state, "READY");
+
+    // The same bytes through the aggregator are cut at the request timeout.
+    let zip = crate::api::python_zip(
+        dir.path(),
+        "app.zip",
+        &format!("z.write({:?}, 'blob.bin')", path(&app.join("blob.bin"))),
+    );
+    let raw = as_alice(&[
+        "create",
+        "--raw",
+        &format!("/apis/api.bitsmith.dev/v1alpha1/namespaces/{ns}/packages/raw/upload"),
+        "-f",
+        &path(&zip),
+    ]);
+    assert!(!raw.status.success(), "through kube-apiserver: {}", String::from_utf8_lossy(&raw.stdout));
+    let state = admin(&["get", "pkg", "raw", "-n", ns, "-o", "jsonpath={.status.state}"], None);
+    assert_ne!(state, "READY");
+
+    // A token is for its object's upload, and for resource matches as its user; nothing else, and not for long.
+    let answer = as_alice(&[
+        "create",
+        "--raw",
+        &format!("/apis/api.bitsmith.dev/v1alpha1/namespaces/{ns}/packages/raw/uploadtoken"),
+        "-f",
+        "/dev/null",
+    ]);
+    assert!(answer.status.success(), "{}", String::from_utf8_lossy(&answer.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&answer.stdout).unwrap();
+    let token = answer["token"].as_str().unwrap().to_string();
+    let uid = |name: &str| admin(&["get", "pkg", name, "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let api = format!("https://localhost:{port}");
+    let form = || {
+        reqwest::multipart::Form::new()
+            .part("bits", reqwest::multipart::Part::bytes(b"PK\x05\x06".to_vec()).file_name("a.zip"))
+    };
+    let token = token.as_str();
+    let status = |request: reqwest::RequestBuilder| async move {
+        request.bearer_auth(token).send().await.unwrap().status().as_u16()
+    };
+    assert_eq!(status(client.post(format!("{api}/v3/packages/{}/upload", uid("other"))).multipart(form())).await, 403);
+    assert_eq!(status(client.get(format!("{api}/v3/packages/{}", uid("raw")))).await, 403);
+    let matches = serde_json::json!({"resources": [{"path": "a", "size_in_bytes": 70000, "checksum": {"value": "a".repeat(40)}, "mode": "644"}]});
+    assert_eq!(status(client.post(format!("{api}/v3/resource_matches")).json(&matches)).await, 201);
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+    assert_eq!(
+        status(client.post(format!("{api}/v3/packages/{}/upload", uid("raw"))).multipart(form())).await,
+        401,
+        "expired"
+    );
+    drop(controller);
 }

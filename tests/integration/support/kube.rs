@@ -139,15 +139,27 @@ pub struct OwnControlPlane {
 
 impl OwnControlPlane {
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// A control plane whose kube-apiserver also takes `args` (space-separated flags).
+    pub fn start_with(args: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/apiserver.sh"))
             .arg("start")
             .arg(dir.path().join("apiserver"))
+            .env("BITSMITH_APISERVER_ARGS", args)
             .output()
             .expect("scripts/apiserver.sh");
         assert!(out.status.success(), "control plane did not start: {}", String::from_utf8_lossy(&out.stderr));
         let kubeconfig = dir.path().join("apiserver/kubeconfig").display().to_string();
         OwnControlPlane { dir, kubeconfig }
+    }
+
+    /// The CA kube-apiserver trusts for client certificates: users it issues certificates to are authenticated.
+    pub fn client_ca(&self) -> super::pki::Pem {
+        let certs = self.dir.path().join("apiserver/certs");
+        super::pki::Pem { cert: certs.join("ca.crt"), key: certs.join("ca.key") }
     }
 
     /// Stop kube-apiserver and start it again on the same address with the same data.

@@ -567,6 +567,17 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
         secret_file(&tls["data"], "tls.crt", dir.path()),
         secret_file(&tls["data"], "tls.key", dir.path()),
     );
+    let signing: Value = serde_json::from_str(&kubectl(&[
+        "get",
+        "secret",
+        "bitsmith-upload-token-key",
+        "-n",
+        "bitsmith-system",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let token_key = secret_file(&signing["data"], "key", dir.path());
     let ops_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let store = dir.path().join("store");
     let args: Vec<String> = rendered
@@ -578,6 +589,7 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
             Some(("--metrics-listen", _)) => format!("--metrics-listen=127.0.0.1:{ops_port}"),
             Some(("--tls-cert", _)) => format!("--tls-cert={}", cert.display()),
             Some(("--tls-key", _)) => format!("--tls-key={}", key.display()),
+            Some(("--upload-token-key-file", _)) => format!("--upload-token-key-file={}", token_key.display()),
             _ => arg,
         })
         .collect();

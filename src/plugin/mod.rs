@@ -485,8 +485,8 @@ pub async fn wait(args: WaitArgs) -> Result<(), PluginError> {
     Ok(())
 }
 
-/// `download`: the Package's bits into a file, kept only once their sha256 matches the status's. A redirect (a
-/// presigned URL of the store) is followed without the credentials.
+/// `download`: the Package's bits into a file, kept only once their sha256 matches the status's: straight from
+/// bitsmith's API with the kubeconfig's bearer token, else through the aggregated API.
 pub async fn download(args: DownloadArgs) -> Result<(), PluginError> {
     let session = Session::open(&args.target).await?;
     let package = session.package(&args.package, "").await?;
@@ -496,31 +496,13 @@ pub async fn download(args: DownloadArgs) -> Result<(), PluginError> {
         .filter(|s| s.state == Some(PackageState::Ready))
         .and_then(|s| s.stored.checksum.clone())
         .ok_or_else(|| PluginError::Refused(format!("package {:?} is not READY: nothing to download", args.package)))?;
-    let url = session.action_url(&package, Action::Download)?;
-    let mut response =
-        session.http.get(&url).bearer_auth(session.bearer()?).send().await.map_err(|e| http_error("download", &e))?;
-    if response.status().is_redirection() {
-        let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok());
-        let location = location
-            .ok_or_else(|| PluginError::Http { url: url.clone(), detail: "a redirect without a Location".into() })?;
-        let target = reqwest::Url::parse(&url)
-            .and_then(|base| base.join(location))
-            .map_err(|e| PluginError::Http { url: url.clone(), detail: e.to_string() })?;
-        response = session.http.get(target).send().await.map_err(|e| http_error("download", &e))?;
-    }
-    if !response.status().is_success() {
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        let error = &body["errors"][0];
-        return Err(PluginError::Api {
-            what: "download",
-            status,
-            title: error["title"].as_str().unwrap_or("error").to_string(),
-            detail: error["detail"].as_str().unwrap_or("no detail").to_string(),
-        });
-    }
+    let body = match session.token.as_deref() {
+        Some(bearer) => direct_download(&session, &package, bearer).await?,
+        // No token bitsmith's API could check: through the aggregated API (within kube-apiserver's timeout).
+        None => aggregated_download(&session, &package).await?,
+    };
     let partial = partial_path(&args.output);
-    let written = write_checked(response, &partial).await;
+    let written = write_checked(body, &partial).await;
     let actual = match written {
         Ok(actual) => actual,
         Err(error) => {
@@ -543,13 +525,63 @@ fn partial_path(output: &Path) -> PathBuf {
     output.with_file_name(format!(".{name}.{}.partial", std::process::id()))
 }
 
-async fn write_checked(response: reqwest::Response, path: &Path) -> Result<String, PluginError> {
+/// The bits, as the stream of a download.
+type Bits = futures::stream::BoxStream<'static, Result<bytes::Bytes, PluginError>>;
+
+/// The bits from bitsmith's API with the bearer token; a redirect (a presigned URL of the store) is followed
+/// without it.
+async fn direct_download(session: &Session, package: &Package, bearer: &str) -> Result<Bits, PluginError> {
+    let url = session.action_url(package, Action::Download)?;
+    let mut response =
+        session.http.get(&url).bearer_auth(bearer).send().await.map_err(|e| http_error("download", &e))?;
+    if response.status().is_redirection() {
+        let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok());
+        let location = location
+            .ok_or_else(|| PluginError::Http { url: url.clone(), detail: "a redirect without a Location".into() })?;
+        let target = reqwest::Url::parse(&url)
+            .and_then(|base| base.join(location))
+            .map_err(|e| PluginError::Http { url: url.clone(), detail: e.to_string() })?;
+        response = session.http.get(target).send().await.map_err(|e| http_error("download", &e))?;
+    }
+    if !response.status().is_success() {
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let error = &body["errors"][0];
+        return Err(PluginError::Api {
+            what: "download",
+            status,
+            title: error["title"].as_str().unwrap_or("error").to_string(),
+            detail: error["detail"].as_str().unwrap_or("no detail").to_string(),
+        });
+    }
+    Ok(response.bytes_stream().map(|chunk| chunk.map_err(|e| http_error("download", &e))).boxed())
+}
+
+/// The bits through the aggregated API, with whatever credentials the kubeconfig holds.
+async fn aggregated_download(session: &Session, package: &Package) -> Result<Bits, PluginError> {
+    use futures::AsyncReadExt;
+    let path = format!(
+        "/apis/api.bitsmith.dev/v1alpha1/namespaces/{}/packages/{}/download",
+        session.namespace,
+        package.name_any()
+    );
+    let request = http::Request::get(path).body(Vec::new()).expect("a valid request");
+    let reader = Box::pin(session.client.request_stream(request).await?);
+    Ok(futures::stream::try_unfold(reader, |mut reader| async move {
+        let mut block = vec![0u8; 256 << 10];
+        let n = reader.read(&mut block).await.map_err(|e| PluginError::Kube(format!("download: {e}")))?;
+        block.truncate(n);
+        Ok((n > 0).then(|| (bytes::Bytes::from(block), reader)))
+    })
+    .boxed())
+}
+
+async fn write_checked(mut body: Bits, path: &Path) -> Result<String, PluginError> {
     let file_error = |source| PluginError::File { path: path.display().to_string(), source };
     let mut file = tokio::fs::File::create(path).await.map_err(file_error)?;
     let mut hasher = sha2::Sha256::new();
-    let mut body = response.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| http_error("download", &e))?;
+        let chunk = chunk?;
         hasher.update(&chunk);
         file.write_all(&chunk).await.map_err(file_error)?;
     }

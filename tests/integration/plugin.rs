@@ -348,6 +348,18 @@ async fn a_push_outlasts_the_api_servers_request_timeout_with_an_upload_token() 
     assert!(took > std::time::Duration::from_secs(6), "the push took {took:?}: longer than the request timeout");
     let state = admin(&["get", "pkg", "pushed", "-n", ns, "-o", "jsonpath={.status.state}"], None);
     assert_eq!(state, "READY");
+    // Without a bearer token, a download goes through the aggregated API, and is checked all the same.
+    let out = dir.path().join("pushed.zip");
+    let downloaded = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+            .args(["download", "pushed", "-n", ns, "-o", &path(&out)])
+            .env("KUBECONFIG", &alice_config)
+            .output()
+            .unwrap()
+    });
+    assert!(downloaded.status.success(), "{}", String::from_utf8_lossy(&downloaded.stderr));
+    let sha256 = admin(&["get", "pkg", "pushed", "-n", ns, "-o", "jsonpath={.status.checksum.value}"], None);
+    assert_eq!(bitsmith::digest::to_hex(&sha2::Sha256::digest(std::fs::read(&out).unwrap())), sha256);
 
     // The same bytes through the aggregator are cut at the request timeout.
     let zip = crate::api::python_zip(

@@ -37,7 +37,7 @@ crds:
 
 # Throughput, memory and latency, printed as tables: the pipeline, the controller, the API.
 bench:
-	scripts/with-test-env.sh $(CARGO) bench --locked --bench pipeline --bench controller --bench api --bench archive
+	scripts/with-test-env.sh $(CARGO) bench --locked --bench pipeline --bench controller --bench api --bench archive --bench push
 
 # The operator against the current kubeconfig's cluster; without one, on a local control plane with the CRDs
 # and examples/ applied (scripts/run.sh).

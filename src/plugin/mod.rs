@@ -190,14 +190,6 @@ impl Session {
         })
     }
 
-    fn bearer(&self) -> Result<&str, PluginError> {
-        self.token.as_deref().ok_or_else(|| {
-            PluginError::Refused(
-                "this kubeconfig user has no bearer token, which bitsmith's API needs (e.g. a ServiceAccount token from `kubectl create token`)".into(),
-            )
-        })
-    }
-
     /// The URL of one of the package's API actions: under `--api-url`, else its status's link.
     fn action_url(&self, package: &Package, action: Action) -> Result<String, PluginError> {
         let uid = package.uid().unwrap_or_default();
@@ -228,17 +220,53 @@ impl Session {
             self.namespace,
             package.name_any()
         );
-        let request = http::Request::post(path).body(Vec::new()).expect("a valid request");
-        match self.client.request::<Value>(request).await {
-            Ok(answer) => answer["token"]
-                .as_str()
-                .map(str::to_string)
-                .ok_or_else(|| PluginError::Refused("the aggregated API answered without an upload token".into())),
-            // Not registered (404), or registered but not available (503): the kubeconfig's token, if any.
-            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 503 => {
-                self.bearer().map(str::to_string)
+        // bitsmith's API learns of a new Package from a watch, which may trail it by a moment; and an APIService
+        // that just became available may not be routed to at once. Without a bearer token to fall back on, both
+        // are waited out for a while.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let request = http::Request::post(&path).body(kube::client::Body::from(Vec::new())).expect("a request");
+            let response = self.client.send(request).await?;
+            let status = response.status();
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .map_err(|e| PluginError::Kube(format!("kubernetes: reading the upload token: {e}")))?
+                .to_bytes();
+            let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if status.is_success() {
+                return answer["token"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| PluginError::Refused("the aggregated API answered without an upload token".into()));
             }
-            Err(error) => Err(error.into()),
+            let from_bitsmith = answer.get("errors").is_some();
+            let not_served = !from_bitsmith && (status.as_u16() == 404 || status.as_u16() == 503);
+            if not_served && let Some(bearer) = self.token.as_deref() {
+                return Ok(bearer.to_string());
+            }
+            let passing = status.as_u16() == 404 || status.as_u16() == 503;
+            if passing && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            let detail = if from_bitsmith {
+                format!(
+                    "{} {}",
+                    answer["errors"][0]["title"].as_str().unwrap_or_default(),
+                    answer["errors"][0]["detail"].as_str().unwrap_or_default()
+                )
+            } else {
+                answer["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string())
+            };
+            let hint = if not_served {
+                "; the aggregated API is not served, and this kubeconfig user has no bearer token for bitsmith's API"
+            } else {
+                ""
+            };
+            return Err(PluginError::Refused(format!("upload token: HTTP {}: {detail}{hint}", status.as_u16())));
         }
     }
 

@@ -10,13 +10,14 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 #[allow(dead_code)]
 #[path = "../tests/integration/support/data.rs"]
 mod data;
+#[path = "../tests/integration/support/proxy.rs"]
+mod proxy;
 
 fn kubectl(args: &[&str]) -> String {
     let out = Command::new("kubectl").args(args).output().expect("kubectl");
@@ -56,36 +57,6 @@ fn change_one_percent(root: &Path, files: u64) {
         let path = root.join(format!("mod-{:03}/pkg-{:03}/file-{n}.dat", n / 10_000, (n / 100) % 100));
         std::fs::write(path, data::bytes(n + 1_000_000_007, size_of(n))).unwrap();
     }
-}
-
-/// A TCP proxy to `port` counting the bytes clients send.
-async fn counting_proxy(port: u16) -> (u16, Arc<AtomicU64>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_port = listener.local_addr().unwrap().port();
-    let sent = Arc::new(AtomicU64::new(0));
-    let counter = sent.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                let back = tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
-                let mut buffer = vec![0u8; 256 << 10];
-                while let Ok(n) = client_read.read(&mut buffer).await {
-                    if n == 0 || server_write.write_all(&buffer[..n]).await.is_err() {
-                        break;
-                    }
-                    counter.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                let _ = server_write.shutdown().await;
-                let _ = back.await;
-            });
-        }
-    });
-    (proxy_port, sent)
 }
 
 /// Run `command` to the end; its wall time and peak RSS (VmHWM, polled) in MiB.
@@ -150,8 +121,8 @@ async fn main() {
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    let (proxy_port, sent) = counting_proxy(port).await;
-    let api = format!("http://127.0.0.1:{proxy_port}");
+    let proxy = proxy::Proxy::start(port, None).await;
+    let (api, sent) = (proxy.url(), proxy.sent.clone());
     // The pusher's kubeconfig: the test control plane's, with the ServiceAccount's token.
     let admin = String::from_utf8(
         Command::new("kubectl")

@@ -694,7 +694,6 @@ pub(crate) fn serving_certificate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_uploads_and_downloads_through_the_aggregated_api() {
-    use base64::Engine;
     tokio::task::block_in_place(install_crds);
     let ns = tokio::task::block_in_place(|| namespace("aggregated"));
     let dir = tempfile::tempdir().unwrap();
@@ -714,10 +713,7 @@ async fn kubectl_uploads_and_downloads_through_the_aggregated_api() {
     let state = AppState::new(client, file_store(store.path()), index, config, Default::default(), Some(front_proxy));
     let api = tokio::spawn(bitsmith::api::serve(listener, Some(tls), state, std::future::pending()));
 
-    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&ca).unwrap());
-    let registration = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: bitsmith-api\n  namespace: {ns}\nspec:\n  type: ExternalName\n  externalName: localhost\n---\napiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata:\n  name: v1alpha1.api.bitsmith.dev\nspec:\n  group: api.bitsmith.dev\n  version: v1alpha1\n  groupPriorityMinimum: 1000\n  versionPriority: 15\n  caBundle: {ca_bundle}\n  service:\n    namespace: {ns}\n    name: bitsmith-api\n    port: {port}\n"
-    );
+    let registration = crate::support::kube::api_service(&ns, port, &std::fs::read(&ca).unwrap());
     kube_ok(&["apply", "-f", "-"], Some(&registration));
     kube_ok(&["wait", "--for=condition=Available", "--timeout=90s", "apiservice/v1alpha1.api.bitsmith.dev"], None);
 

@@ -15,6 +15,7 @@ use crate::support::kube::{
     install_crds, kube_ok, kubeconfig, kubeconfig_with_token, namespace, service_account_with_role, wait_for,
 };
 use crate::support::process::{Process, free_port};
+use crate::support::proxy::Proxy;
 
 struct Setup {
     ns: String,
@@ -40,7 +41,8 @@ async fn setup(test: &str) -> Setup {
     let args = ["--leader-election-namespace", &ns, "--instance", "controller-0", "--listen", &listen];
     let controller = Process::spawn("controller", &ns, &store, &args);
     controller.ready().await;
-    let (api, sent) = counting_proxy(port).await;
+    let proxy = Proxy::start(port, None).await;
+    let (api, sent) = (proxy.url(), proxy.sent.clone());
 
     let kubeconfigs = tokio::task::block_in_place(|| {
         [("uploader", "bitsmith-uploader"), ("viewer", "bitsmith-viewer")].map(|(name, role)| {
@@ -94,47 +96,6 @@ impl Setup {
     fn get(&self, object: &str, path: &str) -> String {
         kube_ok(&["get", object, "-n", &self.ns, "-o", &format!("jsonpath={path}")], None)
     }
-}
-
-/// A TCP proxy on loopback to `port`, counting the bytes clients send through it.
-async fn counting_proxy(port: u16) -> (String, Arc<AtomicU64>) {
-    let (url, _, sent) = proxy(port, None).await;
-    (url, sent)
-}
-
-/// A TCP proxy on loopback to `port`, counting the bytes clients send and passing them on at most `per_second`
-/// (none: as they come). Returns its URL, its port and the count.
-async fn proxy(port: u16, per_second: Option<u64>) -> (String, u16, Arc<AtomicU64>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_port = listener.local_addr().unwrap().port();
-    let url = format!("http://127.0.0.1:{proxy_port}");
-    let sent = Arc::new(AtomicU64::new(0));
-    let counter = sent.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                let back = tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
-                let mut buffer = vec![0u8; 64 << 10];
-                while let Ok(n) = client_read.read(&mut buffer).await {
-                    if n == 0 || server_write.write_all(&buffer[..n]).await.is_err() {
-                        break;
-                    }
-                    counter.fetch_add(n as u64, Ordering::Relaxed);
-                    if let Some(rate) = per_second {
-                        tokio::time::sleep(std::time::Duration::from_secs_f64(n as f64 / rate as f64)).await;
-                    }
-                }
-                let _ = server_write.shutdown().await;
-                let _ = back.await;
-            });
-        }
-    });
-    (url, proxy_port, sent)
 }
 
 /// An app with nested, empty and unicode-named files, two files big enough for the resource cache, a symlink,
@@ -303,12 +264,8 @@ async fn a_push_outlasts_the_api_servers_request_timeout_with_an_upload_token() 
     let controller = Process::spawn_at(&plane.kubeconfig, "controller", ns, &store, &args);
     controller.ready().await;
     // Both ways in pass the same slow link: the aggregator's, and the plugin's own.
-    let (_, proxy_port, _) = proxy(port, Some(1 << 20)).await;
-    use base64::Engine;
-    let bundle = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&ca).unwrap());
-    let registration = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: bitsmith-api\n  namespace: {ns}\nspec:\n  type: ExternalName\n  externalName: localhost\n---\napiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata:\n  name: v1alpha1.api.bitsmith.dev\nspec:\n  group: api.bitsmith.dev\n  version: v1alpha1\n  groupPriorityMinimum: 1000\n  versionPriority: 15\n  caBundle: {bundle}\n  service:\n    namespace: {ns}\n    name: bitsmith-api\n    port: {proxy_port}\n"
-    );
+    let proxy_port = Proxy::start(port, Some(1 << 20)).await.port;
+    let registration = crate::support::kube::api_service(ns, proxy_port, &std::fs::read(&ca).unwrap());
     admin(&["apply", "-f", "-"], Some(&registration));
     admin(&["wait", "--for=condition=Available", "--timeout=90s", "apiservice/v1alpha1.api.bitsmith.dev"], None);
 

@@ -207,6 +207,16 @@ pub fn kubeconfig_with_token(kubeconfig: &str, token: &str, path: &std::path::Pa
     std::fs::write(path, text.replace(&admin, token)).unwrap();
 }
 
+/// The `APIService` `v1alpha1.api.bitsmith.dev` (and its ExternalName Service) that sends aggregated requests to
+/// `localhost:port`, trusting the serving CA `ca_pem`.
+pub fn api_service(ns: &str, port: u16, ca_pem: &[u8]) -> String {
+    use base64::Engine;
+    let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: bitsmith-api\n  namespace: {ns}\nspec:\n  type: ExternalName\n  externalName: localhost\n---\napiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata:\n  name: v1alpha1.api.bitsmith.dev\nspec:\n  group: api.bitsmith.dev\n  version: v1alpha1\n  groupPriorityMinimum: 1000\n  versionPriority: 15\n  caBundle: {bundle}\n  service:\n    namespace: {ns}\n    name: bitsmith-api\n    port: {port}\n"
+    )
+}
+
 /// Manifests of bits Packages without a source, named `names`: they await an upload.
 pub fn awaiting_packages(names: &[&str]) -> String {
     names

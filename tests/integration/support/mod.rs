@@ -7,6 +7,7 @@ pub mod kube;
 pub mod pki;
 pub mod policy;
 pub mod process;
+pub mod proxy;
 
 pub use policy::loopback_policy;
 

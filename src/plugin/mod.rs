@@ -336,14 +336,14 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
         }
     };
     // Read the app while the controller takes a new Package in.
-    let app = read_app(&args.path).await?;
+    let mut app = read_app(&args.path).await?;
     let package = awaiting_upload(&api, &package).await?;
     let upload = session.action_url(&package, Action::Upload)?;
     let base = upload.split("/v3/").next().unwrap_or_default().to_string();
 
     let credential = session.upload_credential(&package).await?;
-    let (matched, rest) = match &app {
-        App::Dir(dir) => matches(&session, &base, &dir.files, &credential).await?,
+    let (matched, rest) = match &mut app {
+        App::Dir(dir) => matches(&session, &base, std::mem::take(&mut dir.files), &credential).await?,
         App::Zip { .. } => (Vec::new(), Vec::new()),
     };
     let (to_send, total) = match &app {
@@ -415,11 +415,11 @@ async fn read_app(path: &Path) -> Result<App, PluginError> {
     }
 }
 
-/// Which of `files` the server has already (asked in batches of [`MATCH_BATCH`]), and the others.
+/// Which of `files` the server has already (asked in batches of [`MATCH_BATCH`]), and the others; moved, not copied.
 async fn matches(
     session: &Session,
     base: &str,
-    files: &[AppFile],
+    files: Vec<AppFile>,
     credential: &str,
 ) -> Result<(Vec<AppFile>, Vec<AppFile>), PluginError> {
     let candidates: Vec<&AppFile> = files.iter().filter(|f| crate::cache::cacheable(f.size)).collect();
@@ -434,7 +434,7 @@ async fn matches(
             }
         }
     }
-    Ok(files.iter().cloned().partition(|f| held.contains(&f.path)))
+    Ok(files.into_iter().partition(|f| held.contains(&f.path)))
 }
 
 /// A file as Cloud Controller's v3 resource lists name it.

@@ -122,10 +122,7 @@ async fn package_upload_token(
     Path((namespace, name)): Path<(String, String)>,
     credentials: Credentials,
 ) -> Result<Json<Value>, CfError> {
-    let found = || state.index.package_named(&namespace, &name);
-    let (token, package) = upload_token(&state, &credentials, found, "Package").await?;
-    let upload = state.config.urls.href(&format!("/v3/packages/{}/upload", package.uid().unwrap_or_default()));
-    Ok(Json(token_answer(token, upload)))
+    upload_token(&state, &credentials, || state.index.package_named(&namespace, &name), "Package").await
 }
 
 async fn droplet_upload_token(
@@ -133,34 +130,29 @@ async fn droplet_upload_token(
     Path((namespace, name)): Path<(String, String)>,
     credentials: Credentials,
 ) -> Result<Json<Value>, CfError> {
-    let found = || state.index.droplet_named(&namespace, &name);
-    let (token, droplet) = upload_token(&state, &credentials, found, "Droplet").await?;
-    let upload = state.config.urls.href(&format!("/v3/droplets/{}/upload", droplet.uid().unwrap_or_default()));
-    Ok(Json(token_answer(token, upload)))
+    upload_token(&state, &credentials, || state.index.droplet_named(&namespace, &name), "Droplet").await
 }
 
-/// A token for the caller, who may upload to the object, bound to it.
+/// A token for the caller, who may upload to the object, bound to it; and where to upload with it.
 async fn upload_token<O: BitsObject>(
     state: &AppState,
     credentials: &Credentials,
     found: impl FnOnce() -> Option<Arc<O>>,
     what: &'static str,
-) -> Result<((String, Timestamp), Arc<O>), CfError> {
+) -> Result<Json<Value>, CfError> {
+    let who = state.authenticated_as(credentials).await?;
     // An upload token is not traded for another: its life would have no end.
-    if state.authenticated_as(credentials).await?.upload_of.is_some() {
+    if who.upload_of.is_some() {
         return Err(CfError::NotAuthorized);
     }
-    let (caller, object) = state.authorized_caller(credentials, found, what, "create", Some("upload")).await?;
+    let (caller, object) = state.authorize_as(who, found, what, "create", Some("upload")).await?;
     let uid = object.uid().unwrap_or_default();
-    Ok((state.config.upload_tokens.issue(&caller, O::PLURAL, &uid, Timestamp::now()), object))
-}
-
-fn token_answer((token, expires): (String, Timestamp), upload: String) -> Value {
-    json!({
+    let (token, expires) = state.config.upload_tokens.issue(&caller, O::PLURAL, &uid, Timestamp::now());
+    Ok(Json(json!({
         "kind": "UploadToken",
         "apiVersion": format!("{GROUP}/{VERSION}"),
         "token": token,
         "expirationTimestamp": expires.to_string(),
-        "upload": upload,
-    })
+        "upload": state.config.urls.href(&format!("/v3/{}/{uid}/upload", O::PLURAL)),
+    })))
 }

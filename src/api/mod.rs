@@ -213,7 +213,20 @@ impl AppState {
         verb: &'static str,
         subresource: Option<&'static str>,
     ) -> Result<(crate::auth::Caller, Arc<O>), CfError> {
-        let Authenticated { caller, upload_of } = self.authenticated_as(credentials).await?;
+        let who = self.authenticated_as(credentials).await?;
+        self.authorize_as(who, found, not_found, verb, subresource).await
+    }
+
+    /// The second half of [`AppState::authorized_caller`], for a caller already authenticated.
+    async fn authorize_as<O: BitsObject>(
+        &self,
+        who: Authenticated,
+        found: impl FnOnce() -> Option<Arc<O>>,
+        not_found: &'static str,
+        verb: &'static str,
+        subresource: Option<&'static str>,
+    ) -> Result<(crate::auth::Caller, Arc<O>), CfError> {
+        let Authenticated { caller, upload_of } = who;
         let object = found().ok_or(CfError::ResourceNotFound { what: not_found })?;
         // An upload token is good for its object's upload, nothing else; the user's RBAC still decides that one.
         if let Some((resource, uid)) = &upload_of

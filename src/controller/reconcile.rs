@@ -201,6 +201,12 @@ fn requested_at<O: Managed>(object: &O) -> Option<&str> {
     object.annotations().get(crate::resources::REQUESTED_AT_ANNOTATION).map(String::as_str)
 }
 
+/// Whether `object` carries a reconcile request its status has not echoed yet.
+fn new_request<O: Managed>(object: &O) -> bool {
+    let handled = object.bits_status().and_then(|s| s.last_handled_reconcile_at.as_deref());
+    requested_at(object).is_some_and(|r| handled != Some(r))
+}
+
 /// When an audit found `object`'s blob gone or wrong, or a new reconcile request asks for a look, and it is gone
 /// or wrong: stop naming it (see [`status::bits_lost`]). Returns the object as written then, for the plan to go on from (a fetch, when it has a
 /// source).
@@ -210,8 +216,9 @@ where
 {
     let prev = object.bits_status().cloned().unwrap_or_default();
     let (Some(uid), Some(blob)) = (object.uid(), prev.stored.blob.as_ref()) else { return Ok(None) };
-    let requested = requested_at(object).is_some_and(|r| prev.last_handled_reconcile_at.as_deref() != Some(r));
-    let Some(found) = ctx.findings.take(&uid, &blob.key).or(requested.then_some(crate::audit::Finding::Missing)) else {
+    let Some(found) =
+        ctx.findings.take(&uid, &blob.key).or(new_request(object).then_some(crate::audit::Finding::Missing))
+    else {
         return Ok(None);
     };
     // The audit's listing may be older than the object's latest bits: look at the blob itself. A wrong digest is
@@ -290,12 +297,8 @@ where
         forget_claim(ctx, object);
     }
     let (next, action) = match planned {
-        Plan::UpToDate => {
-            // Links change only when the API's external URL does.
-            ctx.write_status(api, object, &prev).await?;
-            record_state(ctx, object, prev.state);
-            return Ok((Action::await_change(), prev.state));
-        }
+        // Written all the same: links change when the API's external URL does, and a reconcile request is echoed.
+        Plan::UpToDate => (prev.clone(), Action::await_change()),
         Plan::UploadInProgress => return watch_upload(api, object, ctx).await,
         Plan::Invalid(error) => {
             (status::failed(&prev, "InvalidSpec", &error.to_string(), true, generation, now), Action::await_change())
@@ -309,13 +312,8 @@ where
         Plan::Recheck { source, interval } => {
             let uid = object.uid().unwrap_or_default();
             let wait = ctx.rechecks.lock().expect("rechecks lock").due_in(&uid, interval, Instant::now());
-            let requested = requested_at(object).is_some_and(|r| prev.last_handled_reconcile_at.as_deref() != Some(r));
             match wait {
-                Some(wait) if !requested => {
-                    ctx.write_status(api, object, &prev).await?;
-                    record_state(ctx, object, prev.state);
-                    return Ok((Action::requeue(wait), prev.state));
-                }
+                Some(wait) if !new_request(object) => (prev.clone(), Action::requeue(wait)),
                 _ => return transfer(api, object, namespace, source, ctx).await,
             }
         }

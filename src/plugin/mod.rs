@@ -190,6 +190,12 @@ impl Session {
         })
     }
 
+    /// The path of one of the package's actions in the aggregated API, through kube-apiserver.
+    fn aggregated(&self, package: &Package, action: &str) -> String {
+        let group = crate::api::aggregated::GROUP;
+        format!("/apis/{group}/v1alpha1/namespaces/{}/packages/{}/{action}", self.namespace, package.name_any())
+    }
+
     /// The URL of one of the package's API actions: under `--api-url`, else its status's link.
     fn action_url(&self, package: &Package, action: Action) -> Result<String, PluginError> {
         let uid = package.uid().unwrap_or_default();
@@ -215,11 +221,7 @@ impl Session {
     /// API (so the user's own credentials never leave for bitsmith's API, and work whatever kind they are), or,
     /// where the aggregated API is not served, the kubeconfig's bearer token.
     async fn upload_credential(&self, package: &Package) -> Result<String, PluginError> {
-        let path = format!(
-            "/apis/api.bitsmith.dev/v1alpha1/namespaces/{}/packages/{}/uploadtoken",
-            self.namespace,
-            package.name_any()
-        );
+        let path = self.aggregated(package, "uploadtoken");
         // bitsmith's API learns of a new Package from a watch, which may trail it by a moment; and an APIService
         // that just became available may not be routed to at once. Without a bearer token to fall back on, both
         // are waited out for a while.
@@ -250,11 +252,8 @@ impl Session {
                 continue;
             }
             let detail = if from_bitsmith {
-                format!(
-                    "{} {}",
-                    answer["errors"][0]["title"].as_str().unwrap_or_default(),
-                    answer["errors"][0]["detail"].as_str().unwrap_or_default()
-                )
+                let (title, detail) = cf_error(&answer);
+                format!("{title} {detail}")
             } else {
                 answer["message"]
                     .as_str()
@@ -283,14 +282,16 @@ impl Session {
         if status.is_success() {
             return Ok(body);
         }
-        let error = &body["errors"][0];
-        Err(PluginError::Api {
-            what,
-            status: status.as_u16(),
-            title: error["title"].as_str().unwrap_or("error").to_string(),
-            detail: error["detail"].as_str().unwrap_or("no detail").to_string(),
-        })
+        let (title, detail) = cf_error(&body);
+        Err(PluginError::Api { what, status: status.as_u16(), title, detail })
     }
+}
+
+/// The title and detail of a CF error answer (`{"errors": [{"title", "detail", "code"}]}`).
+fn cf_error(body: &Value) -> (String, String) {
+    let error = &body["errors"][0];
+    let text = |key: &str, otherwise: &str| error[key].as_str().unwrap_or(otherwise).to_string();
+    (text("title", "error"), text("detail", "no detail"))
 }
 
 #[derive(Clone, Copy)]
@@ -456,16 +457,10 @@ fn tokio_stream(
 /// The Package once the controller has taken it in; refused unless it awaits an upload.
 async fn awaiting_upload(api: &Api<Package>, package: &Package) -> Result<Package, PluginError> {
     let name = package.name_any();
-    let seen = kube::runtime::wait::await_condition(api.clone(), &name, |p: Option<&Package>| {
-        p.and_then(|p| p.status.as_ref()).and_then(|s| s.state).is_some()
-    });
-    let seen = tokio::time::timeout(Duration::from_secs(60), seen)
-        .await
-        .map_err(|_| {
-            PluginError::Refused(format!("package {name:?} has no state after 60 s: is the controller running?"))
-        })?
-        .map_err(|e| PluginError::Kube(format!("watching package {name:?}: {e}")))?
-        .ok_or_else(|| PluginError::Refused(format!("package {name:?} was deleted")))?;
+    let has_state = |p: &Package| p.status.as_ref().and_then(|s| s.state).is_some();
+    let no_state =
+        || PluginError::Refused(format!("package {name:?} has no state after 60 s: is the controller running?"));
+    let seen = watch_until(api, &name, has_state, Duration::from_secs(60), no_state).await?;
     let state = seen.status.as_ref().and_then(|s| s.state);
     match state {
         Some(PackageState::AwaitingUpload) => Ok(seen),
@@ -477,23 +472,37 @@ async fn awaiting_upload(api: &Api<Package>, package: &Package) -> Result<Packag
     }
 }
 
+/// Watch the Package `name` until `condition` holds, for at most `timeout` (then `timed_out`).
+async fn watch_until(
+    api: &Api<Package>,
+    name: &str,
+    condition: impl Fn(&Package) -> bool,
+    timeout: Duration,
+    timed_out: impl FnOnce() -> PluginError,
+) -> Result<Package, PluginError> {
+    let seen =
+        kube::runtime::wait::await_condition(api.clone(), name, move |p: Option<&Package>| p.is_some_and(&condition));
+    tokio::time::timeout(timeout, seen)
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| PluginError::Kube(format!("watching package {name:?}: {e}")))?
+        .ok_or_else(|| PluginError::Refused(format!("package {name:?} was deleted")))
+}
+
 fn state_name(state: PackageState) -> String {
     serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 /// Watch the Package until it is READY (returned) or FAILED (an error with its reason), for at most `timeout`.
 async fn wait_ready(api: &Api<Package>, name: &str, timeout: Duration) -> Result<Package, PluginError> {
-    let settled = kube::runtime::wait::await_condition(api.clone(), name, |p: Option<&Package>| {
+    let settled = |p: &Package| {
         matches!(
-            p.and_then(|p| p.status.as_ref()).and_then(|s| s.state),
+            p.status.as_ref().and_then(|s| s.state),
             Some(PackageState::Ready | PackageState::Failed | PackageState::Expired)
         )
-    });
-    let package = tokio::time::timeout(timeout, settled)
-        .await
-        .map_err(|_| PluginError::Timeout { name: name.into(), after: timeout })?
-        .map_err(|e| PluginError::Kube(format!("watching package {name:?}: {e}")))?
-        .ok_or_else(|| PluginError::Refused(format!("package {name:?} was deleted")))?;
+    };
+    let timed_out = || PluginError::Timeout { name: name.into(), after: timeout };
+    let package = watch_until(api, name, settled, timeout, timed_out).await?;
     let status = package.status.clone().unwrap_or_default();
     match status.state {
         Some(PackageState::Ready) => Ok(package),
@@ -573,14 +582,8 @@ async fn direct_download(session: &Session, package: &Package, bearer: &str) -> 
     }
     if !response.status().is_success() {
         let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        let error = &body["errors"][0];
-        return Err(PluginError::Api {
-            what: "download",
-            status,
-            title: error["title"].as_str().unwrap_or("error").to_string(),
-            detail: error["detail"].as_str().unwrap_or("no detail").to_string(),
-        });
+        let (title, detail) = cf_error(&response.json().await.unwrap_or(Value::Null));
+        return Err(PluginError::Api { what: "download", status, title, detail });
     }
     Ok(response.bytes_stream().map(|chunk| chunk.map_err(|e| http_error("download", &e))).boxed())
 }
@@ -588,11 +591,7 @@ async fn direct_download(session: &Session, package: &Package, bearer: &str) -> 
 /// The bits through the aggregated API, with whatever credentials the kubeconfig holds.
 async fn aggregated_download(session: &Session, package: &Package) -> Result<Bits, PluginError> {
     use futures::AsyncReadExt;
-    let path = format!(
-        "/apis/api.bitsmith.dev/v1alpha1/namespaces/{}/packages/{}/download",
-        session.namespace,
-        package.name_any()
-    );
+    let path = session.aggregated(package, "download");
     let request = http::Request::get(path).body(Vec::new()).expect("a valid request");
     let reader = Box::pin(session.client.request_stream(request).await?);
     Ok(futures::stream::try_unfold(reader, |mut reader| async move {

@@ -364,6 +364,38 @@ async fn a_push_outlasts_the_api_servers_request_timeout_with_an_upload_token() 
     assert_eq!(status(client.get(format!("{api}/v3/packages/{}", uid("raw")))).await, 403);
     let matches = serde_json::json!({"resources": [{"path": "a", "size_in_bytes": 70000, "checksum": {"value": "a".repeat(40)}, "mode": "644"}]});
     assert_eq!(status(client.post(format!("{api}/v3/resource_matches")).json(&matches)).await, 201);
+    // A Droplet's token names the Droplet's upload, and is no good for a Package's.
+    let droplet =
+        format!("apiVersion: bitsmith.dev/v1alpha1\nkind: Droplet\nmetadata:\n  name: drop\n  namespace: {ns}\nspec: {{}}\n");
+    admin(&["apply", "-f", "-"], Some(&droplet));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let answer = loop {
+        let out = as_alice(&[
+            "create",
+            "--raw",
+            &format!("/apis/api.bitsmith.dev/v1alpha1/namespaces/{ns}/droplets/drop/uploadtoken"),
+            "-f",
+            "/dev/null",
+        ]);
+        // bitsmith's watch cache may trail the new Droplet by a moment.
+        if out.status.success() || std::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    assert!(answer.status.success(), "{}", String::from_utf8_lossy(&answer.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&answer.stdout).unwrap();
+    let drop_uid = admin(&["get", "droplet", "drop", "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
+    assert!(answer["upload"].as_str().unwrap().ends_with(&format!("/v3/droplets/{drop_uid}/upload")), "{answer}");
+    let droplet_token = answer["token"].as_str().unwrap();
+    let with_droplet_token = client
+        .post(format!("{api}/v3/packages/{}/upload", uid("raw")))
+        .multipart(form())
+        .bearer_auth(droplet_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_droplet_token.status(), 403);
     tokio::time::sleep(std::time::Duration::from_secs(7)).await;
     assert_eq!(
         status(client.post(format!("{api}/v3/packages/{}/upload", uid("raw"))).multipart(form())).await,

@@ -136,13 +136,16 @@ async fn main() {
     let pusher_config = work.path().join("pusher.kubeconfig");
     std::fs::write(&pusher_config, std::fs::read_to_string(&kubeconfig).unwrap().replace(&admin, &token)).unwrap();
 
+    // Where the pushes record what they sent, for the next push of the same directory.
+    let records = work.path().join("records");
     let mut rows = Vec::new();
     let run = |app: &Path, package: &str, what: &str, app_bytes: u64, rows: &mut Vec<Row>| {
         sent.store(0, Ordering::Relaxed);
         let (took, rss) = measured(
             Command::new(env!("CARGO_BIN_EXE_bitsmith"))
                 .args(["push", app.to_str().unwrap(), package, "--create", "--quiet", "-n", &ns, "--api-url", &api])
-                .env("KUBECONFIG", &pusher_config),
+                .env("KUBECONFIG", &pusher_config)
+                .env("XDG_CACHE_HOME", &records),
         );
         rows.push(Row { what: what.into(), took, sent: sent.load(Ordering::Relaxed), app: app_bytes, rss: Some(rss) });
     };

@@ -233,10 +233,10 @@ impl Packing<'_> {
         match body {
             UploadBody::Form(mut form) => self.run_form(&mut form).await,
             UploadBody::Raw(body) => {
-                let mut repack = Repack::new(self.state.config.max_package_size, crate::cache::CACHED_SIZES)
+                let repack = Repack::new(self.state.config.max_package_size, crate::cache::CACHED_SIZES)
                     .with_max_entries(self.state.config.max_zip_entries);
                 let chunks = upload::raw_stream(body, self.state.config.max_upload_size);
-                self.feed(&mut repack, &mut CacheWrite::new(self.store), chunks).await?;
+                let repack = self.feed(repack, &mut CacheWrite::new(self.store), chunks).await?;
                 let writer = repack.finish().map_err(zip_failure)?;
                 self.send(writer.finish()).await
             }
@@ -248,19 +248,26 @@ impl Packing<'_> {
         let mut repack =
             Some(Repack::new(max, crate::cache::CACHED_SIZES).with_max_entries(self.state.config.max_zip_entries));
         let (mut saw_bits, mut resources) = (false, None);
+        let (mut base_package, mut base_resources) = (None, None);
         let mut cache = CacheWrite::new(self.store);
+        let json_cap = resources_json_cap(self.state.config.max_zip_entries);
         while let Some(field) =
             upload::next_field(form).await.map_err(|e| Failure::pipeline(e, |_| CfError::Unknown))?
         {
             match field.name().unwrap_or_default() {
                 "resources" => {
-                    let text = field_text(field).await?;
+                    let text = resources_text(field, json_cap).await?;
                     resources = Some(resources::parse_upload(&text).map_err(Failure::request)?);
+                }
+                "base_package" => base_package = Some(field_text(field, 256).await?.trim().to_string()),
+                "base_resources" => {
+                    let text = resources_text(field, json_cap).await?;
+                    base_resources = Some(resources::parse_upload(&text).map_err(Failure::request)?);
                 }
                 "bits" if !saw_bits => {
                     saw_bits = true;
-                    let repack = repack.as_mut().expect("one bits part");
-                    self.feed(repack, &mut cache, upload::field_stream(field)).await?;
+                    let fed = repack.take().expect("one bits part");
+                    repack = Some(self.feed(fed, &mut cache, upload::field_stream(field)).await?);
                 }
                 "bits_path" if !saw_bits => {
                     // An upload an offloading proxy (nginx's upload module) spooled to disk, accepted only from
@@ -272,13 +279,13 @@ impl Packing<'_> {
                         )));
                     }
                     saw_bits = true;
-                    let path = self.spooled(&field_text(field).await?)?;
-                    let repack = repack.as_mut().expect("one bits part");
-                    let fed = self.feed(repack, &mut cache, spool_file(&path).await?).await;
+                    let path = self.spooled(&field_text(field, 4096).await?)?;
+                    let fed = repack.take().expect("one bits part");
+                    let fed = self.feed(fed, &mut cache, spool_file(&path).await?).await;
                     if let Err(error) = tokio::fs::remove_file(&path).await {
                         tracing::warn!(%error, path = %path.display(), "removing a spooled upload");
                     }
-                    fed?;
+                    repack = Some(fed?);
                 }
                 "bits" | "bits_path" => {
                     return Err(Failure::request(CfError::UnprocessableEntity(
@@ -288,18 +295,31 @@ impl Packing<'_> {
                 _ => {}
             }
         }
-        if !saw_bits && resources.is_none() {
+        if !saw_bits && resources.is_none() && base_resources.is_none() {
             return Err(Failure::request(CfError::UnprocessableEntity(
                 "Upload must include either resources or bits".into(),
             )));
         }
         let mut writer = match repack.take() {
-            Some(repack) if saw_bits => repack.finish().map_err(zip_failure)?,
+            Some(repack) if saw_bits => {
+                self.inflated = repack.inflated();
+                repack.finish().map_err(zip_failure)?
+            }
             _ => ZipWriter::new(),
         };
-        let resources = resources.unwrap_or_default();
-        // The upload's own file wins over a resource of the same path, and so does the first of two resources.
+        // The upload's own file wins over a resource of the same path, then the base package's, and the first of
+        // two resources over the second.
         let mut names: std::collections::HashSet<Arc<str>> = writer.names().cloned().collect();
+        match (base_package, base_resources) {
+            (Some(guid), Some(wanted)) => writer = self.add_from_base(writer, &guid, wanted, &mut names).await?,
+            (None, None) => {}
+            _ => {
+                return Err(Failure::request(CfError::UnprocessableEntity(
+                    "base_package and base_resources come together".into(),
+                )));
+            }
+        }
+        let resources = resources.unwrap_or_default();
         let wanted: Vec<&Resource> =
             resources.iter().filter(|r| names.insert(r.path.as_deref().unwrap_or_default().into())).collect();
         let held: Vec<Option<Vec<String>>> = wanted.iter().map(|r| self.state.cache.holders(&r.sha1, r.size)).collect();
@@ -311,7 +331,7 @@ impl Packing<'_> {
     }
 
     /// Run the upload's bytes through the rewrite, into the new zip and the cache.
-    async fn feed<S>(&self, repack: &mut Repack, cache: &mut CacheWrite, mut chunks: S) -> Result<(), Failure>
+    async fn feed<S>(&self, mut repack: Repack, cache: &mut CacheWrite, mut chunks: S) -> Result<Repack, Failure>
     where
         S: futures::Stream<Item = Result<Bytes, SourceError>> + Unpin,
     {
@@ -327,7 +347,9 @@ impl Packing<'_> {
             }
             if !batch.is_empty() {
                 let input = batch.split();
-                let (out, events) = blocking(|| repack.push(input)).map_err(zip_failure)?;
+                let (back, rewritten) = rewrite(repack, input, None).await;
+                repack = back;
+                let (out, events) = rewritten.map_err(zip_failure)?;
                 for bytes in out {
                     self.send(bytes).await?;
                 }
@@ -336,7 +358,7 @@ impl Packing<'_> {
                 }
             }
             if chunk.is_none() {
-                return Ok(());
+                return Ok(repack);
             }
         }
     }
@@ -357,6 +379,109 @@ impl Packing<'_> {
             answer: CfError::BlobstoreUnavailable,
             message: "the store stopped taking the package".into(),
         })
+    }
+
+    /// Copy the files `wanted` names (by path) out of `guid`, a READY package of the same namespace that the
+    /// caller may download: an upload that changes a few files of a large app sends only those. Each file must
+    /// inflate to the sha1 and size named, or the upload is refused and the package awaits another upload. The
+    /// stored zip is read once, in order; the copied entries keep their compressed bytes.
+    async fn add_from_base(
+        &mut self,
+        writer: ZipWriter,
+        guid: &str,
+        wanted: Vec<Resource>,
+        names: &mut std::collections::HashSet<Arc<str>>,
+    ) -> Result<ZipWriter, Failure> {
+        let refused = |detail: String| Failure::request(CfError::UnprocessableEntity(detail));
+        let unusable =
+            || refused(format!("Base package {guid} is not a READY package of this namespace that you may download."));
+        let base = self.state.index.package(guid).filter(|p| p.namespace().as_deref() == Some(self.namespace.as_str()));
+        let base = base.ok_or_else(unusable)?;
+        let access = Access {
+            verb: "get",
+            resource: "packages",
+            subresource: Some("download"),
+            namespace: self.namespace.clone(),
+            name: base.name_any(),
+        };
+        if !self.state.auth.allows(self.caller, &access).await.map_err(Failure::request)? {
+            return Err(unusable());
+        }
+        let blob = package_blob(&base).map_err(|_| unusable())?;
+        if !self.state.store.holds(blob) {
+            return Err(unusable());
+        }
+        let wanted: HashMap<Arc<str>, Resource> = wanted
+            .into_iter()
+            .filter_map(|r| {
+                let path: Arc<str> = r.path.as_deref().unwrap_or_default().into();
+                names.insert(path.clone()).then_some((path, r))
+            })
+            .collect();
+        let wanted = Arc::new(wanted);
+        let max_entries = self.state.config.max_zip_entries;
+        if writer.len() + wanted.len() > max_entries {
+            return Err(zip_failure(ZipError::Invalid(format!("more than {max_entries} entries"))));
+        }
+        let store_failure =
+            |e: crate::store::StoreError| Failure::pipeline(e.into(), |_| CfError::BlobstoreUnavailable);
+        let (_, mut stream) = self.state.store.read(&blob.key).await.map_err(store_failure)?;
+        let mut copy = Repack::resume(writer, u64::MAX, 0..u64::MAX).with_max_entries(max_entries);
+        let (mut current, mut found): (Option<&Resource>, usize) = (None, 0);
+        let mut batch = bytes::BytesMut::new();
+        loop {
+            let chunk = stream.try_next().await.map_err(store_failure)?;
+            if let Some(chunk) = &chunk {
+                batch.extend_from_slice(chunk);
+                if batch.len() < FEED_BATCH {
+                    continue;
+                }
+            }
+            if !batch.is_empty() {
+                let (back, rewritten) = rewrite(copy, batch.split(), Some(wanted.clone())).await;
+                copy = back;
+                let (out, events) =
+                    rewritten.map_err(|e| refused(format!("Base package {guid} could not be read: {e}")))?;
+                for event in events {
+                    match event {
+                        ZipEvent::Start(header) if !header.is_dir() => {
+                            current = wanted.get(&header.name);
+                            found += usize::from(current.is_some());
+                        }
+                        ZipEvent::Start(_) | ZipEvent::Data(_) => {}
+                        ZipEvent::End(end) => {
+                            let Some(resource) = current.take() else { continue };
+                            if end.sha1.as_deref() != Some(resource.sha1.as_str())
+                                || end.sizes.uncompressed != resource.size
+                            {
+                                let path = resource.path.as_deref().unwrap_or_default();
+                                return Err(refused(format!(
+                                    "Resource {path:?} in base package {guid} does not have sha1 {} and size {}.",
+                                    resource.sha1, resource.size
+                                )));
+                            }
+                            self.inflated += end.sizes.uncompressed;
+                        }
+                    }
+                }
+                if self.inflated > self.state.config.max_package_size {
+                    return Err(zip_failure(ZipError::TooLarge { max: self.state.config.max_package_size }));
+                }
+                for bytes in out {
+                    self.send(bytes).await?;
+                }
+            }
+            if chunk.is_none() || (found == wanted.len() && current.is_none()) {
+                break;
+            }
+        }
+        if found < wanted.len() {
+            let writer = copy.into_writer();
+            let copied: std::collections::HashSet<&str> = writer.names().map(|n| n.as_ref()).collect();
+            let missing = wanted.keys().find(|path| !copied.contains(path.as_ref())).expect("a file not found");
+            return Err(refused(format!("Resource {missing:?} is not in base package {guid}.")));
+        }
+        Ok(copy.into_writer())
     }
 
     /// Add a file from the resource cache, checking on the way that it still inflates to its sha1. A file the
@@ -484,6 +609,28 @@ impl CacheWrite {
     }
 }
 
+/// Rewrite one batch of a zip on the blocking pool — every entry, or, given `wanted`, the files it names (with
+/// their modes) — so that the store, which the same task polls, goes on with the batches before meanwhile: done
+/// in place, inflating and storing would take turns on one core.
+async fn rewrite(
+    mut repack: Repack,
+    input: bytes::BytesMut,
+    wanted: Option<Arc<HashMap<Arc<str>, Resource>>>,
+) -> (Repack, Result<(Vec<Bytes>, Vec<ZipEvent>), ZipError>) {
+    tokio::task::spawn_blocking(move || {
+        let rewritten = match &wanted {
+            None => repack.push(input),
+            Some(wanted) => repack.push_selected(input, |header| {
+                wanted.get(&header.name).filter(|_| !header.is_dir()).map(|r| file_attributes(r.mode))
+            }),
+        }
+        .map(|(out, events)| (out, events.collect()));
+        (repack, rewritten)
+    })
+    .await
+    .expect("rewriting a zip panicked")
+}
+
 /// A spooled upload, read in 1 MiB chunks.
 async fn spool_file(
     path: &std::path::Path,
@@ -514,18 +661,51 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
-/// A small text part (the resources JSON), at most 16 MiB.
-async fn field_text(field: axum::extract::multipart::Field<'_>) -> Result<String, Failure> {
-    let mut text = Vec::new();
+/// A small text part of at most `cap` bytes.
+async fn field_text(field: axum::extract::multipart::Field<'_>, cap: usize) -> Result<String, Failure> {
+    let name = field.name().unwrap_or_default().to_string();
+    let bytes = field_bytes(field, cap).await?;
+    String::from_utf8(bytes)
+        .map_err(|_| Failure::request(CfError::UnprocessableEntity(format!("{name} must be text."))))
+}
+
+async fn field_bytes(field: axum::extract::multipart::Field<'_>, cap: usize) -> Result<Vec<u8>, Failure> {
+    let name = field.name().unwrap_or_default().to_string();
+    let mut bytes = Vec::new();
     let mut chunks = upload::field_stream(field);
     while let Some(chunk) = chunks.try_next().await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))? {
-        text.extend_from_slice(&chunk);
-        if text.len() > 16 << 20 {
-            return Err(Failure::request(CfError::UnprocessableEntity(
-                "Resources must be at most 16 MiB of JSON.".into(),
-            )));
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() > cap {
+            return Err(Failure::request(CfError::UnprocessableEntity(format!("{name} must be at most {cap} bytes."))));
         }
     }
-    String::from_utf8(text)
-        .map_err(|_| Failure::request(CfError::UnprocessableEntity("Resources must be valid JSON.".into())))
+    Ok(bytes)
+}
+
+/// How much JSON a resource list may take: room for every entry a package may hold.
+fn resources_json_cap(max_entries: usize) -> usize {
+    (16 << 20).max(max_entries.saturating_mul(512))
+}
+
+/// A resource list: JSON, or gzipped JSON when the part says `Content-Type: application/gzip` (the plugin
+/// sends its lists so; a list of 100 000 files is ~10 MiB of JSON). At most `cap` bytes either way.
+async fn resources_text(field: axum::extract::multipart::Field<'_>, cap: usize) -> Result<String, Failure> {
+    let name = field.name().unwrap_or_default().to_string();
+    let gzipped = field.content_type() == Some("application/gzip");
+    let bytes = field_bytes(field, cap).await?;
+    let invalid = || Failure::request(CfError::UnprocessableEntity("Resources must be valid JSON.".into()));
+    let text = if gzipped {
+        let mut text = Vec::new();
+        let mut decoder = std::io::Read::take(flate2::read::GzDecoder::new(&bytes[..]), cap as u64 + 1);
+        blocking(|| std::io::Read::read_to_end(&mut decoder, &mut text)).map_err(|_| invalid())?;
+        if text.len() > cap {
+            return Err(Failure::request(CfError::UnprocessableEntity(format!(
+                "{name} must be at most {cap} bytes of JSON."
+            ))));
+        }
+        text
+    } else {
+        bytes
+    };
+    String::from_utf8(text).map_err(|_| invalid())
 }

@@ -10,7 +10,7 @@ mod fuzz;
 /// Run a Python `program` with `input` on its standard input (written from another thread, so that a large
 /// output cannot block it) and return its standard output; `what` names a failure.
 #[cfg(test)]
-fn python(program: &str, input: Vec<u8>, what: &str) -> Vec<u8> {
+pub(crate) fn python(program: &str, input: Vec<u8>, what: &str) -> Vec<u8> {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let mut child = Command::new("python3")

@@ -1127,11 +1127,21 @@ pub struct Repack {
     writer: ZipWriter,
     /// What the reader saw in the last chunk; kept to reuse its allocation.
     events: Vec<Event>,
+    /// The external attributes of the entry being copied; `None` while an entry is left out.
+    copying: Option<u32>,
+    /// How many entries the writer held before this zip's.
+    first: usize,
 }
 
 impl Repack {
     pub fn new(max_inflated: u64, hashed_sizes: std::ops::Range<u64>) -> Self {
-        Repack { reader: ZipReader::new(max_inflated, hashed_sizes), writer: ZipWriter::new(), events: Vec::new() }
+        Self::resume(ZipWriter::new(), max_inflated, hashed_sizes)
+    }
+
+    /// Copy entries of another zip into `writer`, after those it holds (see [`Repack::push_selected`]).
+    pub fn resume(writer: ZipWriter, max_inflated: u64, hashed_sizes: std::ops::Range<u64>) -> Self {
+        let first = writer.len();
+        Repack { reader: ZipReader::new(max_inflated, hashed_sizes), writer, events: Vec::new(), copying: None, first }
     }
 
     /// Refuse zips of more than `max` entries.
@@ -1154,23 +1164,41 @@ impl Repack {
     /// descriptors between two pieces of entry data go out as one block, so that a zip of many small entries
     /// costs a few blocks per chunk rather than a few per entry.
     pub fn push(&mut self, chunk: BytesMut) -> Result<(Vec<Bytes>, std::vec::Drain<'_, Event>), ZipError> {
+        // Attributes come with the central directory (see `finish`); until then, a plain file.
+        self.push_selected(chunk, |_| Some(file_attributes(0o644)))
+    }
+
+    /// As [`Repack::push`], copying only the entries `keep` gives external attributes; the reader still reads
+    /// (and checks) every entry, and every event is returned.
+    pub fn push_selected(
+        &mut self,
+        chunk: BytesMut,
+        mut keep: impl FnMut(&EntryHeader) -> Option<u32>,
+    ) -> Result<(Vec<Bytes>, std::vec::Drain<'_, Event>), ZipError> {
         self.events.clear();
         self.reader.push_into(chunk, &mut self.events)?;
         let mut out = Vec::new();
         let mut records = BytesMut::new();
         for event in &self.events {
             match event {
-                Event::Start(header) => self.writer.start_into(header, &mut records),
-                Event::Data(bytes) => {
+                Event::Start(header) => {
+                    self.copying = keep(header);
+                    if self.copying.is_some() {
+                        self.writer.start_into(header, &mut records);
+                    }
+                }
+                Event::Data(bytes) if self.copying.is_some() => {
                     if !records.is_empty() {
                         out.push(records.split().freeze());
                     }
                     self.writer.data(bytes.len());
                     out.push(bytes.clone());
                 }
+                Event::Data(_) => {}
                 Event::End(end) => {
-                    // Attributes come with the central directory; until then, a plain file.
-                    self.writer.end_into(end.sizes, MADE_ON_UNIX, file_attributes(0o644), &mut records);
+                    if let Some(attributes) = self.copying.take() {
+                        self.writer.end_into(end.sizes, MADE_ON_UNIX, attributes, &mut records);
+                    }
                 }
             }
         }
@@ -1180,12 +1208,19 @@ impl Repack {
         Ok((out, self.events.drain(..)))
     }
 
+    /// The entries copied so far, without checking that the zip read was whole: for a zip read only for some
+    /// of its entries, each checked on its own.
+    pub fn into_writer(self) -> ZipWriter {
+        self.writer
+    }
+
     /// The upload ended: check that it was a whole zip, take over its entries' attributes, drop its symlinks.
+    /// For a zip pushed whole ([`Repack::push`]).
     pub fn finish(self) -> Result<ZipWriter, ZipError> {
         let mut writer = self.writer;
         // The reader holds the directory to the entries' order, and the writer wrote every entry it read.
         for (index, entry) in self.reader.finish()?.into_iter().enumerate() {
-            let written = writer.entry_mut(index).expect("an entry written for every entry read");
+            let written = writer.entry_mut(self.first + index).expect("an entry written for every entry read");
             debug_assert_eq!(written.name, entry.name);
             if entry.is_symlink() {
                 written.excluded = true;
@@ -1253,6 +1288,30 @@ mod tests {
                 assert_eq!(main.sha1, Some(to_hex(&Sha1::digest("print(1)\n".repeat(5000)))));
             }
         }
+    }
+
+    #[test]
+    fn chosen_entries_of_a_second_zip_follow_the_first() {
+        let (first, _) = repack(&python_zip("z.writestr('own.txt', 'mine')", true), 1 << 20).unwrap();
+        let mut own = Repack::new(1 << 30, 0..0);
+        let (mut out, _) = own.push(BytesMut::from(&first[..])).unwrap();
+        let mut out: Vec<u8> = out.drain(..).flat_map(|b| b.to_vec()).collect();
+        let writer = own.finish().unwrap();
+        let mut other = Repack::resume(writer, 1 << 30, 0..u64::MAX);
+        let mut kept_sha1 = Vec::new();
+        for piece in python_zip(FILES, true).chunks(97) {
+            let (bytes, events) = other
+                .push_selected(BytesMut::from(piece), |h| (&*h.name == "app/main.py").then(|| file_attributes(0o755)))
+                .unwrap();
+            bytes.iter().for_each(|b| out.extend_from_slice(b));
+            kept_sha1.extend(events.filter_map(|e| match e {
+                Event::End(end) if end.sizes.uncompressed == 45000 => end.sha1,
+                _ => None,
+            }));
+        }
+        out.extend_from_slice(&other.into_writer().finish());
+        assert_eq!(python_list(&out), "own.txt:4:0o600 app/main.py:45000:0o100755");
+        assert_eq!(kept_sha1, vec![to_hex(&Sha1::digest("print(1)\n".repeat(5000)))]);
     }
 
     #[test]

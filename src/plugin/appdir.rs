@@ -21,6 +21,10 @@ pub struct AppFile {
     pub mode: u32,
     /// Lowercase hex.
     pub sha1: String,
+    /// Last modification, in nanoseconds since the epoch, and the inode: with the size, what tells that a file
+    /// has not changed since it was last hashed.
+    pub mtime_ns: i128,
+    pub ino: u64,
 }
 
 /// What a push of a directory takes.
@@ -48,8 +52,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AppDirError + '_ {
 }
 
 impl AppDir {
-    /// Walk `root` as `.cfignore` says, then hash every file, `threads` at a time.
-    pub fn read(root: &Path, threads: usize) -> Result<Self, AppDirError> {
+    /// Walk `root` as `.cfignore` says, then hash every file, `threads` at a time, except those whose sha1
+    /// `known` gives (by path, size, modification time and inode).
+    pub fn read(
+        root: &Path,
+        threads: usize,
+        known: impl Fn(&str, u64, i128, u64) -> Option<String>,
+    ) -> Result<Self, AppDirError> {
         let cfignore = match std::fs::read_to_string(root.join(".cfignore")) {
             Ok(text) => Some(text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -75,9 +84,12 @@ impl AppDir {
                 if meta.is_dir() {
                     pending.push((entry.path(), path));
                 } else if meta.is_file() {
-                    use std::os::unix::fs::PermissionsExt;
+                    use std::os::unix::fs::{MetadataExt, PermissionsExt};
                     let mode = meta.permissions().mode() & 0o7777;
-                    dir.files.push(AppFile { path, full: entry.path(), size: meta.len(), mode, sha1: String::new() });
+                    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+                    let (size, ino) = (meta.len(), meta.ino());
+                    let sha1 = known(&path, size, mtime_ns, ino).unwrap_or_default();
+                    dir.files.push(AppFile { path, full: entry.path(), size, mode, sha1, mtime_ns, ino });
                 } else {
                     dir.skipped.push(path);
                 }
@@ -98,7 +110,7 @@ impl AppDir {
     }
 }
 
-/// Fill in every file's sha1, `threads` files at a time.
+/// Fill in the sha1 of every file that has none yet, `threads` files at a time.
 fn hash_all(files: &mut [AppFile], threads: usize) -> Result<(), AppDirError> {
     let next = AtomicUsize::new(0);
     let hashes: Vec<std::sync::OnceLock<String>> = files.iter().map(|_| Default::default()).collect();
@@ -111,7 +123,9 @@ fn hash_all(files: &mut [AppFile], threads: usize) -> Result<(), AppDirError> {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(file) = files_ref.get(i) else { return Ok(()) };
-                        let _ = hashes[i].set(sha1_of(&file.full, &mut buffer)?);
+                        if file.sha1.is_empty() {
+                            let _ = hashes[i].set(sha1_of(&file.full, &mut buffer)?);
+                        }
                     }
                 })
             })
@@ -119,7 +133,9 @@ fn hash_all(files: &mut [AppFile], threads: usize) -> Result<(), AppDirError> {
         workers.into_iter().try_for_each(|w| w.join().expect("a hashing thread panicked"))
     })?;
     for (file, hash) in files.iter_mut().zip(hashes) {
-        file.sha1 = hash.into_inner().expect("every file hashed");
+        if let Some(hash) = hash.into_inner() {
+            file.sha1 = hash;
+        }
     }
     Ok(())
 }
@@ -157,7 +173,7 @@ mod tests {
         std::fs::create_dir_all(root.path().join("empty")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.path().join("link")).unwrap();
 
-        let dir = AppDir::read(root.path(), 2).unwrap();
+        let dir = AppDir::read(root.path(), 2, |_, _, _, _| None).unwrap();
         let paths: Vec<_> = dir.files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["app.js", "lib/deep/util.js"]);
         assert_eq!(dir.dirs, ["empty/", "lib/", "lib/deep/"]);
@@ -165,5 +181,11 @@ mod tests {
         assert_eq!(dir.files[1].sha1, "da39a3ee5e6b4b0d3255bfef95601890afd80709", "sha1 of nothing");
         assert_eq!(dir.files[0].size, 14);
         assert_eq!(dir.total_size(), 14);
+
+        // A file whose sha1 is known is not read again.
+        let known =
+            AppDir::read(root.path(), 2, |path, size, _, _| (path == "app.js" && size == 14).then(|| "k".into()));
+        let sha1s: Vec<_> = known.unwrap().files.into_iter().map(|f| f.sha1).collect();
+        assert_eq!(sha1s, ["k", "da39a3ee5e6b4b0d3255bfef95601890afd80709"]);
     }
 }

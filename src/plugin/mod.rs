@@ -5,6 +5,7 @@
 
 pub mod appdir;
 pub mod cfignore;
+pub mod history;
 mod progress;
 pub mod zipstream;
 
@@ -25,6 +26,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::resources::{AppRef, Package, PackageSpec, PackageState};
 use appdir::{AppDir, AppFile};
+use history::History;
 use progress::Progress;
 
 /// How to reach the cluster and the API, as kubectl users expect.
@@ -67,6 +69,10 @@ pub struct PushArgs {
     /// How long to wait for the Package to become READY after the upload.
     #[arg(long, default_value = "5m", value_parser = crate::cli::parse_timeout)]
     pub timeout: Duration,
+    /// Hash every file, and send every file the server's resource cache does not hold, instead of reusing the
+    /// last push of this directory (its hashes and its package's files).
+    #[arg(long)]
+    pub full: bool,
     #[command(flatten)]
     pub target: Target,
 }
@@ -134,6 +140,8 @@ impl From<kube::Error> for PluginError {
 /// The cluster, the namespace and the API, as the user's kubeconfig and flags say.
 struct Session {
     client: kube::Client,
+    /// The Kubernetes API server's URL.
+    cluster: String,
     namespace: String,
     /// The kubeconfig user's bearer token, which bitsmith's API takes as Kubernetes does.
     token: Option<String>,
@@ -161,6 +169,7 @@ impl Session {
             (None, None) => None,
         };
         let namespace = target.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+        let cluster = config.cluster_url.to_string();
         let client = kube::Client::try_from(config).map_err(|e| bad(&e))?;
         let mut http = reqwest::Client::builder()
             .user_agent(concat!("kubectl-bitsmith/", env!("CARGO_PKG_VERSION")))
@@ -175,7 +184,7 @@ impl Session {
             http = http.tls_certs_merge(certs);
         }
         let http = http.build().map_err(|e| PluginError::Refused(format!("http client: {e}")))?;
-        Ok(Session { client, namespace, token, target: target.clone(), http })
+        Ok(Session { client, cluster, namespace, token, target: target.clone(), http })
     }
 
     fn packages(&self) -> Api<Package> {
@@ -337,66 +346,217 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
         }
     };
     // Read the app while the controller takes a new Package in.
-    let mut app = read_app(&args.path).await?;
+    let records = (!args.full).then(history::cache_dir).flatten();
+    let history = match &records {
+        Some(cache) if std::fs::metadata(&args.path).is_ok_and(|m| m.is_dir()) => {
+            let (cache, root) = (cache.clone(), args.path.clone());
+            tokio::task::spawn_blocking(move || History::load(&cache, &root)).await.expect("reading the record")
+        }
+        _ => History::default(),
+    };
+    let hashed_at_ns = now_ns();
+    let (app, history) = read_app(&args.path, history).await?;
     let package = awaiting_upload(&api, &package).await?;
     let upload = session.action_url(&package, Action::Upload)?;
-    let base = upload.split("/v3/").next().unwrap_or_default().to_string();
-
+    let api_base = upload.split("/v3/").next().unwrap_or_default().to_string();
     let credential = session.upload_credential(&package).await?;
-    let (matched, rest) = match &mut app {
-        App::Dir(dir) => matches(&session, &base, std::mem::take(&mut dir.files), &credential).await?,
-        App::Zip { .. } => (Vec::new(), Vec::new()),
-    };
-    let (to_send, total) = match &app {
-        App::Dir(_) => (rest.len(), rest.iter().map(|f| f.size).sum::<u64>()),
-        App::Zip { size, .. } => (1, *size),
-    };
-    if let App::Dir(dir) = &app {
-        for skipped in &dir.skipped {
-            eprintln!("skipping {skipped}: not a file or directory (symlinks are not followed)");
-        }
-        if !args.quiet {
-            let cached: u64 = matched.iter().map(|f| f.size).sum();
-            eprintln!(
-                "uploading {to_send} files ({total} bytes); {} files ({cached} bytes) are on the server already",
-                matched.len()
-            );
-        }
-    }
 
-    let read = Arc::new(AtomicU64::new(0));
-    let progress = (!args.quiet).then(|| Progress::start(read.clone(), total));
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let producer = match app {
-        App::Dir(dir) => {
-            let read = read.clone();
-            tokio::task::spawn_blocking(move || zipstream::write_zip(&dir.dirs, &rest, tx, read))
+    let sha256 = match app {
+        App::Zip { path, size } => {
+            let parts = Parts { dirs: Arc::default(), matched: Vec::new(), base: None, rest: Arc::default() };
+            send_upload(&session, &upload, &credential, parts, Some((path, size)), args.quiet)
+                .await
+                .map_err(|(_, e)| e)?;
+            wait_ready(&api, &args.package, args.timeout).await?
         }
-        App::Zip { path, .. } => {
+        App::Dir(dir) => {
+            let base = base_package(&api, &session, &history).await.unwrap_or_default();
+            let dirs = Arc::new(dir.dirs);
+            for skipped in &dir.skipped {
+                eprintln!("skipping {skipped}: not a file or directory (symlinks are not followed)");
+            }
+            let (from_base, others): (Vec<AppFile>, Vec<AppFile>) =
+                dir.files.into_iter().partition(|f| !base.is_empty() && history.holds(f));
+            drop(history);
+            let (matched, rest) = matches(&session, &api_base, others, &credential).await?;
+            let rest: Arc<[AppFile]> = rest.into();
+            let with_base = !from_base.is_empty();
+            let parts = Parts {
+                dirs: dirs.clone(),
+                matched,
+                base: with_base.then(|| (base.clone(), from_base)),
+                rest: rest.clone(),
+            };
+            let parts = match send_upload(&session, &upload, &credential, parts, None, args.quiet).await {
+                // The last push's package could not serve (gone, its bits lost, no longer allowed): everything
+                // the cache does not hold goes in the zip instead.
+                Err((parts, PluginError::Api { status: 422, detail, .. })) if with_base => {
+                    eprintln!("the last push's package could not be reused ({detail}); sending the files again");
+                    let Parts { matched, base, rest, .. } = parts;
+                    let again: Vec<AppFile> = base
+                        .map(|(_, files)| files)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .chain(rest.iter().cloned())
+                        .collect();
+                    let (mut more, rest) = matches(&session, &api_base, again, &credential).await?;
+                    more.extend(matched);
+                    let parts = Parts { dirs, matched: more, base: None, rest: rest.into() };
+                    send_upload(&session, &upload, &credential, parts, None, args.quiet).await
+                }
+                other => other,
+            }
+            .map_err(|(_, error)| error)?;
+            let ready = wait_ready(&api, &args.package, args.timeout).await?;
+            if let Some(cache) = &records {
+                let pushed = history::Pushed {
+                    cluster: session.cluster.clone(),
+                    namespace: session.namespace.clone(),
+                    package: args.package.clone(),
+                    uid: ready.uid().unwrap_or_default(),
+                    sha256: checksum_of(&ready),
+                    hashed_at_ns,
+                };
+                let (cache, root) = (cache.clone(), args.path.clone());
+                let saved = tokio::task::spawn_blocking(move || {
+                    let files =
+                        parts.matched.iter().chain(parts.base.iter().flat_map(|(_, f)| f)).chain(parts.rest.iter());
+                    History::save(&cache, &root, &pushed, files)
+                })
+                .await
+                .expect("recording the push");
+                if let Err(error) = saved {
+                    eprintln!("warning: this push is not recorded for the next one: {error}");
+                }
+            }
+            ready
+        }
+    };
+    println!("{}", checksum_of(&sha256));
+    Ok(())
+}
+
+fn checksum_of(package: &Package) -> String {
+    package.status.as_ref().and_then(|s| s.stored.checksum.as_ref()).map(|c| c.value.clone()).unwrap_or_default()
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// The package the last push of this directory went to, if it is in this cluster and namespace and still holds
+/// the bits it was pushed with: its uid.
+async fn base_package(api: &Api<Package>, session: &Session, history: &History) -> Option<String> {
+    let pushed = history.pushed.as_ref()?;
+    if (pushed.cluster.as_str(), pushed.namespace.as_str()) != (session.cluster.as_str(), session.namespace.as_str()) {
+        return None;
+    }
+    let package = api.get_opt(&pushed.package).await.ok()??;
+    let ready = package.status.as_ref().and_then(|s| s.state) == Some(PackageState::Ready);
+    (ready && package.uid().as_deref() == Some(pushed.uid.as_str()) && checksum_of(&package) == pushed.sha256)
+        .then(|| pushed.uid.clone())
+}
+
+/// What an upload names and sends.
+struct Parts {
+    dirs: Arc<Vec<String>>,
+    /// Files the resource cache holds.
+    matched: Vec<AppFile>,
+    /// The uid of an earlier package, and the files to take from it.
+    base: Option<(String, Vec<AppFile>)>,
+    /// Files sent in the zip.
+    rest: Arc<[AppFile]>,
+}
+
+/// Upload `parts` (or, with `zip`, that file as it is); the parts come back with the answer.
+async fn send_upload(
+    session: &Session,
+    upload: &str,
+    credential: &str,
+    parts: Parts,
+    zip: Option<(PathBuf, u64)>,
+    quiet: bool,
+) -> Result<Parts, (Parts, PluginError)> {
+    let total = match &zip {
+        Some((_, size)) => *size,
+        None => parts.rest.iter().map(|f| f.size).sum::<u64>(),
+    };
+    if !quiet && zip.is_none() {
+        let held: Vec<&AppFile> = parts.matched.iter().chain(parts.base.iter().flat_map(|(_, f)| f)).collect();
+        eprintln!(
+            "uploading {} files ({total} bytes); {} files ({} bytes) are on the server already",
+            parts.rest.len(),
+            held.len(),
+            held.iter().map(|f| f.size).sum::<u64>()
+        );
+    }
+    let read = Arc::new(AtomicU64::new(0));
+    let progress = (!quiet).then(|| Progress::start(read.clone(), total));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let producer = match zip {
+        None => {
+            let (dirs, rest, read) = (parts.dirs.clone(), parts.rest.clone(), read.clone());
+            tokio::task::spawn_blocking(move || zipstream::write_zip(&dirs, &rest, tx, read))
+        }
+        Some((path, _)) => {
             let read = read.clone();
             tokio::task::spawn_blocking(move || zipstream::send_file(&path, tx, read))
         }
     };
     let bits = reqwest::Body::wrap_stream(tokio_stream(rx));
-    let resources: Vec<Value> = matched.iter().map(resource_json).collect();
-    let form = reqwest::multipart::Form::new().text("resources", Value::Array(resources).to_string()).part(
+    let mut form = reqwest::multipart::Form::new();
+    if !parts.matched.is_empty() {
+        form = form.part("resources", gzipped_resources(&parts.matched));
+    }
+    if let Some((uid, files)) = &parts.base {
+        form = form.text("base_package", uid.clone()).part("base_resources", gzipped_resources(files));
+    }
+    let form = form.part(
         "bits",
         reqwest::multipart::Part::stream(bits)
             .file_name("app.zip")
             .mime_str("application/zip")
             .expect("a valid mime type"),
     );
-    let sent = session.send("upload", session.http.post(&upload).multipart(form), &credential).await;
+    let sent = session.send("upload", session.http.post(upload).multipart(form), credential).await;
     let produced = producer.await.expect("the zip writer panicked");
     if let Some(progress) = progress {
         progress.finish().await;
     }
     // A file that could not be read says more than the broken upload it caused.
-    produced?;
-    sent?;
-    let ready = wait_ready(&api, &args.package, args.timeout).await?;
-    println!("{}", ready.status.and_then(|s| s.stored.checksum).map(|c| c.value).unwrap_or_default());
-    Ok(())
+    match produced.map_err(PluginError::from).and(sent) {
+        Ok(_) => Ok(parts),
+        Err(error) => Err((parts, error)),
+    }
+}
+
+/// A resource list as the upload takes it, gzipped: a list of 100 000 files is ~10 MiB of JSON, ~3 MiB gzipped.
+/// Written straight into the compressor, entry by entry.
+fn gzipped_resources(files: &[AppFile]) -> reqwest::multipart::Part {
+    /// A file in the shorter form an upload's resources take.
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        #[serde(rename = "fn")]
+        path: &'a str,
+        sha1: &'a str,
+        size: u64,
+        mode: String,
+    }
+    struct List<'a>(&'a [AppFile]);
+    impl serde::Serialize for List<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.iter().map(|f| Entry {
+                path: &f.path,
+                sha1: &f.sha1,
+                size: f.size,
+                mode: format!("{:o}", f.mode),
+            }))
+        }
+    }
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    serde_json::to_writer(&mut gzip, &List(files)).expect("writing to memory");
+    let bytes = gzip.finish().expect("writing to memory");
+    reqwest::multipart::Part::bytes(bytes).mime_str("application/gzip").expect("a valid mime type")
 }
 
 enum App {
@@ -404,15 +564,25 @@ enum App {
     Zip { path: PathBuf, size: u64 },
 }
 
-async fn read_app(path: &Path) -> Result<App, PluginError> {
+/// The app at `path`: a directory walked and hashed (files unchanged since `history` recorded them are not hashed
+/// again), or a zip file.
+async fn read_app(path: &Path, history: History) -> Result<(App, History), PluginError> {
     let meta =
         std::fs::metadata(path).map_err(|source| PluginError::File { path: path.display().to_string(), source })?;
     if meta.is_dir() {
         let path = path.to_path_buf();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Ok(App::Dir(tokio::task::spawn_blocking(move || AppDir::read(&path, threads)).await.expect("walk")?))
+        let (dir, history) = tokio::task::spawn_blocking(move || {
+            let dir = AppDir::read(&path, threads, |path, size, mtime_ns, ino| {
+                history.known_sha1(path, size, mtime_ns, ino).map(str::to_string)
+            });
+            (dir, history)
+        })
+        .await
+        .expect("walk");
+        Ok((App::Dir(dir?), history))
     } else {
-        Ok(App::Zip { path: path.to_path_buf(), size: meta.len() })
+        Ok((App::Zip { path: path.to_path_buf(), size: meta.len() }, history))
     }
 }
 

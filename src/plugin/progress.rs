@@ -22,12 +22,22 @@ impl Progress {
             let started = Instant::now();
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
+            let mut said_sent = false;
             loop {
                 let last = tokio::select! {
                     _ = tick.tick() => false,
                     _ = &mut stopped => true,
                 };
-                let line = line(done.load(Ordering::Relaxed), total, started.elapsed());
+                let sent = done.load(Ordering::Relaxed);
+                let mut line = line(sent, total, started.elapsed());
+                if sent >= total && !last {
+                    // Everything is sent; the server is still putting the package together and storing it.
+                    if said_sent && !terminal {
+                        continue;
+                    }
+                    said_sent = true;
+                    line.push_str("  (the server is storing the package)");
+                }
                 let mut err = std::io::stderr().lock();
                 let _ = if terminal { write!(err, "\r\x1b[2K{line}") } else { writeln!(err, "{line}") };
                 if last {

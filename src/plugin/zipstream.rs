@@ -50,15 +50,31 @@ pub fn write_zip(
     }
     for file in files {
         let unreadable = |source| ZipStreamError::Read { path: file.path.clone(), source };
+        let closed = |_| ZipStreamError::Closed;
         let mut reader = std::fs::File::open(&file.full).map_err(unreadable)?;
+        let first = read_full(&mut reader, &mut block).map_err(unreadable)?;
+        // What the first block deflates to says whether the file is worth deflating: already compressed files
+        // (images, jars, archives) are stored, which costs nothing here and nothing to inflate on the server.
+        deflate.write_all(&block[..first]).map_err(closed)?;
+        deflate.flush().map_err(closed)?;
+        if deflate.get_ref().len() as f64 > first as f64 * WORTH_DEFLATING {
+            deflate.get_mut().clear();
+            let buffer = std::mem::take(deflate.get_mut());
+            deflate.reset(buffer).map_err(closed)?;
+            write_stored(&mut zip, &mut sink, file, &mut reader, &mut block, first, &progress)?;
+            continue;
+        }
         let mut header =
             EntryHeader::new(file.path.as_str(), DEFLATED, Sizes { crc: 0, compressed: 0, uncompressed: 0 }, true);
         header.zip64 = file.size >= 0xffff_ffff;
-        sink.write_all(&zip.start(&header)).map_err(|_| ZipStreamError::Closed)?;
+        sink.write_all(&zip.start(&header)).map_err(closed)?;
         let before = sink.written;
         let mut crc = crc32fast::Hasher::new();
-        let mut read = 0u64;
-        let closed = |_| ZipStreamError::Closed;
+        crc.update(&block[..first]);
+        sink.write_all(deflate.get_ref()).map_err(closed)?;
+        deflate.get_mut().clear();
+        let mut read = first as u64;
+        progress.fetch_add(first as u64, Ordering::Relaxed);
         loop {
             let n = reader.read(&mut block).map_err(unreadable)?;
             if n == 0 {
@@ -80,10 +96,84 @@ pub fn write_zip(
         zip.data(compressed as usize);
         let sizes = Sizes { crc: crc.finalize(), compressed, uncompressed: read };
         let descriptor = zip.end(sizes, MADE_ON_UNIX, (S_IFREG | file.mode) << 16);
-        sink.write_all(&descriptor).map_err(|_| ZipStreamError::Closed)?;
+        sink.write_all(&descriptor).map_err(closed)?;
     }
     sink.write_all(&zip.finish()).map_err(|_| ZipStreamError::Closed)?;
     sink.flush().map_err(|_| ZipStreamError::Closed)
+}
+
+/// A file is deflated when its first block deflates to at most this fraction of itself.
+const WORTH_DEFLATING: f64 = 0.95;
+
+/// Fill `block` from `reader` as far as the file goes; the number of bytes read.
+fn read_full(reader: &mut impl Read, block: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < block.len() {
+        match reader.read(&mut block[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Write `file` as a stored entry whose sizes and CRC lead its data, as every zip reader takes them: a file
+/// longer than the block `first` holds is read twice, once for its CRC. A file that changes meanwhile is an error.
+fn write_stored(
+    zip: &mut ZipWriter,
+    sink: &mut BlockSink,
+    file: &AppFile,
+    reader: &mut std::fs::File,
+    block: &mut [u8],
+    first: usize,
+    progress: &AtomicU64,
+) -> Result<(), ZipStreamError> {
+    use std::io::Seek;
+    let unreadable = |source| ZipStreamError::Read { path: file.path.clone(), source };
+    let closed = |_| ZipStreamError::Closed;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&block[..first]);
+    let mut size = first as u64;
+    let whole = first < block.len();
+    if !whole {
+        let mut rest = vec![0u8; block.len()];
+        loop {
+            let n = reader.read(&mut rest).map_err(unreadable)?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&rest[..n]);
+            size += n as u64;
+        }
+    }
+    let sizes = Sizes { crc: crc.finalize(), compressed: size, uncompressed: size };
+    let mut header = EntryHeader::new(file.path.as_str(), STORED, sizes, false);
+    header.zip64 = size >= 0xffff_ffff;
+    sink.write_all(&zip.start(&header)).map_err(closed)?;
+    if whole {
+        sink.write_all(&block[..first]).map_err(closed)?;
+    } else {
+        reader.seek(std::io::SeekFrom::Start(0)).map_err(unreadable)?;
+        let mut again = crc32fast::Hasher::new();
+        let mut sent = 0u64;
+        loop {
+            let n = reader.read(block).map_err(unreadable)?;
+            if n == 0 {
+                break;
+            }
+            again.update(&block[..n]);
+            sink.write_all(&block[..n]).map_err(closed)?;
+            sent += n as u64;
+        }
+        if (sent, again.finalize()) != (size, sizes.crc) {
+            return Err(unreadable(std::io::Error::other("the file changed while it was being sent")));
+        }
+    }
+    progress.fetch_add(size, Ordering::Relaxed);
+    zip.data(size as usize);
+    let descriptor = zip.end(sizes, MADE_ON_UNIX, (S_IFREG | file.mode) << 16);
+    debug_assert!(descriptor.is_empty(), "sizes lead the data");
+    Ok(())
 }
 
 /// Send the file at `path` (a zip made elsewhere) as it is, counting its bytes in `progress`.
@@ -146,7 +236,21 @@ mod tests {
         std::fs::write(root.path().join("b.bin"), (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>())
             .unwrap();
         std::fs::write(root.path().join("zero"), b"").unwrap();
-        let dir = AppDir::read(root.path(), 2).unwrap();
+        // Incompressible: one within a block, one over two.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect()
+        };
+        std::fs::write(root.path().join("lib/small.jpg"), noise(10_000)).unwrap();
+        std::fs::write(root.path().join("lib/big.jar"), noise(600_000)).unwrap();
+        let dir = AppDir::read(root.path(), 2, |_, _, _, _| None).unwrap();
 
         let (tx, mut rx) = mpsc::channel(4);
         let progress = Arc::new(AtomicU64::new(0));
@@ -159,19 +263,36 @@ mod tests {
             zip.extend_from_slice(&block.unwrap());
         }
         writer.join().unwrap().unwrap();
-        assert_eq!(progress.load(Ordering::Relaxed), 60_000 + 300_000);
+        assert_eq!(progress.load(Ordering::Relaxed), 60_000 + 300_000 + 10_000 + 600_000);
 
-        // The API's own reader takes it: every entry's CRC and sizes check out.
+        // The API's own reader takes it: every entry's CRC and sizes check out. What deflates is deflated, the
+        // rest stored with its sizes up front.
         let mut reader = crate::archive::zip::ZipReader::new(1 << 30, 0..u64::MAX);
         let mut names = Vec::new();
         for event in reader.push(BytesMut::from(&zip[..])).unwrap() {
             if let crate::archive::zip::Event::Start(header) = event {
-                names.push(header.name.to_string());
+                let how = if header.method == STORED { "stored" } else { "deflated" };
+                names.push(format!("{} {how} {}", header.name, header.declared.is_some()));
             }
         }
         let directory = reader.finish().unwrap();
-        assert_eq!(names, ["lib/", "lib/empty/", "b.bin", "lib/a.txt", "zero"]);
-        assert_eq!(directory.len(), 5);
-        assert!(zip.len() < 200_000, "deflated: {} bytes", zip.len());
+        assert_eq!(
+            names,
+            [
+                "lib/ stored true",
+                "lib/empty/ stored true",
+                "b.bin deflated false",
+                "lib/a.txt deflated false",
+                "lib/big.jar stored true",
+                "lib/small.jpg stored true",
+                "zero stored true"
+            ]
+        );
+        assert_eq!(directory.len(), 7);
+        assert!(zip.len() < 60_000 + 610_000 + 2_000, "deflated where it pays: {} bytes", zip.len());
+        // And so does Python's zipfile.
+        let program = "import sys, zipfile, io\nz = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))\nassert z.testzip() is None\nprint(sum(len(z.read(i)) for i in z.infolist()))";
+        let out = crate::archive::python(program, zip, "python rejects the zip");
+        assert_eq!(String::from_utf8(out).unwrap().trim(), "970000");
     }
 }

@@ -67,6 +67,7 @@ impl Setup {
             std::process::Command::new("kubectl")
                 .env("PATH", path)
                 .env("KUBECONFIG", kubeconfig)
+                .env("XDG_CACHE_HOME", self.dir.path().join("records"))
                 .arg("bitsmith")
                 .args(args)
                 .args(["-n", &self.ns, "--api-url", &self.api])
@@ -170,6 +171,55 @@ async fn a_directory_is_pushed_downloaded_and_pushed_again_from_the_cache() {
     let out = s.dir.path().join("second.zip");
     s.ok(&s.uploader, &["download", "second", "-o", out.to_str().unwrap()]);
     assert_eq!(zip_contents(&std::fs::read(&out).unwrap()), want, "the cached files are in the package");
+
+    // One file changed and one removed: the next push sends the changed file alone, and takes the rest out of the
+    // last push's package, small files too; without hashing again what did not change.
+    std::fs::write(s.dir.path().join("app/index.js"), b"require('./lib2')\n").unwrap();
+    std::fs::remove_file(s.dir.path().join("app/empty.txt")).unwrap();
+    let mut want_next: Vec<String> =
+        want.iter().filter(|l| !l.starts_with("empty.txt:") && !l.starts_with("index.js:")).cloned().collect();
+    want_next.push(format!("index.js:{}", crate::api::sha1_hex(b"require('./lib2')\n")));
+    want_next.sort();
+    let (_, stderr) = s.ok(&s.uploader, &["push", root, "fourth", "--create"]);
+    assert!(stderr.contains("uploading 1 files (18 bytes); 3 files"), "{stderr}");
+    let out = s.dir.path().join("fourth.zip");
+    s.ok(&s.uploader, &["download", "fourth", "-o", out.to_str().unwrap()]);
+    assert_eq!(zip_contents(&std::fs::read(&out).unwrap()), want_next);
+
+    // A record that claims what the last package does not hold: the API refuses to take that file from it, and
+    // the push sends the files again instead.
+    let deep = s.dir.path().join("app/lib/nested/deep/data.bin");
+    let changed = data::bytes(503, 1 << 20);
+    std::fs::write(&deep, &changed).unwrap();
+    let records = s.dir.path().join("records/bitsmith/pushes");
+    let record = std::fs::read_dir(&records).unwrap().next().unwrap().unwrap().path();
+    let lines: Vec<String> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|line| match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(mut entry) if entry[0] == "lib/nested/deep/data.bin" => {
+                entry[4] = crate::api::sha1_hex(&changed).into();
+                entry.to_string()
+            }
+            _ => line.to_string(),
+        })
+        .collect();
+    std::fs::write(&record, lines.join("\n") + "\n").unwrap();
+    let (_, stderr) = s.ok(&s.uploader, &["push", root, "fifth", "--create", "--quiet"]);
+    assert!(stderr.contains("could not be reused") && stderr.contains("does not have sha1"), "{stderr}");
+    let out = s.dir.path().join("fifth.zip");
+    s.ok(&s.uploader, &["download", "fifth", "-o", out.to_str().unwrap()]);
+    let want_fifth: Vec<String> = want_next
+        .iter()
+        .map(|l| {
+            if l.starts_with("lib/nested/deep/data.bin:") {
+                format!("lib/nested/deep/data.bin:{}", crate::api::sha1_hex(&changed))
+            } else {
+                l.clone()
+            }
+        })
+        .collect();
+    assert_eq!(zip_contents(&std::fs::read(&out).unwrap()), want_fifth);
 
     // A zip is pushed as it is; `bitsmith wait` is the same command without kubectl.
     s.ok(&s.uploader, &["push", out.to_str().unwrap(), "third", "--create", "--quiet"]);
@@ -295,6 +345,7 @@ async fn a_push_outlasts_the_api_servers_request_timeout_with_an_upload_token() 
         std::process::Command::new("kubectl")
             .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
             .env("KUBECONFIG", &alice_config)
+            .env("XDG_CACHE_HOME", dir.path().join("records"))
             .args(["bitsmith", "push", &path(&app), "pushed", "-n", ns, "--quiet"])
             .args(["--api-url", &format!("https://localhost:{proxy_port}"), "--api-ca", &path(&ca)])
             .output()
@@ -365,8 +416,9 @@ async fn a_push_outlasts_the_api_servers_request_timeout_with_an_upload_token() 
     let matches = serde_json::json!({"resources": [{"path": "a", "size_in_bytes": 70000, "checksum": {"value": "a".repeat(40)}, "mode": "644"}]});
     assert_eq!(status(client.post(format!("{api}/v3/resource_matches")).json(&matches)).await, 201);
     // A Droplet's token names the Droplet's upload, and is no good for a Package's.
-    let droplet =
-        format!("apiVersion: bitsmith.dev/v1alpha1\nkind: Droplet\nmetadata:\n  name: drop\n  namespace: {ns}\nspec: {{}}\n");
+    let droplet = format!(
+        "apiVersion: bitsmith.dev/v1alpha1\nkind: Droplet\nmetadata:\n  name: drop\n  namespace: {ns}\nspec: {{}}\n"
+    );
     admin(&["apply", "-f", "-"], Some(&droplet));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let answer = loop {

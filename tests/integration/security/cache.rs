@@ -110,6 +110,38 @@ impl Api {
             .unwrap()
     }
 
+    /// Upload to package `guid` the files `wanted` (path, sha1 and size) of package `base`, and a zip in `bits`;
+    /// the list gzipped when `gzip`.
+    async fn upload_on(
+        &self,
+        token: &str,
+        guid: &str,
+        base: &str,
+        wanted: &[Value],
+        bits: &Path,
+        gzip: bool,
+    ) -> reqwest::Response {
+        let list = Value::from(wanted.to_vec()).to_string();
+        let part = if gzip {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut encoder, list.as_bytes()).unwrap();
+            reqwest::multipart::Part::bytes(encoder.finish().unwrap()).mime_str("application/gzip").unwrap()
+        } else {
+            reqwest::multipart::Part::text(list)
+        };
+        let form = reqwest::multipart::Form::new()
+            .text("base_package", base.to_string())
+            .part("base_resources", part)
+            .part("bits", reqwest::multipart::Part::bytes(std::fs::read(bits).unwrap()).file_name("app.zip"));
+        reqwest::Client::new()
+            .post(format!("{}/v3/packages/{guid}/upload", self.base))
+            .bearer_auth(token)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn download(&self, token: &str, guid: &str) -> reqwest::Response {
         reqwest::Client::new()
             .get(format!("{}/v3/packages/{guid}/download", self.base))
@@ -165,7 +197,7 @@ async fn cached_files_are_offered_only_to_namespaces_whose_uploads_held_them() {
         // Dave may read team-a's Packages but not download their bits.
         let rules = "- apiGroups: [bitsmith.dev]\n  resources: [packages]\n  verbs: [get, list]\n";
         let dave = service_account_token(&team_a, "dave", Some(rules));
-        kube_ok(&["apply", "-n", &team_a, "-f", "-"], Some(&awaiting_packages(&["app"])));
+        kube_ok(&["apply", "-n", &team_a, "-f", "-"], Some(&awaiting_packages(&["app", "next"])));
         kube_ok(&["apply", "-n", &team_b, "-f", "-"], Some(&awaiting_packages(&["steal", "shared", "later"])));
         (alice, bob, carol, dave)
     });
@@ -222,6 +254,46 @@ async fn cached_files_are_offered_only_to_namespaces_whose_uploads_held_them() {
     assert_eq!(cf_error(api.download(&bob, &steal).await).await.3, "Package has no bits to download.");
     assert!(stored(&store, &format!("packages/{team_b}/")).is_empty(), "no blob for team-b");
     assert!(stored(&store, "staging/").is_empty(), "no staged leftovers");
+
+    // Nor may team-b take files out of team-a's package as a base, not even Carol, who may download it: a base
+    // is a package of the upload's own namespace. The answer is the one for a package that does not exist.
+    let main_py = json!({"fn": "app/main.py", "sha1": sha1_hex(b"print(1)"), "size": 8, "mode": "644"});
+    let mut answers = Vec::new();
+    for (who, base) in [(&bob, app.as_str()), (&carol, app.as_str()), (&bob, "no-such-package")] {
+        let (status, _, code, detail) =
+            cf_error(api.upload_on(who, &steal, base, std::slice::from_ref(&main_py), &small, true).await).await;
+        answers.push((status, code, detail.replace(base, "BASE")));
+    }
+    assert_eq!(answers[0], answers[2], "no hint that team-a's package exists");
+    assert_eq!(answers[1], answers[2]);
+    assert_eq!((answers[0].0, answers[0].1), (StatusCode::UNPROCESSABLE_ENTITY, 10008), "{}", answers[0].2);
+    let state = kube_ok(&["get", "pkg/steal", "-n", &team_b, "-o", "jsonpath={.status.state}"], None);
+    assert_eq!(state, "AWAITING_UPLOAD", "refused bases leave the package awaiting an upload");
+
+    // In team-a, Alice's next upload sends one new file and takes two from her last package — a small one the
+    // cache never holds among them — each checked against its sha1 and size.
+    let next = api.guid(&team_a, "next", &alice).await;
+    let new_file = python_zip(dir.path(), "new.zip", "z.writestr('app/new.txt', 'new')");
+    let lie = json!({"fn": "app/main.py", "sha1": sha1_hex(b"print(9)"), "size": 8, "mode": "644"});
+    let (status, _, code, detail) = cf_error(api.upload_on(&alice, &next, &app, &[lie], &new_file, false).await).await;
+    assert_eq!((status, code), (StatusCode::UNPROCESSABLE_ENTITY, 10008), "{detail}");
+    assert!(detail.contains("app/main.py") && detail.contains("does not have sha1"), "{detail}");
+    let missing = json!({"fn": "app/gone.txt", "sha1": sha1_hex(b"x"), "size": 1, "mode": "644"});
+    let (status, _, _, detail) = cf_error(api.upload_on(&alice, &next, &app, &[missing], &new_file, false).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(detail.contains("app/gone.txt") && detail.contains("is not in base package"), "{detail}");
+    let two_v3 = two.v3();
+    let response = api.upload_on(&alice, &next, &app, &[main_py.clone(), two_v3], &new_file, true).await;
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
+    let bits = api.download(&alice, &next).await.bytes().await.unwrap();
+    assert_eq!(
+        zip_contents(&bits),
+        [
+            format!("app/main.py:{}", sha1_hex(b"print(1)")),
+            format!("app/new.txt:{}", sha1_hex(b"new")),
+            format!("app/two.bin:{}", two.sha1())
+        ]
+    );
 
     // Carol may use team-a's file in a team-b package; then team-b holds it, and its users are offered it.
     let shared = api.guid(&team_b, "shared", &carol).await;

@@ -49,7 +49,13 @@ fn generate(root: &Path, files: u64, seed: u64) -> u64 {
         std::fs::write(dir.join(format!("file-{n}.dat")), data::bytes(seed + n, size)).unwrap();
         total += size as u64;
     }
+    settle();
     total
+}
+
+/// Write what was just written to disk, so that its writeback does not land in the next measurement.
+fn settle() {
+    assert!(Command::new("sync").status().unwrap().success());
 }
 
 /// Change 1 % of the files (every hundredth, each of every size class in turn).
@@ -58,6 +64,7 @@ fn change_one_percent(root: &Path, files: u64) {
         let path = root.join(format!("mod-{:03}/pkg-{:03}/file-{n}.dat", n / 10_000, (n / 100) % 100));
         std::fs::write(path, data::bytes(n + 1_000_000_007, size_of(n))).unwrap();
     }
+    settle();
 }
 
 /// Run `command` to the end; its wall time and peak RSS (VmHWM, polled) in MiB.
@@ -88,6 +95,16 @@ struct Row {
     rss: Option<f64>,
 }
 
+/// The controller, stopped however the benchmark ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG: run through `make bench`");
@@ -113,15 +130,17 @@ async fn main() {
     let store = work.path().join("store");
     std::fs::create_dir_all(&store).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut controller = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(["controller", "--namespace", &ns, "--leader-election-namespace", &ns, "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--metrics-listen", "127.0.0.1:0", "--max-zip-entries", "400000"])
-        .args(["--max-upload-size", "8GiB", "--max-package-size", "8GiB", "--max-size", "8GiB", "--store"])
-        .arg(&store)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let _controller = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+            .args(["controller", "--namespace", &ns, "--leader-election-namespace", &ns, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--metrics-listen", "127.0.0.1:0", "--max-zip-entries", "400000"])
+            .args(["--max-upload-size", "8GiB", "--max-package-size", "8GiB", "--max-size", "8GiB", "--store"])
+            .arg(&store)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
     let proxy = proxy::Proxy::start(port, None).await;
     let (api, sent) = (proxy.url(), proxy.sent.clone());
     // The pusher's kubeconfig: the test control plane's, with the ServiceAccount's token.
@@ -226,7 +245,5 @@ async fn main() {
             row.rss.map(|r| format!("{r:.1} MiB")).unwrap_or_else(|| "—".into())
         );
     }
-    let _ = controller.kill();
-    let _ = controller.wait();
     kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }

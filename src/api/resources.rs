@@ -73,25 +73,66 @@ fn resource(item: &Value) -> Result<Resource, CfError> {
 }
 
 /// The `resources` part of a package upload: a JSON string holding an array. Every entry needs a path inside
-/// the package and a mode that lets the owner read and write.
+/// the package and a mode that lets the owner read and write. Entries are read one at a time, so that a list of
+/// 100 000 files never stands in memory as a JSON tree.
 pub fn parse_upload(text: &str) -> Result<Vec<Resource>, CfError> {
-    let items: Value = serde_json::from_str(text).map_err(|_| unprocessable("Resources must be valid JSON."))?;
-    let items = items.as_array().ok_or_else(|| unprocessable("Resources must be an array."))?;
-    items
-        .iter()
-        .map(|item| {
-            let resource = resource(item)?;
-            let path = resource.path.as_deref().ok_or_else(|| unprocessable("Each resource needs a path."))?;
-            safe_path(path).map_err(|reason| unprocessable(format!("Resource path {path:?} is invalid: {reason}.")))?;
-            if resource.mode & 0o600 != 0o600 {
-                return Err(unprocessable(format!(
-                    "Resource {path:?} has mode {:o}, which must include 0600.",
-                    resource.mode
-                )));
+    if !text.trim_start().starts_with('[') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => unprocessable("Resources must be an array."),
+            Err(_) => unprocessable("Resources must be valid JSON."),
+        });
+    }
+    let refusal = std::cell::RefCell::new(None);
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let parsed = serde::de::DeserializeSeed::deserialize(UploadList { refusal: &refusal }, &mut deserializer)
+        .and_then(|resources| deserializer.end().map(|()| resources));
+    parsed.map_err(|_| refusal.into_inner().unwrap_or_else(|| unprocessable("Resources must be valid JSON.")))
+}
+
+/// One entry of an upload's list, checked.
+fn upload_resource(item: &Value) -> Result<Resource, CfError> {
+    let resource = resource(item)?;
+    let path = resource.path.as_deref().ok_or_else(|| unprocessable("Each resource needs a path."))?;
+    safe_path(path).map_err(|reason| unprocessable(format!("Resource path {path:?} is invalid: {reason}.")))?;
+    if resource.mode & 0o600 != 0o600 {
+        return Err(unprocessable(format!("Resource {path:?} has mode {:o}, which must include 0600.", resource.mode)));
+    }
+    Ok(resource)
+}
+
+/// Reads an upload's list entry by entry; the first refused entry is kept in `refusal`.
+struct UploadList<'a> {
+    refusal: &'a std::cell::RefCell<Option<CfError>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for UploadList<'_> {
+    type Value = Vec<Resource>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UploadList<'_> {
+    type Value = Vec<Resource>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("an array of resources")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut resources = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            match upload_resource(&item) {
+                Ok(resource) => resources.push(resource),
+                Err(refused) => {
+                    *self.refusal.borrow_mut() = Some(refused);
+                    return Err(serde::de::Error::custom("a refused resource"));
+                }
             }
-            Ok(resource)
-        })
-        .collect()
+        }
+        Ok(resources)
+    }
 }
 
 /// The body of `POST /v3/resource_matches`: `{"resources": [...]}` with 1 to 5000 entries. Returns each entry
@@ -133,6 +174,9 @@ mod tests {
             other => panic!("{text}: {other:?}"),
         };
         assert_eq!(detail("[{"), "Resources must be valid JSON.");
+        assert_eq!(detail("[] x"), "Resources must be valid JSON.");
+        assert_eq!(detail(r#"{"a": 1}"#), "Resources must be an array.");
+        assert_eq!(detail("[1]"), "Each resource must be an object.");
         assert!(
             detail(
                 &json!([{"path": "a", "size_in_bytes": 1, "checksum": {"value": SHA1}, "color": "red"}]).to_string()

@@ -3,7 +3,7 @@
 //! anything on the pusher's disk.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sha1::Digest;
@@ -15,7 +15,6 @@ use super::cfignore::{CfIgnore, CfIgnoreError};
 pub struct AppFile {
     /// `/`-separated, relative to the app's root.
     pub path: String,
-    pub full: PathBuf,
     pub size: u64,
     /// Permission bits, e.g. `0o644`.
     pub mode: u32,
@@ -89,7 +88,7 @@ impl AppDir {
                     let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
                     let (size, ino) = (meta.len(), meta.ino());
                     let sha1 = known(&path, size, mtime_ns, ino).unwrap_or_default();
-                    dir.files.push(AppFile { path, full: entry.path(), size, mode, sha1, mtime_ns, ino });
+                    dir.files.push(AppFile { path, size, mode, sha1, mtime_ns, ino });
                 } else {
                     dir.skipped.push(path);
                 }
@@ -100,7 +99,7 @@ impl AppDir {
         }
         dir.files.sort_by(|a, b| a.path.cmp(&b.path));
         dir.dirs.sort();
-        hash_all(&mut dir.files, threads)?;
+        hash_all(root, &mut dir.files, threads)?;
         Ok(dir)
     }
 
@@ -111,7 +110,7 @@ impl AppDir {
 }
 
 /// Fill in the sha1 of every file that has none yet, `threads` files at a time.
-fn hash_all(files: &mut [AppFile], threads: usize) -> Result<(), AppDirError> {
+fn hash_all(root: &Path, files: &mut [AppFile], threads: usize) -> Result<(), AppDirError> {
     let next = AtomicUsize::new(0);
     let hashes: Vec<std::sync::OnceLock<String>> = files.iter().map(|_| Default::default()).collect();
     let files_ref: &[AppFile] = files;
@@ -124,7 +123,7 @@ fn hash_all(files: &mut [AppFile], threads: usize) -> Result<(), AppDirError> {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(file) = files_ref.get(i) else { return Ok(()) };
                         if file.sha1.is_empty() {
-                            let _ = hashes[i].set(sha1_of(&file.full, &mut buffer)?);
+                            let _ = hashes[i].set(sha1_of(&root.join(&file.path), &mut buffer)?);
                         }
                     }
                 })

@@ -143,15 +143,7 @@ mod tests {
     use super::*;
 
     fn file(path: &str, sha1: &str, mtime_ns: i128) -> AppFile {
-        AppFile {
-            path: path.into(),
-            full: PathBuf::from(path),
-            size: 3,
-            mode: 0o644,
-            sha1: sha1.into(),
-            mtime_ns,
-            ino: 7,
-        }
+        AppFile { path: path.into(), size: 3, mode: 0o644, sha1: sha1.into(), mtime_ns, ino: 7 }
     }
 
     #[test]

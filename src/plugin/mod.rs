@@ -363,7 +363,13 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
 
     let sha256 = match app {
         App::Zip { path, size } => {
-            let parts = Parts { dirs: Arc::default(), matched: Vec::new(), base: None, rest: Arc::default() };
+            let parts = Parts {
+                root: path.clone(),
+                dirs: Arc::default(),
+                matched: Vec::new(),
+                base: None,
+                rest: Arc::default(),
+            };
             send_upload(&session, &upload, &credential, parts, Some((path, size)), args.quiet)
                 .await
                 .map_err(|(_, e)| e)?;
@@ -382,6 +388,7 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
             let rest: Arc<[AppFile]> = rest.into();
             let with_base = !from_base.is_empty();
             let parts = Parts {
+                root: args.path.clone(),
                 dirs: dirs.clone(),
                 matched,
                 base: with_base.then(|| (base.clone(), from_base)),
@@ -401,7 +408,7 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
                         .collect();
                     let (mut more, rest) = matches(&session, &api_base, again, &credential).await?;
                     more.extend(matched);
-                    let parts = Parts { dirs, matched: more, base: None, rest: rest.into() };
+                    let parts = Parts { root: args.path.clone(), dirs, matched: more, base: None, rest: rest.into() };
                     send_upload(&session, &upload, &credential, parts, None, args.quiet).await
                 }
                 other => other,
@@ -459,6 +466,8 @@ async fn base_package(api: &Api<Package>, session: &Session, history: &History) 
 
 /// What an upload names and sends.
 struct Parts {
+    /// The app directory, and the directories in it.
+    root: PathBuf,
     dirs: Arc<Vec<String>>,
     /// Files the resource cache holds.
     matched: Vec<AppFile>,
@@ -468,8 +477,30 @@ struct Parts {
     rest: Arc<[AppFile]>,
 }
 
-/// Upload `parts` (or, with `zip`, that file as it is); the parts come back with the answer.
+/// Upload `parts` (or, with `zip`, that file as it is); the parts come back with the answer. A 404 is tried again
+/// for a while: bitsmith's API learns of a new Package from a watch, which may trail the Kubernetes API (it
+/// answers before it reads the body, so little is sent in vain).
 async fn send_upload(
+    session: &Session,
+    upload: &str,
+    credential: &str,
+    mut parts: Parts,
+    zip: Option<(PathBuf, u64)>,
+    quiet: bool,
+) -> Result<Parts, (Parts, PluginError)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match send_upload_once(session, upload, credential, parts, zip.clone(), quiet).await {
+            Err((back, PluginError::Api { status: 404, .. })) if tokio::time::Instant::now() < deadline => {
+                parts = back;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+async fn send_upload_once(
     session: &Session,
     upload: &str,
     credential: &str,
@@ -495,8 +526,8 @@ async fn send_upload(
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let producer = match zip {
         None => {
-            let (dirs, rest, read) = (parts.dirs.clone(), parts.rest.clone(), read.clone());
-            tokio::task::spawn_blocking(move || zipstream::write_zip(&dirs, &rest, tx, read))
+            let (root, dirs, rest, read) = (parts.root.clone(), parts.dirs.clone(), parts.rest.clone(), read.clone());
+            tokio::task::spawn_blocking(move || zipstream::write_zip(&root, &dirs, &rest, tx, read))
         }
         Some((path, _)) => {
             let read = read.clone();

@@ -28,8 +28,10 @@ pub enum ZipStreamError {
     Closed,
 }
 
-/// Zip `dirs` and `files` into `out`, counting the files' bytes read in `progress`. Runs on a blocking thread.
+/// Zip `dirs` and `files` of the app at `root` into `out`, counting the files' bytes read in `progress`. Runs on a
+/// blocking thread.
 pub fn write_zip(
+    root: &std::path::Path,
     dirs: &[String],
     files: &[AppFile],
     out: mpsc::Sender<Result<Bytes, std::io::Error>>,
@@ -51,7 +53,7 @@ pub fn write_zip(
     for file in files {
         let unreadable = |source| ZipStreamError::Read { path: file.path.clone(), source };
         let closed = |_| ZipStreamError::Closed;
-        let mut reader = std::fs::File::open(&file.full).map_err(unreadable)?;
+        let mut reader = std::fs::File::open(root.join(&file.path)).map_err(unreadable)?;
         let first = read_full(&mut reader, &mut block).map_err(unreadable)?;
         // What the first block deflates to says whether the file is worth deflating: already compressed files
         // (images, jars, archives) are stored, which costs nothing here and nothing to inflate on the server.
@@ -256,7 +258,8 @@ mod tests {
         let progress = Arc::new(AtomicU64::new(0));
         let writer = {
             let progress = progress.clone();
-            std::thread::spawn(move || write_zip(&dir.dirs, &dir.files, tx, progress))
+            let root = root.path().to_path_buf();
+            std::thread::spawn(move || write_zip(&root, &dir.dirs, &dir.files, tx, progress))
         };
         let mut zip = Vec::new();
         while let Some(block) = rx.blocking_recv() {

@@ -681,8 +681,16 @@ async fn watch_until(
     timeout: Duration,
     timed_out: impl FnOnce() -> PluginError,
 ) -> Result<Package, PluginError> {
-    let seen =
-        kube::runtime::wait::await_condition(api.clone(), name, move |p: Option<&Package>| p.is_some_and(&condition));
+    // A deleted Package ends the wait, once this watch has seen it: a watch may start from a cache that does not
+    // hold a Package created a moment ago.
+    let seen_once = std::sync::atomic::AtomicBool::new(false);
+    let seen = kube::runtime::wait::await_condition(api.clone(), name, move |p: Option<&Package>| match p {
+        Some(package) => {
+            seen_once.store(true, std::sync::atomic::Ordering::Relaxed);
+            condition(package)
+        }
+        None => seen_once.load(std::sync::atomic::Ordering::Relaxed),
+    });
     tokio::time::timeout(timeout, seen)
         .await
         .map_err(|_| timed_out())?

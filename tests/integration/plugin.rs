@@ -263,6 +263,23 @@ async fn every_error_is_one_line_and_a_failing_exit() {
     let no_such_dir = s.fails(&s.uploader, &["push", "/nonexistent/app", "theirs", "--quiet"]);
     assert!(no_such_dir.contains("/nonexistent/app"), "{no_such_dir}");
 
+    // A Package deleted while `wait` watches it ends the wait at once.
+    kube_ok(&["apply", "-n", &s.ns, "-f", "-"], Some(&crate::support::kube::awaiting_packages(&["vanishing"])));
+    wait_for(&s.ns, "pkg/vanishing", "{.status.state}", "AWAITING_UPLOAD").await;
+    let started = std::time::Instant::now();
+    let waiting = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["wait", "vanishing", "--timeout", "120s", "-n", &s.ns, "--kubeconfig", s.uploader.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    kube_ok(&["delete", "pkg", "vanishing", "-n", &s.ns, "--wait=false"], None);
+    let waited = tokio::task::block_in_place(|| waiting.wait_with_output().unwrap());
+    let stderr = String::from_utf8(waited.stderr).unwrap();
+    assert_eq!(waited.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("\"vanishing\" was deleted"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "ended by the deletion, not the timeout");
+
     // A Package that fails: `wait` says why.
     let invalid = "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: broken\nspec:\n  type: bits\n  source:\n    http: {url: 'ftp://127.0.0.1/app.zip'}\n";
     kube_ok(&["apply", "-n", &s.ns, "-f", "-"], Some(invalid));

@@ -6,20 +6,21 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::sync::Arc;
+
 use sha1::Digest;
 
 use super::cfignore::{CfIgnore, CfIgnoreError};
 
-/// One file to push.
+/// One file to push. Kept small: a push holds one for every file of the app.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppFile {
-    /// `/`-separated, relative to the app's root.
-    pub path: String,
+    /// `/`-separated, relative to the app's root; shared with the zip's directory.
+    pub path: Arc<str>,
     pub size: u64,
     /// Permission bits, e.g. `0o644`.
     pub mode: u32,
-    /// Lowercase hex.
-    pub sha1: String,
+    pub sha1: Sha1,
     /// Last modification, in nanoseconds since the epoch, and the inode: with the size, what tells that a file
     /// has not changed since it was last hashed.
     pub mtime_ns: i128,
@@ -50,13 +51,36 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AppDirError + '_ {
     move |source| AppDirError::Io { path: path.display().to_string(), source }
 }
 
+/// A file's sha1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sha1(pub [u8; 20]);
+
+impl Sha1 {
+    /// Lowercase hex.
+    pub fn hex(&self) -> String {
+        crate::digest::to_hex(&self.0)
+    }
+
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let bytes = text.as_bytes();
+        if bytes.len() != 40 {
+            return None;
+        }
+        let mut out = [0u8; 20];
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(Sha1(out))
+    }
+}
+
 impl AppDir {
     /// Walk `root` as `.cfignore` says, then hash every file, `threads` at a time, except those whose sha1
     /// `known` gives (by path, size, modification time and inode).
     pub fn read(
         root: &Path,
         threads: usize,
-        known: impl Fn(&str, u64, i128, u64) -> Option<String>,
+        known: impl Fn(&str, u64, i128, u64) -> Option<Sha1>,
     ) -> Result<Self, AppDirError> {
         let cfignore = match std::fs::read_to_string(root.join(".cfignore")) {
             Ok(text) => Some(text),
@@ -87,8 +111,7 @@ impl AppDir {
                     let mode = meta.permissions().mode() & 0o7777;
                     let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
                     let (size, ino) = (meta.len(), meta.ino());
-                    let sha1 = known(&path, size, mtime_ns, ino).unwrap_or_default();
-                    dir.files.push(AppFile { path, size, mode, sha1, mtime_ns, ino });
+                    dir.files.push(AppFile { path: path.into(), size, mode, sha1: Sha1::default(), mtime_ns, ino });
                 } else {
                     dir.skipped.push(path);
                 }
@@ -99,7 +122,12 @@ impl AppDir {
         }
         dir.files.sort_by(|a, b| a.path.cmp(&b.path));
         dir.dirs.sort();
-        hash_all(root, &mut dir.files, threads)?;
+        let hashed: Vec<bool> = dir
+            .files
+            .iter_mut()
+            .map(|file| known(&file.path, file.size, file.mtime_ns, file.ino).map(|sha1| file.sha1 = sha1).is_some())
+            .collect();
+        hash_all(root, &mut dir.files, &hashed, threads)?;
         Ok(dir)
     }
 
@@ -109,10 +137,10 @@ impl AppDir {
     }
 }
 
-/// Fill in the sha1 of every file that has none yet, `threads` files at a time.
-fn hash_all(root: &Path, files: &mut [AppFile], threads: usize) -> Result<(), AppDirError> {
+/// Fill in the sha1 of every file not `hashed` yet, `threads` files at a time.
+fn hash_all(root: &Path, files: &mut [AppFile], hashed: &[bool], threads: usize) -> Result<(), AppDirError> {
     let next = AtomicUsize::new(0);
-    let hashes: Vec<std::sync::OnceLock<String>> = files.iter().map(|_| Default::default()).collect();
+    let hashes: Vec<std::sync::OnceLock<Sha1>> = files.iter().map(|_| Default::default()).collect();
     let files_ref: &[AppFile] = files;
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads.max(1))
@@ -122,8 +150,8 @@ fn hash_all(root: &Path, files: &mut [AppFile], threads: usize) -> Result<(), Ap
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(file) = files_ref.get(i) else { return Ok(()) };
-                        if file.sha1.is_empty() {
-                            let _ = hashes[i].set(sha1_of(&root.join(&file.path), &mut buffer)?);
+                        if !hashed[i] {
+                            let _ = hashes[i].set(sha1_of(&root.join(&*file.path), &mut buffer)?);
                         }
                     }
                 })
@@ -139,13 +167,13 @@ fn hash_all(root: &Path, files: &mut [AppFile], threads: usize) -> Result<(), Ap
     Ok(())
 }
 
-fn sha1_of(path: &Path, buffer: &mut [u8]) -> Result<String, AppDirError> {
+fn sha1_of(path: &Path, buffer: &mut [u8]) -> Result<Sha1, AppDirError> {
     let mut file = std::fs::File::open(path).map_err(io(path))?;
     let mut hasher = sha1::Sha1::new();
     loop {
         let n = file.read(buffer).map_err(io(path))?;
         if n == 0 {
-            return Ok(crate::digest::to_hex(&hasher.finalize()));
+            return Ok(Sha1(hasher.finalize().into()));
         }
         hasher.update(&buffer[..n]);
     }
@@ -173,18 +201,21 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", root.path().join("link")).unwrap();
 
         let dir = AppDir::read(root.path(), 2, |_, _, _, _| None).unwrap();
-        let paths: Vec<_> = dir.files.iter().map(|f| f.path.as_str()).collect();
+        let paths: Vec<_> = dir.files.iter().map(|f| &*f.path).collect();
         assert_eq!(paths, ["app.js", "lib/deep/util.js"]);
         assert_eq!(dir.dirs, ["empty/", "lib/", "lib/deep/"]);
         assert_eq!(dir.skipped, ["link"]);
-        assert_eq!(dir.files[1].sha1, "da39a3ee5e6b4b0d3255bfef95601890afd80709", "sha1 of nothing");
+        assert_eq!(dir.files[1].sha1.hex(), "da39a3ee5e6b4b0d3255bfef95601890afd80709", "sha1 of nothing");
         assert_eq!(dir.files[0].size, 14);
         assert_eq!(dir.total_size(), 14);
 
         // A file whose sha1 is known is not read again.
         let known =
-            AppDir::read(root.path(), 2, |path, size, _, _| (path == "app.js" && size == 14).then(|| "k".into()));
-        let sha1s: Vec<_> = known.unwrap().files.into_iter().map(|f| f.sha1).collect();
-        assert_eq!(sha1s, ["k", "da39a3ee5e6b4b0d3255bfef95601890afd80709"]);
+            AppDir::read(root.path(), 2, |path, size, _, _| (path == "app.js" && size == 14).then_some(Sha1([7; 20])));
+        let sha1s: Vec<_> = known.unwrap().files.into_iter().map(|f| f.sha1.hex()).collect();
+        assert_eq!(sha1s, ["07".repeat(20).as_str(), "da39a3ee5e6b4b0d3255bfef95601890afd80709"]);
+        assert_eq!(Sha1::from_hex(&"07".repeat(20)), Some(Sha1([7; 20])));
+        assert_eq!(Sha1::from_hex("07"), None);
+        assert_eq!(Sha1::from_hex(&"zz".repeat(20)), None);
     }
 }

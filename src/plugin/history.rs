@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use super::appdir::AppFile;
+use super::appdir::{AppFile, Sha1};
 
 /// A file is trusted unhashed only when it was last modified this long before the push that hashed it began:
 /// a file written in the same moment it was read could hold other bytes than those hashed.
@@ -36,7 +36,7 @@ pub struct Pushed {
 /// A file as it was pushed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recorded {
-    pub sha1: String,
+    pub sha1: Sha1,
     pub size: u64,
     pub mtime_ns: i128,
     pub ino: u64,
@@ -72,6 +72,7 @@ impl History {
         let mut files = HashMap::new();
         for line in lines {
             let (path, size, mtime_ns, ino, sha1): Line = serde_json::from_str(&line?)?;
+            let sha1 = Sha1::from_hex(&sha1).ok_or_else(|| std::io::Error::other("a sha1 that is not one"))?;
             files.insert(path, Recorded { sha1, size, mtime_ns, ino });
         }
         Ok(History { pushed: Some(pushed), files })
@@ -79,16 +80,16 @@ impl History {
 
     /// The sha1 of `file` as recorded, if the file has not changed since: the same size, modification time and
     /// inode, and modified well before it was hashed.
-    pub fn known_sha1(&self, path: &str, size: u64, mtime_ns: i128, ino: u64) -> Option<&str> {
+    pub fn known_sha1(&self, path: &str, size: u64, mtime_ns: i128, ino: u64) -> Option<Sha1> {
         let hashed_at = self.pushed.as_ref()?.hashed_at_ns;
         let recorded = self.files.get(path)?;
         let same = (recorded.size, recorded.mtime_ns, recorded.ino) == (size, mtime_ns, ino);
-        (same && mtime_ns < hashed_at - SETTLED_NS).then_some(recorded.sha1.as_str())
+        (same && mtime_ns < hashed_at - SETTLED_NS).then_some(recorded.sha1)
     }
 
     /// Whether the last push left `file`, as it is now, in its package.
     pub fn holds(&self, file: &AppFile) -> bool {
-        self.files.get(&file.path).is_some_and(|r| r.sha1 == file.sha1 && r.size == file.size)
+        self.files.get(&*file.path).is_some_and(|r| r.sha1 == file.sha1 && r.size == file.size)
     }
 
     /// Record that `files` of `root` went to `pushed`, replacing the record before (written aside, then renamed).
@@ -108,7 +109,7 @@ impl History {
             serde_json::to_writer(&mut out, pushed)?;
             out.write_all(b"\n")?;
             for file in files {
-                let line: (&str, u64, i128, u64, &str) = (&file.path, file.size, file.mtime_ns, file.ino, &file.sha1);
+                let line = (&*file.path, file.size, file.mtime_ns, file.ino, file.sha1.hex());
                 serde_json::to_writer(&mut out, &line)?;
                 out.write_all(b"\n")?;
             }
@@ -142,8 +143,8 @@ fn record_path(cache: &Path, root: &Path) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
-    fn file(path: &str, sha1: &str, mtime_ns: i128) -> AppFile {
-        AppFile { path: path.into(), size: 3, mode: 0o644, sha1: sha1.into(), mtime_ns, ino: 7 }
+    fn file(path: &str, sha1: u8, mtime_ns: i128) -> AppFile {
+        AppFile { path: path.into(), size: 3, mode: 0o644, sha1: Sha1([sha1; 20]), mtime_ns, ino: 7 }
     }
 
     #[test]
@@ -160,15 +161,15 @@ mod tests {
             sha256: "ab".repeat(32),
             hashed_at_ns: now,
         };
-        let files = [file("a.txt", "1111", now - 10_000_000_000), file("dir/b c\n.txt", "2222", now - 1)];
+        let files = [file("a.txt", 1, now - 10_000_000_000), file("dir/b c\n.txt", 2, now - 1)];
         History::save(cache.path(), app.path(), &pushed, files.iter()).unwrap();
 
         let history = History::load(cache.path(), app.path());
         assert_eq!(history.pushed.as_ref(), Some(&pushed));
         assert_eq!(history.files.len(), 2);
         assert!(history.holds(&files[0]) && history.holds(&files[1]));
-        assert!(!history.holds(&file("a.txt", "9999", 0)), "another sha1");
-        assert_eq!(history.known_sha1("a.txt", 3, now - 10_000_000_000, 7), Some("1111"));
+        assert!(!history.holds(&file("a.txt", 9, 0)), "another sha1");
+        assert_eq!(history.known_sha1("a.txt", 3, now - 10_000_000_000, 7), Some(Sha1([1; 20])));
         assert_eq!(history.known_sha1("a.txt", 4, now - 10_000_000_000, 7), None, "another size");
         assert_eq!(history.known_sha1("a.txt", 3, now - 9_000_000_000, 7), None, "modified since");
         assert_eq!(history.known_sha1("a.txt", 3, now - 10_000_000_000, 8), None, "replaced");

@@ -385,7 +385,7 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
                 dir.files.into_iter().partition(|f| !base.is_empty() && history.holds(f));
             drop(history);
             let (matched, rest) = matches(&session, &api_base, others, &credential).await?;
-            let rest: Arc<[AppFile]> = rest.into();
+            let rest = Arc::new(rest);
             let with_base = !from_base.is_empty();
             let parts = Parts {
                 root: args.path.clone(),
@@ -408,7 +408,8 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
                         .collect();
                     let (mut more, rest) = matches(&session, &api_base, again, &credential).await?;
                     more.extend(matched);
-                    let parts = Parts { root: args.path.clone(), dirs, matched: more, base: None, rest: rest.into() };
+                    let parts =
+                        Parts { root: args.path.clone(), dirs, matched: more, base: None, rest: Arc::new(rest) };
                     send_upload(&session, &upload, &credential, parts, None, args.quiet).await
                 }
                 other => other,
@@ -474,7 +475,7 @@ struct Parts {
     /// The uid of an earlier package, and the files to take from it.
     base: Option<(String, Vec<AppFile>)>,
     /// Files sent in the zip.
-    rest: Arc<[AppFile]>,
+    rest: Arc<Vec<AppFile>>,
 }
 
 /// Upload `parts` (or, with `zip`, that file as it is); the parts come back with the answer. A 404 is tried again
@@ -569,7 +570,7 @@ fn gzipped_resources(files: &[AppFile]) -> reqwest::multipart::Part {
     struct Entry<'a> {
         #[serde(rename = "fn")]
         path: &'a str,
-        sha1: &'a str,
+        sha1: String,
         size: u64,
         mode: String,
     }
@@ -578,7 +579,7 @@ fn gzipped_resources(files: &[AppFile]) -> reqwest::multipart::Part {
         fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
             serializer.collect_seq(self.0.iter().map(|f| Entry {
                 path: &f.path,
-                sha1: &f.sha1,
+                sha1: f.sha1.hex(),
                 size: f.size,
                 mode: format!("{:o}", f.mode),
             }))
@@ -604,9 +605,8 @@ async fn read_app(path: &Path, history: History) -> Result<(App, History), Plugi
         let path = path.to_path_buf();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let (dir, history) = tokio::task::spawn_blocking(move || {
-            let dir = AppDir::read(&path, threads, |path, size, mtime_ns, ino| {
-                history.known_sha1(path, size, mtime_ns, ino).map(str::to_string)
-            });
+            let dir =
+                AppDir::read(&path, threads, |path, size, mtime_ns, ino| history.known_sha1(path, size, mtime_ns, ino));
             (dir, history)
         })
         .await
@@ -636,15 +636,15 @@ async fn matches(
             }
         }
     }
-    Ok(files.into_iter().partition(|f| held.contains(&f.path)))
+    Ok(files.into_iter().partition(|f| held.contains(&*f.path)))
 }
 
 /// A file as Cloud Controller's v3 resource lists name it.
 fn resource_json(file: &AppFile) -> Value {
     json!({
-        "path": file.path,
+        "path": &*file.path,
         "size_in_bytes": file.size,
-        "checksum": {"value": file.sha1},
+        "checksum": {"value": file.sha1.hex()},
         "mode": format!("{:o}", file.mode),
     })
 }

@@ -51,9 +51,9 @@ pub fn write_zip(
         sink.write_all(&entry).map_err(|_| ZipStreamError::Closed)?;
     }
     for file in files {
-        let unreadable = |source| ZipStreamError::Read { path: file.path.clone(), source };
+        let unreadable = |source| ZipStreamError::Read { path: file.path.to_string(), source };
         let closed = |_| ZipStreamError::Closed;
-        let mut reader = std::fs::File::open(root.join(&file.path)).map_err(unreadable)?;
+        let mut reader = std::fs::File::open(root.join(&*file.path)).map_err(unreadable)?;
         let first = read_full(&mut reader, &mut block).map_err(unreadable)?;
         // What the first block deflates to says whether the file is worth deflating: already compressed files
         // (images, jars, archives) are stored, which costs nothing here and nothing to inflate on the server.
@@ -67,7 +67,7 @@ pub fn write_zip(
             continue;
         }
         let mut header =
-            EntryHeader::new(file.path.as_str(), DEFLATED, Sizes { crc: 0, compressed: 0, uncompressed: 0 }, true);
+            EntryHeader::new(file.path.clone(), DEFLATED, Sizes { crc: 0, compressed: 0, uncompressed: 0 }, true);
         header.zip64 = file.size >= 0xffff_ffff;
         sink.write_all(&zip.start(&header)).map_err(closed)?;
         let before = sink.written;
@@ -131,7 +131,7 @@ fn write_stored(
     progress: &AtomicU64,
 ) -> Result<(), ZipStreamError> {
     use std::io::Seek;
-    let unreadable = |source| ZipStreamError::Read { path: file.path.clone(), source };
+    let unreadable = |source| ZipStreamError::Read { path: file.path.to_string(), source };
     let closed = |_| ZipStreamError::Closed;
     let mut crc = crc32fast::Hasher::new();
     crc.update(&block[..first]);
@@ -149,7 +149,7 @@ fn write_stored(
         }
     }
     let sizes = Sizes { crc: crc.finalize(), compressed: size, uncompressed: size };
-    let mut header = EntryHeader::new(file.path.as_str(), STORED, sizes, false);
+    let mut header = EntryHeader::new(file.path.clone(), STORED, sizes, false);
     header.zip64 = size >= 0xffff_ffff;
     sink.write_all(&zip.start(&header)).map_err(closed)?;
     if whole {

@@ -1019,8 +1019,20 @@ impl ZipWriter {
     pub fn finish(self) -> Bytes {
         let size: usize = self.entries.iter().map(|e| 46 + e.name.len() + 28).sum();
         let mut out = BytesMut::with_capacity(size + 98);
+        self.finish_in_blocks(usize::MAX, |block| {
+            out.extend_from_slice(&block);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|never| match never {});
+        out.freeze()
+    }
+
+    /// The central directory and end records, handed to `emit` in blocks of about `block` bytes: a zip of many
+    /// entries never holds its whole directory twice.
+    pub fn finish_in_blocks<E>(self, block: usize, mut emit: impl FnMut(Bytes) -> Result<(), E>) -> Result<(), E> {
+        let mut out = BytesMut::with_capacity(block.min(1 << 20));
         let start = self.offset;
-        let mut count = 0u64;
+        let (mut count, mut size) = (0u64, 0u64);
         for e in self.entries.iter().filter(|e| !e.excluded) {
             count += 1;
             let mut zip64 = BytesMut::new();
@@ -1052,8 +1064,12 @@ impl ZipWriter {
                 out.extend_from_slice(&(zip64.len() as u16).to_le_bytes());
                 out.extend_from_slice(&zip64);
             }
+            if out.len() >= block {
+                size += out.len() as u64;
+                emit(out.split().freeze())?;
+            }
         }
-        let size = out.len() as u64;
+        let size = size + out.len() as u64;
         if count >= 0xffff || start >= 0xffff_ffff || size >= 0xffff_ffff {
             let record = start + size;
             out.extend_from_slice(&ZIP64_END_OF_CENTRAL.to_le_bytes());
@@ -1078,7 +1094,7 @@ impl ZipWriter {
         out.extend_from_slice(&(size.min(0xffff_ffff) as u32).to_le_bytes());
         out.extend_from_slice(&(start.min(0xffff_ffff) as u32).to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
-        out.freeze()
+        emit(out.freeze())
     }
 }
 
@@ -1288,6 +1304,34 @@ mod tests {
                 assert_eq!(main.sha1, Some(to_hex(&Sha1::digest("print(1)\n".repeat(5000)))));
             }
         }
+    }
+
+    #[test]
+    fn the_directory_in_blocks_is_the_directory() {
+        let written = || {
+            let mut writer = ZipWriter::new();
+            let mut zip = BytesMut::new();
+            for n in 0..300 {
+                let sizes = Sizes { crc: crc32fast::hash(b"x"), compressed: 1, uncompressed: 1 };
+                let header = EntryHeader::new(format!("dir/file-{n}.txt"), 0, sizes, false);
+                zip.extend_from_slice(&writer.whole_entry(&header, b"x", sizes, file_attributes(0o644)));
+            }
+            (writer, zip)
+        };
+        let (whole, mut one) = written();
+        one.extend_from_slice(&whole.finish());
+        let (blocks, mut many) = written();
+        let mut count = 0;
+        blocks
+            .finish_in_blocks(1000, |block| {
+                count += 1;
+                many.extend_from_slice(&block);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert!(count > 10, "{count} blocks");
+        assert_eq!(one, many);
+        assert_eq!(python_list(&many).split(' ').count(), 300);
     }
 
     #[test]

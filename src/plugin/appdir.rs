@@ -23,7 +23,7 @@ pub struct AppFile {
     pub sha1: Sha1,
     /// Last modification, in nanoseconds since the epoch, and the inode: with the size, what tells that a file
     /// has not changed since it was last hashed.
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
     pub ino: u64,
 }
 
@@ -80,7 +80,7 @@ impl AppDir {
     pub fn read(
         root: &Path,
         threads: usize,
-        known: impl Fn(&str, u64, i128, u64) -> Option<Sha1>,
+        known: impl Fn(&str, u64, i64, u64) -> Option<Sha1>,
     ) -> Result<Self, AppDirError> {
         let cfignore = match std::fs::read_to_string(root.join(".cfignore")) {
             Ok(text) => Some(text),
@@ -109,7 +109,7 @@ impl AppDir {
                 } else if meta.is_file() {
                     use std::os::unix::fs::{MetadataExt, PermissionsExt};
                     let mode = meta.permissions().mode() & 0o7777;
-                    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+                    let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
                     let (size, ino) = (meta.len(), meta.ino());
                     dir.files.push(AppFile { path: path.into(), size, mode, sha1: Sha1::default(), mtime_ns, ino });
                 } else {

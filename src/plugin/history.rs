@@ -17,7 +17,7 @@ use super::appdir::{AppFile, Sha1};
 
 /// A file is trusted unhashed only when it was last modified this long before the push that hashed it began:
 /// a file written in the same moment it was read could hold other bytes than those hashed.
-const SETTLED_NS: i128 = 2_000_000_000;
+const SETTLED_NS: i64 = 2_000_000_000;
 
 /// Where the pushed bits went.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,7 +30,7 @@ pub struct Pushed {
     /// The Package's sha256 once READY: a base is used only while it still holds these bits.
     pub sha256: String,
     /// When hashing began, in nanoseconds since the epoch.
-    pub hashed_at_ns: i128,
+    pub hashed_at_ns: i64,
 }
 
 /// A file as it was pushed.
@@ -38,7 +38,7 @@ pub struct Pushed {
 pub struct Recorded {
     pub sha1: Sha1,
     pub size: u64,
-    pub mtime_ns: i128,
+    pub mtime_ns: i64,
     pub ino: u64,
 }
 
@@ -57,7 +57,7 @@ pub struct HistoryError {
 }
 
 /// One line per file: `[path, size, mtime_ns, ino, sha1]`.
-type Line = (String, u64, i128, u64, String);
+type Line = (String, u64, i64, u64, String);
 
 impl History {
     /// The record of the last push of `root` in `cache` (see [`cache_dir`]), or an empty one.
@@ -80,7 +80,7 @@ impl History {
 
     /// The sha1 of `file` as recorded, if the file has not changed since: the same size, modification time and
     /// inode, and modified well before it was hashed.
-    pub fn known_sha1(&self, path: &str, size: u64, mtime_ns: i128, ino: u64) -> Option<Sha1> {
+    pub fn known_sha1(&self, path: &str, size: u64, mtime_ns: i64, ino: u64) -> Option<Sha1> {
         let hashed_at = self.pushed.as_ref()?.hashed_at_ns;
         let recorded = self.files.get(path)?;
         let same = (recorded.size, recorded.mtime_ns, recorded.ino) == (size, mtime_ns, ino);
@@ -143,7 +143,7 @@ fn record_path(cache: &Path, root: &Path) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
-    fn file(path: &str, sha1: u8, mtime_ns: i128) -> AppFile {
+    fn file(path: &str, sha1: u8, mtime_ns: i64) -> AppFile {
         AppFile { path: path.into(), size: 3, mode: 0o644, sha1: Sha1([sha1; 20]), mtime_ns, ino: 7 }
     }
 
@@ -152,7 +152,7 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let app = tempfile::tempdir().unwrap();
         let other = tempfile::tempdir().unwrap();
-        let now = 100_000_000_000i128;
+        let now = 100_000_000_000i64;
         let pushed = Pushed {
             cluster: "https://127.0.0.1:6443".into(),
             namespace: "team".into(),

@@ -448,8 +448,10 @@ fn checksum_of(package: &Package) -> String {
     package.status.as_ref().and_then(|s| s.stored.checksum.as_ref()).map(|c| c.value.clone()).unwrap_or_default()
 }
 
-fn now_ns() -> i128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128)
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// The package the last push of this directory went to, if it is in this cluster and namespace and still holds

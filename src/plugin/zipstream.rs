@@ -100,8 +100,8 @@ pub fn write_zip(
         let descriptor = zip.end(sizes, MADE_ON_UNIX, (S_IFREG | file.mode) << 16);
         sink.write_all(&descriptor).map_err(closed)?;
     }
-    sink.write_all(&zip.finish()).map_err(|_| ZipStreamError::Closed)?;
-    sink.flush().map_err(|_| ZipStreamError::Closed)
+    sink.flush().map_err(|_| ZipStreamError::Closed)?;
+    zip.finish_in_blocks(BLOCK, |block| sink.out.blocking_send(Ok(block)).map_err(|_| ZipStreamError::Closed))
 }
 
 /// A file is deflated when its first block deflates to at most this fraction of itself.

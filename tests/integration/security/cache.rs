@@ -101,13 +101,7 @@ impl Api {
         if let Some(zip) = bits {
             form = form.part("bits", reqwest::multipart::Part::bytes(std::fs::read(zip).unwrap()).file_name("app.zip"));
         }
-        reqwest::Client::new()
-            .post(format!("{}/v3/packages/{guid}/upload", self.base))
-            .bearer_auth(token)
-            .multipart(form)
-            .send()
-            .await
-            .unwrap()
+        self.post_upload(token, guid, form).await
     }
 
     /// Upload to package `guid` the files `wanted` (path, sha1 and size) of package `base`, and a zip in `bits`;
@@ -133,6 +127,10 @@ impl Api {
             .text("base_package", base.to_string())
             .part("base_resources", part)
             .part("bits", reqwest::multipart::Part::bytes(std::fs::read(bits).unwrap()).file_name("app.zip"));
+        self.post_upload(token, guid, form).await
+    }
+
+    async fn post_upload(&self, token: &str, guid: &str, form: reqwest::multipart::Form) -> reqwest::Response {
         reqwest::Client::new()
             .post(format!("{}/v3/packages/{guid}/upload", self.base))
             .bearer_auth(token)

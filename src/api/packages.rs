@@ -335,32 +335,20 @@ impl Packing<'_> {
     where
         S: futures::Stream<Item = Result<Bytes, SourceError>> + Unpin,
     {
-        // The body arrives in small pieces; the rewrite takes them a megabyte at a time.
-        let mut batch = bytes::BytesMut::new();
-        loop {
-            let chunk = chunks.try_next().await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?;
-            if let Some(chunk) = &chunk {
-                batch.extend_from_slice(chunk);
-                if batch.len() < FEED_BATCH {
-                    continue;
-                }
+        while let Some(batch) =
+            next_batch(&mut chunks).await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?
+        {
+            let (back, rewritten) = rewrite(repack, batch, None).await;
+            repack = back;
+            let (out, events) = rewritten.map_err(zip_failure)?;
+            for bytes in out {
+                self.send(bytes).await?;
             }
-            if !batch.is_empty() {
-                let input = batch.split();
-                let (back, rewritten) = rewrite(repack, input, None).await;
-                repack = back;
-                let (out, events) = rewritten.map_err(zip_failure)?;
-                for bytes in out {
-                    self.send(bytes).await?;
-                }
-                for event in events {
-                    cache.follow(&self.state.cache, &self.namespace, event).await;
-                }
-            }
-            if chunk.is_none() {
-                return Ok(repack);
+            for event in events {
+                cache.follow(&self.state.cache, &self.namespace, event).await;
             }
         }
+        Ok(repack)
     }
 
     /// The spooled file `bits_path` names, if it lies inside the spool directory.
@@ -428,51 +416,40 @@ impl Packing<'_> {
         let (_, mut stream) = self.state.store.read(&blob.key).await.map_err(store_failure)?;
         let mut copy = Repack::resume(writer, u64::MAX, 0..u64::MAX).with_max_entries(max_entries);
         let (mut current, mut found): (Option<&Resource>, usize) = (None, 0);
-        let mut batch = bytes::BytesMut::new();
-        loop {
-            let chunk = stream.try_next().await.map_err(store_failure)?;
-            if let Some(chunk) = &chunk {
-                batch.extend_from_slice(chunk);
-                if batch.len() < FEED_BATCH {
-                    continue;
-                }
-            }
-            if !batch.is_empty() {
-                let (back, rewritten) = rewrite(copy, batch.split(), Some(wanted.clone())).await;
-                copy = back;
-                let (out, events) =
-                    rewritten.map_err(|e| refused(format!("Base package {guid} could not be read: {e}")))?;
-                for event in events {
-                    match event {
-                        ZipEvent::Start(header) if !header.is_dir() => {
-                            current = wanted.get(&header.name);
-                            found += usize::from(current.is_some());
+        // Read until every wanted file was copied, not to the end of the zip.
+        while found < wanted.len() || current.is_some() {
+            let Some(batch) = next_batch(&mut stream).await.map_err(store_failure)? else { break };
+            let (back, rewritten) = rewrite(copy, batch, Some(wanted.clone())).await;
+            copy = back;
+            let (out, events) =
+                rewritten.map_err(|e| refused(format!("Base package {guid} could not be read: {e}")))?;
+            for event in events {
+                match event {
+                    ZipEvent::Start(header) if !header.is_dir() => {
+                        current = wanted.get(&header.name);
+                        found += usize::from(current.is_some());
+                    }
+                    ZipEvent::Start(_) | ZipEvent::Data(_) => {}
+                    ZipEvent::End(end) => {
+                        let Some(resource) = current.take() else { continue };
+                        if end.sha1.as_deref() != Some(resource.sha1.as_str())
+                            || end.sizes.uncompressed != resource.size
+                        {
+                            let path = resource.path.as_deref().unwrap_or_default();
+                            return Err(refused(format!(
+                                "Resource {path:?} in base package {guid} does not have sha1 {} and size {}.",
+                                resource.sha1, resource.size
+                            )));
                         }
-                        ZipEvent::Start(_) | ZipEvent::Data(_) => {}
-                        ZipEvent::End(end) => {
-                            let Some(resource) = current.take() else { continue };
-                            if end.sha1.as_deref() != Some(resource.sha1.as_str())
-                                || end.sizes.uncompressed != resource.size
-                            {
-                                let path = resource.path.as_deref().unwrap_or_default();
-                                return Err(refused(format!(
-                                    "Resource {path:?} in base package {guid} does not have sha1 {} and size {}.",
-                                    resource.sha1, resource.size
-                                )));
-                            }
-                            self.inflated += end.sizes.uncompressed;
-                        }
+                        self.inflated += end.sizes.uncompressed;
                     }
                 }
-                if self.inflated > self.state.config.max_package_size {
-                    return Err(zip_failure(ZipError::TooLarge { max: self.state.config.max_package_size }));
-                }
-                for bytes in out {
-                    self.send(bytes).await?;
-                }
             }
-            if chunk.is_none() || (found == wanted.len() && current.is_none()) {
-                break;
+            if self.inflated > self.state.config.max_package_size {
+                return Err(zip_failure(ZipError::TooLarge { max: self.state.config.max_package_size }));
+            }
+            for bytes in out {
+                self.send(bytes).await?;
             }
         }
         if found < wanted.len() {
@@ -607,6 +584,22 @@ impl CacheWrite {
             }
         }
     }
+}
+
+/// The next `FEED_BATCH` bytes or so of `chunks`, `None` at its end: bodies and stored blobs arrive in pieces of any
+/// size, and the rewrite takes them a megabyte at a time.
+async fn next_batch<S, E>(chunks: &mut S) -> Result<Option<bytes::BytesMut>, E>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    let mut batch = bytes::BytesMut::new();
+    while batch.len() < FEED_BATCH {
+        match chunks.try_next().await? {
+            Some(chunk) => batch.extend_from_slice(&chunk),
+            None => break,
+        }
+    }
+    Ok((!batch.is_empty()).then_some(batch))
 }
 
 /// Rewrite one batch of a zip on the blocking pool — every entry, or, given `wanted`, the files it names (with

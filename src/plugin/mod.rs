@@ -361,7 +361,7 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
     let api_base = upload.split("/v3/").next().unwrap_or_default().to_string();
     let credential = session.upload_credential(&package).await?;
 
-    let sha256 = match app {
+    let ready = match app {
         App::Zip { path, size } => {
             let parts = Parts {
                 root: path.clone(),
@@ -376,24 +376,18 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
             wait_ready(&api, &args.package, args.timeout).await?
         }
         App::Dir(dir) => {
-            let base = base_package(&api, &session, &history).await.unwrap_or_default();
+            let base = base_package(&api, &session, &history).await;
             let dirs = Arc::new(dir.dirs);
             for skipped in &dir.skipped {
                 eprintln!("skipping {skipped}: not a file or directory (symlinks are not followed)");
             }
             let (from_base, others): (Vec<AppFile>, Vec<AppFile>) =
-                dir.files.into_iter().partition(|f| !base.is_empty() && history.holds(f));
+                dir.files.into_iter().partition(|f| base.is_some() && history.holds(f));
             drop(history);
             let (matched, rest) = matches(&session, &api_base, others, &credential).await?;
-            let rest = Arc::new(rest);
-            let with_base = !from_base.is_empty();
-            let parts = Parts {
-                root: args.path.clone(),
-                dirs: dirs.clone(),
-                matched,
-                base: with_base.then(|| (base.clone(), from_base)),
-                rest: rest.clone(),
-            };
+            let base = base.filter(|_| !from_base.is_empty()).map(|uid| (uid, from_base));
+            let with_base = base.is_some();
+            let parts = Parts { root: args.path.clone(), dirs: dirs.clone(), matched, base, rest: Arc::new(rest) };
             let parts = match send_upload(&session, &upload, &credential, parts, None, args.quiet).await {
                 // The last push's package could not serve (gone, its bits lost, no longer allowed): everything
                 // the cache does not hold goes in the zip instead.
@@ -440,7 +434,7 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
             ready
         }
     };
-    println!("{}", checksum_of(&sha256));
+    println!("{}", checksum_of(&ready));
     Ok(())
 }
 
@@ -729,7 +723,7 @@ pub async fn wait(args: WaitArgs) -> Result<(), PluginError> {
     let session = Session::open(&args.target).await?;
     session.package(&args.package, "").await?;
     let ready = wait_ready(&session.packages(), &args.package, args.timeout).await?;
-    println!("{}", ready.status.and_then(|s| s.stored.checksum).map(|c| c.value).unwrap_or_default());
+    println!("{}", checksum_of(&ready));
     Ok(())
 }
 

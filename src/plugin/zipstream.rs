@@ -138,13 +138,13 @@ fn write_stored(
     let mut size = first as u64;
     let whole = first < block.len();
     if !whole {
-        let mut rest = vec![0u8; block.len()];
+        // The file is read again from its start below, so the block is free for this pass.
         loop {
-            let n = reader.read(&mut rest).map_err(unreadable)?;
+            let n = reader.read(block).map_err(unreadable)?;
             if n == 0 {
                 break;
             }
-            crc.update(&rest[..n]);
+            crc.update(&block[..n]);
             size += n as u64;
         }
     }

@@ -37,4 +37,5 @@ pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod validate;
+pub mod watching;
 pub mod workers;

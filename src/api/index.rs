@@ -59,7 +59,7 @@ where
         None => Api::all(client.clone()),
     };
     let (reader, writer) = reflector::store();
-    let events = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
+    let events = watcher(api, watcher::Config::default()).backoff(crate::watching::backoff()).reflect(writer);
     tokio::spawn(events.for_each(|event| async move {
         if let Err(error) = event {
             tracing::warn!(%error, "watching for the API's guid index");

@@ -129,7 +129,7 @@ fn controller_for<K: Managed>(api: Api<K>) -> (Controller<K>, tokio::sync::watch
     // controller itself is.
     let (filled, filled_rx) = tokio::sync::watch::channel(false);
     let triggers = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(crate::watching::backoff())
         .reflect(writer)
         .inspect_ok(move |event| {
             if matches!(event, watcher::Event::InitDone) {
@@ -184,7 +184,7 @@ fn with_secret_triggers<K: Managed>(
 ) -> Controller<K> {
     let objects = controller.store();
     let secrets: Api<PartialObjectMeta<Secret>> = scoped(client, namespace);
-    let changes = watcher(secrets, watcher::Config::default()).default_backoff().touched_objects();
+    let changes = watcher(secrets, watcher::Config::default()).backoff(crate::watching::backoff()).touched_objects();
     controller.watches_stream(changes, move |secret: PartialObjectMeta<Secret>| {
         let (namespace, name) = (secret.namespace(), secret.name_any());
         objects

@@ -17,6 +17,7 @@ use object_store::client::DnsResolver;
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt};
@@ -67,15 +68,27 @@ pub enum CredentialPolicy {
 }
 
 /// A connected object store and the path an object URL named inside it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ObjectClient {
     pub store: Arc<dyn ObjectStore>,
     pub signer: Option<Arc<dyn Signer>>,
+    /// The backend's multipart uploads by id, on object stores: what lets a write be resumed or aborted later.
+    pub multipart: Option<Arc<dyn MultipartStore>>,
     /// The path in the URL (a key for an object, a prefix for a store).
     pub path: Path,
     pub scheme: Scheme,
     /// The URL without query (which may carry settings) or credentials: safe to show.
     pub display_url: String,
+}
+
+impl std::fmt::Debug for ObjectClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectClient")
+            .field("store", &self.store)
+            .field("path", &self.path)
+            .field("display_url", &self.display_url)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why an object URL could not be turned into a client.
@@ -129,30 +142,31 @@ pub fn connect(
     if let Some(resolver) = resolver {
         client = client.with_dns_resolver(resolver);
     }
-    let (store, signer, path): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, Path) = match scheme {
+    type Parts = (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, Option<Arc<dyn MultipartStore>>, Path);
+    let (store, signer, multipart, path): Parts = match scheme {
         Scheme::File => {
             if parsed.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
                 return Err(malformed(url, "file URLs name a local path: file:///path".into()));
             }
             let fs = LocalFileSystem::new().with_fsync(true).with_automatic_cleanup(true);
-            (Arc::new(fs), None, Path::from(decoded_path.trim_start_matches('/')))
+            (Arc::new(fs), None, None, Path::from(decoded_path.trim_start_matches('/')))
         }
-        Scheme::Memory => (Arc::new(InMemory::new()), None, path_of(url, &decoded_path)?),
+        Scheme::Memory => (Arc::new(InMemory::new()), None, None, path_of(url, &decoded_path)?),
         Scheme::S3 => {
             let s3 = cloud::<AmazonS3Builder>(url, &parsed, s3_aliases(opts), policy, ambient, client)?;
-            (s3.clone(), Some(s3), path_of(url, &decoded_path)?)
+            (s3.clone(), Some(s3.clone()), Some(s3), path_of(url, &decoded_path)?)
         }
         Scheme::Gcs => {
             let gcs = cloud::<GoogleCloudStorageBuilder>(url, &parsed, gcs_aliases(opts), policy, ambient, client)?;
-            (gcs.clone(), Some(gcs), path_of(url, &decoded_path)?)
+            (gcs.clone(), Some(gcs.clone()), Some(gcs), path_of(url, &decoded_path)?)
         }
         Scheme::Azure => {
             let opts = allow_plain_http(opts, &["endpoint", "azure_storage_endpoint", "azure_endpoint"]);
             let az = cloud::<MicrosoftAzureBuilder>(url, &parsed, opts, policy, ambient, client)?;
-            (az.clone(), Some(az), path_of(url, &decoded_path)?)
+            (az.clone(), Some(az.clone()), Some(az), path_of(url, &decoded_path)?)
         }
     };
-    Ok(ObjectClient { store, signer, path, scheme, display_url })
+    Ok(ObjectClient { store, signer, multipart, path, scheme, display_url })
 }
 
 fn malformed(url: &str, reason: String) -> ObjectUrlError {
@@ -183,7 +197,7 @@ fn client_options() -> ClientOptions {
 /// What differs between the cloud backends; [`cloud`] does the rest the same way for all three.
 trait CloudBuilder: Sized {
     type Key: std::str::FromStr + Clone;
-    type Store: ObjectStore + Signer;
+    type Store: ObjectStore + Signer + MultipartStore;
     const SCHEME: Scheme;
     /// Environment variables with this prefix configure the store (for [`CredentialPolicy::OptionsOrEnvironment`]).
     const ENV_PREFIX: &'static str;

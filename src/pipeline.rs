@@ -126,7 +126,7 @@ pub async fn store_checked<S>(
 where
     S: Stream<Item = Result<Bytes, SourceError>> + Unpin,
 {
-    let mut staged = store.begin_write().await?;
+    let mut staged = store.begin_blob(owner).await?;
     let mut digester = Digester::new();
     let mut checker = check.map(|check| Offloaded::new(check, CHECK_QUEUE_DEPTH));
     let mut blocks = Blocks::new(chunks);
@@ -158,7 +158,7 @@ where
         staged.abort().await;
         return Err(e);
     }
-    let blob = staged.commit(&owner.blob_key(&digests.sha256)).await?;
+    let blob = staged.commit(&digests.sha256).await?;
     Ok(Stored { digests, blob, resolved: None })
 }
 
@@ -172,7 +172,7 @@ pub async fn copy_in_store(
     verify_pin(pin, &copy.digests)?;
     let key = owner.blob_key(&copy.digests.sha256);
     if copy.blob.key != key {
-        store.copy(&copy.blob.key, &key).await?;
+        store.copy(&copy.blob.key, &key, copy.digests.size).await?;
     }
     Ok(Stored { blob: store.blob_ref(&key), digests: copy.digests, resolved: None })
 }

@@ -1,9 +1,15 @@
 //! The blob store: where bitsmith keeps bits, configured by one URL (`file://`, `s3://`, `gs://`, `az://`,
 //! `memory://`).
 //!
-//! Every write goes to a unique key under `staging/` and becomes a blob only through [`StagedWrite::commit`],
-//! which the caller runs after the bytes are complete and verified. A reader of a blob key therefore never sees
-//! a partial blob, and a write that fails, is aborted, or is dropped leaves nothing under a blob key.
+//! A write becomes a blob only when the caller commits it, after the bytes are complete and verified, so a
+//! reader of a blob key never sees a partial blob, and a write that fails, is aborted, or is dropped leaves
+//! nothing under a blob key. How depends on what the backend makes cheap:
+//!
+//! - [`BlobStore::begin_blob`] on object stores (S3, GCS, Azure) writes straight to the blob's key with a
+//!   multipart upload (a block list on Azure) that the backend makes visible only when it is completed: nothing is
+//!   copied, and a blob can be as large as the parts allow. On a filesystem it stages and renames, which is free.
+//! - [`BlobStore::begin_write`] stages under `staging/` and moves the bytes to a key chosen at the end (a
+//!   content-addressed one): a rename on a filesystem, a server-side copy on object stores.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,9 +17,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use object_store::WriteMultipart;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::signer::{Method, Signer};
-use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{MultipartId, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, PutResult, UploadPart};
 use url::Url;
 
 use crate::object_url::{self, CredentialPolicy, ObjectClient, ObjectUrlError, Scheme};
@@ -25,11 +33,21 @@ const PART_SIZE: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 3;
 /// The most a staged write holds: the part being filled and those uploading.
 pub const WRITE_MEMORY: u64 = (PART_SIZE * (PARTS_IN_FLIGHT + 1)) as u64;
-/// Where writes live until they are committed.
+/// Where writes live until they are committed, and where a write on an object store records its multipart
+/// upload until it is completed or aborted.
 const STAGING: &str = "staging";
-/// The largest object S3's CopyObject copies. A commit on S3 is a copy out of staging, so no larger blob can be
-/// committed there.
-const S3_LARGEST_COMMIT: u64 = 5 << 30;
+/// The file name suffix of a multipart upload's record.
+const RECORD_SUFFIX: &str = ".multipart";
+/// How often a write that is making progress renews its record, so that the sweep never takes a live upload for
+/// a killed one.
+const RECORD_RENEWAL: Duration = Duration::from_secs(300);
+/// A record this old (and at least as old as the sweep's own bound) belongs to a write that is gone.
+const RECORD_STALE: Duration = Duration::from_secs(900);
+/// The largest object S3's CopyObject copies; larger blobs are copied by streaming them.
+const S3_LARGEST_COPY: u64 = 5 << 30;
+/// Parts a multipart upload may have on S3 and GCS, and blocks a block blob may have on Azure.
+const S3_MAX_PARTS: u64 = 10_000;
+const AZURE_MAX_BLOCKS: u64 = 50_000;
 
 /// Errors from the store, each naming the key it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -78,12 +96,12 @@ impl BlobOwner {
         }
     }
 
-    /// The key of this owner's blob with the given sha256. Keys are content-addressed per owner, so a
-    /// re-fetch of the same bits lands on the same key and a new generation with new bits on a new one.
-    pub fn blob_key(&self, sha256: &str) -> String {
+    /// The key of this owner's blob named `name`: the content's sha256 where blobs are renamed into place (so a
+    /// re-fetch of the same bits lands on the same key), a fresh write id where they are written in place.
+    pub fn blob_key(&self, name: &str) -> String {
         match self.own_prefix() {
-            Some(prefix) => format!("{prefix}/{sha256}"),
-            None => format!("{}/{}/{}/{sha256}", self.plural, self.namespace, self.name),
+            Some(prefix) => format!("{prefix}/{name}"),
+            None => format!("{}/{}/{}/{name}", self.plural, self.namespace, self.name),
         }
     }
 
@@ -121,9 +139,20 @@ impl BlobStore {
         blob.store == self.url()
     }
 
-    /// The largest blob a commit can make in this store, where the backend has a limit.
+    /// The largest blob [`BlobStore::begin_blob`] can write in this store, where the backend has a limit: as many
+    /// parts of [`PART_SIZE`] as one multipart upload (block list) may have.
     pub fn largest_blob(&self) -> Option<u64> {
-        (self.client.scheme == Scheme::S3).then_some(S3_LARGEST_COMMIT)
+        match self.client.scheme {
+            Scheme::S3 | Scheme::Gcs => Some(S3_MAX_PARTS * PART_SIZE as u64),
+            Scheme::Azure => Some(AZURE_MAX_BLOCKS * PART_SIZE as u64),
+            Scheme::File | Scheme::Memory => None,
+        }
+    }
+
+    /// Whether [`BlobStore::begin_blob`] writes straight to the blob's key: where the backend makes a multipart
+    /// upload visible only when it is completed and a rename would be a copy.
+    fn writes_in_place(&self) -> bool {
+        matches!(self.client.scheme, Scheme::S3 | Scheme::Gcs | Scheme::Azure)
     }
 
     /// A reference to `key` in this store.
@@ -156,24 +185,80 @@ impl BlobStore {
         BlobStore { client: self.client.clone(), staging_tag: Some(tag.into()) }
     }
 
-    /// Start a write under a fresh staging key.
-    pub async fn begin_write(&self) -> Result<StagedWrite, StoreError> {
-        let staging_key = match &self.staging_tag {
+    /// A fresh key under `staging/`, named by this handle's tag.
+    fn staging_key(&self) -> String {
+        match &self.staging_tag {
             Some(tag) => format!("{STAGING}/{tag}-{}", uuid::Uuid::new_v4()),
             None => format!("{STAGING}/{}", uuid::Uuid::new_v4()),
+        }
+    }
+
+    /// Start a write whose key is chosen when it is committed ([`StagedWrite::commit`]): it is staged under a
+    /// fresh key and moved.
+    pub async fn begin_write(&self) -> Result<StagedWrite, StoreError> {
+        Ok(StagedWrite { upload: self.upload_to(self.staging_key()).await? })
+    }
+
+    /// Start writing a blob of `owner`. It becomes visible whole at [`BlobWrite::commit`], and not at all
+    /// otherwise. Where the write goes straight to its key, that key is `owner`'s and fresh (a write id);
+    /// where it is staged, the key is the content's sha256, given at the commit.
+    pub async fn begin_blob(&self, owner: &BlobOwner) -> Result<BlobWrite, StoreError> {
+        if self.writes_in_place() {
+            let key = owner.blob_key(&uuid::Uuid::new_v4().simple().to_string());
+            Ok(BlobWrite(Landing::InPlace(self.upload_to(key).await?)))
+        } else {
+            Ok(BlobWrite(Landing::Staged { write: self.begin_write().await?, owner: owner.clone() }))
+        }
+    }
+
+    /// Start a multipart upload to `key`. On object stores it is started by id and the id recorded under
+    /// `staging/`, so that the sweep can abort it if this process dies before it is completed.
+    async fn upload_to(&self, key: String) -> Result<Upload, StoreError> {
+        let path = self.path(&key);
+        let Some(multipart) = &self.client.multipart else {
+            let upload =
+                self.client.store.put_multipart(&path).await.map_err(|e| self.backend_error("begin write", &key, e))?;
+            return Ok(Upload::new(self, key, upload, None));
         };
-        let path = self.path(&staging_key);
-        let upload = self
-            .client
+        let id = multipart.create_multipart(&path).await.map_err(|e| self.backend_error("begin write", &key, e))?;
+        let record = Record { key: key.clone(), upload_id: id.clone() };
+        let record_key = format!("{}{RECORD_SUFFIX}", self.staging_key());
+        let upload = ById { multipart: multipart.clone(), path: path.clone(), id, parts: Default::default() };
+        if let Err(e) = self.put_record(&record_key, &record).await {
+            let _ = multipart.abort_multipart(&path, &record.upload_id).await;
+            return Err(e);
+        }
+        let recorded = Recorded { key: record_key, record, renewed: std::time::Instant::now() };
+        Ok(Upload::new(self, key, Box::new(upload), Some(recorded)))
+    }
+
+    async fn put_record(&self, record_key: &str, record: &Record) -> Result<(), StoreError> {
+        let body = serde_json::to_vec(record).expect("a record serializes");
+        self.client
             .store
-            .put_multipart(&path)
+            .put(&self.path(record_key), PutPayload::from(body))
             .await
-            .map_err(|e| self.backend_error("begin write", &staging_key, e))?;
-        Ok(StagedWrite {
-            store: self.clone(),
-            staging_key,
-            upload: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
-        })
+            .map_err(|e| self.backend_error("record write", record_key, e))?;
+        Ok(())
+    }
+
+    /// Abort the multipart upload recorded at `record_key` and remove the record. An upload that is already gone
+    /// (completed or aborted) counts as aborted.
+    async fn abort_recorded(&self, record_key: &str) -> Result<(), StoreError> {
+        let Some(multipart) = &self.client.multipart else { return Ok(()) };
+        let body = match self.client.store.get(&self.path(record_key)).await {
+            Ok(got) => got.bytes().await.map_err(|e| self.backend_error("read record", record_key, e))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(self.backend_error("read record", record_key, e)),
+        };
+        // A record that does not parse was not written by this code: there is nothing to abort, only to remove.
+        if let Ok(record) = serde_json::from_slice::<Record>(&body) {
+            match multipart.abort_multipart(&self.path(&record.key), &record.upload_id).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.backend_error("abort write", &record.key, e)),
+            }
+        }
+        self.delete(record_key).await
     }
 
     /// The size of the blob at `key`.
@@ -197,9 +282,18 @@ impl BlobStore {
             .boxed()
     }
 
-    /// Copy a blob inside the store without moving its bytes through bitsmith. The copy appears whole or not at
-    /// all: a server-side copy on cloud stores, a hard link on the local filesystem.
-    pub async fn copy(&self, from: &str, to: &str) -> Result<(), StoreError> {
+    /// Copy the blob `from` (of `size` bytes) to `to`. The copy appears whole or not at all: a server-side copy
+    /// on cloud stores, a hard link on the local filesystem; a blob over what S3's CopyObject takes is streamed
+    /// into a new multipart upload instead.
+    pub async fn copy(&self, from: &str, to: &str, size: u64) -> Result<(), StoreError> {
+        if self.client.scheme == Scheme::S3 && size > S3_LARGEST_COPY {
+            let mut write = self.upload_to(to.to_string()).await?;
+            let mut blocks = self.read_range(from, 0..size);
+            while let Some(block) = blocks.next().await {
+                write.write(block?).await?;
+            }
+            return write.finish().await;
+        }
         self.client.store.copy(&self.path(from), &self.path(to)).await.map_err(|e| self.backend_error("copy", from, e))
     }
 
@@ -274,10 +368,15 @@ impl BlobStore {
         Ok(removed)
     }
 
-    /// Remove staged writes older than `older_than`: what a killed process left behind. Returns how many.
+    /// Remove staged writes older than `older_than`, and abort multipart uploads whose writer has not renewed
+    /// their record for that long (and at least 15 minutes): what a killed process left behind. Returns how many.
     pub async fn sweep_staging(&self, older_than: Duration) -> Result<usize, StoreError> {
-        let cutoff = SystemTime::now() - older_than;
-        self.sweep_staged_where(|_, modified| modified < cutoff).await
+        let now = SystemTime::now();
+        let (cutoff, record_cutoff) = (now - older_than, now - older_than.max(RECORD_STALE));
+        self.sweep_staged_where(|name, modified| {
+            modified < if name.ends_with(RECORD_SUFFIX) { record_cutoff } else { cutoff }
+        })
+        .await
     }
 
     /// Remove what the writes staged under `tag` (see [`BlobStore::staging_as`]) left: the bytes of an upload
@@ -306,7 +405,13 @@ impl BlobStore {
             .try_collect()
             .await
             .map_err(|e| self.backend_error("list", STAGING, e))?;
+        let root = self.client.path.as_ref();
         for path in &stale {
+            if path.as_ref().ends_with(RECORD_SUFFIX) {
+                let key = path.as_ref().strip_prefix(root).unwrap_or(path.as_ref()).trim_start_matches('/');
+                self.abort_recorded(key).await?;
+                continue;
+            }
             match self.client.store.delete(path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.backend_error("delete", path.as_ref(), e)),
@@ -349,36 +454,165 @@ pub struct Listed {
     pub modified: SystemTime,
 }
 
-/// An in-progress write under a staging key. Call [`StagedWrite::commit`] once the bytes are verified, or
-/// [`StagedWrite::abort`]; dropping it aborts too.
-pub struct StagedWrite {
-    store: BlobStore,
-    staging_key: String,
-    upload: Option<WriteMultipart>,
+/// What a write on an object store records under `staging/` while its multipart upload is open.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    /// The key the upload writes, relative to the store.
+    key: String,
+    upload_id: MultipartId,
 }
 
-impl StagedWrite {
+/// A write's record: where it is, and when it was last renewed.
+struct Recorded {
+    key: String,
+    record: Record,
+    renewed: std::time::Instant,
+}
+
+/// A multipart upload driven by its id, for [`WriteMultipart`] to buffer and parallelize: object_store's own
+/// uploads keep their id to themselves, and the sweep needs it.
+struct ById {
+    multipart: Arc<dyn MultipartStore>,
+    path: Path,
+    id: MultipartId,
+    /// Part ids by part number, filled in as parts finish (in any order).
+    parts: Arc<std::sync::Mutex<Vec<Option<PartId>>>>,
+}
+
+impl std::fmt::Debug for ById {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ById").field("path", &self.path).field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl MultipartUpload for ById {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let index = {
+            let mut parts = self.parts.lock().expect("part list");
+            parts.push(None);
+            parts.len() - 1
+        };
+        let (multipart, path, id, parts) =
+            (self.multipart.clone(), self.path.clone(), self.id.clone(), self.parts.clone());
+        Box::pin(async move {
+            let part = multipart.put_part(&path, &id, index, data).await?;
+            parts.lock().expect("part list")[index] = Some(part);
+            Ok(())
+        })
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        let parts = std::mem::take(&mut *self.parts.lock().expect("part list"));
+        let parts: Option<Vec<PartId>> = parts.into_iter().collect();
+        let parts = parts.ok_or_else(|| object_store::Error::Generic {
+            store: "multipart",
+            source: "completed with a part still uploading".into(),
+        })?;
+        self.multipart.complete_multipart(&self.path, &self.id, parts).await
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.multipart.abort_multipart(&self.path, &self.id).await
+    }
+}
+
+/// An in-progress multipart upload to one key. Dropping it unfinished aborts it.
+struct Upload {
+    store: BlobStore,
+    key: String,
+    upload: Option<WriteMultipart>,
+    /// Its record, on object stores; removed once the upload is completed or aborted.
+    record: Option<Recorded>,
+}
+
+impl Upload {
+    fn new(store: &BlobStore, key: String, upload: Box<dyn MultipartUpload>, record: Option<Recorded>) -> Self {
+        let upload = Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE));
+        Upload { store: store.clone(), key, upload, record }
+    }
+
     /// Append a block. Waits while `PARTS_IN_FLIGHT` parts are uploading.
-    pub async fn write(&mut self, block: Bytes) -> Result<(), StoreError> {
-        let upload = self.upload.as_mut().expect("write after commit or abort");
+    async fn write(&mut self, block: Bytes) -> Result<(), StoreError> {
+        if let Some(recorded) = &mut self.record
+            && recorded.renewed.elapsed() >= RECORD_RENEWAL
+        {
+            self.store.put_record(&recorded.key, &recorded.record).await?;
+            recorded.renewed = std::time::Instant::now();
+        }
+        let upload = self.upload.as_mut().expect("write after finish or abort");
         if let Err(e) = upload.wait_for_capacity(PARTS_IN_FLIGHT).await {
-            return Err(self.store.backend_error("write", &self.staging_key, e));
+            return Err(self.store.backend_error("write", &self.key, e));
         }
         upload.put(block);
         Ok(())
     }
 
-    /// Finish the write and move it to `key`, where it becomes visible whole. On failure nothing is left.
-    pub async fn commit(mut self, key: &str) -> Result<BlobRef, StoreError> {
-        let upload = self.upload.take().expect("commit twice");
-        let store = self.store.clone();
-        let staging = store.path(&self.staging_key);
-        if let Err(e) = upload.finish().await {
-            // The backend's own staging (an S3 multipart upload, a local part file) is discarded by the failed
-            // finish; make sure no completed staging object lingers either.
-            let _ = store.client.store.delete(&staging).await;
-            return Err(store.backend_error("finish write", &self.staging_key, e));
+    /// Complete the upload: the object at the key appears whole. On failure the backend's parts are discarded.
+    async fn finish(mut self) -> Result<(), StoreError> {
+        let upload = self.upload.take().expect("finish twice");
+        let finished = upload.finish().await;
+        self.forget_record().await;
+        if let Err(e) = finished {
+            // A failed finish discards the backend's own staging (an S3 multipart upload, a local part file); make
+            // sure no completed object lingers either.
+            let _ = self.store.client.store.delete(&self.store.path(&self.key)).await;
+            return Err(self.store.backend_error("finish write", &self.key, e));
         }
+        Ok(())
+    }
+
+    async fn abort(mut self) {
+        if let Some(upload) = self.upload.take() {
+            let _ = upload.abort().await;
+        }
+        self.forget_record().await;
+    }
+
+    /// Remove the record of an upload that is over. Should that fail, the sweep finds the upload gone and removes
+    /// the record then.
+    async fn forget_record(&mut self) {
+        if let Some(recorded) = self.record.take() {
+            let _ = self.store.delete(&recorded.key).await;
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        // Dropped mid-write, e.g. because the task was cancelled: abort in the background so that an S3 multipart
+        // upload or a local part file does not linger, and its record with it.
+        if let Some(upload) = self.upload.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (store, record) = (self.store.clone(), self.record.take());
+            runtime.spawn(async move {
+                let _ = upload.abort().await;
+                if let Some(recorded) = record {
+                    let _ = store.delete(&recorded.key).await;
+                }
+            });
+        }
+    }
+}
+
+/// An in-progress write under a staging key. Call [`StagedWrite::commit`] once the bytes are verified, or
+/// [`StagedWrite::abort`]; dropping it aborts too.
+pub struct StagedWrite {
+    upload: Upload,
+}
+
+impl StagedWrite {
+    /// Append a block. Waits while earlier parts are uploading.
+    pub async fn write(&mut self, block: Bytes) -> Result<(), StoreError> {
+        self.upload.write(block).await
+    }
+
+    /// Finish the write and move it to `key`, where it becomes visible whole. On failure nothing is left.
+    pub async fn commit(self, key: &str) -> Result<BlobRef, StoreError> {
+        let store = self.upload.store.clone();
+        let staging = store.path(&self.upload.key);
+        self.upload.finish().await?;
         if let Err(e) = store.client.store.rename(&staging, &store.path(key)).await {
             let _ = store.client.store.delete(&staging).await;
             return Err(store.backend_error("commit", key, e));
@@ -387,23 +621,48 @@ impl StagedWrite {
     }
 
     /// Discard everything written.
-    pub async fn abort(mut self) {
-        if let Some(upload) = self.upload.take() {
-            let _ = upload.abort().await;
-        }
+    pub async fn abort(self) {
+        self.upload.abort().await
     }
 }
 
-impl Drop for StagedWrite {
-    fn drop(&mut self) {
-        // Dropped mid-write, e.g. because the task was cancelled: abort in the background so an S3 multipart
-        // upload or a local part file does not linger.
-        if let Some(upload) = self.upload.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(async move {
-                let _ = upload.abort().await;
-            });
+/// An in-progress write of a blob ([`BlobStore::begin_blob`]). Call [`BlobWrite::commit`] once the bytes are
+/// verified, or [`BlobWrite::abort`]; dropping it aborts too.
+pub struct BlobWrite(Landing);
+
+enum Landing {
+    /// A multipart upload to the blob's own key, visible once completed.
+    InPlace(Upload),
+    /// Staged and renamed to the owner's key for the content at commit.
+    Staged { write: StagedWrite, owner: BlobOwner },
+}
+
+impl BlobWrite {
+    /// Append a block. Waits while earlier parts are uploading.
+    pub async fn write(&mut self, block: Bytes) -> Result<(), StoreError> {
+        match &mut self.0 {
+            Landing::InPlace(upload) => upload.write(block).await,
+            Landing::Staged { write, .. } => write.write(block).await,
+        }
+    }
+
+    /// Make the blob, whose content has `sha256`, visible whole. On failure nothing is left.
+    pub async fn commit(self, sha256: &str) -> Result<BlobRef, StoreError> {
+        match self.0 {
+            Landing::InPlace(upload) => {
+                let blob = upload.store.blob_ref(&upload.key);
+                upload.finish().await?;
+                Ok(blob)
+            }
+            Landing::Staged { write, owner } => write.commit(&owner.blob_key(sha256)).await,
+        }
+    }
+
+    /// Discard everything written.
+    pub async fn abort(self) {
+        match self.0 {
+            Landing::InPlace(upload) => upload.abort().await,
+            Landing::Staged { write, .. } => write.abort().await,
         }
     }
 }

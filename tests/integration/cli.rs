@@ -107,15 +107,16 @@ async fn fetch_errors_are_one_line_and_store_nothing() {
     assert_eq!(bad_store.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad_store.stderr).contains("unsupported object URL scheme"));
 
-    // A commit on S3 is a copy, which S3 limits to 5 GiB: a larger --max-size is refused before any fetch.
+    // An S3 blob is one multipart upload of at most 10 000 parts of 8 MiB: a larger --max-size is refused before
+    // any fetch.
     let s3_store = ["--store", "s3://bits/prod?region=eu-west-1", "--store-opt", "aws_access_key_id=AK"];
-    let s3_store = [&s3_store[..], &["--store-opt", "aws_secret_access_key=SK", "--max-size", "6GiB"]].concat();
+    let s3_store = [&s3_store[..], &["--store-opt", "aws_secret_access_key=SK", "--max-size", "100GiB"]].concat();
     let too_big =
         bitsmith(&[&["fetch", "-f", "-"][..], &s3_store].concat(), Some(&manifest(&server.url("/small.zip"), "")));
     let stderr = String::from_utf8_lossy(&too_big.stderr);
     assert_eq!((too_big.status.code(), stderr.lines().count()), (Some(1), 1), "{stderr}");
     assert!(
-        stderr.contains("--max-size 6442450944 is over the 5368709120 bytes a blob can have in s3://bits/prod"),
+        stderr.contains("--max-size 107374182400 is over the 83886080000 bytes a blob can have in s3://bits/prod"),
         "{stderr}"
     );
 }

@@ -68,7 +68,7 @@ async fn copy_delete_and_missing_blobs() {
     let mut write = store.begin_write().await.unwrap();
     write.write(Bytes::from_static(b"hello")).await.unwrap();
     write.commit("a/one").await.unwrap();
-    store.copy("a/one", "b/two").await.unwrap();
+    store.copy("a/one", "b/two", 5).await.unwrap();
     assert_eq!(std::fs::read(dir.path().join("b/two")).unwrap(), b"hello");
     store.delete("a/one").await.unwrap();
     store.delete("a/one").await.unwrap();

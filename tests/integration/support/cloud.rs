@@ -55,9 +55,13 @@ pub trait Cloud {
 
     /// A store at a fresh prefix, with credentials passed as options, and a lister of what the prefix holds.
     fn store(&self, test: &str) -> (BlobStore, Lister) {
-        let url = self.store_url(test);
-        let store = BlobStore::open(&url, &self.credentials()).expect("open the store");
-        let client = object_url::connect(&url, &self.credentials(), CredentialPolicy::Options, None).unwrap();
+        self.store_at(&self.store_url(test))
+    }
+
+    /// The store at `url` (one of [`Cloud::store_url`]), with credentials passed as options, and its lister.
+    fn store_at(&self, url: &str) -> (BlobStore, Lister) {
+        let store = BlobStore::open(url, &self.credentials()).expect("open the store");
+        let client = object_url::connect(url, &self.credentials(), CredentialPolicy::Options, None).unwrap();
         (store, Lister(client))
     }
 
@@ -243,5 +247,18 @@ pub struct Lister(ObjectClient);
 impl Lister {
     pub async fn keys(&self) -> Vec<String> {
         self.0.store.list(Some(&self.0.path)).map_ok(|m| m.location.to_string()).try_collect().await.unwrap()
+    }
+
+    /// The object at `key` (bucket-relative, as [`Lister::keys`] gives it).
+    pub async fn get(&self, key: &str) -> bytes::Bytes {
+        use object_store::ObjectStoreExt;
+        self.0.store.get(&key.into()).await.unwrap().bytes().await.unwrap()
+    }
+
+    /// Whether the multipart upload `id` to `key` (bucket-relative) is still open: it takes another part.
+    pub async fn upload_is_open(&self, key: &str, id: &str) -> bool {
+        let multipart = self.0.multipart.as_ref().expect("an object store");
+        let part = object_store::PutPayload::from_static(b"probe");
+        multipart.put_part(&key.into(), &id.to_string(), 5, part).await.is_ok()
     }
 }

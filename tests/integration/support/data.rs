@@ -81,3 +81,23 @@ pub fn coreutils_digests(seed: u64, size: u64) -> Digests {
     };
     Digests { sha1: hex(sha1), sha256: hex(sha256), size }
 }
+
+/// The digests of `size` bytes made of `block` over and over ([`super::http_server::Reply::Repeated`]), sha1 and
+/// sha256 each on a thread of its own.
+pub fn repeated_digests(block: &[u8], size: u64) -> Digests {
+    fn digest<D: sha2::Digest>(block: &[u8], size: u64) -> String {
+        let mut hasher = D::new();
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            hasher.update(&block[..n]);
+            left -= n as u64;
+        }
+        bitsmith::digest::to_hex(&hasher.finalize())
+    }
+    std::thread::scope(|scope| {
+        let sha1 = scope.spawn(|| digest::<sha1::Sha1>(block, size));
+        let sha256 = digest::<sha2::Sha256>(block, size);
+        Digests { sha1: sha1.join().unwrap(), sha256, size }
+    })
+}

@@ -79,3 +79,47 @@ impl Process {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// What a process run by [`run_measured`] printed, and the most memory it held.
+pub struct Measured {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+    /// The peak resident set size, as the kernel accounted it when the process ended.
+    pub peak_rss_kib: i64,
+}
+
+/// Run `program args` with `stdin` as its input, to its end, and measure its peak RSS (`wait4`'s `ru_maxrss`, which
+/// counts this child alone).
+pub fn run_measured(program: &str, args: &[&str], stdin: &str) -> Measured {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            pipe.read_to_string(&mut text).unwrap();
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills; the pid is this process's own child, waited for once.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4: {}", std::io::Error::last_os_error());
+    Measured {
+        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+        peak_rss_kib: usage.ru_maxrss,
+    }
+}

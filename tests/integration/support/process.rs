@@ -94,6 +94,8 @@ pub struct Measured {
 pub fn run_measured(program: &str, args: &[&str], stdin: &str) -> Measured {
     use std::io::{Read, Write};
     use std::process::Stdio;
+    // Reaped by wait4 below, which also gives its rusage; `Child::wait` would not.
+    #[allow(clippy::zombie_processes)]
     let mut child = std::process::Command::new(program)
         .args(args)
         .stdin(Stdio::piped())

@@ -149,10 +149,10 @@ impl BlobStore {
         }
     }
 
-    /// Whether [`BlobStore::begin_blob`] writes straight to the blob's key: where the backend makes a multipart
-    /// upload visible only when it is completed and a rename would be a copy.
+    /// Whether [`BlobStore::begin_blob`] writes straight to the blob's key: on the object stores, whose multipart
+    /// uploads become visible only when completed and whose rename would be a copy.
     fn writes_in_place(&self) -> bool {
-        matches!(self.client.scheme, Scheme::S3 | Scheme::Gcs | Scheme::Azure)
+        self.client.multipart.is_some()
     }
 
     /// A reference to `key` in this store.

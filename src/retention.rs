@@ -97,12 +97,11 @@ pub fn awaiting_expires_in(member: &Member<'_>, retention: Retention, now: Times
     (member.stage == Stage::AwaitingUpload && !member.retained).then(|| after.saturating_sub(age(member, now)))
 }
 
-/// The finished members of `app` (which includes `member`) past the limit and older than `member`: those a newly
-/// finished `member` may have pushed out, to be judged again.
-pub fn pushed_out<'a>(member: &Member<'_>, app: &'a [Member<'a>], retention: Retention) -> Vec<&'a str> {
+/// The finished members of `app` past the limit: those that expire when judged now.
+pub fn superseded<'a>(app: &'a [Member<'a>], retention: Retention) -> Vec<&'a str> {
     let mut finished: Vec<&Member<'a>> = app.iter().filter(|m| m.stage == Stage::Finished && !m.retained).collect();
     finished.sort_by_key(|m| std::cmp::Reverse((m.created, m.name)));
-    finished.into_iter().skip(retention.keep).filter(|m| newer_than(member, m)).map(|m| m.name).collect()
+    finished.into_iter().skip(retention.keep).map(|m| m.name).collect()
 }
 
 /// Whether `a` is newer than `b`: created later, or at the same time with a later name.
@@ -183,14 +182,18 @@ mod tests {
     }
 
     #[test]
-    fn a_newly_finished_object_pushes_out_the_oldest() {
-        let app: Vec<Member> = (0..7).map(|i| finished(["a", "b", "c", "d", "e", "f", "g"][i], i as i64)).collect();
-        assert_eq!(pushed_out(&app[6], &app, Retention::default()), vec!["b", "a"]);
-        assert_eq!(pushed_out(&app[0], &app, Retention::default()), Vec::<&str>::new(), "nothing is older");
-        // The expiry of what is pushed out agrees with judge.
-        for name in pushed_out(&app[6], &app, Retention::default()) {
-            let member = app.iter().find(|m| m.name == name).unwrap();
-            assert!(judge(member, &app, Retention::default(), at(0)).is_some());
+    fn the_superseded_are_those_judge_expires() {
+        let mut app: Vec<Member> =
+            (0..8).map(|i| finished(["a", "b", "c", "d", "e", "f", "g", "h"][i], i as i64)).collect();
+        app[7].stage = Stage::Other;
+        app[0].retained = true;
+        assert_eq!(superseded(&app, Retention::default()), vec!["b"]);
+        for retention in [Retention::default(), Retention { keep: 2, ..Default::default() }] {
+            let judged: Vec<&str> =
+                app.iter().filter(|m| judge(m, &app, retention, at(0)).is_some()).map(|m| m.name).collect();
+            let mut superseded = superseded(&app, retention);
+            superseded.sort();
+            assert_eq!(superseded, judged);
         }
     }
 }

@@ -60,12 +60,12 @@ pub struct Options {
 pub async fn run(client: Client, fetcher: Fetcher, options: Options, leadership: Leadership) {
     // Stopped with the rest when leading ends, however it ends (the work is dropped when the Lease is lost).
     let _sweeper = AbortOnDrop(tokio::spawn(sweep_staging(fetcher.store.clone(), options.audit.orphan_grace)));
-    let (packages, packages_filled) = controller_for(scoped::<Package>(&client, &options.namespace));
-    let (droplets, droplets_filled) = controller_for(scoped::<Droplet>(&client, &options.namespace));
+    let (packages, package_kin, package_triggers) =
+        controller_for(scoped::<Package>(&client, &options.namespace), options.package_retention);
+    let (droplets, droplet_kin, droplet_triggers) =
+        controller_for(scoped::<Droplet>(&client, &options.namespace), options.droplet_retention);
     let packages = with_secret_triggers(packages, &client, &options.namespace);
     let droplets = with_secret_triggers(droplets, &client, &options.namespace);
-    let (package_kin, package_triggers) = Kin::new(packages.store(), packages_filled, options.package_retention);
-    let (droplet_kin, droplet_triggers) = Kin::new(droplets.store(), droplets_filled, options.droplet_retention);
     let context = Arc::new(Context {
         client: client.clone(),
         fetcher,
@@ -122,19 +122,27 @@ async fn sweep_staging(store: BlobStore, grace: Duration) {
 /// A controller that reconciles when the spec changes (a new generation), the finalizers do, or an upload takes
 /// or gives back its claim, and not when only the rest of the status does: the controller's own status writes
 /// would otherwise trigger it again at once. Retries, and the watch on a claim's renewals, are scheduled by the
-/// reconciler's requeues.
-fn controller_for<K: Managed>(api: Api<K>) -> (Controller<K>, tokio::sync::watch::Receiver<bool>) {
+/// reconciler's requeues. Every change, status included, has retention look at the object's app (see
+/// [`Kin::changed`]); the objects it finds past the limit come out of the returned stream.
+fn controller_for<K: siblings::Kindred>(
+    api: Api<K>,
+    retention: Retention,
+) -> (Controller<K>, Kin<K>, futures::channel::mpsc::UnboundedReceiver<ObjectRef<K>>) {
     let (reader, writer) = reflector::store();
     // Whether the watch cache holds the whole list: the store's own readiness wakes one waiter only, which the
     // controller itself is.
     let (filled, filled_rx) = tokio::sync::watch::channel(false);
+    let (kin, superseded) = Kin::new(reader.clone(), filled_rx, retention);
+    let watching = kin.clone();
     let triggers = watcher(api, watcher::Config::default())
         .backoff(crate::watching::backoff())
         .reflect(writer)
-        .inspect_ok(move |event| {
-            if matches!(event, watcher::Event::InitDone) {
+        .inspect_ok(move |event| match event {
+            watcher::Event::InitDone => {
                 filled.send_replace(true);
             }
+            watcher::Event::Apply(object) => watching.changed(object),
+            _ => {}
         })
         .applied_objects()
         .predicate_filter(
@@ -144,7 +152,7 @@ fn controller_for<K: Managed>(api: Api<K>) -> (Controller<K>, tokio::sync::watch
                 .combine(requested_at::<K>),
             Default::default(),
         );
-    (Controller::for_stream(triggers, reader), filled_rx)
+    (Controller::for_stream(triggers, reader), kin, superseded)
 }
 
 /// The reconcile request on the object (`bitsmith.dev/requested-at`), if any: a new value triggers a reconcile.

@@ -176,7 +176,7 @@ pub fn log_outcome<O: Managed, E: std::error::Error>(
     }
 }
 
-/// Follow the object's plan, unless retention expires it first; then apply retention to what it has become.
+/// Follow the object's plan, unless retention expires it first.
 async fn apply<O: Kindred>(api: &Api<O>, object: &O, namespace: &str, ctx: &Context) -> Result<Action, ReconcileError>
 where
     O::State: CfState + Serialize + Send + Sync,
@@ -187,7 +187,7 @@ where
     let current = bits_checked(api, object, ctx).await?;
     let object = current.as_ref().unwrap_or(object);
     let (action, state) = advance(api, object, namespace, ctx).await?;
-    match siblings::after(object, state, ctx, Timestamp::now()) {
+    match siblings::awaiting_expires_in(object, state, ctx, Timestamp::now()) {
         // Awaiting an upload that may not come: look again when it would expire.
         Some(expires_in) if action == Action::await_change() => {
             Ok(Action::requeue(expires_in + Duration::from_secs(1)))

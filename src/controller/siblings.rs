@@ -1,6 +1,6 @@
 //! An object's siblings: the other Packages (Droplets) of its app in its namespace, found in the controller's
-//! watch cache, so that retention can be judged; and a trigger that has the older ones reconciled when a newer
-//! one finishes, so that they expire without waiting for a change of their own.
+//! watch cache, so that retention can be judged; and a trigger that has the ones past the limit reconciled when
+//! a sibling changes, so that they expire without waiting for a change of their own.
 
 use std::sync::Arc;
 
@@ -23,6 +23,17 @@ pub struct Kin<K: kube::Resource<DynamicType = ()> + 'static> {
     filled: tokio::sync::watch::Receiver<bool>,
     trigger: mpsc::UnboundedSender<ObjectRef<K>>,
     pub retention: Retention,
+}
+
+impl<K: kube::Resource<DynamicType = ()> + 'static> Clone for Kin<K> {
+    fn clone(&self) -> Self {
+        Kin {
+            store: self.store.clone(),
+            filled: self.filled.clone(),
+            trigger: self.trigger.clone(),
+            retention: self.retention,
+        }
+    }
 }
 
 impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Kin<K> {
@@ -101,11 +112,10 @@ fn member<K: Kindred>(object: &K, state: Option<K::State>) -> Member<'_> {
 
 /// The objects of `object`'s app in its namespace, from the watch cache: all but `object` itself, which the caller
 /// knows better.
-fn others<K: Kindred>(object: &K, ctx: &Context) -> Vec<Arc<K>> {
+fn others<K: Kindred>(object: &K, store: &Store<K>) -> Vec<Arc<K>> {
     let Some(app) = object.app() else { return Vec::new() };
     let namespace = object.namespace();
-    K::kin(ctx)
-        .store
+    store
         .state()
         .into_iter()
         .filter(|o| o.namespace() == namespace && o.app() == Some(app) && o.uid() != object.uid())
@@ -122,28 +132,36 @@ fn app<'a, K: Kindred>(others: &'a [Arc<K>], me: &Member<'a>) -> Vec<Member<'a>>
 
 /// Whether `object`, as it now is, expires.
 pub fn verdict<K: Kindred>(object: &K, ctx: &Context, now: Timestamp) -> Option<Expiry> {
-    let others = others(object, ctx);
+    let others = others(object, &K::kin(ctx).store);
     let me = member(object, object.bits_status().and_then(|s| s.state));
     retention::judge(&me, &app(&others, &me), K::kin(ctx).retention, now)
 }
 
-/// `object` is now in `state`. Finished, it has the older objects of its app it pushed past the limit
-/// reconciled, so that they expire; awaiting an upload, it says when it expires by age (`None`: never).
-pub fn after<K: Kindred>(
+impl<K: Kindred> Kin<K> {
+    /// `changed` was just written to the watch cache: have its app's objects that are now past the limit
+    /// reconciled, so that they expire. Judged on the watch cache right after each change, not when an object
+    /// finishes: siblings finishing at once each see the others' older states, and only the last change's view
+    /// holds them all.
+    pub fn changed(&self, changed: &K) {
+        let others = others(changed, &self.store);
+        let me = member(changed, changed.bits_status().and_then(|s| s.state));
+        if me.stage != Stage::Finished {
+            return;
+        }
+        for name in retention::superseded(&app(&others, &me), self.retention) {
+            let mut superseded = ObjectRef::new(name);
+            superseded.namespace = changed.namespace();
+            self.reconcile(superseded);
+        }
+    }
+}
+
+/// How long until `object`, now in `state` and awaiting an upload, expires by age (`None`: never).
+pub fn awaiting_expires_in<K: Kindred>(
     object: &K,
     state: Option<K::State>,
     ctx: &Context,
     now: Timestamp,
 ) -> Option<std::time::Duration> {
-    let kin = K::kin(ctx);
-    let me = member(object, state);
-    if me.stage == Stage::Finished && object.app().is_some() {
-        let others = others(object, ctx);
-        for name in retention::pushed_out(&me, &app(&others, &me), kin.retention) {
-            let mut older = ObjectRef::new(name);
-            older.namespace = object.namespace();
-            kin.reconcile(older);
-        }
-    }
-    retention::awaiting_expires_in(&me, kin.retention, now)
+    retention::awaiting_expires_in(&member(object, state), K::kin(ctx).retention, now)
 }

@@ -16,10 +16,10 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bitsmith::archive::zip::{EntryHeader, MADE_ON_UNIX, Sizes, ZipWriter, file_attributes};
+use bitsmith::archive::zip::ZipWriter;
 use bitsmith::fetch::{Fetcher, Inputs};
 use bitsmith::resources::{ObjectStoreSource, Source};
 use bitsmith::store::{BlobOwner, BlobStore};
@@ -31,146 +31,12 @@ use serde_json::{Value, json};
 mod data;
 #[path = "../tests/integration/support/policy.rs"]
 mod policy;
+#[path = "support/api.rs"]
+mod support;
 use policy::loopback_policy;
-
-const MIB: u64 = 1 << 20;
-
-fn kubectl(args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubectl");
-    child.stdin.take().unwrap().write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "kubectl {args:?} failed");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Write one stored entry of `data_blocks` (each `repeat` times) to `out`.
-fn stored_entry(out: &mut impl Write, writer: &mut ZipWriter, name: String, block: &[u8], repeat: u64) {
-    let mut crc = crc32fast::Hasher::new();
-    for _ in 0..repeat {
-        crc.update(block);
-    }
-    let size = block.len() as u64 * repeat;
-    let sizes = Sizes { crc: crc.finalize(), compressed: size, uncompressed: size };
-    let header = EntryHeader::new(name, 0, sizes, false);
-    out.write_all(&writer.start(&header)).unwrap();
-    for _ in 0..repeat {
-        out.write_all(block).unwrap();
-        writer.data(block.len());
-    }
-    out.write_all(&writer.end(sizes, MADE_ON_UNIX, file_attributes(0o644))).unwrap();
-}
-
-/// A zip of `count` stored entries of `each` bytes (a multiple of 8 MiB), written with bitsmith's own writer.
-fn write_zip(path: &Path, count: u64, each: u64) {
-    let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path).unwrap());
-    let mut writer = ZipWriter::new();
-    let mut block = vec![0u8; 8 << 20];
-    for n in 0..count {
-        data::fill(n + 1, 0, &mut block);
-        stored_entry(&mut file, &mut writer, format!("app/part-{n}.bin"), &block, each / block.len() as u64);
-    }
-    file.write_all(&writer.finish()).unwrap();
-    file.into_inner().unwrap().sync_all().unwrap();
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// A fresh namespace with a ServiceAccount `uploader` bound to `bitsmith-uploader` in it; its token.
-fn uploader(ns: &str) -> String {
-    kubectl(&["create", "namespace", ns], None);
-    kubectl(&["create", "serviceaccount", "uploader", "-n", ns], None);
-    let subject = format!("{ns}:uploader");
-    let binding = ["create", "rolebinding", "uploader", "-n", ns, "--clusterrole", "bitsmith-uploader"];
-    kubectl(&[&binding[..], &["--serviceaccount", &subject]].concat(), None);
-    kubectl(&["create", "token", "uploader", "-n", ns, "--duration=1h"], None).trim().to_string()
-}
-
-struct Api(Child);
-
-impl Api {
-    /// `bitsmith api` on a free loopback port over `store` (a directory or a store URL), answering once it
-    /// returns.
-    async fn start(store: &std::ffi::OsStr, args: &[&str]) -> (Api, String) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let base = format!("http://127.0.0.1:{port}");
-        let api = Api(Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-            .args(["api", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0", "--store"])
-            .arg(store)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap());
-        let client = reqwest::Client::new();
-        for _ in 0..100 {
-            if client.get(format!("{base}/v3/nothing")).send().await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        (api, base)
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn package(client: &reqwest::Client, base: &str, token: &str, ns: &str, name: &str) -> String {
-    kubectl(
-        &["apply", "-n", ns, "-f", "-"],
-        Some(&format!(
-            "apiVersion: bitsmith.dev/v1alpha1\nkind: Package\nmetadata:\n  name: {name}\nspec:\n  type: bits\n"
-        )),
-    );
-    let guid = kubectl(&["get", "pkg", name, "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
-    // Wait for the API's watch cache to know it.
-    for _ in 0..100 {
-        let response = client.get(format!("{base}/v3/packages/{guid}")).bearer_auth(token).send().await.unwrap();
-        if response.status() == 200 {
-            return guid;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the API never saw package {name}");
-}
-
-async fn upload(client: &reqwest::Client, url: &str, token: &str, form: reqwest::multipart::Form) -> Duration {
-    let started = Instant::now();
-    let response = client.post(url).bearer_auth(token).multipart(form).send().await.unwrap();
-    let status = response.status();
-    assert_eq!(status, 200, "upload failed: {}", response.text().await.unwrap());
-    started.elapsed()
-}
-
-async fn file_part(path: &Path) -> reqwest::multipart::Part {
-    use futures::StreamExt;
-    let len = std::fs::metadata(path).unwrap().len();
-    let file = tokio::fs::File::open(path).await.unwrap();
-    let chunks = futures::stream::unfold(file, |mut file| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 1 << 20];
-        let n = file.read(&mut buf).await.ok()?;
-        buf.truncate(n);
-        (n > 0).then(|| (Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), file))
-    })
-    .boxed();
-    reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(chunks), len).file_name("app.zip")
-}
+use support::{
+    Api, MIB, file_part, kubectl, package, prepare_cluster, rss_kib, stored_entry, upload, uploader, write_zip,
+};
 
 fn wrk(url: &str, token: &str) -> f64 {
     let installed = Command::new("sh").args(["-c", "command -v wrk"]).output().unwrap().status.success();
@@ -196,18 +62,13 @@ fn wrk(url: &str, token: &str) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    std::env::var("KUBECONFIG").expect("KUBECONFIG: run through `make bench`, which starts the control plane");
     let size: u64 = std::env::var("BITSMITH_BENCH_UPLOAD_SIZE").map(|v| v.parse().expect("bytes")).unwrap_or(2 << 30);
     let each = (size / 4).div_ceil(8 * MIB) * 8 * MIB;
     let dir = tempfile::tempdir_in("target").unwrap();
     let zip = dir.path().join("app.zip");
-    write_zip(&zip, 4, each);
+    write_zip(&zip, 4, each, 1);
     let zip_len = std::fs::metadata(&zip).unwrap().len();
-
-    kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/crds")], None);
-    kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/config/rbac/user-roles.yaml")], None);
-    let ns = format!("bench-api-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let token = uploader(&ns);
+    let (ns, token) = prepare_cluster("bench-api");
 
     if std::env::var("API_BENCH").is_ok_and(|only| only == "budget") {
         let table = budget(dir.path(), &ns, &token).await;
@@ -266,8 +127,9 @@ async fn main() {
         let mut out = std::fs::File::create(&small).unwrap();
         let mut writer = ZipWriter::new();
         for n in 0..50u64 {
-            let data = data::bytes(1000 + 100 * i as u64 + n, 70_000);
-            stored_entry(&mut out, &mut writer, format!("lib/file-{n}.bin"), &data, 1);
+            let seed = 1000 + 100 * i as u64 + n;
+            stored_entry(&mut out, &mut writer, format!("lib/file-{n}.bin"), seed, 70_000);
+            let data = data::bytes(seed, 70_000);
             files.push(bitsmith::digest::to_hex(&<sha1::Sha1 as sha1::Digest>::digest(&data)));
         }
         out.write_all(&writer.finish()).unwrap();
@@ -349,7 +211,7 @@ async fn main() {
 /// The transfer budget's tables: on a `file://` store, and on Garage's S3 (whose writes keep parts in flight).
 async fn budget(dir: &Path, ns: &str, token: &str) -> String {
     let zip = dir.join("budget.zip");
-    write_zip(&zip, 4, 256 * MIB);
+    write_zip(&zip, 4, 256 * MIB, 2);
     let file_store = dir.join("budget-store");
     let file = budget_on(&zip, file_store.as_os_str(), &[], "file", ns, token).await;
     let _ = std::fs::remove_dir_all(&file_store);

@@ -592,7 +592,9 @@ async fn next_batch<S, E>(chunks: &mut S) -> Result<Option<bytes::BytesMut>, E>
 where
     S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
 {
-    let mut batch = bytes::BytesMut::new();
+    // Room for the last piece too, so that the batch is never moved while it grows: growing a megabyte by
+    // doubling copied it and faulted in fresh pages each time. Room not written to costs no memory.
+    let mut batch = bytes::BytesMut::with_capacity(2 * FEED_BATCH);
     while batch.len() < FEED_BATCH {
         match chunks.try_next().await? {
             Some(chunk) => batch.extend_from_slice(&chunk),

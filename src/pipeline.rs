@@ -2,6 +2,8 @@
 //! digest workers and to the store's staged write, and nothing is committed until the stream ended, stayed
 //! under the size limit, and matched the checksum pin.
 
+use std::collections::VecDeque;
+
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
@@ -190,23 +192,33 @@ fn verify_pin(pin: Option<&Checksum>, digests: &Digests) -> Result<(), PipelineE
     }
 }
 
+/// Room in a block's buffer: the block, and the piece that takes it past [`BLOCK_SIZE`].
+const BLOCK_ROOM: usize = 2 * BLOCK_SIZE;
+/// Blocks handed out lately that [`Blocks`] fills again once everyone else is done with them.
+const RECYCLED_BLOCKS: usize = 8;
+
 /// Regroups a stream's chunks into blocks of at least [`BLOCK_SIZE`]; chunks already that big pass through
 /// without a copy.
 struct Blocks<S> {
     /// Fused: after the last partial block, the stream is asked again and must say "ended" again.
     inner: futures::stream::Fuse<S>,
     buffer: BytesMut,
+    /// The blocks filled lately. One that the hashes and the store are done with is filled again: a fresh
+    /// buffer is handed out by the OS (the allocator gives buffers this big back, see `main.rs`) and faults in
+    /// every page, which took a quarter of a fetch's CPU. Holds at most [`RECYCLED_BLOCKS`] buffers more than
+    /// are in flight.
+    recent: VecDeque<Bytes>,
 }
 
 impl<S: Stream<Item = Result<Bytes, SourceError>> + Unpin> Blocks<S> {
     fn new(inner: S) -> Self {
-        Blocks { inner: inner.fuse(), buffer: BytesMut::new() }
+        Blocks { inner: inner.fuse(), buffer: BytesMut::new(), recent: VecDeque::new() }
     }
 
     async fn next(&mut self) -> Option<Result<Bytes, SourceError>> {
         loop {
             if self.buffer.len() >= BLOCK_SIZE {
-                return Some(Ok(self.buffer.split().freeze()));
+                return Some(Ok(self.hand_out()));
             }
             match self.inner.next().await {
                 Some(Ok(chunk)) if self.buffer.is_empty() && chunk.len() >= BLOCK_SIZE => {
@@ -214,15 +226,40 @@ impl<S: Stream<Item = Result<Bytes, SourceError>> + Unpin> Blocks<S> {
                 }
                 Some(Ok(chunk)) => {
                     if self.buffer.capacity() == 0 {
-                        self.buffer.reserve(BLOCK_SIZE + chunk.len());
+                        self.buffer = self.empty_buffer();
                     }
                     self.buffer.extend_from_slice(&chunk);
                 }
                 Some(Err(e)) => return Some(Err(e)),
                 None if self.buffer.is_empty() => return None,
-                None => return Some(Ok(self.buffer.split().freeze())),
+                None => return Some(Ok(self.hand_out())),
             }
         }
+    }
+
+    /// The filled buffer as a block, remembered to be filled again.
+    fn hand_out(&mut self) -> Bytes {
+        let block = std::mem::take(&mut self.buffer).freeze();
+        if self.recent.len() == RECYCLED_BLOCKS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(block.clone());
+        block
+    }
+
+    /// A recent block nobody else holds any more, emptied; a new buffer when there is none.
+    fn empty_buffer(&mut self) -> BytesMut {
+        for _ in 0..self.recent.len() {
+            let block = self.recent.pop_front().expect("counted");
+            match block.try_into_mut() {
+                Ok(mut buffer) => {
+                    buffer.clear();
+                    return buffer;
+                }
+                Err(block) => self.recent.push_back(block),
+            }
+        }
+        BytesMut::with_capacity(BLOCK_ROOM)
     }
 }
 
@@ -245,6 +282,23 @@ mod tests {
             sizes.push(block.unwrap().len());
         }
         assert_eq!(sizes, vec![1200 << 10, 2 << 20, 10]);
+    }
+
+    #[tokio::test]
+    async fn a_block_everyone_is_done_with_is_filled_again() {
+        let chunks = (0..6u8).map(|n| Ok::<_, SourceError>(Bytes::from(vec![n; 600 << 10])));
+        let mut blocks = Blocks::new(stream::iter(chunks));
+        let first = blocks.next().await.unwrap().unwrap();
+        let at = first.as_ptr();
+        // Still held (by a hash, say): the next block needs a buffer of its own.
+        let second = blocks.next().await.unwrap().unwrap();
+        assert_ne!(second.as_ptr(), at);
+        assert_eq!(&second[..], [vec![2u8; 600 << 10], vec![3u8; 600 << 10]].concat());
+        drop(first);
+        let third = blocks.next().await.unwrap().unwrap();
+        assert_eq!(third.as_ptr(), at, "the first block's memory, filled again");
+        assert_eq!(&third[..], [vec![4u8; 600 << 10], vec![5u8; 600 << 10]].concat());
+        assert!(blocks.next().await.is_none());
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //!   an upload through the real `bitsmith api` (multipart, zip checked and rewritten, file store); a download of
 //!   that package through the API, its blob cold.
 //!
-//! Then the peak RSS of `bitsmith fetch` (http → file store) at 1 and 4 GiB (`BITSMITH_BENCH_RSS_SIZES`).
+//! Then the peak RSS of `bitsmith fetch` (http → file store) at 1, 2, 4 and 8 GiB (`BITSMITH_BENCH_RSS_SIZES`).
 //! Needs what `make bench` starts (scripts/with-test-env.sh): the control plane and Garage; and `rclone`
 //! (installed with apt when missing).
 
@@ -359,7 +359,7 @@ fn median(runs: &[f64]) -> f64 {
 #[tokio::main]
 async fn main() {
     let size = env_u64s("BITSMITH_BENCH_SIZE", &[GIB])[0];
-    let rss_sizes = env_u64s("BITSMITH_BENCH_RSS_SIZES", &[GIB, 4 * GIB]);
+    let rss_sizes = env_u64s("BITSMITH_BENCH_RSS_SIZES", &[GIB, 2 * GIB, 4 * GIB, 8 * GIB]);
     let s3 = cloud::S3::try_from_env().expect("the S3 server: run through `make bench`");
     ensure_rclone();
     let dir = tempfile::tempdir_in(std::env::var("BITSMITH_BENCH_DIR").unwrap_or_else(|_| "target".into())).unwrap();

@@ -166,6 +166,21 @@ async fn a_six_gibibyte_blob_streams_into_s3_in_flat_memory() {
     let key = status["status"]["blob"]["key"].as_str().unwrap();
     assert_eq!(store.size(key).await.unwrap(), size);
     assert_eq!(lister.keys().await.len(), 2, "the two blobs and nothing else: {:?}", lister.keys().await);
+
+    // A copy of it (a Package copying another) is more than S3's CopyObject takes: it is streamed into a new
+    // multipart upload instead, and comes out whole (its size, and its last bytes, read back).
+    let copy = format!("{key}-copy");
+    store.copy(key, &copy, size).await.unwrap();
+    assert_eq!(store.size(&copy).await.unwrap(), size);
+    let tail = |key: String| {
+        let store = store.clone();
+        async move {
+            let blocks: Vec<bytes::Bytes> = store.read_range(&key, size - 2_000_000..size).try_collect().await.unwrap();
+            blocks.concat()
+        }
+    };
+    assert_eq!(tail(copy.clone()).await, tail(key.to_string()).await, "the copy ends as the original does");
+    store.delete(&copy).await.unwrap();
     eprintln!("peak RSS: {} KiB for 1 GiB, {} KiB for 6 GiB", small.peak_rss_kib, huge.peak_rss_kib);
     // Flat: six times the bytes cost at most a few MiB more (allocator noise), not gigabytes.
     assert!(

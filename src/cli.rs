@@ -429,7 +429,7 @@ async fn connect() -> Result<kube::Client, String> {
     // the server to end them within 290 s, so only a call to a server that stopped answering runs into it.
     config.read_timeout = Some(std::time::Duration::from_secs(300));
     config.reset_reader_on_write = true;
-    kube::Client::try_from(config).map_err(|e| failed(&e))
+    crate::kube_client::client(config).map_err(|e| failed(&e))
 }
 
 /// The API's bound addresses, and what was read for them at start.

@@ -19,6 +19,7 @@ pub mod controller;
 pub mod crd;
 pub mod digest;
 pub mod fetch;
+pub mod kube_client;
 pub mod leader;
 pub mod links;
 pub mod metrics;

@@ -170,7 +170,7 @@ impl Session {
         };
         let namespace = target.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
         let cluster = config.cluster_url.to_string();
-        let client = kube::Client::try_from(config).map_err(|e| bad(&e))?;
+        let client = crate::kube_client::client(config).map_err(|e| bad(&e))?;
         let mut http = reqwest::Client::builder()
             .user_agent(concat!("kubectl-bitsmith/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(15))

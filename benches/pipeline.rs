@@ -230,24 +230,12 @@ fn http_source(url: &str) -> Source {
     Source { http: Some(HttpSource { url: url.into(), ..Default::default() }), ..Default::default() }
 }
 
-/// sha1 and sha256 over `size` bytes held in memory (a 64 MiB block, over and over), each on a thread of its own:
-/// the digests' own speed on two cores, with nothing of bitsmith's around them.
+/// sha1 and sha256 over `size` bytes held in memory (a 64 MiB block, over and over), each on a thread of its own
+/// (the tests' [`data::repeated_digests`]): the digests' own speed on two cores, with nothing of bitsmith's around
+/// them.
 fn hash_limit(block: &[u8], size: u64) -> f64 {
-    fn hash<D: sha2::Digest>(block: &[u8], size: u64) {
-        let mut hasher = D::new();
-        let mut left = size;
-        while left > 0 {
-            let n = left.min(block.len() as u64) as usize;
-            hasher.update(&block[..n]);
-            left -= n as u64;
-        }
-        std::hint::black_box(hasher.finalize());
-    }
     let started = Instant::now();
-    std::thread::scope(|scope| {
-        scope.spawn(|| hash::<sha1::Sha1>(block, size));
-        scope.spawn(|| hash::<sha2::Sha256>(block, size));
-    });
+    std::hint::black_box(data::repeated_digests(block, size));
     mbps(size, started.elapsed().as_secs_f64())
 }
 

@@ -34,15 +34,7 @@ use support::{
 };
 
 fn wrk(url: &str, token: &str) -> f64 {
-    let installed = Command::new("sh").args(["-c", "command -v wrk"]).output().unwrap().status.success();
-    if !installed {
-        let ok = Command::new("sh")
-            .args(["-c", "apt-get update -qq && apt-get install -y -qq wrk >/dev/null"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "installing wrk");
-    }
+    support::ensure_installed("wrk");
     let out = Command::new("wrk")
         .args(["-t2", "-c32", "-d10s", "-H", &format!("Authorization: bearer {token}"), url])
         .output()

@@ -63,6 +63,19 @@ pub fn write_zip(path: &Path, count: u64, each: u64, seed: u64) {
     file.into_inner().unwrap().sync_all().unwrap();
 }
 
+/// Install the Debian package `tool` (the command of the same name) with apt when it is missing.
+pub fn ensure_installed(tool: &str) {
+    let installed = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success();
+    if !installed {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("apt-get update -qq && apt-get install -y -qq {tool} >/dev/null")])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "installing {tool}");
+    }
+}
+
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
 pub fn rss_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

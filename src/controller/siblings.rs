@@ -143,11 +143,12 @@ impl<K: Kindred> Kin<K> {
     /// finishes: siblings finishing at once each see the others' older states, and only the last change's view
     /// holds them all.
     pub fn changed(&self, changed: &K) {
-        let others = others(changed, &self.store);
+        // Only a finished object can push another past the limit; the rest cost no look at the cache.
         let me = member(changed, changed.bits_status().and_then(|s| s.state));
         if me.stage != Stage::Finished {
             return;
         }
+        let others = others(changed, &self.store);
         for name in retention::superseded(&app(&others, &me), self.retention) {
             let mut superseded = ObjectRef::new(name);
             superseded.namespace = changed.namespace();

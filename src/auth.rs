@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -15,6 +15,7 @@ use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 
 use crate::api::errors::CfError;
+use crate::metrics::Metrics;
 use crate::resources::GROUP;
 
 /// Who is calling, as Kubernetes authenticated them.
@@ -73,12 +74,13 @@ pub struct Authorizer {
     /// By the token's sha256, so that tokens themselves are not kept.
     tokens: Expiring<[u8; 32], Option<Caller>>,
     decisions: Expiring<(String, Vec<String>, Access), bool>,
+    metrics: Arc<Metrics>,
 }
 
 impl Authorizer {
-    /// Answers are reused for `ttl`.
-    pub fn new(client: Client, ttl: Duration) -> Self {
-        Authorizer { client, tokens: Expiring::new(ttl), decisions: Expiring::new(ttl) }
+    /// Answers are reused for `ttl`; how long kube-apiserver takes to give them goes into `metrics`.
+    pub fn new(client: Client, ttl: Duration, metrics: Arc<Metrics>) -> Self {
+        Authorizer { client, tokens: Expiring::new(ttl), decisions: Expiring::new(ttl), metrics }
     }
 
     /// The caller behind an `Authorization` header value: 401 CF-NotAuthenticated without one, 401
@@ -101,10 +103,10 @@ impl Authorizer {
     async fn review_token(&self, token: &str) -> Result<Option<Caller>, CfError> {
         let review =
             TokenReview { spec: TokenReviewSpec { token: token.to_string(), audiences: None }, ..Default::default() };
-        let reviewed = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| CfError::internal("TokenReview failed", &e))?;
+        let started = Instant::now();
+        let reviewed = Api::<TokenReview>::all(self.client.clone()).create(&PostParams::default(), &review).await;
+        self.metrics.reviewed("TokenReview", started.elapsed());
+        let reviewed = reviewed.map_err(|e| CfError::internal("TokenReview failed", &e))?;
         let Some(status) = reviewed.status.filter(|s| s.authenticated == Some(true)) else {
             return Ok(None);
         };
@@ -154,10 +156,11 @@ impl Authorizer {
             },
             ..Default::default()
         };
-        let reviewed = Api::<SubjectAccessReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| CfError::internal("SubjectAccessReview failed", &e))?;
+        let started = Instant::now();
+        let reviewed =
+            Api::<SubjectAccessReview>::all(self.client.clone()).create(&PostParams::default(), &review).await;
+        self.metrics.reviewed("SubjectAccessReview", started.elapsed());
+        let reviewed = reviewed.map_err(|e| CfError::internal("SubjectAccessReview failed", &e))?;
         Ok(reviewed.status.is_some_and(|s| s.allowed))
     }
 }

@@ -39,6 +39,9 @@ pub struct Metrics {
     audit_bytes: Gauge,
     audit_findings: Counter,
     orphans_removed: Counter,
+    /// How long kube-apiserver took to answer the API's reviews, by kind (TokenReview, SubjectAccessReview):
+    /// a cold API request waits on them, and this tells their share from bitsmith's.
+    review_seconds: HistogramFamily,
     /// The transfer budget's slots, shared by fetches and uploads.
     pub transfers: crate::budget::TransferMetrics,
     /// The last state each object was seen in, by `kind/namespace/name`; the `objects` gauges are counted from
@@ -74,6 +77,13 @@ impl Metrics {
         registry.register("store_bytes", "Bytes in the store, as the last audit listed them", audit_bytes.clone());
         registry.register("audit_findings", "Objects whose bits an audit found gone or wrong", audit_findings.clone());
         registry.register("orphans_removed", "Blobs removed because no object owns them", orphans_removed.clone());
+        let review_seconds: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14)));
+        registry.register(
+            "kubernetes_review_duration_seconds",
+            "How long kube-apiserver took to answer a TokenReview or SubjectAccessReview",
+            review_seconds.clone(),
+        );
         let transfers = crate::budget::TransferMetrics::default();
         registry.register("transfers_running", "Fetches and uploads running", transfers.running.clone());
         registry.register("transfers_waiting", "Fetches waiting for a transfer slot", transfers.waiting.clone());
@@ -99,6 +109,7 @@ impl Metrics {
             audit_bytes,
             audit_findings,
             orphans_removed,
+            review_seconds,
             transfers,
             states: Mutex::default(),
         }
@@ -139,6 +150,11 @@ impl Metrics {
         self.audit_findings.inc_by(wrong);
     }
 
+    /// kube-apiserver answered a review of `kind` after `took`.
+    pub fn reviewed(&self, kind: &str, took: Duration) {
+        self.review_seconds.get_or_create(&Self::kind(kind)).observe(took.as_secs_f64());
+    }
+
     /// An orphaned blob was removed.
     pub fn orphan_removed(&self) {
         self.orphans_removed.inc();
@@ -176,6 +192,7 @@ mod tests {
         metrics.reconciled("Package", Duration::from_millis(20), true);
         metrics.status_written("Package");
         metrics.stored(1234);
+        metrics.reviewed("TokenReview", Duration::from_millis(3));
         metrics.object_state("Package", "Package/ns/a".into(), Some("READY".into()));
         metrics.object_state("Package", "Package/ns/b".into(), Some("READY".into()));
         metrics.object_state("Package", "Package/ns/b".into(), None);
@@ -184,6 +201,7 @@ mod tests {
         assert!(text.contains("bitsmith_reconcile_errors_total{kind=\"Package\"} 1"), "{text}");
         assert!(text.contains("bitsmith_status_writes_total{kind=\"Package\"} 1"), "{text}");
         assert!(text.contains("bitsmith_stored_bytes_total 1234"), "{text}");
+        assert!(text.contains("bitsmith_kubernetes_review_duration_seconds_count{kind=\"TokenReview\"} 1"), "{text}");
         assert!(text.contains("bitsmith_objects{kind=\"Package\",state=\"READY\"} 1"), "{text}");
     }
 }

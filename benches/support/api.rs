@@ -108,21 +108,27 @@ pub fn prepare_cluster(prefix: &str) -> (String, String) {
 }
 
 /// A running `bitsmith api`, killed when dropped.
-pub struct Api(pub Child);
+pub struct Api {
+    pub process: Child,
+    /// Its `/metrics` URL.
+    pub metrics: String,
+}
 
 impl Api {
     /// `bitsmith api` on a free loopback port over `store` (a directory or a store URL), answering once it
     /// returns.
     pub async fn start(store: &std::ffi::OsStr, args: &[&str]) -> (Api, String) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let base = format!("http://127.0.0.1:{port}");
-        let api = Api(Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-            .args(["api", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0", "--store"])
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (listen, metrics) = (free(), free());
+        let base = format!("http://{listen}");
+        let process = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+            .args(["api", "--listen", &listen.to_string(), "--metrics-listen", &metrics.to_string(), "--store"])
             .arg(store)
             .args(args)
             .env("RUST_LOG", "warn")
             .spawn()
-            .unwrap());
+            .unwrap();
+        let api = Api { process, metrics: format!("http://{metrics}/metrics") };
         let client = reqwest::Client::new();
         for _ in 0..100 {
             if client.get(format!("{base}/v3/nothing")).send().await.is_ok() {
@@ -132,12 +138,24 @@ impl Api {
         }
         (api, base)
     }
+
+    /// The sum and count of a histogram of its metrics, by the series' name and labels as printed.
+    pub async fn histogram(&self, series: &str) -> (f64, f64) {
+        let text = reqwest::get(&self.metrics).await.unwrap().text().await.unwrap();
+        let value = |suffix: &str| {
+            let (name, labels) =
+                series.split_once('{').map(|(n, l)| (n, format!("{{{l}"))).unwrap_or((series, String::new()));
+            let prefix = format!("{name}_{suffix}{labels} ");
+            text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0.0, |v| v.parse().unwrap())
+        };
+        (value("sum"), value("count"))
+    }
 }
 
 impl Drop for Api {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
 }
 

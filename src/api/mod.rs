@@ -158,7 +158,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         front_proxy: Option<FrontProxy>,
     ) -> Arc<Self> {
-        let auth = Authorizer::new(client.clone(), config.auth_cache_ttl);
+        let auth = Authorizer::new(client.clone(), config.auth_cache_ttl, metrics.clone());
         let reporter = Reporter { controller: "bitsmith-api".into(), instance: None };
         let recorder = Recorder::new(client.clone(), reporter, metrics);
         let cache = ResourceCache::new(store.clone());

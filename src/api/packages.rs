@@ -12,7 +12,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
 use kube::ResourceExt;
-use serde_json::{Value, json};
+use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::blobs::Delivery;
@@ -80,9 +81,15 @@ pub async fn resource_matches(
         .map(|(_, resource)| resource.matchable().then(|| state.cache.holders(&resource.sha1, resource.size)).flatten())
         .collect();
     let usable = usable(&state, &caller, &held).await?;
-    let matched: Vec<Value> =
+    let matched: Vec<&RawValue> =
         requested.into_iter().zip(usable).filter(|(_, usable)| *usable).map(|((item, _), _)| item).collect();
-    Ok((StatusCode::CREATED, Json(json!({ "resources": matched }))).into_response())
+    Ok((StatusCode::CREATED, Json(Matched { resources: matched })).into_response())
+}
+
+/// The answer of `resource_matches`: the matched entries as the client sent them.
+#[derive(serde::Serialize)]
+struct Matched<'a> {
+    resources: Vec<&'a RawValue>,
 }
 
 /// Which cached files `caller` may use: `held[i]` names the namespaces whose uploads held file `i`, `None`

@@ -6,7 +6,8 @@
 //! - one stored entry with a data descriptor whose 2 MiB of data are descriptor signatures;
 //! - 100 000 empty entries (the default `--max-zip-entries`);
 //! - small deflated entries of zeros, each under the per-entry ratio floor (a spread-out zip bomb);
-//! - a droplet `.tgz` of 100 000 entries, and gunzip alone over it: the floor under any tar reader.
+//! - a droplet `.tgz` of 100 000 entries, and gunzip alone over it: the floor under any tar reader;
+//! - a `.tgz` that inflates 1000:1 (a gzip bomb).
 
 use std::io::Write;
 
@@ -186,6 +187,25 @@ fn many_entries_tgz(count: usize) -> Vec<u8> {
     encoder.finish().unwrap()
 }
 
+/// One small file, then a gigabyte of zeros: a valid `.tgz` that inflates 1000:1 (a gzip bomb).
+fn gzip_bomb_tgz() -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+    let mut header = [0u8; 512];
+    header[..9].copy_from_slice(b"app/start");
+    header[100..108].copy_from_slice(b"0000644\0");
+    header[124..136].copy_from_slice(b"00000000001\0");
+    header[156] = b'0';
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    encoder.write_all(&header).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        encoder.write_all(&zeros).unwrap();
+    }
+    encoder.finish().unwrap()
+}
+
 /// How a case is checked: it returns what the check said.
 type Check = fn(&[u8]) -> String;
 /// A case: its label, how its input is made, how it is checked.
@@ -199,6 +219,7 @@ fn main() {
         ("2000 deflated 1 MiB files of zeros (a spread-out zip bomb)", spread_bomb_zip, repack),
         ("droplet .tgz of 100 000 entries", || many_entries_tgz(100_000), tgz_check),
         ("the same .tgz, gunzip alone", || many_entries_tgz(100_000), gunzip_only),
+        ("a .tgz of one file and 1 GiB of zeros (a gzip bomb)", gzip_bomb_tgz, tgz_check),
     ];
     // `ARCHIVE_BENCH=<words>` runs only the cases whose label holds them, e.g. under a profiler.
     let only = std::env::var("ARCHIVE_BENCH").unwrap_or_default();

@@ -17,24 +17,29 @@ use std::io::Write;
 
 use flate2::write::MultiGzDecoder;
 
-use crate::archive::zip::MAX_NAME_LEN;
+use crate::archive::zip::{MAX_NAME_LEN, MAX_RATIO, RATIO_FLOOR};
 use crate::pipeline::ContentCheck;
 
 const TAR_BLOCK: usize = 512;
 /// The numeric fields of a header besides size and checksum: mode, uid, gid, mtime, device major and minor.
 const NUMBERS: [std::ops::Range<usize>; 6] = [100..108, 108..116, 116..124, 136..148, 329..337, 337..345];
+/// Compressed bytes given to the decoder at once: a bomb inflates at most [`MAX_RATIO`] times this past its limit.
+const RATIO_STEP: usize = 16 << 10;
 /// The most a pax extended header may hold: paths and a few attributes, far below this.
 pub const MAX_PAX_LEN: u64 = 64 << 10;
 
 /// Checks that a stream is a non-empty `.tgz` whose entries are safe to extract; inflates at most
-/// `max_inflated` bytes, so that a gzip bomb costs bounded time.
+/// `max_inflated` bytes, and past a megabyte at most [`MAX_RATIO`] times what it was given, as zips: a gzip
+/// bomb costs time in proportion to its own size, not to what it would inflate to.
 pub struct TgzCheck {
     decoder: MultiGzDecoder<TarWalk>,
+    /// Compressed bytes given so far.
+    compressed: u64,
 }
 
 impl TgzCheck {
     pub fn new(max_inflated: u64) -> Self {
-        TgzCheck { decoder: MultiGzDecoder::new(TarWalk::new(max_inflated)) }
+        TgzCheck { decoder: MultiGzDecoder::new(TarWalk::new(max_inflated)), compressed: 0 }
     }
 
     /// A check that also lists the entries it walked, for tests.
@@ -42,7 +47,7 @@ impl TgzCheck {
     pub(crate) fn listing(max_inflated: u64) -> Self {
         let mut walk = TarWalk::new(max_inflated);
         walk.listing = Some(Vec::new());
-        TgzCheck { decoder: MultiGzDecoder::new(walk) }
+        TgzCheck { decoder: MultiGzDecoder::new(walk), compressed: 0 }
     }
 
     /// Bytes inflated, and looked at in headers and extended headers, so far.
@@ -77,7 +82,14 @@ impl TgzCheck {
 
 impl ContentCheck for TgzCheck {
     fn update(&mut self, block: &[u8]) -> Result<(), String> {
-        self.decoder.write_all(block).map_err(|e| self.refusal(e))
+        // In small pieces, so that the ratio is held against what was inflated from so far, not against a whole
+        // block that a bomb's first bytes already inflate past.
+        for piece in block.chunks(RATIO_STEP) {
+            self.compressed = self.compressed.saturating_add(piece.len() as u64);
+            self.decoder.get_mut().ratio_allows = self.compressed.saturating_mul(MAX_RATIO).max(RATIO_FLOOR);
+            self.decoder.write_all(piece).map_err(|e| self.refusal(e))?;
+        }
+        Ok(())
     }
 
     fn finish(mut self: Box<Self>) -> Result<(), String> {
@@ -123,6 +135,8 @@ struct TarWalk {
     /// Offset of the next byte in the inflated stream.
     position: u64,
     max_inflated: u64,
+    /// What the compressed bytes given so far allow to be inflated.
+    ratio_allows: u64,
     /// The data of the extension header being read.
     extension: Vec<u8>,
     long_name: Option<Vec<u8>>,
@@ -137,9 +151,13 @@ struct TarWalk {
 
 impl Write for TarWalk {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let walked = match self.position.checked_add(buf.len() as u64).filter(|&n| n <= self.max_inflated) {
-            Some(_) => self.walk(buf),
-            None => Err(format!("it inflates to more than {} bytes", self.max_inflated)),
+        let inflated = self.position.saturating_add(buf.len() as u64);
+        let walked = if inflated > self.max_inflated {
+            Err(format!("it inflates to more than {} bytes", self.max_inflated))
+        } else if inflated > self.ratio_allows {
+            Err(format!("it inflates more than {MAX_RATIO} times, like a gzip bomb"))
+        } else {
+            self.walk(buf)
         };
         walked.map_err(|reason| {
             self.failure = Some(reason.clone());
@@ -161,6 +179,7 @@ impl TarWalk {
             filled: 0,
             position: 0,
             max_inflated,
+            ratio_allows: RATIO_FLOOR,
             extension: Vec::new(),
             long_name: None,
             long_link: None,
@@ -618,6 +637,29 @@ pub(crate) mod tests {
             }
             assert_eq!(byte_sum(&block), block.iter().map(|&b| u32::from(b)).sum::<u32>());
         }
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_refused_by_its_ratio() {
+        let run = |tgz: &[u8]| {
+            let mut check = Box::new(TgzCheck::new(1 << 40));
+            tgz.chunks(1 << 16).try_for_each(|block| check.update(block)).and_then(|()| check.finish())
+        };
+        // One file, then 64 MiB of zeros: valid, but 1000:1.
+        let mut bomb = tar("app/start", b"x");
+        bomb.resize(64 << 20, 0);
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+        encoder.write_all(&bomb).unwrap();
+        let bomb = encoder.finish().unwrap();
+        assert!(bomb.len() < 128 << 10, "{} bytes", bomb.len());
+        let refused = run(&bomb).unwrap_err();
+        assert!(refused.contains("like a gzip bomb"), "{refused}");
+        // Under the floor any ratio is fine; over it, ordinary ratios are.
+        let mut small = tar("app/start", b"x");
+        small.resize(1 << 19, 0);
+        assert_eq!(run(&gzip(&small)), Ok(()));
+        let text = b"exec ./web --port 8080\n".repeat(200_000);
+        assert_eq!(run(&gzip(&tar("app/start", &text))), Ok(()), "4.6 MiB of text, about 100:1 and no more");
     }
 
     #[test]

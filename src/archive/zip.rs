@@ -54,7 +54,8 @@ const MAX_VERSION_NEEDED: u8 = 63;
 /// An entry may inflate to at most this many times its compressed size once it is over a megabyte:
 /// ordinary files stay far below, the near-1000:1 streams of zip bombs do not.
 pub const MAX_RATIO: u64 = 200;
-const RATIO_FLOOR: u64 = 1 << 20;
+/// Below this many inflated bytes no ratio is held against an archive.
+pub const RATIO_FLOOR: u64 = 1 << 20;
 
 /// The default limit on entries in a zip (`--max-zip-entries`).
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;

@@ -342,8 +342,9 @@ impl Packing<'_> {
     where
         S: futures::Stream<Item = Result<Bytes, SourceError>> + Unpin,
     {
+        let mut batches = Batches::default();
         while let Some(batch) =
-            next_batch(&mut chunks).await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?
+            batches.next(&mut chunks).await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?
         {
             let (back, rewritten) = rewrite(repack, batch, None).await;
             repack = back;
@@ -424,8 +425,9 @@ impl Packing<'_> {
         let mut copy = Repack::resume(writer, u64::MAX, 0..u64::MAX).with_max_entries(max_entries);
         let (mut current, mut found): (Option<&Resource>, usize) = (None, 0);
         // Read until every wanted file was copied, not to the end of the zip.
+        let mut batches = Batches::default();
         while found < wanted.len() || current.is_some() {
-            let Some(batch) = next_batch(&mut stream).await.map_err(store_failure)? else { break };
+            let Some(batch) = batches.next(&mut stream).await.map_err(store_failure)? else { break };
             let (back, rewritten) = rewrite(copy, batch, Some(wanted.clone())).await;
             copy = back;
             let (out, events) =
@@ -593,22 +595,55 @@ impl CacheWrite {
     }
 }
 
-/// The next `FEED_BATCH` bytes or so of `chunks`, `None` at its end: bodies and stored blobs arrive in pieces of any
-/// size, and the rewrite takes them a megabyte at a time.
-async fn next_batch<S, E>(chunks: &mut S) -> Result<Option<bytes::BytesMut>, E>
-where
-    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
-{
-    // Room for the last piece too, so that the batch is never moved while it grows: growing a megabyte by
-    // doubling copied it and faulted in fresh pages each time. Room not written to costs no memory.
-    let mut batch = bytes::BytesMut::with_capacity(2 * FEED_BATCH);
-    while batch.len() < FEED_BATCH {
-        match chunks.try_next().await? {
-            Some(chunk) => batch.extend_from_slice(&chunk),
-            None => break,
+/// Buffers recycled by [`Batches`]: about as many as are in flight between the body and the store.
+const RECYCLED_BATCHES: usize = 8;
+
+/// Regroups a body or a stored blob, which arrive in pieces of any size, into batches of about `FEED_BATCH` bytes
+/// for the rewrite. A batch's buffer is filled again once the rewrite, the hashes and the store are done with
+/// it: a fresh one comes from the OS (see `main.rs`) and faults in every page, 6 % of an upload's CPU.
+#[derive(Default)]
+struct Batches {
+    /// Handles on the buffers of recent batches, empty: one is reclaimed once nothing else points into it.
+    recent: std::collections::VecDeque<bytes::BytesMut>,
+}
+
+impl Batches {
+    /// The next batch of `chunks`, `None` at its end.
+    async fn next<S, E>(&mut self, chunks: &mut S) -> Result<Option<bytes::BytesMut>, E>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+    {
+        let mut buffer = self.empty_buffer();
+        while buffer.len() < FEED_BATCH {
+            match chunks.try_next().await? {
+                Some(chunk) => buffer.extend_from_slice(&chunk),
+                None => break,
+            }
         }
+        if buffer.is_empty() {
+            return Ok(None);
+        }
+        // The batch goes; `buffer` stays behind as a handle on the same memory, to reclaim it later.
+        let batch = buffer.split();
+        if self.recent.len() == RECYCLED_BATCHES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(buffer);
+        Ok(Some(batch))
     }
-    Ok((!batch.is_empty()).then_some(batch))
+
+    /// A recent buffer nothing points into any more, else a new one. Room for the last piece too, so that the
+    /// batch is never moved while it grows; room not written to costs no memory.
+    fn empty_buffer(&mut self) -> bytes::BytesMut {
+        for _ in 0..self.recent.len() {
+            let mut handle = self.recent.pop_front().expect("counted");
+            if handle.try_reclaim(2 * FEED_BATCH) {
+                return handle;
+            }
+            self.recent.push_back(handle);
+        }
+        bytes::BytesMut::with_capacity(2 * FEED_BATCH)
+    }
 }
 
 /// Rewrite one batch of a zip on the blocking pool — every entry, or, given `wanted`, the files it names (with
@@ -710,4 +745,39 @@ async fn resources_text(field: axum::extract::multipart::Field<'_>, cap: usize) 
         bytes
     };
     String::from_utf8(text).map_err(|_| invalid())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` pieces of `size` bytes, piece `i` made of the byte `i`.
+    fn pieces(n: usize, size: usize) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin {
+        futures::stream::iter((0..n).map(move |i| Ok(Bytes::from(vec![i as u8; size]))))
+    }
+
+    #[tokio::test]
+    async fn batches_are_regrouped_and_their_buffers_filled_again_once_free() {
+        let mut batches = Batches::default();
+        let mut chunks = pieces(40, 100_000);
+        // Eleven pieces reach a batch's size.
+        let first = batches.next(&mut chunks).await.unwrap().unwrap().freeze();
+        assert_eq!(first.len(), 1_100_000);
+        let held = first.slice(10..20);
+        drop(first);
+        // A slice of the first batch is still held: its buffer is not filled again.
+        let second = batches.next(&mut chunks).await.unwrap().unwrap();
+        assert_ne!(second.as_ptr(), held.as_ptr().wrapping_sub(10));
+        let second_at = second.as_ptr();
+        drop(second);
+        // The second's buffer is free: the third batch lands in it, and the held slice is untouched.
+        let third = batches.next(&mut chunks).await.unwrap().unwrap();
+        assert_eq!(third.as_ptr(), second_at);
+        assert_eq!(&held[..], &[0u8; 10]);
+        assert!(third.iter().all(|&b| (22..33).contains(&b)), "the third batch holds pieces 22 to 32");
+        drop((held, third));
+        let rest = batches.next(&mut chunks).await.unwrap().unwrap();
+        assert_eq!(rest.len(), 700_000, "the last seven pieces");
+        assert!(batches.next(&mut chunks).await.unwrap().is_none());
+    }
 }

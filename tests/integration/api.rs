@@ -331,6 +331,13 @@ async fn the_api_binary_serves_tls_on_its_own() {
     assert_eq!(json["state"], "READY", "a docker Package is READY on creation, before any controller ran");
     let ready = reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200, "ready once serving");
+    // The request's TokenReview and SubjectAccessReview were timed.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{ops_port}/metrics")).await.unwrap().text().await.unwrap();
+    for kind in ["TokenReview", "SubjectAccessReview"] {
+        let series = format!("bitsmith_kubernetes_review_duration_seconds_count{{kind=\"{kind}\"}} ");
+        let count: f64 = metrics.lines().find_map(|l| l.strip_prefix(&series)).map_or(0.0, |v| v.parse().unwrap());
+        assert!(count >= 1.0, "no {kind} timed in\n{metrics}");
+    }
     let plain = reqwest::get(format!("http://127.0.0.1:{port}/v3/packages/{guid}")).await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP is not served");
     // SAFETY: signals our own child process.

@@ -169,18 +169,34 @@ fn escaping_tgz() -> Vec<u8> {
     gz.finish().unwrap()
 }
 
+/// A valid `.tgz` of one file followed by 64 MiB of zeros: it inflates 1000:1.
+fn gzip_bomb_tgz() -> Vec<u8> {
+    let mut tar = tar_header("app/start", 1);
+    tar.extend_from_slice(&[b'x'; 512]);
+    tar.resize(64 << 20, 0);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_archives_are_refused_and_leave_nothing() {
     let api = start("sec-archive").await;
-    let names = ["signatures", "unended", "crowded", "escape"];
+    let names = ["signatures", "unended", "crowded", "escape", "bomb"];
+    let droplets = ["escape", "bomb"];
     let guids: Vec<String> = names
         .iter()
-        .map(|n| tokio::task::block_in_place(|| api.create(if *n == "escape" { "Droplet" } else { "Package" }, n)))
+        .map(|n| {
+            let kind = if droplets.contains(n) { "Droplet" } else { "Package" };
+            tokio::task::block_in_place(|| api.create(kind, n))
+        })
         .collect();
     for name in &names[..3] {
         wait_for(&api.ns, &format!("pkg/{name}"), "{.status.state}", "AWAITING_UPLOAD").await;
     }
-    wait_for(&api.ns, "droplet/escape", "{.status.state}", "AWAITING_UPLOAD").await;
+    for name in droplets {
+        wait_for(&api.ns, &format!("droplet/{name}"), "{.status.state}", "AWAITING_UPLOAD").await;
+    }
 
     // 2 MiB of descriptor signatures in a stored entry whose sizes follow it: each signature is a candidate
     // end, and the zip is valid. It is read once through and kept as it is.
@@ -221,10 +237,22 @@ async fn hostile_archives_are_refused_and_leave_nothing() {
     wait_for(&api.ns, "droplet/escape", "{.status.state}", "FAILED").await;
     assert!(api.status("droplet/escape", "error").contains("a path that leaves the root"));
 
+    // A gzip bomb is refused for its ratio once it has inflated a few MiB, not at the 40 GiB limit.
+    let bomb = gzip_bomb_tgz();
+    assert!(bomb.len() < 128 << 10, "{} bytes", bomb.len());
+    let (status, body) = api.upload("droplets", &guids[4], bomb).await;
+    assert_eq!((status, &body["errors"][0]["title"]), (422, &Value::from("CF-UnprocessableEntity")), "{body}");
+    let detail = body["errors"][0]["detail"].as_str().unwrap();
+    assert_eq!(detail, "Uploaded droplet file is invalid: it inflates more than 200 times, like a gzip bomb");
+    wait_for(&api.ns, "droplet/bomb", "{.status.state}", "FAILED").await;
+    assert!(api.status("droplet/bomb", "error").contains("like a gzip bomb"));
+
     for name in &names[1..3] {
         api.nothing_kept_for("packages", name).await;
     }
-    api.nothing_kept_for("droplets", "escape").await;
+    for name in droplets {
+        api.nothing_kept_for("droplets", name).await;
+    }
     assert_eq!(
         kube_ok(&["get", "pkg/signatures", "-n", &api.ns, "-o", "jsonpath={.status.size}"], None),
         stored.len().to_string()

@@ -17,7 +17,7 @@ use std::io::Write;
 
 use flate2::write::MultiGzDecoder;
 
-use crate::archive::zip::{MAX_NAME_LEN, MAX_RATIO, RATIO_FLOOR};
+use crate::archive::zip::{MAX_NAME_LEN, MAX_RATIO, inflates_like_a_bomb};
 use crate::pipeline::ContentCheck;
 
 const TAR_BLOCK: usize = 512;
@@ -33,13 +33,11 @@ pub const MAX_PAX_LEN: u64 = 64 << 10;
 /// bomb costs time in proportion to its own size, not to what it would inflate to.
 pub struct TgzCheck {
     decoder: MultiGzDecoder<TarWalk>,
-    /// Compressed bytes given so far.
-    compressed: u64,
 }
 
 impl TgzCheck {
     pub fn new(max_inflated: u64) -> Self {
-        TgzCheck { decoder: MultiGzDecoder::new(TarWalk::new(max_inflated)), compressed: 0 }
+        TgzCheck { decoder: MultiGzDecoder::new(TarWalk::new(max_inflated)) }
     }
 
     /// A check that also lists the entries it walked, for tests.
@@ -47,7 +45,7 @@ impl TgzCheck {
     pub(crate) fn listing(max_inflated: u64) -> Self {
         let mut walk = TarWalk::new(max_inflated);
         walk.listing = Some(Vec::new());
-        TgzCheck { decoder: MultiGzDecoder::new(walk), compressed: 0 }
+        TgzCheck { decoder: MultiGzDecoder::new(walk) }
     }
 
     /// Bytes inflated, and looked at in headers and extended headers, so far.
@@ -85,8 +83,8 @@ impl ContentCheck for TgzCheck {
         // In small pieces, so that the ratio is held against what was inflated from so far, not against a whole
         // block that a bomb's first bytes already inflate past.
         for piece in block.chunks(RATIO_STEP) {
-            self.compressed = self.compressed.saturating_add(piece.len() as u64);
-            self.decoder.get_mut().ratio_allows = self.compressed.saturating_mul(MAX_RATIO).max(RATIO_FLOOR);
+            let walk = self.decoder.get_mut();
+            walk.compressed = walk.compressed.saturating_add(piece.len() as u64);
             self.decoder.write_all(piece).map_err(|e| self.refusal(e))?;
         }
         Ok(())
@@ -135,8 +133,8 @@ struct TarWalk {
     /// Offset of the next byte in the inflated stream.
     position: u64,
     max_inflated: u64,
-    /// What the compressed bytes given so far allow to be inflated.
-    ratio_allows: u64,
+    /// Compressed bytes given to the decoder so far, which the inflated ones are held against.
+    compressed: u64,
     /// The data of the extension header being read.
     extension: Vec<u8>,
     long_name: Option<Vec<u8>>,
@@ -154,7 +152,7 @@ impl Write for TarWalk {
         let inflated = self.position.saturating_add(buf.len() as u64);
         let walked = if inflated > self.max_inflated {
             Err(format!("it inflates to more than {} bytes", self.max_inflated))
-        } else if inflated > self.ratio_allows {
+        } else if inflates_like_a_bomb(inflated, self.compressed) {
             Err(format!("it inflates more than {MAX_RATIO} times, like a gzip bomb"))
         } else {
             self.walk(buf)
@@ -179,7 +177,7 @@ impl TarWalk {
             filled: 0,
             position: 0,
             max_inflated,
-            ratio_allows: RATIO_FLOOR,
+            compressed: 0,
             extension: Vec::new(),
             long_name: None,
             long_link: None,

@@ -55,7 +55,13 @@ const MAX_VERSION_NEEDED: u8 = 63;
 /// ordinary files stay far below, the near-1000:1 streams of zip bombs do not.
 pub const MAX_RATIO: u64 = 200;
 /// Below this many inflated bytes no ratio is held against an archive.
-pub const RATIO_FLOOR: u64 = 1 << 20;
+const RATIO_FLOOR: u64 = 1 << 20;
+
+/// Whether `inflated` bytes from `compressed` ones pass the ratio a bomb would: over [`MAX_RATIO`] times, once
+/// past [`RATIO_FLOOR`]. Zip entries, whole zips and droplets' gzip streams are held to it alike.
+pub fn inflates_like_a_bomb(inflated: u64, compressed: u64) -> bool {
+    inflated > RATIO_FLOOR && inflated > compressed.max(1).saturating_mul(MAX_RATIO)
+}
 
 /// The default limit on entries in a zip (`--max-zip-entries`).
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
@@ -617,12 +623,12 @@ impl ZipReader {
                 return Err(ZipError::TooLarge { max: self.max_inflated });
             }
             let (inflated, compressed) = (entry.content.size(0), entry.compressed + consumed as u64);
-            if inflated > RATIO_FLOOR && inflated > compressed.max(1).saturating_mul(MAX_RATIO) {
+            if inflates_like_a_bomb(inflated, compressed) {
                 return Err(invalid(format!("{name}: it inflates more than {MAX_RATIO} times, like a zip bomb")));
             }
             // Many entries each under the floor: the archive as a whole is held to the same ratio.
             let read = self.offset + consumed as u64;
-            if self.inflated > RATIO_FLOOR && self.inflated > read.saturating_mul(MAX_RATIO) {
+            if inflates_like_a_bomb(self.inflated, read) {
                 return Err(invalid(format!("it inflates more than {MAX_RATIO} times, like a zip bomb")));
             }
             if step.ended {

@@ -899,6 +899,8 @@ pub struct ZipWriter {
     offset: u64,
     entries: Segmented<WrittenEntry>,
     open: Option<(EntryHeader, u64)>,
+    /// Directory records already handed out by [`ZipWriter::spill_directory`]: how many, and their bytes.
+    spilled: (u64, u64),
 }
 
 /// Unix, zip 3.0.
@@ -1024,6 +1026,7 @@ impl ZipWriter {
 
     /// The central directory and the end records.
     pub fn finish(self) -> Bytes {
+        debug_assert_eq!(self.spilled.0, 0, "a writer that spilled its directory finishes in blocks");
         let size: usize = self.entries.iter().map(|e| 46 + e.name.len() + 28).sum();
         let mut out = BytesMut::with_capacity(size + 98);
         self.finish_in_blocks(usize::MAX, |block| {
@@ -1034,43 +1037,30 @@ impl ZipWriter {
         out.freeze()
     }
 
+    /// Move the directory records of the entries written so far to `out` (a temporary file, say), so that a zip
+    /// of very many entries does not hold its directory in memory. Whoever spills sends those bytes, in the order
+    /// spilled, right before [`ZipWriter::finish_in_blocks`]'s. Entries spilled are no longer counted by
+    /// [`ZipWriter::len`] or reached by [`ZipWriter::entry_mut`].
+    pub fn spill_directory(&mut self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut records = BytesMut::new();
+        for e in std::mem::take(&mut self.entries).into_iter().filter(|e| !e.excluded) {
+            central_record(&e, &mut records);
+            self.spilled.0 += 1;
+        }
+        self.spilled.1 += records.len() as u64;
+        out.write_all(&records)
+    }
+
     /// The central directory and end records, handed to `emit` in blocks of about `block` bytes: a zip of many
-    /// entries never holds its whole directory twice.
+    /// entries never holds its whole directory twice. The directory starts with the records spilled, if any.
     pub fn finish_in_blocks<E>(self, block: usize, mut emit: impl FnMut(Bytes) -> Result<(), E>) -> Result<(), E> {
         let mut out = BytesMut::with_capacity(block.min(1 << 20));
+        let (spilled, spilled_size) = self.spilled;
         let start = self.offset;
-        let (mut count, mut size) = (0u64, 0u64);
+        let (mut count, mut size) = (spilled, spilled_size);
         for e in self.entries.iter().filter(|e| !e.excluded) {
             count += 1;
-            let mut zip64 = BytesMut::new();
-            for value in [e.sizes.uncompressed, e.sizes.compressed, e.offset] {
-                if value >= 0xffff_ffff {
-                    zip64.extend_from_slice(&value.to_le_bytes());
-                }
-            }
-            let capped = |v: u64| v.min(0xffff_ffff) as u32;
-            out.extend_from_slice(&CENTRAL_HEADER.to_le_bytes());
-            out.extend_from_slice(&e.version_made_by.to_le_bytes());
-            out.extend_from_slice(&(if zip64.is_empty() { 20u16 } else { 45u16 }).to_le_bytes());
-            out.extend_from_slice(&e.flags.to_le_bytes());
-            out.extend_from_slice(&e.method.to_le_bytes());
-            out.extend_from_slice(&e.mod_time.to_le_bytes());
-            out.extend_from_slice(&e.mod_date.to_le_bytes());
-            out.extend_from_slice(&e.sizes.crc.to_le_bytes());
-            out.extend_from_slice(&capped(e.sizes.compressed).to_le_bytes());
-            out.extend_from_slice(&capped(e.sizes.uncompressed).to_le_bytes());
-            out.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
-            let extra_len = if zip64.is_empty() { 0 } else { 4 + zip64.len() as u16 };
-            out.extend_from_slice(&extra_len.to_le_bytes());
-            out.extend_from_slice(&[0; 6]); // comment length, disk, internal attributes
-            out.extend_from_slice(&e.external_attributes.to_le_bytes());
-            out.extend_from_slice(&capped(e.offset).to_le_bytes());
-            out.extend_from_slice(e.name.as_bytes());
-            if !zip64.is_empty() {
-                out.extend_from_slice(&ZIP64_EXTRA.to_le_bytes());
-                out.extend_from_slice(&(zip64.len() as u16).to_le_bytes());
-                out.extend_from_slice(&zip64);
-            }
+            central_record(e, &mut out);
             if out.len() >= block {
                 size += out.len() as u64;
                 emit(out.split().freeze())?;
@@ -1102,6 +1092,39 @@ impl ZipWriter {
         out.extend_from_slice(&(start.min(0xffff_ffff) as u32).to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         emit(out.freeze())
+    }
+}
+
+/// The central directory record of `e`.
+fn central_record(e: &WrittenEntry, out: &mut BytesMut) {
+    let mut zip64 = BytesMut::new();
+    for value in [e.sizes.uncompressed, e.sizes.compressed, e.offset] {
+        if value >= 0xffff_ffff {
+            zip64.extend_from_slice(&value.to_le_bytes());
+        }
+    }
+    let capped = |v: u64| v.min(0xffff_ffff) as u32;
+    out.extend_from_slice(&CENTRAL_HEADER.to_le_bytes());
+    out.extend_from_slice(&e.version_made_by.to_le_bytes());
+    out.extend_from_slice(&(if zip64.is_empty() { 20u16 } else { 45u16 }).to_le_bytes());
+    out.extend_from_slice(&e.flags.to_le_bytes());
+    out.extend_from_slice(&e.method.to_le_bytes());
+    out.extend_from_slice(&e.mod_time.to_le_bytes());
+    out.extend_from_slice(&e.mod_date.to_le_bytes());
+    out.extend_from_slice(&e.sizes.crc.to_le_bytes());
+    out.extend_from_slice(&capped(e.sizes.compressed).to_le_bytes());
+    out.extend_from_slice(&capped(e.sizes.uncompressed).to_le_bytes());
+    out.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+    let extra_len = if zip64.is_empty() { 0 } else { 4 + zip64.len() as u16 };
+    out.extend_from_slice(&extra_len.to_le_bytes());
+    out.extend_from_slice(&[0; 6]); // comment length, disk, internal attributes
+    out.extend_from_slice(&e.external_attributes.to_le_bytes());
+    out.extend_from_slice(&capped(e.offset).to_le_bytes());
+    out.extend_from_slice(e.name.as_bytes());
+    if !zip64.is_empty() {
+        out.extend_from_slice(&ZIP64_EXTRA.to_le_bytes());
+        out.extend_from_slice(&(zip64.len() as u16).to_le_bytes());
+        out.extend_from_slice(&zip64);
     }
 }
 

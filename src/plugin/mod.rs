@@ -6,6 +6,7 @@
 pub mod appdir;
 pub mod cfignore;
 pub mod history;
+pub mod manifest;
 mod progress;
 pub mod zipstream;
 
@@ -25,8 +26,8 @@ use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
 use crate::resources::{AppRef, Package, PackageSpec, PackageState};
-use appdir::{AppDir, AppFile};
 use history::History;
+use manifest::{Class, Kind, Manifest};
 use progress::Progress;
 
 /// How to reach the cluster and the API, as kubectl users expect.
@@ -363,47 +364,44 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
 
     let ready = match app {
         App::Zip { path, size } => {
-            let parts = Parts {
-                root: path.clone(),
-                dirs: Arc::default(),
-                matched: Vec::new(),
-                base: None,
-                rest: Arc::default(),
-            };
+            let parts = Parts { root: path.clone(), manifest: None, classes: Arc::default(), base: None };
             send_upload(&session, &upload, &credential, parts, Some((path, size)), args.quiet)
                 .await
                 .map_err(|(_, e)| e)?;
             wait_ready(&api, &args.package, args.timeout).await?
         }
-        App::Dir(dir) => {
+        App::Dir(manifest) => {
             let base = base_package(&api, &session, &history).await;
-            let dirs = Arc::new(dir.dirs);
-            for skipped in &dir.skipped {
-                eprintln!("skipping {skipped}: not a file or directory (symlinks are not followed)");
-            }
-            let (from_base, others): (Vec<AppFile>, Vec<AppFile>) =
-                dir.files.into_iter().partition(|f| base.is_some() && history.holds(f));
             drop(history);
-            let (matched, rest) = matches(&session, &api_base, others, &credential).await?;
-            let base = base.filter(|_| !from_base.is_empty()).map(|uid| (uid, from_base));
+            let mut classes = Vec::with_capacity(manifest.len());
+            for entry in manifest.entries() {
+                let entry = entry.map_err(scratch)?;
+                classes.push(match entry.kind {
+                    Kind::File if base.is_some() && entry.in_last_push => Class::Base,
+                    Kind::File => Class::Unasked,
+                    Kind::Skipped => {
+                        eprintln!("skipping {}: not a file or directory (symlinks are not followed)", entry.path);
+                        Class::NotAFile
+                    }
+                    Kind::Dir => Class::NotAFile,
+                });
+            }
+            matches(&session, &api_base, &manifest, &mut classes, &credential).await?;
+            let base = base.filter(|_| classes.contains(&Class::Base));
             let with_base = base.is_some();
-            let parts = Parts { root: args.path.clone(), dirs: dirs.clone(), matched, base, rest: Arc::new(rest) };
-            let parts = match send_upload(&session, &upload, &credential, parts, None, args.quiet).await {
+            let root = args.path.clone();
+            let parts = Parts { root: root.clone(), manifest: Some(manifest.clone()), classes: classes.into(), base };
+            match send_upload(&session, &upload, &credential, parts, None, args.quiet).await {
                 // The last push's package could not serve (gone, its bits lost, no longer allowed): everything
                 // the cache does not hold goes in the zip instead.
                 Err((parts, PluginError::Api { status: 422, detail, .. })) if with_base => {
                     eprintln!("the last push's package could not be reused ({detail}); sending the files again");
-                    let Parts { matched, base, rest, .. } = parts;
-                    let again: Vec<AppFile> = base
-                        .map(|(_, files)| files)
-                        .unwrap_or_default()
-                        .into_iter()
-                        .chain(rest.iter().cloned())
-                        .collect();
-                    let (mut more, rest) = matches(&session, &api_base, again, &credential).await?;
-                    more.extend(matched);
-                    let parts =
-                        Parts { root: args.path.clone(), dirs, matched: more, base: None, rest: Arc::new(rest) };
+                    let mut classes = parts.classes.to_vec();
+                    for class in classes.iter_mut().filter(|c| **c == Class::Base) {
+                        *class = Class::Unasked;
+                    }
+                    matches(&session, &api_base, &manifest, &mut classes, &credential).await?;
+                    let parts = Parts { root, manifest: Some(manifest.clone()), classes: classes.into(), base: None };
                     send_upload(&session, &upload, &credential, parts, None, args.quiet).await
                 }
                 other => other,
@@ -420,13 +418,10 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
                     hashed_at_ns,
                 };
                 let (cache, root) = (cache.clone(), args.path.clone());
-                let saved = tokio::task::spawn_blocking(move || {
-                    let files =
-                        parts.matched.iter().chain(parts.base.iter().flat_map(|(_, f)| f)).chain(parts.rest.iter());
-                    History::save(&cache, &root, &pushed, files)
-                })
-                .await
-                .expect("recording the push");
+                let saved =
+                    tokio::task::spawn_blocking(move || History::save(&cache, &root, &pushed, manifest.entries()))
+                        .await
+                        .expect("recording the push");
                 if let Err(error) = saved {
                     eprintln!("warning: this push is not recorded for the next one: {error}");
                 }
@@ -436,6 +431,11 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
     };
     println!("{}", checksum_of(&ready));
     Ok(())
+}
+
+/// The push's list of files could not be read back.
+fn scratch(error: std::io::Error) -> PluginError {
+    PluginError::AppDir(appdir::AppDirError::Manifest(error))
 }
 
 fn checksum_of(package: &Package) -> String {
@@ -463,15 +463,39 @@ async fn base_package(api: &Api<Package>, session: &Session, history: &History) 
 
 /// What an upload names and sends.
 struct Parts {
-    /// The app directory, and the directories in it.
+    /// The app directory (or zip).
     root: PathBuf,
-    dirs: Arc<Vec<String>>,
-    /// Files the resource cache holds.
-    matched: Vec<AppFile>,
-    /// The uid of an earlier package, and the files to take from it.
-    base: Option<(String, Vec<AppFile>)>,
-    /// Files sent in the zip.
-    rest: Arc<Vec<AppFile>>,
+    /// Its entries, and what the push does with each.
+    manifest: Option<Manifest>,
+    classes: Arc<[Class]>,
+    /// The uid of an earlier package to take the files marked [`Class::Base`] from.
+    base: Option<String>,
+}
+
+/// Files and bytes of each class.
+#[derive(Default)]
+struct Counts {
+    sent: (u64, u64),
+    matched: (u64, u64),
+    base: (u64, u64),
+}
+
+impl Parts {
+    fn counts(&self) -> Result<Counts, PluginError> {
+        let mut counts = Counts::default();
+        let Some(manifest) = &self.manifest else { return Ok(counts) };
+        for entry in manifest.classified(&self.classes) {
+            let (entry, class) = entry.map_err(scratch)?;
+            let count = match class {
+                Class::Sent => &mut counts.sent,
+                Class::Matched => &mut counts.matched,
+                Class::Base => &mut counts.base,
+                Class::NotAFile | Class::Unasked => continue,
+            };
+            *count = (count.0 + 1, count.1 + entry.size);
+        }
+        Ok(counts)
+    }
 }
 
 /// Upload `parts` (or, with `zip`, that file as it is); the parts come back with the answer. A 404 is tried again
@@ -505,39 +529,46 @@ async fn send_upload_once(
     zip: Option<(PathBuf, u64)>,
     quiet: bool,
 ) -> Result<Parts, (Parts, PluginError)> {
-    let total = match &zip {
-        Some((_, size)) => *size,
-        None => parts.rest.iter().map(|f| f.size).sum::<u64>(),
+    let counts = match parts.counts() {
+        Ok(counts) => counts,
+        Err(error) => return Err((parts, error)),
     };
+    let total = zip.as_ref().map_or(counts.sent.1, |(_, size)| *size);
     if !quiet && zip.is_none() {
-        let held: Vec<&AppFile> = parts.matched.iter().chain(parts.base.iter().flat_map(|(_, f)| f)).collect();
+        let (held, held_bytes) = (counts.matched.0 + counts.base.0, counts.matched.1 + counts.base.1);
         eprintln!(
-            "uploading {} files ({total} bytes); {} files ({} bytes) are on the server already",
-            parts.rest.len(),
-            held.len(),
-            held.iter().map(|f| f.size).sum::<u64>()
+            "uploading {} files ({total} bytes); {held} files ({held_bytes} bytes) are on the server already",
+            counts.sent.0
         );
     }
     let read = Arc::new(AtomicU64::new(0));
     let progress = (!quiet).then(|| Progress::start(read.clone(), total));
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let producer = match zip {
-        None => {
-            let (root, dirs, rest, read) = (parts.root.clone(), parts.dirs.clone(), parts.rest.clone(), read.clone());
-            tokio::task::spawn_blocking(move || zipstream::write_zip(&root, &dirs, &rest, tx, read))
-        }
+    let mut producers = Vec::new();
+    producers.push(match zip {
         Some((path, _)) => {
             let read = read.clone();
             tokio::task::spawn_blocking(move || zipstream::send_file(&path, tx, read))
         }
-    };
+        None => {
+            let manifest = parts.manifest.clone().expect("a directory is zipped from its manifest");
+            let (root, classes, read) = (parts.root.clone(), parts.classes.clone(), read.clone());
+            tokio::task::spawn_blocking(move || zipstream::write_zip(&root, &manifest, &classes, tx, read))
+        }
+    });
     let bits = reqwest::Body::wrap_stream(tokio_stream(rx));
     let mut form = reqwest::multipart::Form::new();
-    if !parts.matched.is_empty() {
-        form = form.part("resources", gzipped_resources(&parts.matched));
+    let mut list = |class: Class| {
+        let manifest = parts.manifest.clone().expect("files are listed from a directory's manifest");
+        let (part, producer) = gzipped_resources(manifest, parts.classes.clone(), class);
+        producers.push(producer);
+        part
+    };
+    if counts.matched.0 > 0 {
+        form = form.part("resources", list(Class::Matched));
     }
-    if let Some((uid, files)) = &parts.base {
-        form = form.text("base_package", uid.clone()).part("base_resources", gzipped_resources(files));
+    if let Some(uid) = parts.base.clone().filter(|_| counts.base.0 > 0) {
+        form = form.text("base_package", uid).part("base_resources", list(Class::Base));
     }
     let form = form.part(
         "bits",
@@ -547,7 +578,11 @@ async fn send_upload_once(
             .expect("a valid mime type"),
     );
     let sent = session.send("upload", session.http.post(upload).multipart(form), credential).await;
-    let produced = producer.await.expect("the zip writer panicked");
+    let mut produced = Ok(());
+    for producer in producers {
+        let result = producer.await.expect("a part's writer panicked");
+        produced = produced.and(result);
+    }
     if let Some(progress) = progress {
         progress.finish().await;
     }
@@ -558,87 +593,118 @@ async fn send_upload_once(
     }
 }
 
-/// A resource list as the upload takes it, gzipped: a list of 100 000 files is ~10 MiB of JSON, ~3 MiB gzipped.
-/// Written straight into the compressor, entry by entry.
-fn gzipped_resources(files: &[AppFile]) -> reqwest::multipart::Part {
+/// The files of `class` as an upload's resource list takes them, gzipped, written while the part is sent (a list of
+/// 100 000 files is ~10 MiB of JSON, ~3 MiB gzipped); and the task writing it.
+fn gzipped_resources(
+    manifest: Manifest,
+    classes: Arc<[Class]>,
+    class: Class,
+) -> (reqwest::multipart::Part, tokio::task::JoinHandle<Result<(), zipstream::ZipStreamError>>) {
     /// A file in the shorter form an upload's resources take.
     #[derive(serde::Serialize)]
-    struct Entry<'a> {
+    struct Resource<'a> {
         #[serde(rename = "fn")]
         path: &'a str,
         sha1: String,
         size: u64,
         mode: String,
     }
-    struct List<'a>(&'a [AppFile]);
-    impl serde::Serialize for List<'_> {
-        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            serializer.collect_seq(self.0.iter().map(|f| Entry {
-                path: &f.path,
-                sha1: f.sha1.hex(),
-                size: f.size,
-                mode: format!("{:o}", f.mode),
-            }))
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let producer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        use zipstream::ZipStreamError;
+        let mut gzip = flate2::write::GzEncoder::new(zipstream::BlockSink::new(tx), flate2::Compression::default());
+        let mut separator = b"[".as_slice();
+        for entry in manifest.classified(&classes) {
+            let (file, of) = entry.map_err(ZipStreamError::Scratch)?;
+            if of != class {
+                continue;
+            }
+            let resource =
+                Resource { path: &file.path, sha1: file.sha1.hex(), size: file.size, mode: format!("{:o}", file.mode) };
+            gzip.write_all(separator).map_err(|_| ZipStreamError::Closed)?;
+            serde_json::to_writer(&mut gzip, &resource).map_err(|_| ZipStreamError::Closed)?;
+            separator = b",";
         }
-    }
-    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    serde_json::to_writer(&mut gzip, &List(files)).expect("writing to memory");
-    let bytes = gzip.finish().expect("writing to memory");
-    reqwest::multipart::Part::bytes(bytes).mime_str("application/gzip").expect("a valid mime type")
+        gzip.write_all(if separator == b"[" { b"[]" } else { b"]" }).map_err(|_| ZipStreamError::Closed)?;
+        gzip.finish().and_then(|mut sink| sink.flush()).map_err(|_| ZipStreamError::Closed)
+    });
+    let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(tokio_stream(rx)))
+        .mime_str("application/gzip")
+        .expect("a valid mime type");
+    (part, producer)
 }
 
 enum App {
-    Dir(AppDir),
+    Dir(Manifest),
     Zip { path: PathBuf, size: u64 },
 }
 
 /// The app at `path`: a directory walked and hashed (files unchanged since `history` recorded them are not hashed
 /// again), or a zip file.
-async fn read_app(path: &Path, history: History) -> Result<(App, History), PluginError> {
+async fn read_app(path: &Path, mut history: History) -> Result<(App, History), PluginError> {
     let meta =
         std::fs::metadata(path).map_err(|source| PluginError::File { path: path.display().to_string(), source })?;
     if meta.is_dir() {
         let path = path.to_path_buf();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let (dir, history) = tokio::task::spawn_blocking(move || {
-            let dir =
-                AppDir::read(&path, threads, |path, size, mtime_ns, ino| history.known_sha1(path, size, mtime_ns, ino));
-            (dir, history)
+        let (manifest, history) = tokio::task::spawn_blocking(move || {
+            let manifest = appdir::read(&path, threads, &mut history);
+            (manifest, history)
         })
         .await
         .expect("walk");
-        Ok((App::Dir(dir?), history))
+        Ok((App::Dir(manifest?), history))
     } else {
         Ok((App::Zip { path: path.to_path_buf(), size: meta.len() }, history))
     }
 }
 
-/// Which of `files` the server has already (asked in batches of [`MATCH_BATCH`]), and the others; moved, not copied.
+/// Ask the server which files `classes` marks [`Class::Unasked`] it has already, in batches of [`MATCH_BATCH`]:
+/// those become [`Class::Matched`], the others [`Class::Sent`]. (The manifest is a local file read a batch at a
+/// time: well under a millisecond each.)
 async fn matches(
     session: &Session,
     base: &str,
-    files: Vec<AppFile>,
+    manifest: &Manifest,
+    classes: &mut [Class],
     credential: &str,
-) -> Result<(Vec<AppFile>, Vec<AppFile>), PluginError> {
-    let candidates: Vec<&AppFile> = files.iter().filter(|f| crate::cache::cacheable(f.size)).collect();
-    let mut held = std::collections::HashSet::new();
-    for batch in candidates.chunks(MATCH_BATCH) {
-        let body = json!({ "resources": batch.iter().map(|f| resource_json(f)).collect::<Vec<_>>() });
+) -> Result<(), PluginError> {
+    let mut entries = manifest.entries().enumerate();
+    loop {
+        let mut batch = Vec::with_capacity(MATCH_BATCH);
+        for (index, entry) in entries.by_ref() {
+            let entry = entry.map_err(scratch)?;
+            if classes[index] != Class::Unasked {
+                continue;
+            }
+            classes[index] = Class::Sent;
+            if crate::cache::cacheable(entry.size) {
+                batch.push((index, entry));
+                if batch.len() == MATCH_BATCH {
+                    break;
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let body = json!({ "resources": batch.iter().map(|(_, f)| resource_json(f)).collect::<Vec<_>>() });
         let request = session.http.post(format!("{base}/v3/resource_matches")).json(&body);
         let answer = session.send("resource_matches", request, credential).await?;
+        let asked: std::collections::HashMap<&str, usize> = batch.iter().map(|(i, f)| (f.path.as_str(), *i)).collect();
         for item in answer["resources"].as_array().into_iter().flatten() {
-            if let Some(path) = item["path"].as_str() {
-                held.insert(path.to_string());
+            if let Some(&index) = item["path"].as_str().and_then(|path| asked.get(path)) {
+                classes[index] = Class::Matched;
             }
         }
     }
-    Ok(files.into_iter().partition(|f| held.contains(&*f.path)))
 }
 
 /// A file as Cloud Controller's v3 resource lists name it.
-fn resource_json(file: &AppFile) -> Value {
+fn resource_json(file: &manifest::Entry) -> Value {
     json!({
-        "path": &*file.path,
+        "path": &file.path,
         "size_in_bytes": file.size,
         "checksum": {"value": file.sha1.hex()},
         "mode": format!("{:o}", file.mode),

@@ -1,5 +1,6 @@
 //! A zip of app files produced while it is sent: one file at a time is read, deflated and handed on in blocks,
-//! so memory stays flat whatever the app's size and no temporary file is written.
+//! and the central directory is kept in an unlinked temporary file until the end, so memory stays flat whatever
+//! the app's size and the zip itself is never written anywhere.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use super::appdir::AppFile;
+use super::manifest::{Class, Entry, Kind, Manifest};
 use crate::archive::zip::{EntryHeader, MADE_ON_UNIX, Sizes, ZipWriter};
 
 /// Blocks of about this size go to the request.
@@ -17,6 +18,8 @@ const STORED: u16 = 0;
 const DEFLATED: u16 = 8;
 const S_IFREG: u32 = 0o100_000;
 const S_IFDIR: u32 = 0o040_000;
+/// Directory records kept in memory before they go to the temporary file.
+const SPILL_EVERY: usize = 1024;
 
 /// Why the zip could not be made: a file could not be read, or the receiver went away (the upload failed, and
 /// says why itself).
@@ -26,31 +29,43 @@ pub enum ZipStreamError {
     Read { path: String, source: std::io::Error },
     #[error("the upload stopped taking bytes")]
     Closed,
+    #[error("the push's temporary files: {0}")]
+    Scratch(std::io::Error),
 }
 
-/// Zip `dirs` and `files` of the app at `root` into `out`, counting the files' bytes read in `progress`. Runs on a
-/// blocking thread.
+/// Zip the directories of `manifest` and its files `classes` marks as sent, of the app at `root`, into `out`,
+/// counting the files' bytes read in `progress`. Runs on a blocking thread.
 pub fn write_zip(
     root: &std::path::Path,
-    dirs: &[String],
-    files: &[AppFile],
+    manifest: &Manifest,
+    classes: &[Class],
     out: mpsc::Sender<Result<Bytes, std::io::Error>>,
     progress: Arc<AtomicU64>,
 ) -> Result<(), ZipStreamError> {
-    let mut sink = BlockSink { out, buffer: BytesMut::with_capacity(BLOCK), written: 0 };
+    let mut sink = BlockSink::new(out);
     let mut zip = ZipWriter::new();
+    let mut directory = std::io::BufWriter::new(tempfile::tempfile().map_err(ZipStreamError::Scratch)?);
     let mut block = vec![0u8; BLOCK];
     // One compressor for every file, reset between them: its state is a few hundred KiB, and allocating it per
     // file left the heap fragmented in proportion to the number of files.
     // Level 1: most of the gain of compressing app files at a fraction of the CPU of level 6.
     let mut deflate = flate2::write::DeflateEncoder::new(Vec::with_capacity(BLOCK), flate2::Compression::fast());
-    for dir in dirs {
-        let empty = Sizes { crc: 0, compressed: 0, uncompressed: 0 };
-        let header = EntryHeader::new(dir.as_str(), STORED, empty, false);
-        let entry = zip.whole_entry(&header, &[], empty, (S_IFDIR | 0o755) << 16);
-        sink.write_all(&entry).map_err(|_| ZipStreamError::Closed)?;
-    }
-    for file in files {
+    for item in manifest.classified(classes) {
+        let (file, class) = item.map_err(ZipStreamError::Scratch)?;
+        if zip.len() >= SPILL_EVERY {
+            zip.spill_directory(&mut directory).map_err(ZipStreamError::Scratch)?;
+        }
+        match (file.kind, class) {
+            (Kind::Dir, _) => {
+                let empty = Sizes { crc: 0, compressed: 0, uncompressed: 0 };
+                let header = EntryHeader::new(file.path.as_str(), STORED, empty, false);
+                let entry = zip.whole_entry(&header, &[], empty, (S_IFDIR | 0o755) << 16);
+                sink.write_all(&entry).map_err(|_| ZipStreamError::Closed)?;
+                continue;
+            }
+            (Kind::File, Class::Sent) => {}
+            _ => continue,
+        }
         let unreadable = |source| ZipStreamError::Read { path: file.path.to_string(), source };
         let closed = |_| ZipStreamError::Closed;
         let mut reader = std::fs::File::open(root.join(&*file.path)).map_err(unreadable)?;
@@ -63,11 +78,11 @@ pub fn write_zip(
             deflate.get_mut().clear();
             let buffer = std::mem::take(deflate.get_mut());
             deflate.reset(buffer).map_err(closed)?;
-            write_stored(&mut zip, &mut sink, file, &mut reader, &mut block, first, &progress)?;
+            write_stored(&mut zip, &mut sink, &file, &mut reader, &mut block, first, &progress)?;
             continue;
         }
         let mut header =
-            EntryHeader::new(file.path.clone(), DEFLATED, Sizes { crc: 0, compressed: 0, uncompressed: 0 }, true);
+            EntryHeader::new(file.path.as_str(), DEFLATED, Sizes { crc: 0, compressed: 0, uncompressed: 0 }, true);
         header.zip64 = file.size >= 0xffff_ffff;
         sink.write_all(&zip.start(&header)).map_err(closed)?;
         let before = sink.written;
@@ -101,6 +116,10 @@ pub fn write_zip(
         sink.write_all(&descriptor).map_err(closed)?;
     }
     sink.flush().map_err(|_| ZipStreamError::Closed)?;
+    // The directory records spilled so far go first, then the rest and the end records.
+    let mut directory = directory.into_inner().map_err(|e| ZipStreamError::Scratch(e.into_error()))?;
+    std::io::Seek::rewind(&mut directory).map_err(ZipStreamError::Scratch)?;
+    send_blocks(&mut directory, &sink.out, &AtomicU64::new(0), ZipStreamError::Scratch)?;
     zip.finish_in_blocks(BLOCK, |block| sink.out.blocking_send(Ok(block)).map_err(|_| ZipStreamError::Closed))
 }
 
@@ -124,7 +143,7 @@ fn read_full(reader: &mut impl Read, block: &mut [u8]) -> std::io::Result<usize>
 fn write_stored(
     zip: &mut ZipWriter,
     sink: &mut BlockSink,
-    file: &AppFile,
+    file: &Entry,
     reader: &mut std::fs::File,
     block: &mut [u8],
     first: usize,
@@ -149,7 +168,7 @@ fn write_stored(
         }
     }
     let sizes = Sizes { crc: crc.finalize(), compressed: size, uncompressed: size };
-    let mut header = EntryHeader::new(file.path.clone(), STORED, sizes, false);
+    let mut header = EntryHeader::new(file.path.as_str(), STORED, sizes, false);
     header.zip64 = size >= 0xffff_ffff;
     sink.write_all(&zip.start(&header)).map_err(closed)?;
     if whole {
@@ -186,9 +205,19 @@ pub fn send_file(
 ) -> Result<(), ZipStreamError> {
     let unreadable = |source| ZipStreamError::Read { path: path.display().to_string(), source };
     let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    send_blocks(&mut file, &out, &progress, unreadable)
+}
+
+/// Send what `reader` holds in blocks, counting its bytes in `progress`; a read error is `unreadable`.
+fn send_blocks(
+    reader: &mut impl Read,
+    out: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    progress: &AtomicU64,
+    unreadable: impl Fn(std::io::Error) -> ZipStreamError,
+) -> Result<(), ZipStreamError> {
     loop {
         let mut block = BytesMut::zeroed(BLOCK);
-        let n = file.read(&mut block).map_err(unreadable)?;
+        let n = read_full(reader, &mut block).map_err(&unreadable)?;
         if n == 0 {
             return Ok(());
         }
@@ -199,10 +228,16 @@ pub fn send_file(
 }
 
 /// Collects written bytes into blocks and sends each full one; counts what passed through.
-struct BlockSink {
+pub struct BlockSink {
     out: mpsc::Sender<Result<Bytes, std::io::Error>>,
     buffer: BytesMut,
     written: u64,
+}
+
+impl BlockSink {
+    pub fn new(out: mpsc::Sender<Result<Bytes, std::io::Error>>) -> Self {
+        BlockSink { out, buffer: BytesMut::with_capacity(BLOCK), written: 0 }
+    }
 }
 
 impl Write for BlockSink {
@@ -228,7 +263,8 @@ impl Write for BlockSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::appdir::AppDir;
+    use crate::plugin::appdir;
+    use crate::plugin::history::History;
 
     #[test]
     fn the_stream_is_a_zip_the_server_reads_back() {
@@ -252,28 +288,45 @@ mod tests {
         };
         std::fs::write(root.path().join("lib/small.jpg"), noise(10_000)).unwrap();
         std::fs::write(root.path().join("lib/big.jar"), noise(600_000)).unwrap();
-        let dir = AppDir::read(root.path(), 2, |_, _, _, _| None).unwrap();
+        // More entries than the writer keeps its directory for in memory; one file the server holds already.
+        std::fs::create_dir_all(root.path().join("many")).unwrap();
+        for n in 0..SPILL_EVERY * 2 {
+            std::fs::write(root.path().join(format!("many/{n}")), n.to_string()).unwrap();
+        }
+        std::fs::write(root.path().join("held"), "on the server").unwrap();
+        let manifest = appdir::read(root.path(), 2, &mut History::default()).unwrap();
+        let classes: Vec<Class> = manifest
+            .entries()
+            .map(|e| match e.unwrap() {
+                e if e.kind != Kind::File => Class::NotAFile,
+                e if e.path == "held" => Class::Matched,
+                _ => Class::Sent,
+            })
+            .collect();
 
         let (tx, mut rx) = mpsc::channel(4);
         let progress = Arc::new(AtomicU64::new(0));
         let writer = {
             let progress = progress.clone();
             let root = root.path().to_path_buf();
-            std::thread::spawn(move || write_zip(&root, &dir.dirs, &dir.files, tx, progress))
+            std::thread::spawn(move || write_zip(&root, &manifest, &classes, tx, progress))
         };
         let mut zip = Vec::new();
         while let Some(block) = rx.blocking_recv() {
             zip.extend_from_slice(&block.unwrap());
         }
         writer.join().unwrap().unwrap();
-        assert_eq!(progress.load(Ordering::Relaxed), 60_000 + 300_000 + 10_000 + 600_000);
+        let many: u64 = (0..SPILL_EVERY * 2).map(|n| n.to_string().len() as u64).sum();
+        assert_eq!(progress.load(Ordering::Relaxed), 60_000 + 300_000 + 10_000 + 600_000 + many);
 
         // The API's own reader takes it: every entry's CRC and sizes check out. What deflates is deflated, the
         // rest stored with its sizes up front.
         let mut reader = crate::archive::zip::ZipReader::new(1 << 30, 0..u64::MAX);
         let mut names = Vec::new();
         for event in reader.push(BytesMut::from(&zip[..])).unwrap() {
-            if let crate::archive::zip::Event::Start(header) = event {
+            if let crate::archive::zip::Event::Start(header) = event
+                && !header.name.starts_with("many/")
+            {
                 let how = if header.method == STORED { "stored" } else { "deflated" };
                 names.push(format!("{} {how} {}", header.name, header.declared.is_some()));
             }
@@ -282,20 +335,27 @@ mod tests {
         assert_eq!(
             names,
             [
-                "lib/ stored true",
-                "lib/empty/ stored true",
                 "b.bin deflated false",
+                "lib/ stored true",
                 "lib/a.txt deflated false",
                 "lib/big.jar stored true",
+                "lib/empty/ stored true",
                 "lib/small.jpg stored true",
                 "zero stored true"
             ]
         );
-        assert_eq!(directory.len(), 7);
-        assert!(zip.len() < 60_000 + 610_000 + 2_000, "deflated where it pays: {} bytes", zip.len());
+        assert_eq!(directory.len(), 7 + 1 + SPILL_EVERY * 2, "every entry, in the directory spilled and kept");
+        let names: Vec<&str> = directory.iter().map(|e| &*e.name).collect();
+        assert_eq!(names[..3], ["b.bin", "lib/", "lib/a.txt"]);
+        assert_eq!(names[names.len() - 2..], ["many/999", "zero"]);
+        assert!(
+            zip.len() < 60_000 + 610_000 + 2_000 + 100 * 2 * SPILL_EVERY,
+            "deflated where it pays: {} bytes",
+            zip.len()
+        );
         // And so does Python's zipfile.
         let program = "import sys, zipfile, io\nz = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))\nassert z.testzip() is None\nprint(sum(len(z.read(i)) for i in z.infolist()))";
         let out = crate::archive::python(program, zip, "python rejects the zip");
-        assert_eq!(String::from_utf8(out).unwrap().trim(), "970000");
+        assert_eq!(String::from_utf8(out).unwrap().trim(), (970_000 + many).to_string());
     }
 }

@@ -21,7 +21,7 @@ use kube::api::PostParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, ResourceExt};
 use secrecy::ExposeSecret;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
@@ -279,20 +279,21 @@ impl Session {
         }
     }
 
-    /// Send `request` with `credential` and read the JSON answer; a CF error answer becomes [`PluginError::Api`].
+    /// Send `request` with `credential` and read the answer's body; a CF error answer becomes
+    /// [`PluginError::Api`].
     async fn send(
         &self,
         what: &'static str,
         request: reqwest::RequestBuilder,
         credential: &str,
-    ) -> Result<Value, PluginError> {
+    ) -> Result<bytes::Bytes, PluginError> {
         let response = request.bearer_auth(credential).send().await.map_err(|e| http_error(what, &e))?;
         let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let body = response.bytes().await.map_err(|e| http_error(what, &e))?;
         if status.is_success() {
             return Ok(body);
         }
-        let (title, detail) = cf_error(&body);
+        let (title, detail) = cf_error(&serde_json::from_slice(&body).unwrap_or(Value::Null));
         Err(PluginError::Api { what, status: status.as_u16(), title, detail })
     }
 }
@@ -689,26 +690,67 @@ async fn matches(
         if batch.is_empty() {
             return Ok(());
         }
-        let body = json!({ "resources": batch.iter().map(|(_, f)| resource_json(f)).collect::<Vec<_>>() });
-        let request = session.http.post(format!("{base}/v3/resource_matches")).json(&body);
+        // Written straight from the entries, and the answer read for its paths alone: a batch's JSON trees would
+        // be megabytes that the allocator keeps for the rest of the push.
+        let body = serde_json::to_vec(&json_resources(&batch)).expect("resources serialize");
+        let request = session
+            .http
+            .post(format!("{base}/v3/resource_matches"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body);
         let answer = session.send("resource_matches", request, credential).await?;
+        #[derive(serde::Deserialize)]
+        struct Held {
+            resources: Vec<HeldPath>,
+        }
+        #[derive(serde::Deserialize)]
+        struct HeldPath {
+            path: String,
+        }
+        let held: Held = serde_json::from_slice(&answer).map_err(|e| PluginError::Api {
+            what: "resource_matches",
+            status: 200,
+            title: "an answer that is not a resource list".into(),
+            detail: e.to_string(),
+        })?;
         let asked: std::collections::HashMap<&str, usize> = batch.iter().map(|(i, f)| (f.path.as_str(), *i)).collect();
-        for item in answer["resources"].as_array().into_iter().flatten() {
-            if let Some(&index) = item["path"].as_str().and_then(|path| asked.get(path)) {
+        for item in &held.resources {
+            if let Some(&index) = asked.get(item.path.as_str()) {
                 classes[index] = Class::Matched;
             }
         }
     }
 }
 
-/// A file as Cloud Controller's v3 resource lists name it.
-fn resource_json(file: &manifest::Entry) -> Value {
-    json!({
-        "path": &file.path,
-        "size_in_bytes": file.size,
-        "checksum": {"value": file.sha1.hex()},
-        "mode": format!("{:o}", file.mode),
-    })
+/// `{"resources": [...]}` of `batch`, each file as Cloud Controller's v3 resource lists name it.
+fn json_resources(batch: &[(usize, manifest::Entry)]) -> impl serde::Serialize + '_ {
+    #[derive(serde::Serialize)]
+    struct Checksum {
+        value: String,
+    }
+    #[derive(serde::Serialize)]
+    struct Resource<'a> {
+        path: &'a str,
+        size_in_bytes: u64,
+        checksum: Checksum,
+        mode: String,
+    }
+    struct Resources<'a>(&'a [(usize, manifest::Entry)]);
+    impl serde::Serialize for Resources<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.iter().map(|(_, file)| Resource {
+                path: &file.path,
+                size_in_bytes: file.size,
+                checksum: Checksum { value: file.sha1.hex() },
+                mode: format!("{:o}", file.mode),
+            }))
+        }
+    }
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        resources: Resources<'a>,
+    }
+    Body { resources: Resources(batch) }
 }
 
 fn tokio_stream(

@@ -31,6 +31,7 @@ pub mod plan;
 pub mod plugin;
 pub mod rechecks;
 pub mod record;
+pub mod recycle;
 pub mod resources;
 pub mod retention;
 pub mod sources;

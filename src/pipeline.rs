@@ -2,8 +2,6 @@
 //! digest workers and to the store's staged write, and nothing is committed until the stream ended, stayed
 //! under the size limit, and matched the checksum pin.
 
-use std::collections::VecDeque;
-
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
@@ -203,16 +201,15 @@ struct Blocks<S> {
     /// Fused: after the last partial block, the stream is asked again and must say "ended" again.
     inner: futures::stream::Fuse<S>,
     buffer: BytesMut,
-    /// The blocks filled lately. One that the hashes and the store are done with is filled again: a fresh
-    /// buffer is handed out by the OS (the allocator gives buffers this big back, see `main.rs`) and faults in
-    /// every page, which took a quarter of a fetch's CPU. Holds at most [`RECYCLED_BLOCKS`] buffers more than
-    /// are in flight.
-    recent: VecDeque<Bytes>,
+    /// A block the hashes and the store are done with is filled again (a fresh one faulted in every page: a
+    /// quarter of a fetch's CPU). Holds at most [`RECYCLED_BLOCKS`] buffers more than are in flight.
+    buffers: crate::recycle::Recycler,
 }
 
 impl<S: Stream<Item = Result<Bytes, SourceError>> + Unpin> Blocks<S> {
     fn new(inner: S) -> Self {
-        Blocks { inner: inner.fuse(), buffer: BytesMut::new(), recent: VecDeque::new() }
+        let buffers = crate::recycle::Recycler::new(RECYCLED_BLOCKS, BLOCK_ROOM);
+        Blocks { inner: inner.fuse(), buffer: BytesMut::new(), buffers }
     }
 
     async fn next(&mut self) -> Option<Result<Bytes, SourceError>> {
@@ -226,7 +223,7 @@ impl<S: Stream<Item = Result<Bytes, SourceError>> + Unpin> Blocks<S> {
                 }
                 Some(Ok(chunk)) => {
                     if self.buffer.capacity() == 0 {
-                        self.buffer = self.empty_buffer();
+                        self.buffer = self.buffers.buffer();
                     }
                     self.buffer.extend_from_slice(&chunk);
                 }
@@ -237,29 +234,9 @@ impl<S: Stream<Item = Result<Bytes, SourceError>> + Unpin> Blocks<S> {
         }
     }
 
-    /// The filled buffer as a block, remembered to be filled again.
+    /// The filled buffer as a block; its memory is filled again once everyone is done with it.
     fn hand_out(&mut self) -> Bytes {
-        let block = std::mem::take(&mut self.buffer).freeze();
-        if self.recent.len() == RECYCLED_BLOCKS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(block.clone());
-        block
-    }
-
-    /// A recent block nobody else holds any more, emptied; a new buffer when there is none.
-    fn empty_buffer(&mut self) -> BytesMut {
-        for _ in 0..self.recent.len() {
-            let block = self.recent.pop_front().expect("counted");
-            match block.try_into_mut() {
-                Ok(mut buffer) => {
-                    buffer.clear();
-                    return buffer;
-                }
-                Err(block) => self.recent.push_back(block),
-            }
-        }
-        BytesMut::with_capacity(BLOCK_ROOM)
+        self.buffers.hand_out(std::mem::take(&mut self.buffer)).freeze()
     }
 }
 

@@ -374,19 +374,7 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
         App::Dir(manifest) => {
             let base = base_package(&api, &session, &history).await;
             drop(history);
-            let mut classes = Vec::with_capacity(manifest.len());
-            for entry in manifest.entries() {
-                let entry = entry.map_err(scratch)?;
-                classes.push(match entry.kind {
-                    Kind::File if base.is_some() && entry.in_last_push => Class::Base,
-                    Kind::File => Class::Unasked,
-                    Kind::Skipped => {
-                        eprintln!("skipping {}: not a file or directory (symlinks are not followed)", entry.path);
-                        Class::NotAFile
-                    }
-                    Kind::Dir => Class::NotAFile,
-                });
-            }
+            let mut classes = first_classes(&manifest, base.is_some())?;
             matches(&session, &api_base, &manifest, &mut classes, &credential).await?;
             let base = base.filter(|_| classes.contains(&Class::Base));
             let with_base = base.is_some();
@@ -432,6 +420,25 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
     };
     println!("{}", checksum_of(&ready));
     Ok(())
+}
+
+/// What to do with each entry before the resource cache is asked: files the last push sent as they are now come
+/// from its package when there is one to use, the others are to be asked about. Skipped entries are said here.
+fn first_classes(manifest: &Manifest, with_base: bool) -> Result<Vec<Class>, PluginError> {
+    let mut classes = Vec::with_capacity(manifest.len());
+    for entry in manifest.entries() {
+        let entry = entry.map_err(scratch)?;
+        classes.push(match entry.kind {
+            Kind::File if with_base && entry.in_last_push => Class::Base,
+            Kind::File => Class::Unasked,
+            Kind::Skipped => {
+                eprintln!("skipping {}: not a file or directory (symlinks are not followed)", entry.path);
+                Class::NotAFile
+            }
+            Kind::Dir => Class::NotAFile,
+        });
+    }
+    Ok(classes)
 }
 
 /// The push's list of files could not be read back.

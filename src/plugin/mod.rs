@@ -365,10 +365,7 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
 
     let ready = match app {
         App::Zip { path, size } => {
-            let parts = Parts { root: path.clone(), manifest: None, classes: Arc::default(), base: None };
-            send_upload(&session, &upload, &credential, parts, Some((path, size)), args.quiet)
-                .await
-                .map_err(|(_, e)| e)?;
+            send_upload(&session, &upload, &credential, &AppBits::Zip { path, size }, args.quiet).await?;
             wait_ready(&api, &args.package, args.timeout).await?
         }
         App::Dir(manifest) => {
@@ -376,26 +373,25 @@ pub async fn push(args: PushArgs) -> Result<(), PluginError> {
             drop(history);
             let mut classes = first_classes(&manifest, base.is_some())?;
             matches(&session, &api_base, &manifest, &mut classes, &credential).await?;
-            let base = base.filter(|_| classes.contains(&Class::Base));
-            let with_base = base.is_some();
+            let classes: Arc<[Class]> = classes.into();
             let root = args.path.clone();
-            let parts = Parts { root: root.clone(), manifest: Some(manifest.clone()), classes: classes.into(), base };
-            match send_upload(&session, &upload, &credential, parts, None, args.quiet).await {
+            let parts = Parts::new(root.clone(), manifest.clone(), classes.clone(), base)?;
+            let with_base = parts.base.is_some();
+            match send_upload(&session, &upload, &credential, &AppBits::Dir(parts), args.quiet).await {
                 // The last push's package could not serve (gone, its bits lost, no longer allowed): everything
                 // the cache does not hold goes in the zip instead.
-                Err((parts, PluginError::Api { status: 422, detail, .. })) if with_base => {
+                Err(PluginError::Api { status: 422, detail, .. }) if with_base => {
                     eprintln!("the last push's package could not be reused ({detail}); sending the files again");
-                    let mut classes = parts.classes.to_vec();
+                    let mut classes = classes.to_vec();
                     for class in classes.iter_mut().filter(|c| **c == Class::Base) {
                         *class = Class::Unasked;
                     }
                     matches(&session, &api_base, &manifest, &mut classes, &credential).await?;
-                    let parts = Parts { root, manifest: Some(manifest.clone()), classes: classes.into(), base: None };
-                    send_upload(&session, &upload, &credential, parts, None, args.quiet).await
+                    let parts = Parts::new(root, manifest.clone(), classes.into(), None)?;
+                    send_upload(&session, &upload, &credential, &AppBits::Dir(parts), args.quiet).await
                 }
                 other => other,
-            }
-            .map_err(|(_, error)| error)?;
+            }?;
             let ready = wait_ready(&api, &args.package, args.timeout).await?;
             if let Some(cache) = &records {
                 let pushed = history::Pushed {
@@ -469,15 +465,23 @@ async fn base_package(api: &Api<Package>, session: &Session, history: &History) 
         .then(|| pushed.uid.clone())
 }
 
-/// What an upload names and sends.
+/// What an upload sends.
+enum AppBits {
+    /// A zip made elsewhere, sent as it is.
+    Zip { path: PathBuf, size: u64 },
+    /// An app directory, zipped while it is sent.
+    Dir(Parts),
+}
+
+/// What an upload of a directory names and sends.
 struct Parts {
-    /// The app directory (or zip).
     root: PathBuf,
     /// Its entries, and what the push does with each.
-    manifest: Option<Manifest>,
+    manifest: Manifest,
     classes: Arc<[Class]>,
-    /// The uid of an earlier package to take the files marked [`Class::Base`] from.
+    /// The uid of an earlier package to take the files marked [`Class::Base`] from; none when there are none.
     base: Option<String>,
+    counts: Counts,
 }
 
 /// Files and bytes of each class.
@@ -489,10 +493,14 @@ struct Counts {
 }
 
 impl Parts {
-    fn counts(&self) -> Result<Counts, PluginError> {
+    fn new(
+        root: PathBuf,
+        manifest: Manifest,
+        classes: Arc<[Class]>,
+        base: Option<String>,
+    ) -> Result<Self, PluginError> {
         let mut counts = Counts::default();
-        let Some(manifest) = &self.manifest else { return Ok(counts) };
-        for entry in manifest.classified(&self.classes) {
+        for entry in manifest.classified(&classes) {
             let (entry, class) = entry.map_err(scratch)?;
             let count = match class {
                 Class::Sent => &mut counts.sent,
@@ -502,26 +510,31 @@ impl Parts {
             };
             *count = (count.0 + 1, count.1 + entry.size);
         }
-        Ok(counts)
+        let base = base.filter(|_| counts.base.0 > 0);
+        Ok(Parts { root, manifest, classes, base, counts })
     }
 }
 
-/// Upload `parts` (or, with `zip`, that file as it is); the parts come back with the answer. A 404 is tried again
-/// for a while: bitsmith's API learns of a new Package from a watch, which may trail the Kubernetes API (it
-/// answers before it reads the body, so little is sent in vain).
+/// Upload `bits`. A 404 is tried again for a while: bitsmith's API learns of a new Package from a watch, which may
+/// trail the Kubernetes API (it answers before it reads the body, so little is sent in vain).
 async fn send_upload(
     session: &Session,
     upload: &str,
     credential: &str,
-    mut parts: Parts,
-    zip: Option<(PathBuf, u64)>,
+    bits: &AppBits,
     quiet: bool,
-) -> Result<Parts, (Parts, PluginError)> {
+) -> Result<(), PluginError> {
+    if !quiet && let AppBits::Dir(Parts { counts, .. }) = bits {
+        let (held, held_bytes) = (counts.matched.0 + counts.base.0, counts.matched.1 + counts.base.1);
+        eprintln!(
+            "uploading {} files ({} bytes); {held} files ({held_bytes} bytes) are on the server already",
+            counts.sent.0, counts.sent.1
+        );
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        match send_upload_once(session, upload, credential, parts, zip.clone(), quiet).await {
-            Err((back, PluginError::Api { status: 404, .. })) if tokio::time::Instant::now() < deadline => {
-                parts = back;
+        match send_upload_once(session, upload, credential, bits, quiet).await {
+            Err(PluginError::Api { status: 404, .. }) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             answer => return answer,
@@ -533,54 +546,43 @@ async fn send_upload_once(
     session: &Session,
     upload: &str,
     credential: &str,
-    parts: Parts,
-    zip: Option<(PathBuf, u64)>,
+    bits: &AppBits,
     quiet: bool,
-) -> Result<Parts, (Parts, PluginError)> {
-    let counts = match parts.counts() {
-        Ok(counts) => counts,
-        Err(error) => return Err((parts, error)),
+) -> Result<(), PluginError> {
+    let total = match bits {
+        AppBits::Zip { size, .. } => *size,
+        AppBits::Dir(parts) => parts.counts.sent.1,
     };
-    let total = zip.as_ref().map_or(counts.sent.1, |(_, size)| *size);
-    if !quiet && zip.is_none() {
-        let (held, held_bytes) = (counts.matched.0 + counts.base.0, counts.matched.1 + counts.base.1);
-        eprintln!(
-            "uploading {} files ({total} bytes); {held} files ({held_bytes} bytes) are on the server already",
-            counts.sent.0
-        );
-    }
     let read = Arc::new(AtomicU64::new(0));
     let progress = (!quiet).then(|| Progress::start(read.clone(), total));
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut producers = Vec::new();
-    producers.push(match zip {
-        Some((path, _)) => {
-            let read = read.clone();
-            tokio::task::spawn_blocking(move || zipstream::send_file(&path, tx, read))
-        }
-        None => {
-            let manifest = parts.manifest.clone().expect("a directory is zipped from its manifest");
-            let (root, classes, read) = (parts.root.clone(), parts.classes.clone(), read.clone());
-            tokio::task::spawn_blocking(move || zipstream::write_zip(&root, &manifest, &classes, tx, read))
-        }
-    });
-    let bits = reqwest::Body::wrap_stream(tokio_stream(rx));
     let mut form = reqwest::multipart::Form::new();
-    let mut list = |class: Class| {
-        let manifest = parts.manifest.clone().expect("files are listed from a directory's manifest");
-        let (part, producer) = gzipped_resources(manifest, parts.classes.clone(), class);
-        producers.push(producer);
-        part
-    };
-    if counts.matched.0 > 0 {
-        form = form.part("resources", list(Class::Matched));
-    }
-    if let Some(uid) = parts.base.clone().filter(|_| counts.base.0 > 0) {
-        form = form.text("base_package", uid).part("base_resources", list(Class::Base));
+    let mut producers = Vec::new();
+    match bits {
+        AppBits::Zip { path, .. } => {
+            let (path, read) = (path.clone(), read.clone());
+            producers.push(tokio::task::spawn_blocking(move || zipstream::send_file(&path, tx, read)));
+        }
+        AppBits::Dir(parts) => {
+            if parts.counts.matched.0 > 0 {
+                let (list, producer) = gzipped_resources(parts, Class::Matched);
+                producers.push(producer);
+                form = form.part("resources", list);
+            }
+            if let Some(uid) = &parts.base {
+                let (list, producer) = gzipped_resources(parts, Class::Base);
+                producers.push(producer);
+                form = form.text("base_package", uid.clone()).part("base_resources", list);
+            }
+            let (root, manifest, classes) = (parts.root.clone(), parts.manifest.clone(), parts.classes.clone());
+            let read = read.clone();
+            producers
+                .push(tokio::task::spawn_blocking(move || zipstream::write_zip(&root, &manifest, &classes, tx, read)));
+        }
     }
     let form = form.part(
         "bits",
-        reqwest::multipart::Part::stream(bits)
+        reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(tokio_stream(rx)))
             .file_name("app.zip")
             .mime_str("application/zip")
             .expect("a valid mime type"),
@@ -595,17 +597,13 @@ async fn send_upload_once(
         progress.finish().await;
     }
     // A file that could not be read says more than the broken upload it caused.
-    match produced.map_err(PluginError::from).and(sent) {
-        Ok(_) => Ok(parts),
-        Err(error) => Err((parts, error)),
-    }
+    produced.map_err(PluginError::from).and(sent).map(|_| ())
 }
 
 /// The files of `class` as an upload's resource list takes them, gzipped, written while the part is sent (a list of
 /// 100 000 files is ~10 MiB of JSON, ~3 MiB gzipped); and the task writing it.
 fn gzipped_resources(
-    manifest: Manifest,
-    classes: Arc<[Class]>,
+    parts: &Parts,
     class: Class,
 ) -> (reqwest::multipart::Part, tokio::task::JoinHandle<Result<(), zipstream::ZipStreamError>>) {
     /// A file in the shorter form an upload's resources take.
@@ -618,6 +616,7 @@ fn gzipped_resources(
         mode: String,
     }
     let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (manifest, classes) = (parts.manifest.clone(), parts.classes.clone());
     let producer = tokio::task::spawn_blocking(move || {
         use std::io::Write;
         use zipstream::ZipStreamError;

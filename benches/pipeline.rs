@@ -59,7 +59,7 @@ use support::{Api, MIB};
 const GIB: u64 = 1 << 30;
 /// Rounds; each row shows the median of its runs.
 const RUNS: usize = 3;
-/// The store's part size and parts in flight (`store.rs`), for the plain multipart upload.
+/// The store's part size and parts in flight (`src/store/mod.rs`), for the plain multipart upload.
 const PART_SIZE: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 3;
 /// The input's data stream (see `data::fill`).

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::workers::{BlockWork, Offloaded};
 
 /// Blocks queued per hash while it works on earlier ones.
-const QUEUE_DEPTH: usize = 4;
+pub const QUEUE_DEPTH: usize = 4;
 
 /// The result of hashing a stream.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -74,6 +74,8 @@ pub struct ObjectClient {
     pub signer: Option<Arc<dyn Signer>>,
     /// The backend's multipart uploads by id, on object stores: what lets a write be resumed or aborted later.
     pub multipart: Option<Arc<dyn MultipartStore>>,
+    /// The filesystem backend itself, on `file://`: what maps a key to a file.
+    pub local: Option<Arc<LocalFileSystem>>,
     /// The path in the URL (a key for an object, a prefix for a store).
     pub path: Path,
     pub scheme: Scheme,
@@ -143,13 +145,15 @@ pub fn connect(
         client = client.with_dns_resolver(resolver);
     }
     type Parts = (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>, Option<Arc<dyn MultipartStore>>, Path);
+    let mut local = None;
     let (store, signer, multipart, path): Parts = match scheme {
         Scheme::File => {
             if parsed.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
                 return Err(malformed(url, "file URLs name a local path: file:///path".into()));
             }
-            let fs = LocalFileSystem::new().with_fsync(true).with_automatic_cleanup(true);
-            (Arc::new(fs), None, None, Path::from(decoded_path.trim_start_matches('/')))
+            let fs = Arc::new(LocalFileSystem::new().with_fsync(true).with_automatic_cleanup(true));
+            local = Some(fs.clone());
+            (fs, None, None, Path::from(decoded_path.trim_start_matches('/')))
         }
         Scheme::Memory => (Arc::new(InMemory::new()), None, None, path_of(url, &decoded_path)?),
         Scheme::S3 => {
@@ -166,7 +170,7 @@ pub fn connect(
             (az.clone(), Some(az.clone()), Some(az), path_of(url, &decoded_path)?)
         }
     };
-    Ok(ObjectClient { store, signer, multipart, path, scheme, display_url })
+    Ok(ObjectClient { store, signer, multipart, local, path, scheme, display_url })
 }
 
 fn malformed(url: &str, reason: String) -> ObjectUrlError {

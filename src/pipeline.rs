@@ -192,8 +192,12 @@ fn verify_pin(pin: Option<&Checksum>, digests: &Digests) -> Result<(), PipelineE
 
 /// Room in a block's buffer: the block, and the piece that takes it past [`BLOCK_SIZE`].
 const BLOCK_ROOM: usize = 2 * BLOCK_SIZE;
-/// Blocks handed out lately that [`Blocks`] fills again once everyone else is done with them.
-const RECYCLED_BLOCKS: usize = 8;
+/// Blocks handed out lately that [`Blocks`] fills again once everyone else is done with them: as many as can be
+/// in flight (the store's write memory, the two hashes' and the content check's queues, the block each works on,
+/// the one being filled), else most are still held when they are looked at again (with 8, nine blocks in ten
+/// were fresh memory, faulted in page by page).
+const RECYCLED_BLOCKS: usize =
+    crate::store::WRITE_MEMORY as usize / BLOCK_SIZE + 2 * (crate::digest::QUEUE_DEPTH + 1) + CHECK_QUEUE_DEPTH + 2;
 
 /// Regroups a stream's chunks into blocks of at least [`BLOCK_SIZE`]; chunks already that big pass through
 /// without a copy.

@@ -11,6 +11,8 @@
 //! - [`BlobStore::begin_write`] stages under `staging/` and moves the bytes to a key chosen at the end (a
 //!   content-addressed one): a rename on a filesystem, a server-side copy on object stores.
 
+mod local;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -216,8 +218,21 @@ impl BlobStore {
     async fn upload_to(&self, key: String) -> Result<Upload, StoreError> {
         let path = self.path(&key);
         let Some(multipart) = &self.client.multipart else {
-            let upload =
-                self.client.store.put_multipart(&path).await.map_err(|e| self.backend_error("begin write", &key, e))?;
+            let upload: Box<dyn MultipartUpload> = match &self.client.local {
+                Some(fs) => {
+                    let dest = fs.path_to_filesystem(&path).map_err(|e| self.backend_error("begin write", &key, e))?;
+                    let created = tokio::task::spawn_blocking(move || local::LocalUpload::create(dest))
+                        .await
+                        .expect("creating a file does not panic");
+                    Box::new(created.map_err(|e| self.backend_error("begin write", &key, e))?)
+                }
+                None => self
+                    .client
+                    .store
+                    .put_multipart(&path)
+                    .await
+                    .map_err(|e| self.backend_error("begin write", &key, e))?,
+            };
             return Ok(Upload::new(self, key, upload, None));
         };
         let id = multipart.create_multipart(&path).await.map_err(|e| self.backend_error("begin write", &key, e))?;
@@ -388,9 +403,10 @@ impl BlobStore {
 
     /// Remove the staged objects `stale` picks by file name and modification time.
     async fn sweep_staged_where(&self, stale: impl Fn(&str, SystemTime) -> bool) -> Result<usize, StoreError> {
-        if self.client.scheme == Scheme::File {
-            // The local backend hides its in-progress part files from listings, so look at the directory itself.
-            return self.sweep_local_staging(stale);
+        if let Some(fs) = &self.client.local {
+            // Listings hide in-progress part files (`<key>#<id>`), so look at the directory itself.
+            let dir = fs.path_to_filesystem(&self.path(STAGING)).map_err(|e| self.backend_error("list", STAGING, e))?;
+            return self.sweep_local_staging(&dir, stale);
         }
         let prefix = self.path(STAGING);
         let stale: Vec<Path> = self
@@ -420,8 +436,11 @@ impl BlobStore {
         Ok(stale.len())
     }
 
-    fn sweep_local_staging(&self, stale: impl Fn(&str, SystemTime) -> bool) -> Result<usize, StoreError> {
-        let dir = std::path::Path::new("/").join(self.path(STAGING).as_ref());
+    fn sweep_local_staging(
+        &self,
+        dir: &std::path::Path,
+        stale: impl Fn(&str, SystemTime) -> bool,
+    ) -> Result<usize, StoreError> {
         let io_error =
             |op, source| StoreError::Io { store: self.url().to_string(), op, path: dir.display().to_string(), source };
         let entries = match std::fs::read_dir(&dir) {

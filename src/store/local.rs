@@ -1,0 +1,194 @@
+//! A write to the filesystem store, as a multipart upload: parts are written at their offsets into a file beside
+//! the key (`<key>#<id>`, which listings do not show), and the file is synced and renamed to the key when the
+//! upload is completed.
+//!
+//! Unlike object_store's own local upload, each part is handed to the disk as soon as it is written
+//! (`sync_file_range`), so the disk writes while the rest of the bytes still arrive and are hashed, and the sync
+//! at the end has little left to do: a fetch takes about as long as the slower of the two instead of their sum.
+//! Durability is the same: the file is synced before it is renamed, and its directory after.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use object_store::{MultipartUpload, PutPayload, PutResult, UploadPart};
+
+/// An upload to `dest` through a partial file beside it.
+#[derive(Debug)]
+pub(super) struct LocalUpload {
+    file: Arc<File>,
+    partial: PathBuf,
+    dest: PathBuf,
+    /// Where the next part goes.
+    offset: u64,
+    /// Completed or aborted: nothing is left to clean up.
+    over: bool,
+}
+
+impl LocalUpload {
+    /// Create the partial file for `dest` (and `dest`'s directory). Blocking: call on the blocking pool.
+    pub(super) fn create(dest: PathBuf) -> Result<Self, object_store::Error> {
+        let parent = dest.parent().ok_or_else(|| generic(format!("{} names no directory", dest.display())))?;
+        std::fs::create_dir_all(parent).map_err(|e| io_error("create directory", parent, e))?;
+        let mut partial = dest.clone().into_os_string();
+        partial.push(format!("#{}", uuid::Uuid::new_v4().simple()));
+        let partial = PathBuf::from(partial);
+        let file =
+            File::options().write(true).create_new(true).open(&partial).map_err(|e| io_error("create", &partial, e))?;
+        Ok(LocalUpload { file: Arc::new(file), partial, dest, offset: 0, over: false })
+    }
+}
+
+#[async_trait::async_trait]
+impl MultipartUpload for LocalUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let start = self.offset;
+        self.offset += data.content_length() as u64;
+        let (file, partial) = (self.file.clone(), self.partial.clone());
+        Box::pin(blocking(move || {
+            let mut at = start;
+            for piece in data.iter() {
+                file.write_all_at(piece, at).map_err(|e| io_error("write", &partial, e))?;
+                at += piece.len() as u64;
+            }
+            start_writeback(&file, start, at - start);
+            Ok(())
+        }))
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        self.over = true;
+        let (file, partial, dest) = (self.file.clone(), self.partial.clone(), self.dest.clone());
+        blocking(move || {
+            let published = file
+                .sync_all()
+                .map_err(|e| io_error("sync", &partial, e))
+                .and_then(|()| std::fs::rename(&partial, &dest).map_err(|e| io_error("rename", &partial, e)))
+                .and_then(|()| sync_directory(&dest));
+            if published.is_err() {
+                let _ = std::fs::remove_file(&partial);
+            }
+            published?;
+            Ok(PutResult { e_tag: None, version: None, extensions: Default::default() })
+        })
+        .await
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.over = true;
+        let partial = self.partial.clone();
+        blocking(move || match std::fs::remove_file(&partial) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove", &partial, e)),
+        })
+        .await
+    }
+}
+
+impl Drop for LocalUpload {
+    fn drop(&mut self) {
+        // Dropped neither completed nor aborted (a cancelled task): the partial file goes, off the async thread
+        // when there is a runtime, since unlinking a large file takes a while.
+        if self.over {
+            return;
+        }
+        let partial = std::mem::take(&mut self.partial);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || std::fs::remove_file(partial))),
+            Err(_) => drop(std::fs::remove_file(partial)),
+        }
+    }
+}
+
+/// Start writing `len` bytes at `offset` back to the disk, without waiting for them. A hint: where the
+/// filesystem does not take it, the sync at completion writes them all the same.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open for `file`'s lifetime.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// Sync the directory holding `path`, so that a rename into it survives a crash.
+fn sync_directory(path: &Path) -> Result<(), object_store::Error> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error("sync directory", dir, e))
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, object_store::Error> + Send + 'static,
+) -> Result<T, object_store::Error> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| generic(format!("a file write stopped: {e}")))?
+}
+
+fn io_error(op: &str, path: &Path, error: std::io::Error) -> object_store::Error {
+    generic(format!("{op} {}: {error}", path.display()))
+}
+
+fn generic(message: String) -> object_store::Error {
+    object_store::Error::Generic { store: "LocalFileSystem", source: message.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(bytes: &[u8]) -> PutPayload {
+        PutPayload::from(bytes.to_vec())
+    }
+
+    #[tokio::test]
+    async fn parts_land_at_their_offsets_and_appear_only_when_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("a/b/blob");
+        let mut upload = blocking({
+            let dest = dest.clone();
+            move || LocalUpload::create(dest)
+        })
+        .await
+        .unwrap();
+        // Parts may finish in any order; each lands where it belongs.
+        let first = upload.put_part(payload(&[1; 5000]));
+        let second = upload.put_part(payload(&[2; 3]));
+        second.await.unwrap();
+        first.await.unwrap();
+        assert!(!dest.exists(), "nothing at the key before completion");
+        let partial = upload.partial.clone();
+        assert!(partial.file_name().unwrap().to_string_lossy().starts_with("blob#"));
+        upload.complete().await.unwrap();
+        let written = std::fs::read(&dest).unwrap();
+        assert_eq!(written.len(), 5003);
+        assert!(written[..5000].iter().all(|&b| b == 1) && written[5000..] == [2, 2, 2]);
+        assert!(!partial.exists());
+    }
+
+    #[tokio::test]
+    async fn an_aborted_or_dropped_upload_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        for abort in [true, false] {
+            let dest = dir.path().join(format!("blob-{abort}"));
+            let mut upload = LocalUpload::create(dest.clone()).unwrap();
+            upload.put_part(payload(b"bytes")).await.unwrap();
+            let partial = upload.partial.clone();
+            assert!(partial.exists());
+            if abort {
+                upload.abort().await.unwrap();
+            } else {
+                drop(upload);
+                // The drop removes the file on the blocking pool.
+                for _ in 0..100 {
+                    if !partial.exists() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+            assert!(!partial.exists() && !dest.exists(), "abort={abort}");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

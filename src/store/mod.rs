@@ -443,7 +443,7 @@ impl BlobStore {
     ) -> Result<usize, StoreError> {
         let io_error =
             |op, source| StoreError::Io { store: self.url().to_string(), op, path: dir.display().to_string(), source };
-        let entries = match std::fs::read_dir(&dir) {
+        let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(io_error("list", e)),

@@ -7,9 +7,10 @@
 //! spell of the disk lands on all rows alike, and after a `sync`, so that no row pays for the one before; the
 //! table shows the median of three rounds.
 //!
-//! - Limits: sha1 ∥ sha256 on two plain threads over bytes in memory (the digests' own speed on two cores); the input written durably
-//!   into the store's directory (data synced before the blob is visible, as the file store does), by `dd
-//!   conv=fsync` and by 8 MiB writes each handed to the disk at once as the store makes them, the better of the two; a plain multipart upload of the input to Garage (object_store, the same part size and
+//! - Limits: sha1 ∥ sha256 on two plain threads over bytes in memory (the digests' own speed on two cores); the
+//!   input written durably into the store's directory (data synced before the blob is visible, as the file store
+//!   does), by `dd conv=fsync` and by 1 MiB writes each handed to the disk at once as the store makes them, the
+//!   better of the two; a plain multipart upload of the input to Garage (object_store, the same part size and
 //!   parts in flight as the store, no digests); `curl` of the source to /dev/null; and a read of a stored blob
 //!   with its pages dropped first (`posix_fadvise(DONTNEED)`, checked with `mincore`), in the ranges and with the
 //!   concurrency the store reads with.
@@ -224,7 +225,7 @@ fn hash_limit(block: &[u8], size: u64) -> f64 {
     mbps(size, started.elapsed().as_secs_f64())
 }
 
-/// `input` written to `out` as the file store writes a blob (`src/store/local.rs`): [`PART_SIZE`] writes, each
+/// `input` written to `out` as the file store writes a blob (`src/store/local.rs`): writes of its part size, each
 /// handed to the disk as soon as it is written (`sync_file_range`), then `fsync`. The same durability as `dd
 /// conv=fsync`, which leaves everything in the page cache until its sync at the end; where the earlier start is
 /// faster, a store that writes this way is held against this, not against `dd`.
@@ -234,7 +235,7 @@ fn durable_write(input: &Path, out: &Path) -> f64 {
     let started = Instant::now();
     let mut source = std::fs::File::open(input).unwrap();
     let file = std::fs::File::create(out).unwrap();
-    let mut block = vec![0u8; PART_SIZE];
+    let mut block = vec![0u8; bitsmith::store::LOCAL_PART_SIZE];
     let mut at = 0u64;
     loop {
         let n = source.read(&mut block).unwrap();
@@ -543,7 +544,7 @@ async fn main() {
     line("source alone: `curl -o /dev/null` over loopback", Row::Source, "");
     line("disk: `dd conv=fsync` into the store's directory", Row::Disk, "");
     line(
-        "disk: 8 MiB writes, each handed to the disk at once, then `fsync` (as the store writes)",
+        "disk: 1 MiB writes, each handed to the disk at once, then `fsync` (as the store writes)",
         Row::DiskAsStored,
         "",
     );

@@ -119,7 +119,8 @@ pub fn write_zip(
     // The directory records spilled so far go first, then the rest and the end records.
     let mut directory = directory.into_inner().map_err(|e| ZipStreamError::Scratch(e.into_error()))?;
     std::io::Seek::rewind(&mut directory).map_err(ZipStreamError::Scratch)?;
-    send_blocks(&mut directory, &sink.out, &AtomicU64::new(0), ZipStreamError::Scratch)?;
+    // The directory is not the app's bytes: it counts in no progress.
+    send_blocks(&mut directory, &sink.out, None, ZipStreamError::Scratch)?;
     zip.finish_in_blocks(BLOCK, |block| sink.out.blocking_send(Ok(block)).map_err(|_| ZipStreamError::Closed))
 }
 
@@ -205,14 +206,14 @@ pub fn send_file(
 ) -> Result<(), ZipStreamError> {
     let unreadable = |source| ZipStreamError::Read { path: path.display().to_string(), source };
     let mut file = std::fs::File::open(path).map_err(unreadable)?;
-    send_blocks(&mut file, &out, &progress, unreadable)
+    send_blocks(&mut file, &out, Some(&progress), unreadable)
 }
 
-/// Send what `reader` holds in blocks, counting its bytes in `progress`; a read error is `unreadable`.
+/// Send what `reader` holds in blocks, counting its bytes in `progress` when given; a read error is `unreadable`.
 fn send_blocks(
     reader: &mut impl Read,
     out: &mpsc::Sender<Result<Bytes, std::io::Error>>,
-    progress: &AtomicU64,
+    progress: Option<&AtomicU64>,
     unreadable: impl Fn(std::io::Error) -> ZipStreamError,
 ) -> Result<(), ZipStreamError> {
     loop {
@@ -222,7 +223,9 @@ fn send_blocks(
             return Ok(());
         }
         block.truncate(n);
-        progress.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(progress) = progress {
+            progress.fetch_add(n as u64, Ordering::Relaxed);
+        }
         out.blocking_send(Ok(block.freeze())).map_err(|_| ZipStreamError::Closed)?;
     }
 }

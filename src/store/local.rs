@@ -53,6 +53,8 @@ impl MultipartUpload for LocalUpload {
                 file.write_all_at(piece, at).map_err(|e| io_error("write", &partial, e))?;
                 at += piece.len() as u64;
             }
+            // The bytes are in the page cache: their blocks may be filled again while the disk is asked to write.
+            drop(data);
             start_writeback(&file, start, at - start);
             Ok(())
         }))

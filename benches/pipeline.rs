@@ -561,9 +561,9 @@ async fn main() {
     line("upload through the API → file store (reference: the pipeline alone)", Row::Upload, "reference ≥ 0.9");
     line("download through the API, blob cold (reference: cold `cat`)", Row::Download, "reference ≥ 0.9");
     println!(
-        "\nA ratio is the median of the rounds' ratios. Limits: writes to the file store: min(hash, source, disk), the disk being the better of its two rows; \
-         writes to Garage: min(hash, source, plain multipart), without the hash for rclone; cold reads: the read as \
-         the store reads. The disk, Garage and cold-read limits are the better of the two runs measured just \
+        "\nA ratio is the median of the rounds' ratios. Limits: writes to the file store: min(hash, source, disk), \
+         the disk being the better of its two rows; writes to Garage: min(hash, source, plain multipart), without \
+         the hash for rclone; cold reads: the read as the store reads. The disk, Garage and cold-read limits are the better of the two runs measured just \
          before and just after the row. Pages resident before the cold reads: at most {:.1} %.",
         residents.iter().copied().fold(0.0, f64::max) * 100.0
     );

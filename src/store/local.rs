@@ -28,16 +28,22 @@ pub(super) struct LocalUpload {
 }
 
 impl LocalUpload {
-    /// Create the partial file for `dest` (and `dest`'s directory). Blocking: call on the blocking pool.
-    pub(super) fn create(dest: PathBuf) -> Result<Self, object_store::Error> {
-        let parent = dest.parent().ok_or_else(|| generic(format!("{} names no directory", dest.display())))?;
-        std::fs::create_dir_all(parent).map_err(|e| io_error("create directory", parent, e))?;
-        let mut partial = dest.clone().into_os_string();
-        partial.push(format!("#{}", uuid::Uuid::new_v4().simple()));
-        let partial = PathBuf::from(partial);
-        let file =
-            File::options().write(true).create_new(true).open(&partial).map_err(|e| io_error("create", &partial, e))?;
-        Ok(LocalUpload { file: Arc::new(file), partial, dest, offset: 0, over: false })
+    /// Create the partial file for `dest` (and `dest`'s directory).
+    pub(super) async fn create(dest: PathBuf) -> Result<Self, object_store::Error> {
+        blocking(move || {
+            let parent = dest.parent().ok_or_else(|| generic(format!("{} names no directory", dest.display())))?;
+            std::fs::create_dir_all(parent).map_err(|e| io_error("create directory", parent, e))?;
+            let mut partial = dest.clone().into_os_string();
+            partial.push(format!("#{}", uuid::Uuid::new_v4().simple()));
+            let partial = PathBuf::from(partial);
+            let file = File::options()
+                .write(true)
+                .create_new(true)
+                .open(&partial)
+                .map_err(|e| io_error("create", &partial, e))?;
+            Ok(LocalUpload { file: Arc::new(file), partial, dest, offset: 0, over: false })
+        })
+        .await
     }
 }
 
@@ -147,12 +153,7 @@ mod tests {
     async fn parts_land_at_their_offsets_and_appear_only_when_completed() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("a/b/blob");
-        let mut upload = blocking({
-            let dest = dest.clone();
-            move || LocalUpload::create(dest)
-        })
-        .await
-        .unwrap();
+        let mut upload = LocalUpload::create(dest.clone()).await.unwrap();
         // Parts may finish in any order; each lands where it belongs.
         let first = upload.put_part(payload(&[1; 5000]));
         let second = upload.put_part(payload(&[2; 3]));
@@ -173,7 +174,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for abort in [true, false] {
             let dest = dir.path().join(format!("blob-{abort}"));
-            let mut upload = LocalUpload::create(dest.clone()).unwrap();
+            let mut upload = LocalUpload::create(dest.clone()).await.unwrap();
             upload.put_part(payload(b"bytes")).await.unwrap();
             let partial = upload.partial.clone();
             assert!(partial.exists());

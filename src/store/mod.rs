@@ -224,10 +224,10 @@ impl BlobStore {
         let Some(multipart) = &self.client.multipart else {
             let upload: Box<dyn MultipartUpload> = match &self.client.local {
                 Some(fs) => {
-                    let dest = fs.path_to_filesystem(&path).map_err(|e| self.backend_error("begin write", &key, e))?;
-                    let created = tokio::task::spawn_blocking(move || local::LocalUpload::create(dest))
-                        .await
-                        .expect("creating a file does not panic");
+                    let created = match fs.path_to_filesystem(&path) {
+                        Ok(dest) => local::LocalUpload::create(dest).await,
+                        Err(e) => Err(e),
+                    };
                     Box::new(created.map_err(|e| self.backend_error("begin write", &key, e))?)
                 }
                 None => self

@@ -36,7 +36,7 @@ use bitsmith::fetch::{Fetcher, Inputs};
 use bitsmith::resources::{HttpSource, Source};
 use bitsmith::store::{BlobOwner, BlobStore};
 use object_store::ObjectStoreExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 // The integration tests' object-store servers and data generator; the benchmark uses only part of them.
 #[allow(dead_code)]
@@ -94,45 +94,37 @@ fn quote(path: &Path) -> String {
 
 // --- the source ---------------------------------------------------------------------------------------------
 
-/// Serve `input` at `/input` over plain HTTP on loopback from a runtime on its own thread, so that serving does not
-/// take the measured code's workers. Returns the base URL.
+/// Serve `input` at `/input` over plain HTTP on loopback, a thread per connection, the body sent from the page cache
+/// by `sendfile` (what `std::io::copy` does from a file to a socket), as a web server sends a static file: the
+/// source shares this machine's two cores with the measured code, and should take no more of them than a real
+/// server would. Returns the base URL.
 fn serve(input: PathBuf) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            while let Ok((socket, _)) = listener.accept().await {
-                tokio::spawn(answer(socket, input.clone()));
-            }
-        });
+        for socket in listener.incoming().flatten() {
+            let input = input.clone();
+            std::thread::spawn(move || answer(socket, &input));
+        }
     });
     format!("http://{addr}")
 }
 
-async fn answer(mut socket: tokio::net::TcpStream, input: PathBuf) {
+fn answer(mut socket: std::net::TcpStream, input: &Path) {
+    use std::io::{Read, Write};
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match socket.read(&mut buf).await {
+        match socket.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     }
-    let size = tokio::fs::metadata(&input).await.unwrap().len();
+    let mut file = std::fs::File::open(input).unwrap();
+    let size = file.metadata().unwrap().len();
     let header = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n");
-    if socket.write_all(header.as_bytes()).await.is_err() {
-        return;
-    }
-    let mut block = vec![0u8; 1 << 20];
-    let mut file = tokio::fs::File::open(&input).await.unwrap();
-    loop {
-        let n = file.read(&mut block).await.unwrap();
-        if n == 0 || socket.write_all(&block[..n]).await.is_err() {
-            return;
-        }
+    if socket.write_all(header.as_bytes()).is_ok() {
+        let _ = std::io::copy(&mut file, &mut socket);
     }
 }
 
@@ -226,9 +218,10 @@ fn hash_limit(block: &[u8], size: u64) -> f64 {
 }
 
 /// `input` written to `out` as the file store writes a blob (`src/store/local.rs`): writes of its part size, each
-/// handed to the disk as soon as it is written (`sync_file_range`), then `fsync`. The same durability as `dd
-/// conv=fsync`, which leaves everything in the page cache until its sync at the end; where the earlier start is
-/// faster, a store that writes this way is held against this, not against `dd`.
+/// handed to the disk as soon as it is written (`sync_file_range`), a sync on another thread every
+/// `LOCAL_SYNC_EVERY` bytes, then `fsync`. The same durability as `dd conv=fsync`, which leaves everything in the
+/// page cache until its sync at the end; where the earlier start is faster, a store that writes this way is held
+/// against this, not against `dd`.
 fn durable_write(input: &Path, out: &Path) -> f64 {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
@@ -237,16 +230,24 @@ fn durable_write(input: &Path, out: &Path) -> f64 {
     let file = std::fs::File::create(out).unwrap();
     let mut block = vec![0u8; bitsmith::store::LOCAL_PART_SIZE];
     let mut at = 0u64;
-    loop {
-        let n = source.read(&mut block).unwrap();
-        if n == 0 {
-            break;
+    std::thread::scope(|scope| {
+        let mut syncing: Option<std::thread::ScopedJoinHandle<'_, ()>> = None;
+        let mut synced_at = 0;
+        loop {
+            let n = source.read(&mut block).unwrap();
+            if n == 0 {
+                break;
+            }
+            file.write_all_at(&block[..n], at).unwrap();
+            // SAFETY: a plain syscall on a descriptor we own.
+            unsafe { libc::sync_file_range(file.as_raw_fd(), at as i64, n as i64, libc::SYNC_FILE_RANGE_WRITE) };
+            at += n as u64;
+            if at - synced_at >= bitsmith::store::LOCAL_SYNC_EVERY && syncing.as_ref().is_none_or(|s| s.is_finished()) {
+                synced_at = at;
+                syncing = Some(scope.spawn(|| file.sync_data().unwrap()));
+            }
         }
-        file.write_all_at(&block[..n], at).unwrap();
-        // SAFETY: a plain syscall on a descriptor we own.
-        unsafe { libc::sync_file_range(file.as_raw_fd(), at as i64, n as i64, libc::SYNC_FILE_RANGE_WRITE) };
-        at += n as u64;
-    }
+    });
     file.sync_all().unwrap();
     let rate = mbps(at, started.elapsed().as_secs_f64());
     std::fs::remove_file(out).unwrap();

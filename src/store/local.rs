@@ -3,22 +3,26 @@
 //! upload is completed.
 //!
 //! Unlike object_store's own local upload, each part is handed to the disk as soon as it is written
-//! (`sync_file_range`), so the disk writes while the rest of the bytes still arrive and are hashed, and the sync
-//! at the end has little left to do: a fetch takes about as long as the slower of the two instead of their sum.
-//! Durability is the same: the file is synced before it is renamed, and its directory after.
+//! (`sync_file_range`) and the file is synced in the background as it grows, so the disk writes while the rest of
+//! the bytes still arrive and are hashed, and the sync at the end has little left to do: a fetch takes about as
+//! long as the slower of the two instead of their sum. Durability is the same: the file is synced before it is
+//! renamed, and its directory after.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use object_store::{MultipartUpload, PutPayload, PutResult, UploadPart};
+
+use super::LOCAL_SYNC_EVERY;
 
 /// An upload to `dest` through a partial file beside it.
 #[derive(Debug)]
 pub(super) struct LocalUpload {
-    file: Arc<File>,
+    file: Arc<Flushed>,
     partial: PathBuf,
     dest: PathBuf,
     /// Where the next part goes.
@@ -41,7 +45,7 @@ impl LocalUpload {
                 .create_new(true)
                 .open(&partial)
                 .map_err(|e| io_error("create", &partial, e))?;
-            Ok(LocalUpload { file: Arc::new(file), partial, dest, offset: 0, over: false })
+            Ok(LocalUpload { file: Arc::new(Flushed::new(file)), partial, dest, offset: 0, over: false })
         })
         .await
     }
@@ -56,12 +60,13 @@ impl MultipartUpload for LocalUpload {
         Box::pin(blocking(move || {
             let mut at = start;
             for piece in data.iter() {
-                file.write_all_at(piece, at).map_err(|e| io_error("write", &partial, e))?;
+                file.file.write_all_at(piece, at).map_err(|e| io_error("write", &partial, e))?;
                 at += piece.len() as u64;
             }
             // The bytes are in the page cache: their blocks may be filled again while the disk is asked to write.
             drop(data);
-            start_writeback(&file, start, at - start);
+            start_writeback(&file.file, start, at - start);
+            file.written(at - start);
             Ok(())
         }))
     }
@@ -71,7 +76,7 @@ impl MultipartUpload for LocalUpload {
         let (file, partial, dest) = (self.file.clone(), self.partial.clone(), self.dest.clone());
         blocking(move || {
             let published = file
-                .sync_all()
+                .sync()
                 .map_err(|e| io_error("sync", &partial, e))
                 .and_then(|()| std::fs::rename(&partial, &dest).map_err(|e| io_error("rename", &partial, e)))
                 .and_then(|()| sync_directory(&dest));
@@ -107,6 +112,55 @@ impl Drop for LocalUpload {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn_blocking(move || std::fs::remove_file(partial))),
             Err(_) => drop(std::fs::remove_file(partial)),
+        }
+    }
+}
+
+/// The partial file, synced in the background every `LOCAL_SYNC_EVERY` bytes written.
+#[derive(Debug)]
+struct Flushed {
+    file: File,
+    unsynced: AtomicU64,
+    syncing: AtomicBool,
+    /// A background sync's failure, kept for the final sync: Linux reports a writeback error to one sync of an
+    /// open file only, so the final one would not see it again. The lock is held for a whole sync, so that the
+    /// final sync starts only after a background one has recorded its result.
+    failed: Mutex<Option<std::io::Error>>,
+}
+
+impl Flushed {
+    fn new(file: File) -> Self {
+        Flushed { file, unsynced: AtomicU64::new(0), syncing: AtomicBool::new(false), failed: Mutex::new(None) }
+    }
+
+    /// `len` more bytes are written: start a background sync when enough are and none is running.
+    fn written(self: &Arc<Self>, len: u64) {
+        let unsynced = self.unsynced.fetch_add(len, Ordering::Relaxed) + len;
+        if unsynced < LOCAL_SYNC_EVERY || self.syncing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.unsynced.store(0, Ordering::Relaxed);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.syncing.store(false, Ordering::Release);
+            return;
+        };
+        let this = self.clone();
+        drop(runtime.spawn_blocking(move || {
+            let mut failed = this.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(e) = this.file.sync_data() {
+                failed.get_or_insert(e);
+            }
+            drop(failed);
+            this.syncing.store(false, Ordering::Release);
+        }));
+    }
+
+    /// Sync everything written, reporting a background sync's failure too.
+    fn sync(&self) -> std::io::Result<()> {
+        let mut failed = self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match failed.take() {
+            Some(e) => Err(e),
+            None => self.file.sync_all(),
         }
     }
 }
@@ -167,6 +221,28 @@ mod tests {
         assert_eq!(written.len(), 5003);
         assert!(written[..5000].iter().all(|&b| b == 1) && written[5000..] == [2, 2, 2]);
         assert!(!partial.exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_write_is_synced_on_the_way_and_a_failed_sync_fails_completion() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("blob");
+        let mut upload = LocalUpload::create(dest.clone()).await.unwrap();
+        upload.put_part(payload(b"head")).await.unwrap();
+        assert_eq!(upload.file.unsynced.load(Ordering::Relaxed), 4);
+        upload.put_part(PutPayload::from(vec![7u8; LOCAL_SYNC_EVERY as usize])).await.unwrap();
+        // The parts crossed the threshold: a background sync started and counts from zero again.
+        assert_eq!(upload.file.unsynced.load(Ordering::Relaxed), 0);
+        // Wait for it to end (it holds the lock while it runs), then stand in for a writeback error it saw.
+        while upload.file.syncing.load(Ordering::Acquire) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        *upload.file.failed.lock().unwrap() = Some(std::io::Error::other("lost page"));
+        upload.put_part(payload(b"tail")).await.unwrap();
+        let partial = upload.partial.clone();
+        let error = upload.complete().await.unwrap_err().to_string();
+        assert!(error.contains("lost page"), "{error}");
+        assert!(!partial.exists() && !dest.exists(), "a failed sync publishes nothing and leaves nothing");
     }
 
     #[tokio::test]

@@ -332,6 +332,39 @@ struct Results {
     rates: BTreeMap<Row, Vec<f64>>,
     to_limit: BTreeMap<Row, Vec<f64>>,
     to_reference: BTreeMap<Row, Vec<f64>>,
+    /// What the API process spent on a row, per GiB.
+    api_spent: BTreeMap<Row, Vec<Spent>>,
+}
+
+/// A process's CPU time and minor page faults: where an upload's or a download's time goes in the API.
+#[derive(Clone, Copy, Default)]
+struct Spent {
+    user: f64,
+    system: f64,
+    faults: f64,
+}
+
+impl Spent {
+    /// The counters of process `pid` so far, from `/proc/<pid>/stat`.
+    fn of(pid: u32) -> Spent {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // The fields after the command name (which may hold spaces) start with the state, field 3.
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let field = |n: usize| fields[n - 3].parse::<f64>().unwrap();
+        // SAFETY: sysconf only reads a system constant.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Spent { user: field(14) / ticks, system: field(15) / ticks, faults: field(10) }
+    }
+
+    /// What was spent between `self` and `later`, per GiB of `size` bytes.
+    fn per_gib(self, later: Spent, size: u64) -> Spent {
+        let scale = GIB as f64 / size as f64;
+        Spent {
+            user: (later.user - self.user) * scale,
+            system: (later.system - self.system) * scale,
+            faults: (later.faults - self.faults) * scale,
+        }
+    }
 }
 
 impl Results {
@@ -411,7 +444,7 @@ async fn main() {
     let (ns, token) = support::prepare_cluster("bench-transfer");
     let api_store = dir.path().join("api-store");
     let limit = (2 * size + 64 * MIB).to_string();
-    let (_api, api) =
+    let (api_process, api) =
         Api::start(api_store.as_os_str(), &["--max-upload-size", &limit, "--max-package-size", &limit]).await;
     let client = reqwest::Client::new();
 
@@ -469,6 +502,7 @@ async fn main() {
         // curl sends the form, as CF clients upload: a client in its own process, which costs this 2-core
         // machine little CPU beside the API's.
         let upload_url = format!("{api}/v3/packages/{guid}/upload");
+        let before = Spent::of(api_process.process.id());
         let uploaded = mbps(
             size,
             timed_shell(
@@ -480,6 +514,11 @@ async fn main() {
                 &[("TOKEN".to_string(), token.clone())],
             ),
         );
+        results
+            .api_spent
+            .entry(Row::Upload)
+            .or_default()
+            .push(before.per_gib(Spent::of(api_process.process.id()), size));
         let disk_4 = disk(&mut results);
         results.judged(Row::Upload, uploaded, hash.min(disk_3.max(disk_4)), Some(pipeline));
 
@@ -508,11 +547,14 @@ async fn main() {
         let read_1 = results.limit(Row::ColdRead, parallel_cold_read(&blob));
         results.judged(Row::ColdCat, cat, read_0.max(read_1), None);
         residents.push(make_cold(&blob));
+        let before = Spent::of(api_process.process.id());
         let took = timed_shell(
             &format!("curl -sf -o /dev/null -H 'Authorization: bearer {token}' {api}/v3/packages/{guid}/download"),
             &[],
         );
         let downloaded = mbps(stored, took);
+        let spent = before.per_gib(Spent::of(api_process.process.id()), stored);
+        results.api_spent.entry(Row::Download).or_default().push(spent);
         residents.push(make_cold(&blob));
         let read_2 = results.limit(Row::ColdRead, parallel_cold_read(&blob));
         results.judged(Row::Download, downloaded, read_1.max(read_2), Some(cat));
@@ -545,7 +587,11 @@ async fn main() {
     line("source alone: `curl -o /dev/null` over loopback", Row::Source, "");
     line("disk: `dd conv=fsync` into the store's directory", Row::Disk, "");
     line(
-        "disk: 1 MiB writes, each handed to the disk at once, then `fsync` (as the store writes)",
+        &format!(
+            "disk: 1 MiB writes, each handed to the disk at once, a sync every {} MiB, then `fsync` (as the store \
+             writes)",
+            bitsmith::store::LOCAL_SYNC_EVERY >> 20
+        ),
         Row::DiskAsStored,
         "",
     );
@@ -568,6 +614,13 @@ async fn main() {
          before and just after the row. Pages resident before the cold reads: at most {:.1} %.",
         residents.iter().copied().fold(0.0, f64::max) * 100.0
     );
+    println!("\n| the API process, per GiB (median of the rounds) | user CPU-s | system CPU-s | minor page faults |");
+    println!("|---|---:|---:|---:|");
+    for (name, row) in [("upload", Row::Upload), ("download", Row::Download)] {
+        let spent = &results.api_spent[&row];
+        let of = |part: fn(&Spent) -> f64| median(&spent.iter().map(part).collect::<Vec<_>>());
+        println!("| {name} | {:.2} | {:.2} | {:.0} |", of(|s| s.user), of(|s| s.system), of(|s| s.faults));
+    }
     std::fs::remove_file(&input).unwrap();
 
     // Generated bytes, made as they are sent: no input file of the larger sizes.

@@ -1,6 +1,7 @@
-//! A write to the filesystem store, as a multipart upload: parts are written at their offsets into a file beside
-//! the key (`<key>#<id>`, which listings do not show), and the file is synced and renamed to the key when the
-//! upload is completed.
+//! Writes to and reads from the filesystem store.
+//!
+//! A write is a multipart upload: parts are written at their offsets into a file beside the key (`<key>#<id>`,
+//! which listings do not show), and the file is synced and renamed to the key when the upload is completed.
 //!
 //! Unlike object_store's own local upload, each part is handed to the disk as soon as it is written
 //! (`sync_file_range`) and the file is synced in the background as it grows, so the disk writes while the rest of
@@ -9,15 +10,19 @@
 //! renamed, and its directory after.
 
 use std::fs::File;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use object_store::{MultipartUpload, PutPayload, PutResult, UploadPart};
 
 use super::LOCAL_SYNC_EVERY;
+use crate::object_url::{READ_CONCURRENCY, READ_RANGE};
 
 /// An upload to `dest` through a partial file beside it.
 #[derive(Debug)]
@@ -175,6 +180,86 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// Stream the bytes `range` of the file at `path`, [`READ_RANGE`] at a time and [`READ_CONCURRENCY`] read at once
+/// on the blocking pool, as reads from the object stores go. object_store's own ranged read zeroes a fresh buffer
+/// for every range, and a fresh buffer of megabytes is new memory to fault in; here a stream's buffers are filled
+/// again once the bytes read into them are dropped. The file is opened once, so the stream reads one file to the
+/// end even should its key be replaced meanwhile.
+pub(super) fn read_range(path: PathBuf, range: Range<u64>) -> BoxStream<'static, Result<Bytes, object_store::Error>> {
+    let opened = blocking({
+        let path = path.clone();
+        move || File::open(&path).map_err(|e| open_error(&path, e))
+    });
+    stream::once(opened)
+        .map_ok(move |file| {
+            let (file, path, buffers) = (Arc::new(file), Arc::new(path.clone()), Arc::new(Buffers::default()));
+            let end = range.end;
+            let ranges =
+                (range.start..end).step_by(READ_RANGE as usize).map(move |start| start..(start + READ_RANGE).min(end));
+            stream::iter(ranges)
+                .map(move |range| {
+                    let (file, path, buffers) = (file.clone(), path.clone(), buffers.clone());
+                    blocking(move || buffers.read(&file, &path, range))
+                })
+                .buffered(READ_CONCURRENCY)
+        })
+        .try_flatten()
+        .boxed()
+}
+
+/// Buffers kept for one read stream beyond those in flight: enough for the consumer's own queue.
+const KEPT_BUFFERS: usize = 2 * READ_CONCURRENCY;
+
+/// A read stream's buffers, kept once the bytes read into them are dropped.
+#[derive(Debug, Default)]
+struct Buffers(Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    /// Read `range` of `file` into a kept buffer, or a new one when none is free.
+    fn read(self: &Arc<Self>, file: &File, path: &Path, range: Range<u64>) -> Result<Bytes, object_store::Error> {
+        let mut buffer = self.0.lock().unwrap_or_else(PoisonError::into_inner).pop().unwrap_or_default();
+        // A kept buffer is already this long: nothing is zeroed but a new buffer's bytes.
+        buffer.resize((range.end - range.start) as usize, 0);
+        file.read_exact_at(&mut buffer, range.start).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                generic(format!("read {}: the file ends before byte {}", path.display(), range.end))
+            }
+            _ => io_error("read", path, e),
+        })?;
+        Ok(Bytes::from_owner(Kept { buffer, buffers: self.clone() }))
+    }
+}
+
+/// Bytes read into a buffer that goes back to its stream's [`Buffers`] when they are dropped.
+struct Kept {
+    buffer: Vec<u8>,
+    buffers: Arc<Buffers>,
+}
+
+impl AsRef<[u8]> for Kept {
+    fn as_ref(&self) -> &[u8] {
+        &self.buffer
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        let mut kept = self.buffers.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.len() < KEPT_BUFFERS {
+            kept.push(std::mem::take(&mut self.buffer));
+        }
+    }
+}
+
+fn open_error(path: &Path, error: std::io::Error) -> object_store::Error {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            object_store::Error::NotFound { path: path.display().to_string(), source: Box::new(error) }
+        }
+        _ => io_error("open", path, error),
+    }
+}
+
 /// Sync the directory holding `path`, so that a rename into it survives a crash.
 fn sync_directory(path: &Path) -> Result<(), object_store::Error> {
     let dir = path.parent().unwrap_or(Path::new("/"));
@@ -243,6 +328,40 @@ mod tests {
         let error = upload.complete().await.unwrap_err().to_string();
         assert!(error.contains("lost page"), "{error}");
         assert!(!partial.exists() && !dest.exists(), "a failed sync publishes nothing and leaves nothing");
+    }
+
+    #[tokio::test]
+    async fn a_read_streams_the_range_in_order_into_buffers_used_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let size = 2 * READ_RANGE + READ_RANGE / 2 + 7;
+        let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        for range in [0..size, 5..size - 3, READ_RANGE - 1..READ_RANGE + 1, 9..9] {
+            let read: Vec<Bytes> = read_range(path.clone(), range.clone()).try_collect().await.unwrap();
+            assert_eq!(read.concat(), content[range.start as usize..range.end as usize], "{range:?}");
+            assert!(read.iter().all(|b| b.len() as u64 <= READ_RANGE));
+        }
+        // A buffer comes back once its bytes are dropped, and the next read fills it again.
+        let buffers = Arc::new(Buffers::default());
+        let file = File::open(&path).unwrap();
+        let first = buffers.read(&file, &path, 0..READ_RANGE).unwrap();
+        let address = first.as_ptr();
+        drop(first);
+        let second = buffers.read(&file, &path, READ_RANGE..2 * READ_RANGE).unwrap();
+        assert_eq!(second.as_ptr(), address);
+        assert_eq!(second[..], content[READ_RANGE as usize..2 * READ_RANGE as usize]);
+    }
+
+    #[tokio::test]
+    async fn a_read_of_a_missing_or_short_file_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing: Result<Vec<Bytes>, _> = read_range(dir.path().join("none"), 0..10).try_collect().await;
+        assert!(matches!(missing, Err(object_store::Error::NotFound { .. })), "{missing:?}");
+        let path = dir.path().join("short");
+        std::fs::write(&path, b"12345").unwrap();
+        let short = read_range(path, 0..10).try_collect::<Vec<Bytes>>().await.unwrap_err().to_string();
+        assert!(short.contains("ends before byte 10"), "{short}");
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use object_store::WriteMultipart;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
@@ -301,9 +301,14 @@ impl BlobStore {
     pub fn read_range(&self, key: &str, range: std::ops::Range<u64>) -> BoxStream<'static, Result<Bytes, StoreError>> {
         let this = self.clone();
         let owned_key = key.to_string();
-        object_url::ranged_stream(self.client.store.clone(), self.path(key), range)
-            .map_err(move |e| this.backend_error("read", &owned_key, e))
-            .boxed()
+        let bytes = match &self.client.local {
+            Some(fs) => match fs.path_to_filesystem(&self.path(key)) {
+                Ok(file) => local::read_range(file, range),
+                Err(e) => stream::once(std::future::ready(Err(e))).boxed(),
+            },
+            None => object_url::ranged_stream(self.client.store.clone(), self.path(key), range),
+        };
+        bytes.map_err(move |e| this.backend_error("read", &owned_key, e)).boxed()
     }
 
     /// Copy the blob `from` (of `size` bytes) to `to`. The copy appears whole or not at all: a server-side copy

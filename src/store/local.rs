@@ -151,7 +151,7 @@ impl Flushed {
         };
         let this = self.clone();
         drop(runtime.spawn_blocking(move || {
-            let mut failed = this.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut failed = this.failed.lock().unwrap_or_else(PoisonError::into_inner);
             if let Err(e) = this.file.sync_data() {
                 failed.get_or_insert(e);
             }
@@ -162,7 +162,7 @@ impl Flushed {
 
     /// Sync everything written, reporting a background sync's failure too.
     fn sync(&self) -> std::io::Result<()> {
-        let mut failed = self.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
         match failed.take() {
             Some(e) => Err(e),
             None => self.file.sync_all(),

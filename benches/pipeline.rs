@@ -9,8 +9,8 @@
 //!
 //! - Limits: sha1 ∥ sha256 on two plain threads over bytes in memory (the digests' own speed on two cores); the
 //!   input written durably into the store's directory (data synced before the blob is visible, as the file store
-//!   does), by `dd conv=fsync` and by 1 MiB writes each handed to the disk at once as the store makes them, the
-//!   better of the two; a plain multipart upload of the input to Garage (object_store, the same part size and
+//!   does), by `dd conv=fsync` and by 1 MiB writes each handed to the disk at once and synced every 32 MiB as the
+//!   store makes them, the better of the two; a plain multipart upload of the input to Garage (object_store, the same part size and
 //!   parts in flight as the store, no digests); `curl` of the source to /dev/null; and a read of a stored blob
 //!   with its pages dropped first (`posix_fadvise(DONTNEED)`, checked with `mincore`), in the ranges and with the
 //!   concurrency the store reads with.
@@ -377,6 +377,11 @@ impl Results {
         rate
     }
 
+    /// What the API process spent on a run of `row`.
+    fn spent(&mut self, row: Row, spent: Spent) {
+        self.api_spent.entry(row).or_default().push(spent);
+    }
+
     /// A run of a peer's or bitsmith's row, against its `limit` and its `reference` in the same round.
     fn judged(&mut self, row: Row, rate: f64, limit: f64, reference: Option<f64>) {
         self.limit(row, rate);
@@ -514,11 +519,7 @@ async fn main() {
                 &[("TOKEN".to_string(), token.clone())],
             ),
         );
-        results
-            .api_spent
-            .entry(Row::Upload)
-            .or_default()
-            .push(before.per_gib(Spent::of(api_process.process.id()), size));
+        results.spent(Row::Upload, before.per_gib(Spent::of(api_process.process.id()), size));
         let disk_4 = disk(&mut results);
         results.judged(Row::Upload, uploaded, hash.min(disk_3.max(disk_4)), Some(pipeline));
 
@@ -553,8 +554,7 @@ async fn main() {
             &[],
         );
         let downloaded = mbps(stored, took);
-        let spent = before.per_gib(Spent::of(api_process.process.id()), stored);
-        results.api_spent.entry(Row::Download).or_default().push(spent);
+        results.spent(Row::Download, before.per_gib(Spent::of(api_process.process.id()), stored));
         residents.push(make_cold(&blob));
         let read_2 = results.limit(Row::ColdRead, parallel_cold_read(&blob));
         results.judged(Row::Download, downloaded, read_1.max(read_2), Some(cat));
@@ -610,8 +610,8 @@ async fn main() {
     println!(
         "\nA ratio is the median of the rounds' ratios. Limits: writes to the file store: min(hash, source, disk), \
          the disk being the better of its two rows; writes to Garage: min(hash, source, plain multipart), without \
-         the hash for rclone; cold reads: the read as the store reads. The disk, Garage and cold-read limits are the better of the two runs measured just \
-         before and just after the row. Pages resident before the cold reads: at most {:.1} %.",
+         the hash for rclone; cold reads: the read as the store reads. The disk, Garage and cold-read limits are \
+         the better of the two runs measured just before and just after the row. Pages resident before the cold reads: at most {:.1} %.",
         residents.iter().copied().fold(0.0, f64::max) * 100.0
     );
     println!("\n| the API process, per GiB (median of the rounds) | user CPU-s | system CPU-s | minor page faults |");

@@ -367,6 +367,12 @@ fn allow_plain_http(mut opts: BTreeMap<String, String>, endpoint_keys: &[&str]) 
     opts
 }
 
+/// `range` cut into the [`READ_RANGE`]-long pieces a stream reads one at a time, in order.
+pub fn read_ranges(range: Range<u64>) -> impl Iterator<Item = Range<u64>> + Send + 'static {
+    let end = range.end;
+    (range.start..end).step_by(READ_RANGE as usize).map(move |start| start..(start + READ_RANGE).min(end))
+}
+
 /// Stream the bytes `range` of an object as ranged GETs, [`READ_CONCURRENCY`] at a time, in order. Ranged reads keep
 /// each request short (so timeouts and retries work per range) and are much faster than one streaming GET on
 /// the local filesystem.
@@ -375,9 +381,7 @@ pub fn ranged_stream(
     path: Path,
     range: Range<u64>,
 ) -> BoxStream<'static, Result<Bytes, object_store::Error>> {
-    let end = range.end;
-    let ranges = (range.start..end).step_by(READ_RANGE as usize).map(move |start| start..(start + READ_RANGE).min(end));
-    stream::iter(ranges)
+    stream::iter(read_ranges(range))
         .map(move |range: Range<u64>| {
             let store = store.clone();
             let path = path.clone();

@@ -22,7 +22,7 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use object_store::{MultipartUpload, PutPayload, PutResult, UploadPart};
 
 use super::LOCAL_SYNC_EVERY;
-use crate::object_url::{READ_CONCURRENCY, READ_RANGE};
+use crate::object_url::{READ_CONCURRENCY, read_ranges};
 
 /// An upload to `dest` through a partial file beside it.
 #[derive(Debug)]
@@ -180,7 +180,7 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
-/// Stream the bytes `range` of the file at `path`, [`READ_RANGE`] at a time and [`READ_CONCURRENCY`] read at once
+/// Stream the bytes `range` of the file at `path`, [`READ_RANGE`](crate::object_url::READ_RANGE) at a time and [`READ_CONCURRENCY`] read at once
 /// on the blocking pool, as reads from the object stores go. object_store's own ranged read zeroes a fresh buffer
 /// for every range, and a fresh buffer of megabytes is new memory to fault in; here a stream's buffers are filled
 /// again once the bytes read into them are dropped. The file is opened once, so the stream reads one file to the
@@ -193,10 +193,7 @@ pub(super) fn read_range(path: PathBuf, range: Range<u64>) -> BoxStream<'static,
     stream::once(opened)
         .map_ok(move |file| {
             let (file, path, buffers) = (Arc::new(file), Arc::new(path.clone()), Arc::new(Buffers::default()));
-            let end = range.end;
-            let ranges =
-                (range.start..end).step_by(READ_RANGE as usize).map(move |start| start..(start + READ_RANGE).min(end));
-            stream::iter(ranges)
+            stream::iter(read_ranges(range.clone()))
                 .map(move |range| {
                     let (file, path, buffers) = (file.clone(), path.clone(), buffers.clone());
                     blocking(move || buffers.read(&file, &path, range))
@@ -283,6 +280,7 @@ fn generic(message: String) -> object_store::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::object_url::READ_RANGE;
 
     fn payload(bytes: &[u8]) -> PutPayload {
         PutPayload::from(bytes.to_vec())

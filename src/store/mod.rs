@@ -227,13 +227,10 @@ impl BlobStore {
     async fn upload_to(&self, key: String) -> Result<Upload, StoreError> {
         let path = self.path(&key);
         let Some(multipart) = &self.client.multipart else {
-            let upload: Box<dyn MultipartUpload> = match &self.client.local {
-                Some(fs) => {
-                    let created = match fs.path_to_filesystem(&path) {
-                        Ok(dest) => local::LocalUpload::create(dest).await,
-                        Err(e) => Err(e),
-                    };
-                    Box::new(created.map_err(|e| self.backend_error("begin write", &key, e))?)
+            let upload: Box<dyn MultipartUpload> = match self.local_file(&key) {
+                Some(dest) => {
+                    let failed = |e| self.backend_error("begin write", &key, e);
+                    Box::new(local::LocalUpload::create(dest.map_err(failed)?).await.map_err(failed)?)
                 }
                 None => self
                     .client
@@ -285,6 +282,12 @@ impl BlobStore {
         self.delete(record_key).await
     }
 
+    /// The file (or directory) behind `key` on the filesystem store, by object_store's own mapping of keys to
+    /// files; `None` on object stores.
+    fn local_file(&self, key: &str) -> Option<Result<std::path::PathBuf, object_store::Error>> {
+        self.client.local.as_ref().map(|fs| fs.path_to_filesystem(&self.path(key)))
+    }
+
     /// The size of the blob at `key`.
     pub async fn size(&self, key: &str) -> Result<u64, StoreError> {
         let meta = self.client.store.head(&self.path(key)).await.map_err(|e| self.backend_error("head", key, e))?;
@@ -301,11 +304,9 @@ impl BlobStore {
     pub fn read_range(&self, key: &str, range: std::ops::Range<u64>) -> BoxStream<'static, Result<Bytes, StoreError>> {
         let this = self.clone();
         let owned_key = key.to_string();
-        let bytes = match &self.client.local {
-            Some(fs) => match fs.path_to_filesystem(&self.path(key)) {
-                Ok(file) => local::read_range(file, range),
-                Err(e) => stream::once(std::future::ready(Err(e))).boxed(),
-            },
+        let bytes = match self.local_file(key) {
+            Some(Ok(file)) => local::read_range(file, range),
+            Some(Err(e)) => stream::once(std::future::ready(Err(e))).boxed(),
             None => object_url::ranged_stream(self.client.store.clone(), self.path(key), range),
         };
         bytes.map_err(move |e| this.backend_error("read", &owned_key, e)).boxed()
@@ -417,9 +418,9 @@ impl BlobStore {
 
     /// Remove the staged objects `stale` picks by file name and modification time.
     async fn sweep_staged_where(&self, stale: impl Fn(&str, SystemTime) -> bool) -> Result<usize, StoreError> {
-        if let Some(fs) = &self.client.local {
+        if let Some(dir) = self.local_file(STAGING) {
             // Listings hide in-progress part files (`<key>#<id>`), so look at the directory itself.
-            let dir = fs.path_to_filesystem(&self.path(STAGING)).map_err(|e| self.backend_error("list", STAGING, e))?;
+            let dir = dir.map_err(|e| self.backend_error("list", STAGING, e))?;
             return self.sweep_local_staging(&dir, stale);
         }
         let prefix = self.path(STAGING);

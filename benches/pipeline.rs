@@ -22,7 +22,9 @@
 //!   store); a download of
 //!   that package through the API, its blob cold.
 //!
-//! Then the peak RSS of `bitsmith fetch` (http → file store) at 1, 2, 4 and 8 GiB (`BITSMITH_BENCH_RSS_SIZES`).
+//! Before the table, how fast chunks are regrouped into blocks by where the destination lies relative to the
+//! source (one `memcpy` per chunk against `recycle::append`); after it, the peak RSS of `bitsmith fetch` (http →
+//! file store) at 1, 2, 4 and 8 GiB (`BITSMITH_BENCH_RSS_SIZES`).
 //! Needs what `make bench` starts (scripts/with-test-env.sh): the control plane and Garage; and `rclone`
 //! (installed with apt when missing).
 
@@ -398,8 +400,52 @@ fn median(runs: &[f64]) -> f64 {
     runs[runs.len() / 2]
 }
 
+/// GB/s of regrouping 1 GiB of 256 KiB chunks into 1 MiB blocks (as the pipeline regroups a body) with `copy`,
+/// each block's destination `distance` bytes past its source modulo a page. Best of 3.
+fn regroup_rate(distance: usize, copy: fn(&mut bytes::BytesMut, &[u8])) -> f64 {
+    const CHUNK: usize = 256 << 10;
+    const PAGE: usize = 4096;
+    let source = data::bytes(SEED, 4 * CHUNK + PAGE);
+    let start = source.as_ptr().align_offset(PAGE);
+    let source = &source[start..start + 4 * CHUNK];
+    let mut block = bytes::BytesMut::with_capacity(4 * CHUNK + 2 * PAGE);
+    // Filler before the chunks puts the destination where it should be relative to the page-aligned source.
+    let filler = (distance + PAGE - block.as_ptr() as usize % PAGE) % PAGE;
+    (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            for _ in 0..GIB as usize / source.len() {
+                block.clear();
+                block.resize(filler, 0);
+                for chunk in source.chunks(CHUNK) {
+                    copy(&mut block, chunk);
+                }
+                assert_eq!(block.len(), filler + source.len());
+            }
+            mbps(GIB, started.elapsed().as_secs_f64()) / 1e3
+        })
+        .fold(0.0, f64::max)
+}
+
+/// How fast bytes are regrouped into blocks, by where the destination lies relative to the source: one
+/// `memcpy` per chunk against [`bitsmith::recycle::append`].
+fn regroup_table() {
+    println!(
+        "| regrouping 256 KiB chunks into 1 MiB blocks: destination past source, mod 4096 \
+         | one `memcpy` per chunk, GB/s | `recycle::append`, GB/s |"
+    );
+    println!("|---|---:|---:|");
+    for distance in [0, 8, 16, 31, 32, 64, 1000] {
+        let memcpy = regroup_rate(distance, |block, chunk| block.extend_from_slice(chunk));
+        let append = regroup_rate(distance, bitsmith::recycle::append);
+        println!("| {distance} B | {memcpy:.1} | {append:.1} |");
+    }
+    println!();
+}
+
 #[tokio::main]
 async fn main() {
+    regroup_table();
     let size = env_u64s("BITSMITH_BENCH_SIZE", &[GIB])[0];
     let rss_sizes = env_u64s("BITSMITH_BENCH_RSS_SIZES", &[GIB, 2 * GIB, 4 * GIB, 8 * GIB]);
     let s3 = cloud::S3::try_from_env().expect("the S3 server: run through `make bench`");

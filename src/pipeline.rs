@@ -229,7 +229,7 @@ impl<S: Stream<Item = Result<Bytes, SourceError>> + Unpin> Blocks<S> {
                     if self.buffer.capacity() == 0 {
                         self.buffer = self.buffers.buffer();
                     }
-                    self.buffer.extend_from_slice(&chunk);
+                    crate::recycle::append(&mut self.buffer, &chunk);
                 }
                 Some(Err(e)) => return Some(Err(e)),
                 None if self.buffer.is_empty() => return None,

@@ -337,26 +337,33 @@ impl Packing<'_> {
         self.send(writer.finish()).await
     }
 
-    /// Run the upload's bytes through the rewrite, into the new zip and the cache.
-    async fn feed<S>(&self, mut repack: Repack, cache: &mut CacheWrite, mut chunks: S) -> Result<Repack, Failure>
+    /// Run the upload's bytes through the rewrite, into the new zip and the cache. The next batch is read while
+    /// one is rewritten, so that the body keeps flowing.
+    async fn feed<S>(&self, repack: Repack, cache: &mut CacheWrite, mut chunks: S) -> Result<Repack, Failure>
     where
         S: futures::Stream<Item = Result<Bytes, SourceError>> + Unpin,
     {
         let mut batches = Batches::default();
-        while let Some(batch) =
-            batches.next(&mut chunks).await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?
-        {
-            let (back, rewritten) = rewrite(repack, batch, None).await;
-            repack = back;
-            let (out, events) = rewritten.map_err(zip_failure)?;
-            for bytes in out {
-                self.send(bytes).await?;
+        let (mut idle, mut rewriting): (_, Option<Rewrite>) = (Some(repack), None);
+        loop {
+            let batch =
+                batches.next(&mut chunks).await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?;
+            if let Some(rewrite) = rewriting.take() {
+                let (back, rewritten) = rewrite.done().await;
+                idle = Some(back);
+                let (out, events) = rewritten.map_err(zip_failure)?;
+                for bytes in out {
+                    self.send(bytes).await?;
+                }
+                for event in events {
+                    cache.follow(&self.state.cache, &self.namespace, event).await;
+                }
             }
-            for event in events {
-                cache.follow(&self.state.cache, &self.namespace, event).await;
-            }
+            let Some(batch) = batch else {
+                return Ok(idle.expect("the rewrite is back once none runs"));
+            };
+            rewriting = Some(Rewrite::start(idle.take().expect("one rewrite at a time"), batch, None));
         }
-        Ok(repack)
     }
 
     /// The spooled file `bits_path` names, if it lies inside the spool directory.
@@ -428,7 +435,7 @@ impl Packing<'_> {
         let mut batches = Batches::default();
         while found < wanted.len() || current.is_some() {
             let Some(batch) = batches.next(&mut stream).await.map_err(store_failure)? else { break };
-            let (back, rewritten) = rewrite(copy, batch, Some(wanted.clone())).await;
+            let (back, rewritten) = Rewrite::start(copy, batch, Some(wanted.clone())).done().await;
             copy = back;
             let (out, events) =
                 rewritten.map_err(|e| refused(format!("Base package {guid} could not be read: {e}")))?;
@@ -622,7 +629,7 @@ impl Batches {
         let mut buffer = self.buffers.buffer();
         while buffer.len() < FEED_BATCH {
             match chunks.try_next().await? {
-                Some(chunk) => buffer.extend_from_slice(&chunk),
+                Some(chunk) => crate::recycle::append(&mut buffer, &chunk),
                 None => break,
             }
         }
@@ -633,26 +640,32 @@ impl Batches {
     }
 }
 
-/// Rewrite one batch of a zip on the blocking pool — every entry, or, given `wanted`, the files it names (with
+/// The rewrite back, with the new zip's bytes and the events of a batch.
+type Rewritten = (Repack, Result<(Vec<Bytes>, Vec<ZipEvent>), ZipError>);
+
+/// One batch of a zip rewritten on the blocking pool — every entry, or, given `wanted`, the files it names (with
 /// their modes) — so that the store, which the same task polls, goes on with the batches before meanwhile: done
 /// in place, inflating and storing would take turns on one core.
-async fn rewrite(
-    mut repack: Repack,
-    input: bytes::BytesMut,
-    wanted: Option<Arc<HashMap<Arc<str>, Resource>>>,
-) -> (Repack, Result<(Vec<Bytes>, Vec<ZipEvent>), ZipError>) {
-    tokio::task::spawn_blocking(move || {
-        let rewritten = match &wanted {
-            None => repack.push(input),
-            Some(wanted) => repack.push_selected(input, |header| {
-                wanted.get(&header.name).filter(|_| !header.is_dir()).map(|r| file_attributes(r.mode))
-            }),
-        }
-        .map(|(out, events)| (out, events.collect()));
-        (repack, rewritten)
-    })
-    .await
-    .expect("rewriting a zip panicked")
+struct Rewrite(tokio::task::JoinHandle<Rewritten>);
+
+impl Rewrite {
+    /// Start rewriting `input`.
+    fn start(mut repack: Repack, input: bytes::BytesMut, wanted: Option<Arc<HashMap<Arc<str>, Resource>>>) -> Self {
+        Rewrite(tokio::task::spawn_blocking(move || {
+            let rewritten = match &wanted {
+                None => repack.push(input),
+                Some(wanted) => repack.push_selected(input, |header| {
+                    wanted.get(&header.name).filter(|_| !header.is_dir()).map(|r| file_attributes(r.mode))
+                }),
+            }
+            .map(|(out, events)| (out, events.collect()));
+            (repack, rewritten)
+        }))
+    }
+
+    async fn done(self) -> Rewritten {
+        self.0.await.expect("rewriting a zip panicked")
+    }
 }
 
 /// A spooled upload, read in 1 MiB chunks.

@@ -334,7 +334,7 @@ impl ZipReader {
         if self.buffer.is_empty() {
             self.buffer = chunk;
         } else {
-            self.buffer.extend_from_slice(&chunk);
+            crate::recycle::append(&mut self.buffer, &chunk);
         }
         while self.step(events)? {}
         Ok(())

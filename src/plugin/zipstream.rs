@@ -245,7 +245,7 @@ impl BlockSink {
 
 impl Write for BlockSink {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buffer.extend_from_slice(data);
+        crate::recycle::append(&mut self.buffer, data);
         self.written += data.len() as u64;
         if self.buffer.len() >= BLOCK {
             self.flush()?;

@@ -23,7 +23,8 @@
 //!   that package through the API, its blob cold.
 //!
 //! Before the table, how fast chunks are regrouped into blocks by where the destination lies relative to the
-//! source (one `memcpy` per chunk against `recycle::append`); after it, the peak RSS of `bitsmith fetch` (http →
+//! source (one `memcpy` per chunk against `recycle::append`), and how fast the page-cached input is read into a
+//! buffer by where the buffer starts relative to a page; after it, the peak RSS of `bitsmith fetch` (http →
 //! file store) at 1, 2, 4 and 8 GiB (`BITSMITH_BENCH_RSS_SIZES`).
 //! Needs what `make bench` starts (scripts/with-test-env.sh): the control plane and Garage; and `rclone`
 //! (installed with apt when missing).
@@ -35,10 +36,11 @@ use std::process::Command;
 use std::time::Instant;
 
 use bitsmith::fetch::{Fetcher, Inputs};
+use bitsmith::recycle::PageBuffer;
 use bitsmith::resources::{HttpSource, Source};
 use bitsmith::store::{BlobOwner, BlobStore};
+use futures::StreamExt;
 use object_store::ObjectStoreExt;
-use tokio::io::AsyncReadExt;
 
 // The integration tests' object-store servers and data generator; the benchmark uses only part of them.
 #[allow(dead_code)]
@@ -165,7 +167,7 @@ fn parallel_cold_read(path: &Path) -> f64 {
         for reader in 0..readers {
             let file = &file;
             scope.spawn(move || {
-                let mut buf = vec![0u8; range as usize];
+                let mut buf = PageBuffer::zeroed(range as usize);
                 let mut start = reader * range;
                 while start < size {
                     let len = range.min(size - start) as usize;
@@ -230,7 +232,7 @@ fn durable_write(input: &Path, out: &Path) -> f64 {
     let started = Instant::now();
     let mut source = std::fs::File::open(input).unwrap();
     let file = std::fs::File::create(out).unwrap();
-    let mut block = vec![0u8; bitsmith::store::LOCAL_PART_SIZE];
+    let mut block = PageBuffer::zeroed(bitsmith::store::LOCAL_PART_SIZE);
     let mut at = 0u64;
     std::thread::scope(|scope| {
         let mut syncing: Option<std::thread::ScopedJoinHandle<'_, ()>> = None;
@@ -256,17 +258,29 @@ fn durable_write(input: &Path, out: &Path) -> f64 {
     rate
 }
 
+/// The page-cached file `input` in 1 MiB blocks, each read on the blocking pool into a buffer of its own that
+/// starts on a page, as the store reads (tokio's `File` would read into a buffer of its own, then copy).
+fn file_blocks(input: &Path) -> impl futures::Stream<Item = bytes::Bytes> + use<> {
+    let file = std::fs::File::open(input).unwrap();
+    futures::stream::unfold(file, |file| async move {
+        let (file, block) = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let (mut file, mut block) = (file, PageBuffer::zeroed(1 << 20));
+            let n = file.read(&mut block).unwrap();
+            block.set_len(n);
+            (file, block)
+        })
+        .await
+        .unwrap();
+        (!block.is_empty()).then(|| (bytes::Bytes::from_owner(block), file))
+    })
+}
+
 /// bitsmith's pipeline alone: `input`, read from the page cache in 1 MiB blocks, through the digests into the
 /// store (what an upload does once the form and the zip are parsed).
 async fn pipeline_alone(store: &BlobStore, input: &Path, size: u64) -> f64 {
     let started = Instant::now();
-    let file = tokio::fs::File::open(input).await.unwrap();
-    let chunks = futures::stream::unfold(file, |mut file| async move {
-        let mut block = bytes::BytesMut::zeroed(1 << 20);
-        let n = file.read(&mut block).await.unwrap();
-        block.truncate(n);
-        (n > 0).then(|| (Ok(block.freeze()), file))
-    });
+    let chunks = file_blocks(input).map(Ok);
     let stored =
         bitsmith::pipeline::store_checked(Box::pin(chunks), "input", store, &owner("pipeline"), None, 64 * GIB, None)
             .await
@@ -283,15 +297,10 @@ async fn plain_multipart(s3: &dyn object_store::ObjectStore, key: &str, input: &
     let path = object_store::path::Path::from(key);
     let upload = s3.put_multipart(&path).await.unwrap();
     let mut write = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-    let mut file = tokio::fs::File::open(input).await.unwrap();
-    let mut block = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut block).await.unwrap();
-        if n == 0 {
-            break;
-        }
+    let mut blocks = std::pin::pin!(file_blocks(input));
+    while let Some(block) = blocks.next().await {
         write.wait_for_capacity(PARTS_IN_FLIGHT).await.unwrap();
-        write.write(&block[..n]);
+        write.put(block);
     }
     write.finish().await.unwrap();
     let rate = mbps(size, started.elapsed().as_secs_f64());
@@ -427,6 +436,38 @@ fn regroup_rate(distance: usize, copy: fn(&mut bytes::BytesMut, &[u8])) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// GB/s of reading the page-cached `input` in 4 MiB reads into a buffer `offset` bytes past a page boundary.
+/// Best of 3.
+fn page_cache_read_rate(input: &Path, offset: usize) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(input).unwrap();
+    let size = file.metadata().unwrap().len();
+    let mut buffer = PageBuffer::zeroed((4 << 20) + offset);
+    let buffer = &mut buffer[offset..];
+    (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            let mut at = 0;
+            while at < size {
+                let n = file.read_at(buffer, at).unwrap();
+                assert!(n > 0);
+                at += n as u64;
+            }
+            mbps(size, started.elapsed().as_secs_f64()) / 1e3
+        })
+        .fold(0.0, f64::max)
+}
+
+/// How fast the kernel copies a page-cached file out, by where the buffer starts relative to a page.
+fn page_cache_read_table(input: &Path) {
+    println!("| reading the page-cached input, 4 MiB reads: buffer past a page boundary | GB/s |");
+    println!("|---|---:|");
+    for offset in [0, 16, 64] {
+        println!("| {offset} B | {:.1} |", page_cache_read_rate(input, offset));
+    }
+    println!();
+}
+
 /// How fast bytes are regrouped into blocks, by where the destination lies relative to the source: one
 /// `memcpy` per chunk against [`bitsmith::recycle::append`].
 fn regroup_table() {
@@ -457,6 +498,7 @@ async fn main() {
     support::write_zip(&input, entries, (size / entries).div_ceil(PART_SIZE as u64) * PART_SIZE as u64, SEED);
     let size = std::fs::metadata(&input).unwrap().len();
     timed_shell(&format!("cat {} > /dev/null", quote(&input)), &[]);
+    page_cache_read_table(&input);
     let base = serve(input.clone());
     let source_url = format!("{base}/input");
 

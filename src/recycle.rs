@@ -1,11 +1,69 @@
 //! Buffers filled again once everyone else is done with them. A fresh megabyte from the allocator comes from the
 //! OS (buffers this big are handed back, see `main.rs`) and faults in every page: a quarter of a fetch's CPU, 6 %
-//! of an upload's, before the pipeline's blocks and the upload's batches were recycled. And how bytes are copied
-//! into them ([`append`]).
+//! of an upload's, before the pipeline's blocks and the upload's batches were recycled. And where bytes are put,
+//! so that copying them runs at full speed ([`append`], [`PageBuffer`]).
 
 use std::collections::VecDeque;
 
 use bytes::BytesMut;
+
+/// The size of a memory page.
+const PAGE: usize = 4096;
+
+/// A buffer whose bytes start on a page boundary, to read files into. The kernel copies page-cache pages out with
+/// `rep movsb` too: on the AMD EPYC measured, reading a page-cached file into a buffer 1–31 bytes past a page
+/// boundary ran at 1.0 GB/s against 5–6.5 GB/s at the boundary, and glibc's allocations of a megabyte and more
+/// start 16 bytes past one, just there.
+#[derive(Default)]
+pub struct PageBuffer {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl PageBuffer {
+    /// `len` zeroed bytes.
+    pub fn zeroed(len: usize) -> Self {
+        let storage = vec![0; len + PAGE - 1];
+        let start = (PAGE - storage.as_ptr().addr() % PAGE) % PAGE;
+        PageBuffer { storage, start, len }
+    }
+
+    /// Make the buffer `len` bytes long. Its memory is kept when it has room, and the bytes are then what they
+    /// were; otherwise they are new zeroed ones.
+    pub fn set_len(&mut self, len: usize) {
+        if self.storage.len().saturating_sub(self.start) >= len {
+            self.len = len;
+        } else {
+            *self = PageBuffer::zeroed(len);
+        }
+    }
+}
+
+impl std::ops::Deref for PageBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for PageBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for PageBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageBuffer").field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
+impl AsRef<[u8]> for PageBuffer {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
 
 /// The most [`append`] copies in one call.
 const COPY_PIECE: usize = 2048;
@@ -64,6 +122,22 @@ impl Recycler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_buffer_starts_on_a_page_and_keeps_its_memory_when_it_has_room() {
+        let mut buffer = PageBuffer::zeroed(3 * PAGE + 5);
+        assert_eq!((buffer.as_ptr().addr() % PAGE, buffer.len()), (0, 3 * PAGE + 5));
+        assert!(buffer.iter().all(|&b| b == 0));
+        buffer[7] = 9;
+        let at = buffer.as_ptr();
+        buffer.set_len(10);
+        assert_eq!((buffer.as_ptr(), &buffer[..]), (at, &[0, 0, 0, 0, 0, 0, 0, 9, 0, 0][..]));
+        buffer.set_len(3 * PAGE + 5);
+        assert_eq!(buffer.as_ptr(), at);
+        buffer.set_len(8 * PAGE);
+        assert_eq!((buffer.as_ptr().addr() % PAGE, buffer.len()), (0, 8 * PAGE));
+        assert!(PageBuffer::default().is_empty());
+    }
 
     #[test]
     fn append_copies_every_byte_in_order() {

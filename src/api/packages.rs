@@ -668,25 +668,28 @@ impl Rewrite {
     }
 }
 
-/// A spooled upload, read in 1 MiB chunks.
+/// A spooled upload, read in 1 MiB chunks on the blocking pool, each straight into a buffer of its own that
+/// starts on a page (see [`PageBuffer`](crate::recycle::PageBuffer)).
 async fn spool_file(
     path: &std::path::Path,
 ) -> Result<impl futures::Stream<Item = Result<Bytes, SourceError>> + Unpin + use<>, Failure> {
-    use tokio::io::AsyncReadExt;
     let description = path.display().to_string();
-    let file = tokio::fs::File::open(path).await.map_err(|e| {
+    let file = std::fs::File::open(path).map_err(|e| {
         Failure::pipeline(SourceError::ObjectRead { url: description.clone(), detail: e.to_string() }.into(), |_| {
             CfError::UnprocessableEntity("Bits path is invalid".into())
         })
     })?;
-    Ok(Box::pin(futures::stream::try_unfold((file, description), |(mut file, description)| async move {
-        let mut buffer = vec![0; 1 << 20];
-        let n = file
-            .read(&mut buffer)
-            .await
-            .map_err(|e| SourceError::ObjectRead { url: description.clone(), detail: e.to_string() })?;
-        buffer.truncate(n);
-        Ok((n > 0).then(|| (Bytes::from(buffer), (file, description))))
+    Ok(Box::pin(futures::stream::try_unfold((file, description), |(file, description)| async move {
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let (mut file, mut buffer) = (file, crate::recycle::PageBuffer::zeroed(1 << 20));
+            let read = file.read(&mut buffer);
+            (file, buffer, read)
+        });
+        let (file, mut buffer, read) = read.await.expect("reading a spooled upload panicked");
+        let n = read.map_err(|e| SourceError::ObjectRead { url: description.clone(), detail: e.to_string() })?;
+        buffer.set_len(n);
+        Ok((n > 0).then(|| (Bytes::from_owner(buffer), (file, description))))
     })))
 }
 

@@ -83,7 +83,7 @@ pub fn read(root: &Path, threads: usize, history: &mut History) -> Result<Manife
         for _ in 0..threads.max(1) {
             let (queue, results) = (&queue, results.clone());
             scope.spawn(move || {
-                let mut buffer = vec![0u8; 256 << 10];
+                let mut buffer = crate::recycle::PageBuffer::zeroed(256 << 10);
                 loop {
                     let job = queue.lock().expect("the hashing queue").recv();
                     let Ok((seq, path)) = job else { return };

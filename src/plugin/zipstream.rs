@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use super::manifest::{Class, Entry, Kind, Manifest};
 use crate::archive::zip::{EntryHeader, MADE_ON_UNIX, Sizes, ZipWriter};
+use crate::recycle::PageBuffer;
 
 /// Blocks of about this size go to the request.
 const BLOCK: usize = 256 << 10;
@@ -45,7 +46,7 @@ pub fn write_zip(
     let mut sink = BlockSink::new(out);
     let mut zip = ZipWriter::new();
     let mut directory = std::io::BufWriter::new(tempfile::tempfile().map_err(ZipStreamError::Scratch)?);
-    let mut block = vec![0u8; BLOCK];
+    let mut block = PageBuffer::zeroed(BLOCK);
     // One compressor for every file, reset between them: its state is a few hundred KiB, and allocating it per
     // file left the heap fragmented in proportion to the number of files.
     // Level 1: most of the gain of compressing app files at a fraction of the CPU of level 6.
@@ -217,16 +218,16 @@ fn send_blocks(
     unreadable: impl Fn(std::io::Error) -> ZipStreamError,
 ) -> Result<(), ZipStreamError> {
     loop {
-        let mut block = BytesMut::zeroed(BLOCK);
+        let mut block = PageBuffer::zeroed(BLOCK);
         let n = read_full(reader, &mut block).map_err(&unreadable)?;
         if n == 0 {
             return Ok(());
         }
-        block.truncate(n);
+        block.set_len(n);
         if let Some(progress) = progress {
             progress.fetch_add(n as u64, Ordering::Relaxed);
         }
-        out.blocking_send(Ok(block.freeze())).map_err(|_| ZipStreamError::Closed)?;
+        out.blocking_send(Ok(Bytes::from_owner(block))).map_err(|_| ZipStreamError::Closed)?;
     }
 }
 

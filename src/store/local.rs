@@ -23,6 +23,7 @@ use object_store::{MultipartUpload, PutPayload, PutResult, UploadPart};
 
 use super::LOCAL_SYNC_EVERY;
 use crate::object_url::{READ_CONCURRENCY, read_ranges};
+use crate::recycle::PageBuffer;
 
 /// An upload to `dest` through a partial file beside it.
 #[derive(Debug)]
@@ -209,14 +210,16 @@ const KEPT_BUFFERS: usize = 2 * READ_CONCURRENCY;
 
 /// A read stream's buffers, kept once the bytes read into them are dropped.
 #[derive(Debug, Default)]
-struct Buffers(Mutex<Vec<Vec<u8>>>);
+struct Buffers(Mutex<Vec<PageBuffer>>);
 
 impl Buffers {
     /// Read `range` of `file` into a kept buffer, or a new one when none is free.
     fn read(self: &Arc<Self>, file: &File, path: &Path, range: Range<u64>) -> Result<Bytes, object_store::Error> {
-        let mut buffer = self.0.lock().unwrap_or_else(PoisonError::into_inner).pop().unwrap_or_default();
+        let len = (range.end - range.start) as usize;
+        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner).pop();
         // A kept buffer is already this long: nothing is zeroed but a new buffer's bytes.
-        buffer.resize((range.end - range.start) as usize, 0);
+        let mut buffer = kept.unwrap_or_else(|| PageBuffer::zeroed(len));
+        buffer.set_len(len);
         file.read_exact_at(&mut buffer, range.start).map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => {
                 generic(format!("read {}: the file ends before byte {}", path.display(), range.end))
@@ -229,7 +232,7 @@ impl Buffers {
 
 /// Bytes read into a buffer that goes back to its stream's [`Buffers`] when they are dropped.
 struct Kept {
-    buffer: Vec<u8>,
+    buffer: PageBuffer,
     buffers: Arc<Buffers>,
 }
 
@@ -340,11 +343,13 @@ mod tests {
             assert_eq!(read.concat(), content[range.start as usize..range.end as usize], "{range:?}");
             assert!(read.iter().all(|b| b.len() as u64 <= READ_RANGE));
         }
-        // A buffer comes back once its bytes are dropped, and the next read fills it again.
+        // A buffer comes back once its bytes are dropped, and the next read fills it again. Its bytes start on a
+        // page, as the file's do (see `PageBuffer`).
         let buffers = Arc::new(Buffers::default());
         let file = File::open(&path).unwrap();
         let first = buffers.read(&file, &path, 0..READ_RANGE).unwrap();
         let address = first.as_ptr();
+        assert_eq!(address.addr() % 4096, 0);
         drop(first);
         let second = buffers.read(&file, &path, READ_RANGE..2 * READ_RANGE).unwrap();
         assert_eq!(second.as_ptr(), address);

@@ -1,8 +1,26 @@
 # Process handling shared by the scripts that run test servers (garage.sh, azurite.sh, fake-gcs.sh,
 # apiserver.sh). Sourced, not run.
 
-# A TCP port on 127.0.0.1 that nothing listens on now.
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# A TCP port on 127.0.0.1 that nothing listens on now, chosen at random below the range the kernel takes outgoing
+# connections' ports from (ip_local_port_range): a port the kernel picked (bind to port 0) is in that range, and a
+# client connection could take it before the server binds it.
+free_port() {
+  python3 -c '
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for _ in range(1000):
+    port = random.randint(10000, max(low - 1, 10000))
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    print(port)
+    break
+else:
+    raise SystemExit("no free port on 127.0.0.1 below %d" % low)
+'
+}
 
 # spawn DIR NAME COMMAND...: run COMMAND in a session of its own, its output in DIR/NAME.log and its pid in
 # DIR/NAME.pid. The command records its own pid: `$!` would name setsid when setsid has to fork.

@@ -534,7 +534,7 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
     let cluster = tokio::task::block_in_place(OwnControlPlane::start);
     let kubeconfig = Some(cluster.kubeconfig.as_str());
     // The Service's port is the one this process will listen on, so that the APIService can reach it below.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = crate::support::process::free_port();
     let values = json!({"service": {"port": port}, "controller": {"sources": {"allowCIDRs": ["127.0.0.0/8"]}}});
     tokio::task::block_in_place(|| {
         let values = values.to_string();
@@ -578,7 +578,7 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
     ]))
     .unwrap();
     let token_key = secret_file(&signing["data"], "key", dir.path());
-    let ops_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ops_port = crate::support::process::free_port();
     let store = dir.path().join("store");
     let args: Vec<String> = rendered
         .args()
@@ -800,6 +800,18 @@ fn the_image_lints_clean_holds_what_the_binary_needs_and_runs_as_the_charts_user
         dockerfile.contains("FROM gcr.io/distroless/cc-debian12:nonroot"),
         "the runtime base the list above describes"
     );
+    // The glibc tunable the image sets is one this glibc (Debian 12's, as the image's) knows and takes.
+    let tunables =
+        dockerfile.lines().find_map(|l| l.strip_prefix("ENV GLIBC_TUNABLES=")).expect("the image's tunables");
+    let (name, value) = tunables.split_once('=').unwrap();
+    let listed = Command::new("/lib64/ld-linux-x86-64.so.2")
+        .arg("--list-tunables")
+        .env("GLIBC_TUNABLES", tunables)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let taken = listed.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).unwrap_or_default();
+    assert!(taken.starts_with(&format!("{:#x} ", value.parse::<u64>().unwrap())), "{name}: {taken}\n{listed}");
     let user = dockerfile.lines().find_map(|l| l.strip_prefix("USER ")).expect("the image names its user");
     let values: Value =
         serde_saphyr::from_str(&std::fs::read_to_string(format!("{CHART}/values.yaml")).unwrap()).unwrap();

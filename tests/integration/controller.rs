@@ -12,6 +12,7 @@ use bitsmith::ops::Ops;
 use crate::support::data::coreutils_digests;
 use crate::support::http_server::{Reply, TestServer};
 use crate::support::kube::{install_crds, kube_ok, namespace, wait_for, wait_for_within};
+use crate::support::process::free_port;
 use crate::support::{file_fetcher, files_under};
 
 /// A namespace of its own, a loopback source server, a file store, and a controller watching that namespace.
@@ -272,10 +273,6 @@ fn spawn_controller(ns: &str, store: &std::path::Path, metrics_port: u16, identi
         .env("KUBECONFIG", crate::support::kube::kubeconfig())
         .spawn()
         .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use crate::api::{cf_error, python_zip, sha1_hex, zip_contents};
 use crate::support::files_under;
 use crate::support::kube::{awaiting_packages, install_crds, kube_ok, namespace, service_account_with_role, wait_for};
+use crate::support::process::free_port;
 
 /// A generous bound for "was cut off at all": many times the timeouts the tests set.
 const CUT_OFF_WITHIN: Duration = Duration::from_secs(20);
@@ -33,11 +34,6 @@ impl Drop for ApiProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A port free on loopback right now.
-pub(super) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl ApiProcess {

@@ -17,6 +17,7 @@ use crate::support::files_under;
 use crate::support::kube::{
     awaiting_packages, install_crds, kube_ok, kubeconfig, namespace, service_account_token, service_account_with_role,
 };
+use crate::support::process::free_port;
 
 /// A `bitsmith api` process serving every namespace over the `file://` store in `store`; killed on drop.
 struct Api {
@@ -29,10 +30,6 @@ impl Drop for Api {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Api {

@@ -28,6 +28,8 @@ use serde_json::{Value, json};
 #[allow(dead_code)]
 #[path = "../tests/integration/support/data.rs"]
 mod data;
+#[path = "../tests/integration/support/ports.rs"]
+mod ports;
 #[path = "support/api.rs"]
 mod support;
 use support::{

@@ -54,6 +54,8 @@ mod data;
 mod http_server;
 #[path = "../tests/integration/support/policy.rs"]
 mod policy;
+#[path = "../tests/integration/support/ports.rs"]
+mod ports;
 #[allow(dead_code)]
 #[path = "support/api.rs"]
 mod support;

@@ -118,7 +118,7 @@ impl Api {
     /// `bitsmith api` on a free loopback port over `store` (a directory or a store URL), answering once it
     /// returns.
     pub async fn start(store: &std::ffi::OsStr, args: &[&str]) -> (Api, String) {
-        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let free = || std::net::SocketAddr::from(([127, 0, 0, 1], super::ports::free_port()));
         let (listen, metrics) = (free(), free());
         let base = format!("http://{listen}");
         let process = Command::new(env!("CARGO_BIN_EXE_bitsmith"))

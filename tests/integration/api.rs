@@ -296,8 +296,8 @@ async fn the_api_binary_serves_tls_on_its_own() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tls.crt"), &cert).unwrap();
     std::fs::write(dir.path().join("tls.key"), &key).unwrap();
-    let port = crate::support::process::free_port();
-    let ops_port = crate::support::process::free_port();
+    let port = crate::support::ports::free_port();
+    let ops_port = crate::support::ports::free_port();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
         .args(["api", "--namespace", &ns, "--listen", &format!("127.0.0.1:{port}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{ops_port}")])

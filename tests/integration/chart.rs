@@ -534,7 +534,7 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
     let cluster = tokio::task::block_in_place(OwnControlPlane::start);
     let kubeconfig = Some(cluster.kubeconfig.as_str());
     // The Service's port is the one this process will listen on, so that the APIService can reach it below.
-    let port = crate::support::process::free_port();
+    let port = crate::support::ports::free_port();
     let values = json!({"service": {"port": port}, "controller": {"sources": {"allowCIDRs": ["127.0.0.0/8"]}}});
     tokio::task::block_in_place(|| {
         let values = values.to_string();
@@ -578,7 +578,7 @@ async fn the_charts_rbac_is_enough_for_the_controller_and_the_api_and_no_more() 
     ]))
     .unwrap();
     let token_key = secret_file(&signing["data"], "key", dir.path());
-    let ops_port = crate::support::process::free_port();
+    let ops_port = crate::support::ports::free_port();
     let store = dir.path().join("store");
     let args: Vec<String> = rendered
         .args()

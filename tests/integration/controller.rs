@@ -12,7 +12,7 @@ use bitsmith::ops::Ops;
 use crate::support::data::coreutils_digests;
 use crate::support::http_server::{Reply, TestServer};
 use crate::support::kube::{install_crds, kube_ok, namespace, wait_for, wait_for_within};
-use crate::support::process::free_port;
+use crate::support::ports::free_port;
 use crate::support::{file_fetcher, files_under};
 
 /// A namespace of its own, a loopback source server, a file store, and a controller watching that namespace.

@@ -15,7 +15,8 @@ use crate::support::files_under;
 use crate::support::kube::{
     OwnControlPlane, awaiting_packages, install_crds, kube_ok, namespace, service_account_with_role, wait_for,
 };
-use crate::support::process::{Process, free_port};
+use crate::support::ports::free_port;
+use crate::support::process::Process;
 
 /// What "within the claim timeout" allows on a loaded 2-core machine: the timeout, a requeue, a status write.
 const ABANDONED_WITHIN: Duration = Duration::from_secs(15);

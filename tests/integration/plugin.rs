@@ -14,7 +14,8 @@ use crate::support::data;
 use crate::support::kube::{
     install_crds, kube_ok, kubeconfig, kubeconfig_with_token, namespace, service_account_with_role, wait_for,
 };
-use crate::support::process::{Process, free_port};
+use crate::support::ports::free_port;
+use crate::support::process::Process;
 use crate::support::proxy::Proxy;
 
 struct Setup {

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use crate::api::{cf_error, python_zip, sha1_hex, zip_contents};
 use crate::support::files_under;
 use crate::support::kube::{awaiting_packages, install_crds, kube_ok, namespace, service_account_with_role, wait_for};
-use crate::support::process::free_port;
+use crate::support::ports::free_port;
 
 /// A generous bound for "was cut off at all": many times the timeouts the tests set.
 const CUT_OFF_WITHIN: Duration = Duration::from_secs(20);

@@ -17,7 +17,7 @@ use crate::support::files_under;
 use crate::support::kube::{
     awaiting_packages, install_crds, kube_ok, kubeconfig, namespace, service_account_token, service_account_with_role,
 };
-use crate::support::process::free_port;
+use crate::support::ports::free_port;
 
 /// A `bitsmith api` process serving every namespace over the `file://` store in `store`; killed on drop.
 struct Api {

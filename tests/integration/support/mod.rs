@@ -6,6 +6,7 @@ pub mod http_server;
 pub mod kube;
 pub mod pki;
 pub mod policy;
+pub mod ports;
 pub mod process;
 pub mod proxy;
 

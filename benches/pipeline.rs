@@ -1,26 +1,24 @@
 //! Transfer benchmark: bitsmith's fetch, upload and download against the limits of this machine and against the
 //! tools a user would script, on the same bytes, in one run. Prints tables; asserts nothing about time.
 //!
-//! The input is a zip of stored entries of 512 MiB (too big for the resource cache) of distinct pseudo-random bytes (`BITSMITH_BENCH_SIZE`, default
-//! 1 GiB; no block repeats, so the S3 server cannot deduplicate), page-cached and served over plain HTTP on
-//! loopback by a server on its own thread. Each round measures every row once, in a fixed order, so that a slow
-//! spell of the disk lands on all rows alike, and after a `sync`, so that no row pays for the one before; the
-//! table shows the median of three rounds.
+//! The input is a zip of stored entries of 512 MiB (too big for the resource cache) of distinct pseudo-random
+//! bytes (`BITSMITH_BENCH_SIZE`, default 1 GiB; no block repeats, so the S3 server cannot deduplicate),
+//! page-cached and served over plain HTTP on loopback by a server on its own thread. Each round measures every
+//! row once, in a fixed order, so that a slow spell of the disk lands on all rows alike, and after a `sync`, so
+//! that no row pays for the one before; the table shows the median of three rounds.
 //!
 //! - Limits: sha1 ∥ sha256 on two plain threads over bytes in memory (the digests' own speed on two cores); the
 //!   input written durably into the store's directory (data synced before the blob is visible, as the file store
 //!   does), by `dd conv=fsync` and by 1 MiB writes each handed to the disk at once and synced every 32 MiB as the
-//!   store makes them, the better of the two; a plain multipart upload of the input to Garage (object_store, the same part size and
-//!   parts in flight as the store, no digests); `curl` of the source to /dev/null; and a read of a stored blob
-//!   with its pages dropped first (`posix_fadvise(DONTNEED)`, checked with `mincore`), in the ranges and with the
-//!   concurrency the store reads with.
+//!   store makes them, the better of the two; a plain multipart upload of the input to Garage (object_store, the
+//!   same part size and parts in flight as the store, no digests); `curl` of the source to /dev/null; and a read
+//!   of a stored blob with its pages dropped first (`posix_fadvise(DONTNEED)`, checked with `mincore`), in the
+//!   ranges and with the concurrency the store reads with.
 //! - Peers: `curl | tee` into `sha1sum`, `sha256sum` and a file, then `sync` of the file; `rclone copyurl` into
 //!   the same Garage bucket (rclone computes no SHA digest); `cat` of the stored blob, its pages dropped.
 //! - bitsmith: fetch http → file store; fetch http → Garage; the pipeline alone (page-cached bytes → digests →
-//!   file store);
-//!   an upload through the real `bitsmith api` (multipart sent by `curl -F`, zip checked and rewritten, file
-//!   store); a download of
-//!   that package through the API, its blob cold.
+//!   file store); an upload through the real `bitsmith api` (multipart sent by `curl -F`, zip checked and
+//!   rewritten, file store); a download of that package through the API, its blob cold.
 //!
 //! Before the table, how fast chunks are regrouped into blocks by where the destination lies relative to the
 //! source (one `memcpy` per chunk against `recycle::append`), and how fast the page-cached input is read into a
@@ -260,25 +258,13 @@ fn durable_write(input: &Path, out: &Path) -> f64 {
     rate
 }
 
-/// The page-cached file `input` in 1 MiB blocks, each read on the blocking pool into a buffer of its own that
-/// starts on a page, as the store reads (tokio's `File` would read into a buffer of its own, then copy).
+/// The page-cached file `input`, read as the file store reads its blobs ([`bitsmith::store::read_file`]).
 fn file_blocks(input: &Path) -> impl futures::Stream<Item = bytes::Bytes> + use<> {
-    let file = std::fs::File::open(input).unwrap();
-    futures::stream::unfold(file, |file| async move {
-        let (file, block) = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let (mut file, mut block) = (file, PageBuffer::zeroed(1 << 20));
-            let n = file.read(&mut block).unwrap();
-            block.set_len(n);
-            (file, block)
-        })
-        .await
-        .unwrap();
-        (!block.is_empty()).then(|| (bytes::Bytes::from_owner(block), file))
-    })
+    let size = std::fs::metadata(input).unwrap().len();
+    bitsmith::store::read_file(input.to_path_buf(), 0..size).map(Result::unwrap)
 }
 
-/// bitsmith's pipeline alone: `input`, read from the page cache in 1 MiB blocks, through the digests into the
+/// bitsmith's pipeline alone: `input`, read from the page cache as the store reads, through the digests into the
 /// store (what an upload does once the form and the zip are parsed).
 async fn pipeline_alone(store: &BlobStore, input: &Path, size: u64) -> f64 {
     let started = Instant::now();
@@ -701,7 +687,8 @@ async fn main() {
         "\nA ratio is the median of the rounds' ratios. Limits: writes to the file store: min(hash, source, disk), \
          the disk being the better of its two rows; writes to Garage: min(hash, source, plain multipart), without \
          the hash for rclone; cold reads: the read as the store reads. The disk, Garage and cold-read limits are \
-         the better of the two runs measured just before and just after the row. Pages resident before the cold reads: at most {:.1} %.",
+         the better of the two runs measured just before and just after the row. Pages resident before the cold \
+         reads: at most {:.1} %.",
         residents.iter().copied().fold(0.0, f64::max) * 100.0
     );
     println!("\n| the API process, per GiB (median of the rounds) | user CPU-s | system CPU-s | minor page faults |");

@@ -288,7 +288,7 @@ impl Packing<'_> {
                     saw_bits = true;
                     let path = self.spooled(&field_text(field, 4096).await?)?;
                     let fed = repack.take().expect("one bits part");
-                    let fed = self.feed(fed, &mut cache, spool_file(&path).await?).await;
+                    let fed = self.feed(fed, &mut cache, spool_file(&path)?).await;
                     if let Err(error) = tokio::fs::remove_file(&path).await {
                         tracing::warn!(%error, path = %path.display(), "removing a spooled upload");
                     }
@@ -339,31 +339,27 @@ impl Packing<'_> {
 
     /// Run the upload's bytes through the rewrite, into the new zip and the cache. The next batch is read while
     /// one is rewritten, so that the body keeps flowing.
-    async fn feed<S>(&self, repack: Repack, cache: &mut CacheWrite, mut chunks: S) -> Result<Repack, Failure>
+    async fn feed<S>(&self, mut repack: Repack, cache: &mut CacheWrite, mut chunks: S) -> Result<Repack, Failure>
     where
         S: futures::Stream<Item = Result<Bytes, SourceError>> + Unpin,
     {
         let mut batches = Batches::default();
-        let (mut idle, mut rewriting): (_, Option<Rewrite>) = (Some(repack), None);
-        loop {
-            let batch =
-                batches.next(&mut chunks).await.map_err(|e| Failure::pipeline(e.into(), |_| CfError::Unknown))?;
-            if let Some(rewrite) = rewriting.take() {
-                let (back, rewritten) = rewrite.done().await;
-                idle = Some(back);
-                let (out, events) = rewritten.map_err(zip_failure)?;
-                for bytes in out {
-                    self.send(bytes).await?;
-                }
-                for event in events {
-                    cache.follow(&self.state.cache, &self.namespace, event).await;
-                }
+        let read_failed = |e: SourceError| Failure::pipeline(e.into(), |_| CfError::Unknown);
+        let mut next = batches.next(&mut chunks).await.map_err(read_failed)?;
+        while let Some(batch) = next {
+            let rewrite = Rewrite::start(repack, batch, None);
+            next = batches.next(&mut chunks).await.map_err(read_failed)?;
+            let (back, rewritten) = rewrite.done().await;
+            repack = back;
+            let (out, events) = rewritten.map_err(zip_failure)?;
+            for bytes in out {
+                self.send(bytes).await?;
             }
-            let Some(batch) = batch else {
-                return Ok(idle.expect("the rewrite is back once none runs"));
-            };
-            rewriting = Some(Rewrite::start(idle.take().expect("one rewrite at a time"), batch, None));
+            for event in events {
+                cache.follow(&self.state.cache, &self.namespace, event).await;
+            }
         }
+        Ok(repack)
     }
 
     /// The spooled file `bits_path` names, if it lies inside the spool directory.
@@ -668,29 +664,17 @@ impl Rewrite {
     }
 }
 
-/// A spooled upload, read in 1 MiB chunks on the blocking pool, each straight into a buffer of its own that
-/// starts on a page (see [`PageBuffer`](crate::recycle::PageBuffer)).
-async fn spool_file(
+/// A spooled upload, read as the filesystem store reads its blobs ([`crate::store::read_file`]).
+fn spool_file(
     path: &std::path::Path,
 ) -> Result<impl futures::Stream<Item = Result<Bytes, SourceError>> + Unpin + use<>, Failure> {
     let description = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|e| {
-        Failure::pipeline(SourceError::ObjectRead { url: description.clone(), detail: e.to_string() }.into(), |_| {
-            CfError::UnprocessableEntity("Bits path is invalid".into())
-        })
+    let unreadable =
+        move |e: &dyn std::fmt::Display| SourceError::ObjectRead { url: description.clone(), detail: e.to_string() };
+    let metadata = std::fs::metadata(path).map_err(|e| {
+        Failure::pipeline(unreadable(&e).into(), |_| CfError::UnprocessableEntity("Bits path is invalid".into()))
     })?;
-    Ok(Box::pin(futures::stream::try_unfold((file, description), |(file, description)| async move {
-        let read = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let (mut file, mut buffer) = (file, crate::recycle::PageBuffer::zeroed(1 << 20));
-            let read = file.read(&mut buffer);
-            (file, buffer, read)
-        });
-        let (file, mut buffer, read) = read.await.expect("reading a spooled upload panicked");
-        let n = read.map_err(|e| SourceError::ObjectRead { url: description.clone(), detail: e.to_string() })?;
-        buffer.set_len(n);
-        Ok((n > 0).then(|| (Bytes::from_owner(buffer), (file, description))))
-    })))
+    Ok(crate::store::read_file(path.to_path_buf(), 0..metadata.len()).map_err(move |e| unreadable(&e)))
 }
 
 /// Run CPU-heavy work (inflating) without stalling the other tasks of this worker thread.

@@ -186,7 +186,7 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 /// for every range, and a fresh buffer of megabytes is new memory to fault in; here a stream's buffers are filled
 /// again once the bytes read into them are dropped. The file is opened once, so the stream reads one file to the
 /// end even should its key be replaced meanwhile.
-pub(super) fn read_range(path: PathBuf, range: Range<u64>) -> BoxStream<'static, Result<Bytes, object_store::Error>> {
+pub fn read_range(path: PathBuf, range: Range<u64>) -> BoxStream<'static, Result<Bytes, object_store::Error>> {
     let opened = blocking({
         let path = path.clone();
         move || File::open(&path).map_err(|e| open_error(&path, e))

@@ -13,6 +13,9 @@
 
 mod local;
 
+/// Stream a range of a file as the filesystem store reads its blobs (see `local::read_range`).
+pub use local::read_range as read_file;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

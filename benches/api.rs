@@ -30,6 +30,8 @@ use serde_json::{Value, json};
 mod data;
 #[path = "../tests/integration/support/ports.rs"]
 mod ports;
+// Shared with the transfer benchmark, which uses parts this one does not.
+#[allow(dead_code)]
 #[path = "support/api.rs"]
 mod support;
 use support::{

@@ -20,6 +20,12 @@
 //!   file store); an upload through the real `bitsmith api` (multipart sent by `curl -F`, zip checked and
 //!   rewritten, file store); a download of that package through the API, its blob cold.
 //!
+//! A second table gives what the whole machine spent on each row (`/proc/stat`: every process, the client's, the
+//! source's and the servers' too, and the kernel): CPU-seconds per GiB, cores busy, time the hypervisor took, and
+//! the fastest the row could run if its CPU-seconds were spread over all cores. A third gives bitsmith's own
+//! account of where its transfers waited (`StageWaits`; for the upload, the API's `bitsmith_transfer_*`
+//! counters).
+//!
 //! Before the table, how fast chunks are regrouped into blocks by where the destination lies relative to the
 //! source (one `memcpy` per chunk against `recycle::append`), and how fast the page-cached input is read into a
 //! buffer by where the buffer starts relative to a page; after it, the peak RSS of `bitsmith fetch` (http →
@@ -92,6 +98,103 @@ fn timed_shell(script: &str, env: &[(String, String)]) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// Run `script` as a row that moves `size` bytes; it must succeed.
+fn shell_run(script: &str, env: &[(String, String)], size: u64) -> Run {
+    let meter = Meter::start();
+    timed_shell(script, env);
+    meter.stop(size)
+}
+
+/// The whole machine's CPU time so far (`/proc/stat`): every process and the kernel, on every core, so that a
+/// row's client, source and servers count as well as what is measured.
+#[derive(Clone, Copy)]
+struct MachineCpu {
+    /// Seconds the cores ran anything (user, nice, system, interrupts).
+    busy: f64,
+    /// Seconds the hypervisor ran something else while this VM wanted the cores.
+    stolen: f64,
+    at: Instant,
+}
+
+impl MachineCpu {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap();
+        let line = stat.lines().next().unwrap();
+        assert!(line.starts_with("cpu "), "the first line of /proc/stat sums all cores");
+        // user nice system idle iowait irq softirq steal ...; guest time is counted in user already.
+        let ticks: Vec<f64> = line.split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
+        // SAFETY: sysconf only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        MachineCpu {
+            busy: (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / hz,
+            stolen: ticks[7] / hz,
+            at: Instant::now(),
+        }
+    }
+
+    /// What the machine spent from `self` until now, for `size` bytes moved.
+    fn until_now(self, size: u64) -> MachineUse {
+        let now = MachineCpu::now();
+        let per_gib = GIB as f64 / size as f64;
+        MachineUse {
+            busy_per_gib: (now.busy - self.busy) * per_gib,
+            cores_busy: (now.busy - self.busy) / now.at.duration_since(self.at).as_secs_f64(),
+            stolen_per_gib: (now.stolen - self.stolen) * per_gib,
+        }
+    }
+}
+
+/// What the whole machine spent on one run of a row.
+#[derive(Clone, Copy)]
+struct MachineUse {
+    /// CPU-seconds per GiB moved, all processes.
+    busy_per_gib: f64,
+    /// How many cores were busy on average.
+    cores_busy: f64,
+    /// CPU-seconds per GiB the hypervisor took away.
+    stolen_per_gib: f64,
+}
+
+/// A run of a row: its speed and what the machine spent on it.
+struct Run {
+    rate: f64,
+    machine: MachineUse,
+    /// bitsmith's own account of where a transfer's time went, in seconds per GiB: the whole transfer, then the
+    /// waits on each stage (see [`bitsmith::pipeline::StageWaits`]).
+    waits: Option<[f64; 6]>,
+}
+
+impl Run {
+    /// The run, with `seconds` (the transfer's, then its waits') for `size` bytes.
+    fn with_waits(self, seconds: [f64; 6], size: u64) -> Run {
+        Run { waits: Some(seconds.map(|s| s * GIB as f64 / size as f64)), ..self }
+    }
+}
+
+/// A transfer's time and waits, in seconds.
+fn seconds(waits: &bitsmith::pipeline::StageWaits) -> [f64; 6] {
+    let mut seconds = [waits.elapsed.as_secs_f64(), 0.0, 0.0, 0.0, 0.0, 0.0];
+    for (at, (_, waited)) in waits.stages().iter().enumerate() {
+        seconds[at + 1] = waited.as_secs_f64();
+    }
+    seconds
+}
+
+/// Measures a run: its time and what the whole machine spends meanwhile.
+struct Meter(MachineCpu);
+
+impl Meter {
+    fn start() -> Self {
+        Meter(MachineCpu::now())
+    }
+
+    /// The run, `size` bytes moved.
+    fn stop(self, size: u64) -> Run {
+        let machine = self.0.until_now(size);
+        Run { rate: mbps(size, self.0.at.elapsed().as_secs_f64()), machine, waits: None }
+    }
+}
+
 fn quote(path: &Path) -> String {
     format!("'{}'", path.display())
 }
@@ -156,13 +259,13 @@ fn make_cold(path: &Path) -> f64 {
 /// Read `path` with its pages dropped as the store reads a blob: ranges of `READ_RANGE` bytes, `READ_CONCURRENCY`
 /// at once (here one thread each), into buffers that are thrown away. The disk's cold read, with the same queue
 /// depth a download gets; `cat` reads one range at a time.
-fn parallel_cold_read(path: &Path) -> f64 {
+fn parallel_cold_read(path: &Path) -> Run {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path).unwrap();
     let size = file.metadata().unwrap().len();
     let range = bitsmith::object_url::READ_RANGE;
     let readers = bitsmith::object_url::READ_CONCURRENCY as u64;
-    let started = Instant::now();
+    let meter = Meter::start();
     std::thread::scope(|scope| {
         for reader in 0..readers {
             let file = &file;
@@ -177,7 +280,7 @@ fn parallel_cold_read(path: &Path) -> f64 {
             });
         }
     });
-    mbps(size, started.elapsed().as_secs_f64())
+    meter.stop(size)
 }
 
 /// The largest file under `dir`: a store's only blob of that size.
@@ -215,10 +318,10 @@ fn http_source(url: &str) -> Source {
 /// sha1 and sha256 over `size` bytes held in memory (a 64 MiB block, over and over), each on a thread of its own
 /// (the tests' [`data::repeated_digests`]): the digests' own speed on two cores, with nothing of bitsmith's around
 /// them.
-fn hash_limit(block: &[u8], size: u64) -> f64 {
-    let started = Instant::now();
+fn hash_limit(block: &[u8], size: u64) -> Run {
+    let meter = Meter::start();
     std::hint::black_box(data::repeated_digests(block, size));
-    mbps(size, started.elapsed().as_secs_f64())
+    meter.stop(size)
 }
 
 /// `input` written to `out` as the file store writes a blob (`src/store/local.rs`): writes of its part size, each
@@ -226,10 +329,10 @@ fn hash_limit(block: &[u8], size: u64) -> f64 {
 /// `LOCAL_SYNC_EVERY` bytes, then `fsync`. The same durability as `dd conv=fsync`, which leaves everything in the
 /// page cache until its sync at the end; where the earlier start is faster, a store that writes this way is held
 /// against this, not against `dd`.
-fn durable_write(input: &Path, out: &Path) -> f64 {
+fn durable_write(input: &Path, out: &Path) -> Run {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
-    let started = Instant::now();
+    let meter = Meter::start();
     let mut source = std::fs::File::open(input).unwrap();
     let file = std::fs::File::create(out).unwrap();
     let mut block = PageBuffer::zeroed(bitsmith::store::LOCAL_PART_SIZE);
@@ -253,9 +356,9 @@ fn durable_write(input: &Path, out: &Path) -> f64 {
         }
     });
     file.sync_all().unwrap();
-    let rate = mbps(at, started.elapsed().as_secs_f64());
+    let run = meter.stop(at);
     std::fs::remove_file(out).unwrap();
-    rate
+    run
 }
 
 /// The page-cached file `input`, read as the file store reads its blobs ([`bitsmith::store::read_file`]).
@@ -266,22 +369,22 @@ fn file_blocks(input: &Path) -> impl futures::Stream<Item = bytes::Bytes> + use<
 
 /// bitsmith's pipeline alone: `input`, read from the page cache as the store reads, through the digests into the
 /// store (what an upload does once the form and the zip are parsed).
-async fn pipeline_alone(store: &BlobStore, input: &Path, size: u64) -> f64 {
-    let started = Instant::now();
+async fn pipeline_alone(store: &BlobStore, input: &Path, size: u64) -> Run {
+    let meter = Meter::start();
     let chunks = file_blocks(input).map(Ok);
     let stored =
         bitsmith::pipeline::store_checked(Box::pin(chunks), "input", store, &owner("pipeline"), None, 64 * GIB, None)
             .await
             .unwrap();
-    let rate = mbps(size, started.elapsed().as_secs_f64());
+    let run = meter.stop(size).with_waits(seconds(&stored.waits), size);
     assert_eq!(stored.digests.size, size);
     store.delete(&stored.blob.key).await.unwrap();
-    rate
+    run
 }
 
 /// A plain multipart upload of `input` to `bucket/key`: the store's part size and parts in flight, no digests.
-async fn plain_multipart(s3: &dyn object_store::ObjectStore, key: &str, input: &Path, size: u64) -> f64 {
-    let started = Instant::now();
+async fn plain_multipart(s3: &dyn object_store::ObjectStore, key: &str, input: &Path, size: u64) -> Run {
+    let meter = Meter::start();
     let path = object_store::path::Path::from(key);
     let upload = s3.put_multipart(&path).await.unwrap();
     let mut write = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
@@ -291,18 +394,18 @@ async fn plain_multipart(s3: &dyn object_store::ObjectStore, key: &str, input: &
         write.put(block);
     }
     write.finish().await.unwrap();
-    let rate = mbps(size, started.elapsed().as_secs_f64());
+    let run = meter.stop(size);
     s3.delete(&path).await.unwrap();
-    rate
+    run
 }
 
-async fn fetch(fetcher: &Fetcher, source: &Source, size: u64) -> f64 {
-    let started = Instant::now();
+async fn fetch(fetcher: &Fetcher, source: &Source, size: u64) -> Run {
+    let meter = Meter::start();
     let stored = fetcher.fetch(&owner("fetch"), source, None, Inputs::default()).await.unwrap();
-    let rate = mbps(size, started.elapsed().as_secs_f64());
+    let run = meter.stop(size).with_waits(seconds(&stored.waits), size);
     assert_eq!(stored.digests.size, size);
     fetcher.store.delete(&stored.blob.key).await.unwrap();
-    rate
+    run
 }
 
 /// The rows of the table.
@@ -333,6 +436,10 @@ struct Results {
     to_reference: BTreeMap<Row, Vec<f64>>,
     /// What the API process spent on a row, per GiB.
     api_spent: BTreeMap<Row, Vec<Spent>>,
+    /// What the whole machine spent on each run of a row.
+    machine: BTreeMap<Row, Vec<MachineUse>>,
+    /// Where bitsmith's transfers waited, run by run.
+    waits: BTreeMap<Row, Vec<[f64; 6]>>,
 }
 
 /// A process's CPU time and minor page faults: where an upload's or a download's time goes in the API.
@@ -369,9 +476,17 @@ impl Spent {
 impl Results {
     /// A run of a limit; returned for the rows beside it. Each measurement starts with nothing of the one before
     /// left to be written.
-    fn limit(&mut self, row: Row, rate: f64) -> f64 {
-        eprintln!("{row:?}: {rate:.0} MB/s");
+    fn limit(&mut self, row: Row, run: Run) -> f64 {
+        let Run { rate, machine, waits } = run;
+        if let Some(waits) = waits {
+            self.waits.entry(row).or_default().push(waits);
+        }
+        eprintln!(
+            "{row:?}: {rate:.0} MB/s, machine {:.2} CPU-s/GiB, {:.2} cores busy",
+            machine.busy_per_gib, machine.cores_busy
+        );
         self.rates.entry(row).or_default().push(rate);
+        self.machine.entry(row).or_default().push(machine);
         timed_shell("sync", &[]);
         rate
     }
@@ -381,15 +496,20 @@ impl Results {
         self.api_spent.entry(row).or_default().push(spent);
     }
 
-    /// A run of a peer's or bitsmith's row, against its `limit` and its `reference` in the same round.
-    fn judged(&mut self, row: Row, rate: f64, limit: f64, reference: Option<f64>) {
-        self.limit(row, rate);
+    /// A run of a peer's or bitsmith's row, against its `limit` and its `reference` in the same round; returned
+    /// for the rows it is the reference of.
+    fn judged(&mut self, row: Row, run: Run, limit: f64, reference: Option<f64>) -> f64 {
+        let rate = self.limit(row, run);
         self.to_limit.entry(row).or_default().push(rate / limit);
         if let Some(reference) = reference {
             self.to_reference.entry(row).or_default().push(rate / reference);
         }
+        rate
     }
 }
+
+/// A line of the table: what it measures, its row and its target.
+type Line<'a> = (&'a str, Row, &'a str);
 
 fn median(runs: &[f64]) -> f64 {
     let mut runs = runs.to_vec();
@@ -536,13 +656,8 @@ async fn main() {
     let disk = |results: &mut Results| {
         let out = store_dir.join("dd.out");
         let (quoted_input, quoted_out) = (quote(&input), quote(&out));
-        let dd = mbps(
-            size,
-            timed_shell(
-                &format!("dd if={quoted_input} of={quoted_out} bs=1M conv=fsync status=none; rm {quoted_out}"),
-                &[],
-            ),
-        );
+        let dd = shell_run(&format!("dd if={quoted_input} of={quoted_out} bs=1M conv=fsync status=none"), &[], size);
+        timed_shell(&format!("rm {quoted_out}"), &[]);
         let dd = results.limit(Row::Disk, dd);
         let written = results.limit(Row::DiskAsStored, durable_write(&input, &out));
         dd.max(written)
@@ -551,51 +666,48 @@ async fn main() {
     let plain = || plain_multipart(&plain_s3, &plain_key, &input, size);
     for round in 0..RUNS {
         let hash = results.limit(Row::Hash, hash_limit(&block, size));
-        let source =
-            results.limit(Row::Source, mbps(size, timed_shell(&format!("curl -sf -o /dev/null {source_url}"), &[])));
+        let source = results.limit(Row::Source, shell_run(&format!("curl -sf -o /dev/null {source_url}"), &[], size));
 
         // Writes to the file store, each between two runs of `dd`: the disk's speed swings, and a row is held
         // against the better of the two runs beside it.
         let disk_0 = disk(&mut results);
         let out = store_dir.join("tee.out");
-        let tee = mbps(
-            size,
-            timed_shell(
-                &format!(
-                    "cd {dir}; rm -f one; mkfifo one; sha1sum < one > /dev/null & sums=$!\n\
-                     curl -sf {source_url} | tee {out} one | sha256sum > /dev/null; wait $sums; sync {out}\n\
-                     rm one {out}",
-                    dir = quote(dir.path()),
-                    out = quote(&out)
-                ),
-                &[],
+        let (dir_q, out_q) = (quote(dir.path()), quote(&out));
+        let tee = shell_run(
+            &format!(
+                "cd {dir_q}; rm -f one; mkfifo one; sha1sum < one > /dev/null & sums=$!\n\
+                 curl -sf {source_url} | tee {out_q} one | sha256sum > /dev/null; wait $sums; sync {out_q}"
             ),
+            &[],
+            size,
         );
+        timed_shell(&format!("rm {dir_q}/one {out_q}"), &[]);
         let disk_1 = disk(&mut results);
-        results.judged(Row::CurlTee, tee, hash.min(source).min(disk_0.max(disk_1)), None);
+        let tee = results.judged(Row::CurlTee, tee, hash.min(source).min(disk_0.max(disk_1)), None);
         let fetched = fetch(&to_file, &http_source(&source_url), size).await;
         let disk_2 = disk(&mut results);
         results.judged(Row::FetchToFile, fetched, hash.min(source).min(disk_1.max(disk_2)), Some(tee));
         let pipeline = pipeline_alone(&to_file.store, &input, size).await;
         let disk_3 = disk(&mut results);
-        results.judged(Row::Pipeline, pipeline, hash.min(disk_2.max(disk_3)), None);
+        let pipeline = results.judged(Row::Pipeline, pipeline, hash.min(disk_2.max(disk_3)), None);
         let guid = support::package(&client, &api, &token, &ns, &format!("upload-{round}")).await;
         // curl sends the form, as CF clients upload: a client in its own process, which costs this 2-core
         // machine little CPU beside the API's.
         let upload_url = format!("{api}/v3/packages/{guid}/upload");
         let before = Spent::of(api_process.process.id());
-        let uploaded = mbps(
-            size,
-            timed_shell(
-                &format!(
-                    "code=$(curl -sS -o /dev/null -w '%{{http_code}}' -H 'Expect:' -H \"Authorization: bearer $TOKEN\" \
-                     -F bits=@{} {upload_url})\ntest \"$code\" = 200",
-                    quote(&input)
-                ),
-                &[("TOKEN".to_string(), token.clone())],
+        let counted = api_process.transfer_seconds().await;
+        let uploaded = shell_run(
+            &format!(
+                "code=$(curl -sS -o /dev/null -w '%{{http_code}}' -H 'Expect:' -H \"Authorization: bearer $TOKEN\" \
+                 -F bits=@{} {upload_url})\ntest \"$code\" = 200",
+                quote(&input)
             ),
+            &[("TOKEN".to_string(), token.clone())],
+            size,
         );
         results.spent(Row::Upload, before.per_gib(Spent::of(api_process.process.id()), size));
+        let now = api_process.transfer_seconds().await;
+        let uploaded = uploaded.with_waits(std::array::from_fn(|at| now[at] - counted[at]), size);
         let disk_4 = disk(&mut results);
         results.judged(Row::Upload, uploaded, hash.min(disk_3.max(disk_4)), Some(pipeline));
 
@@ -603,11 +715,11 @@ async fn main() {
         let plain_0 = results.limit(Row::PlainMultipart, plain().await);
         let object = format!("bench:{}/{prefix}/rclone", s3.bucket());
         // rclone's S3 client cannot take a CA bundle from the environment (it fails to start); Garage is plain http.
-        let took = timed_shell(&format!("env -u AWS_CA_BUNDLE rclone copyurl {source_url} {object}"), &rclone_env);
+        let copy = format!("env -u AWS_CA_BUNDLE rclone copyurl {source_url} {object}");
+        let rclone = shell_run(&copy, &rclone_env, size);
         timed_shell(&format!("env -u AWS_CA_BUNDLE rclone deletefile {object}"), &rclone_env);
-        let rclone = mbps(size, took);
         let plain_1 = results.limit(Row::PlainMultipart, plain().await);
-        results.judged(Row::Rclone, rclone, source.min(plain_0.max(plain_1)), None);
+        let rclone = results.judged(Row::Rclone, rclone, source.min(plain_0.max(plain_1)), None);
         let fetched = fetch(&to_s3, &http_source(&source_url), size).await;
         let plain_2 = results.limit(Row::PlainMultipart, plain().await);
         results.judged(Row::FetchToS3, fetched, hash.min(source).min(plain_1.max(plain_2)), Some(rclone));
@@ -619,17 +731,16 @@ async fn main() {
         residents.push(make_cold(&blob));
         let read_0 = results.limit(Row::ColdRead, parallel_cold_read(&blob));
         residents.push(make_cold(&blob));
-        let cat = mbps(stored, timed_shell(&format!("cat {} > /dev/null", quote(&blob)), &[]));
+        let cat = format!("cat {} > /dev/null", quote(&blob));
+        let cat = shell_run(&cat, &[], stored);
         residents.push(make_cold(&blob));
         let read_1 = results.limit(Row::ColdRead, parallel_cold_read(&blob));
-        results.judged(Row::ColdCat, cat, read_0.max(read_1), None);
+        let cat = results.judged(Row::ColdCat, cat, read_0.max(read_1), None);
         residents.push(make_cold(&blob));
         let before = Spent::of(api_process.process.id());
-        let took = timed_shell(
-            &format!("curl -sf -o /dev/null -H 'Authorization: bearer {token}' {api}/v3/packages/{guid}/download"),
-            &[],
-        );
-        let downloaded = mbps(stored, took);
+        let download =
+            format!("curl -sf -o /dev/null -H 'Authorization: bearer {token}' {api}/v3/packages/{guid}/download");
+        let downloaded = shell_run(&download, &[], stored);
         results.spent(Row::Download, before.per_gib(Spent::of(api_process.process.id()), stored));
         residents.push(make_cold(&blob));
         let read_2 = results.limit(Row::ColdRead, parallel_cold_read(&blob));
@@ -642,47 +753,60 @@ async fn main() {
         size as f64 / GIB as f64,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
+    let as_stored = format!(
+        "disk: 1 MiB writes, each handed to the disk at once, a sync every {} MiB, then `fsync` (as the store writes)",
+        bitsmith::store::LOCAL_SYNC_EVERY >> 20
+    );
+    let sections: [(&str, Vec<Line>); 3] = [
+        (
+            "limits",
+            vec![
+                ("sha1 ∥ sha256 on two threads, in memory", Row::Hash, ""),
+                ("source alone: `curl -o /dev/null` over loopback", Row::Source, ""),
+                ("disk: `dd conv=fsync` into the store's directory", Row::Disk, ""),
+                (&as_stored, Row::DiskAsStored, ""),
+                ("Garage: plain multipart upload (8 MiB parts, 3 in flight)", Row::PlainMultipart, ""),
+                ("cold read of the stored blob: 4 MiB ranges, 4 at once, as the store reads", Row::ColdRead, ""),
+            ],
+        ),
+        (
+            "peers",
+            vec![
+                ("`curl \\| tee` file, `sha1sum`, `sha256sum`; `sync`", Row::CurlTee, ""),
+                ("`rclone copyurl` → Garage (MD5 only)", Row::Rclone, ""),
+                ("`cat` of the stored blob, pages dropped", Row::ColdCat, ""),
+            ],
+        ),
+        (
+            "bitsmith",
+            vec![
+                ("fetch http → file store (reference: `curl \\| tee`)", Row::FetchToFile, "limit ≥ 0.9"),
+                ("fetch http → Garage S3 (reference: rclone)", Row::FetchToS3, "reference ≥ 1.0"),
+                ("pipeline alone: page-cached file → digests → file store", Row::Pipeline, ""),
+                ("upload through the API → file store (reference: the pipeline alone)", Row::Upload, "reference ≥ 0.9"),
+                ("download through the API, blob cold (reference: cold `cat`)", Row::Download, "reference ≥ 0.9"),
+            ],
+        ),
+    ];
     println!("| path | MB/s (median) | runs | / limit | / reference | target |");
     println!("|---|---:|---:|---:|---:|---|");
-    let line = |name: &str, row: Row, target: &str| {
-        let runs = &results.rates[&row];
-        let (low, high) = runs.iter().fold((f64::MAX, 0f64), |(l, h), r| (l.min(*r), h.max(*r)));
-        let ratio = |ratios: Option<&Vec<f64>>| ratios.map(|r| format!("{:.2}", median(r))).unwrap_or_default();
-        // A row above its limit is a wrong measurement, not a fast path.
-        let over = results.to_limit.get(&row).is_some_and(|r| median(r) > 1.0) as usize;
-        println!(
-            "| {name} | {:.0} | {low:.0}–{high:.0} | {}{} | {} | {target} |",
-            median(runs),
-            ratio(results.to_limit.get(&row)),
-            [" ", " **over its limit**"][over],
-            ratio(results.to_reference.get(&row)),
-        );
-    };
-    println!("| **limits** | | | | | |");
-    line("sha1 ∥ sha256 on two threads, in memory", Row::Hash, "");
-    line("source alone: `curl -o /dev/null` over loopback", Row::Source, "");
-    line("disk: `dd conv=fsync` into the store's directory", Row::Disk, "");
-    line(
-        &format!(
-            "disk: 1 MiB writes, each handed to the disk at once, a sync every {} MiB, then `fsync` (as the store \
-             writes)",
-            bitsmith::store::LOCAL_SYNC_EVERY >> 20
-        ),
-        Row::DiskAsStored,
-        "",
-    );
-    line("Garage: plain multipart upload (8 MiB parts, 3 in flight)", Row::PlainMultipart, "");
-    line("cold read of the stored blob: 4 MiB ranges, 4 at once, as the store reads", Row::ColdRead, "");
-    println!("| **peers** | | | | | |");
-    line("`curl \\| tee` file, `sha1sum`, `sha256sum`; `sync`", Row::CurlTee, "");
-    line("`rclone copyurl` → Garage (MD5 only)", Row::Rclone, "");
-    line("`cat` of the stored blob, pages dropped", Row::ColdCat, "");
-    println!("| **bitsmith** | | | | | |");
-    line("fetch http → file store (reference: `curl \\| tee`)", Row::FetchToFile, "limit ≥ 0.9");
-    line("fetch http → Garage S3 (reference: rclone)", Row::FetchToS3, "reference ≥ 1.0");
-    line("pipeline alone: page-cached file → digests → file store", Row::Pipeline, "");
-    line("upload through the API → file store (reference: the pipeline alone)", Row::Upload, "reference ≥ 0.9");
-    line("download through the API, blob cold (reference: cold `cat`)", Row::Download, "reference ≥ 0.9");
+    for (section, rows) in &sections {
+        println!("| **{section}** | | | | | |");
+        for &(name, row, target) in rows {
+            let runs = &results.rates[&row];
+            let (low, high) = runs.iter().fold((f64::MAX, 0f64), |(l, h), r| (l.min(*r), h.max(*r)));
+            let ratio = |ratios: Option<&Vec<f64>>| ratios.map(|r| format!("{:.2}", median(r))).unwrap_or_default();
+            // A row above its limit is a wrong measurement, not a fast path.
+            let over = results.to_limit.get(&row).is_some_and(|r| median(r) > 1.0) as usize;
+            println!(
+                "| {name} | {:.0} | {low:.0}–{high:.0} | {}{} | {} | {target} |",
+                median(runs),
+                ratio(results.to_limit.get(&row)),
+                [" ", " **over its limit**"][over],
+                ratio(results.to_reference.get(&row)),
+            );
+        }
+    }
     println!(
         "\nA ratio is the median of the rounds' ratios. Limits: writes to the file store: min(hash, source, disk), \
          the disk being the better of its two rows; writes to Garage: min(hash, source, plain multipart), without \
@@ -691,6 +815,40 @@ async fn main() {
          reads: at most {:.1} %.",
         residents.iter().copied().fold(0.0, f64::max) * 100.0
     );
+    // Every process counts (client, source, servers, the kernel's writeback): a row needs at least its CPU-seconds
+    // divided by the cores, whatever else holds it up.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    println!(
+        "\n| path: the whole machine, median of the rounds | CPU-s per GiB | cores busy | stolen CPU-s per GiB \
+         | fastest the CPU allows on {cores} cores, MB/s |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (_, rows) in &sections {
+        for &(name, row, _) in rows {
+            let runs = &results.machine[&row];
+            let of = |part: fn(&MachineUse) -> f64| median(&runs.iter().map(part).collect::<Vec<_>>());
+            let busy = of(|m| m.busy_per_gib);
+            println!(
+                "| {name} | {busy:.2} | {:.2} | {:.2} | {:.0} |",
+                of(|m| m.cores_busy),
+                of(|m| m.stolen_per_gib),
+                cores * GIB as f64 / busy / 1e6
+            );
+        }
+    }
+    println!(
+        "\n| where bitsmith's transfers waited, seconds per GiB (median of the rounds) | transfer | on the source \
+         | digests | check | store | end: last digests, verdict, commit |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (_, rows) in &sections {
+        for &(name, row, _) in rows {
+            let Some(runs) = results.waits.get(&row) else { continue };
+            let columns: Vec<String> =
+                (0..6).map(|at| format!("{:.2}", median(&runs.iter().map(|w| w[at]).collect::<Vec<_>>()))).collect();
+            println!("| {name} | {} |", columns.join(" | "));
+        }
+    }
     println!("\n| the API process, per GiB (median of the rounds) | user CPU-s | system CPU-s | minor page faults |");
     println!("|---|---:|---:|---:|");
     for (name, row) in [("upload", Row::Upload), ("download", Row::Download)] {

@@ -8,10 +8,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::pipeline::StageWaits;
 use crate::store;
 
 /// What a process needs besides its transfers: the runtime, the watch caches, the resource cache index, TLS,
@@ -104,6 +109,22 @@ pub struct TransferMetrics {
     pub refused: Counter,
     /// The budget.
     pub max: Gauge,
+    /// Seconds transfers that stored bits took.
+    pub seconds: Counter<f64, AtomicU64>,
+    /// Of those, the seconds they waited on each stage ([`StageWaits`]).
+    pub waited: Family<StageLabel, Counter<f64, AtomicU64>>,
+}
+
+/// A transfer's stage: source, digests, check, store, finish.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    stage: &'static str,
+}
+
+impl StageLabel {
+    pub fn of(stage: &'static str) -> Self {
+        StageLabel { stage }
+    }
 }
 
 /// A slot, held for the life of one transfer.
@@ -135,6 +156,19 @@ impl TransferBudget {
     /// The most transfers at once.
     pub fn max(&self) -> usize {
         self.max
+    }
+
+    /// What the budget counts.
+    pub fn metrics(&self) -> &TransferMetrics {
+        &self.metrics
+    }
+
+    /// Count where a transfer that stored bits spent its time.
+    pub fn record(&self, waits: &StageWaits) {
+        self.metrics.seconds.inc_by(waits.elapsed.as_secs_f64());
+        for (stage, waited) in waits.stages() {
+            self.metrics.waited.get_or_create(&StageLabel { stage }).inc_by(waited.as_secs_f64());
+        }
     }
 
     /// A slot if one is free now (an upload); none counts as a refusal.
@@ -253,5 +287,18 @@ mod tests {
         assert_eq!((budget.metrics.waiting.get(), budget.metrics.running.get()), (0, 1));
         drop(second);
         assert_eq!(budget.metrics.running.get(), 0);
+    }
+
+    #[test]
+    fn a_transfer_counts_its_time_and_its_waits_by_stage() {
+        let budget = TransferBudget::new(1);
+        let seconds = std::time::Duration::from_secs_f64;
+        let waits =
+            StageWaits { elapsed: seconds(3.0), source: seconds(1.5), store: seconds(0.5), ..Default::default() };
+        budget.record(&waits);
+        budget.record(&waits);
+        let waited = |stage| budget.metrics.waited.get_or_create(&StageLabel { stage }).get();
+        assert_eq!(budget.metrics.seconds.get(), 6.0);
+        assert_eq!((waited("source"), waited("store"), waited("digests")), (3.0, 1.0, 0.0));
     }
 }

@@ -131,7 +131,11 @@ impl Transfer<'_> {
         let store = &fetcher.store;
         within(deadline, async {
             match opened {
-                Opened::Stream(opened) => pipeline::store_stream(opened, store, owner, pin, fetcher.max_size).await,
+                Opened::Stream(opened) => {
+                    let stored = pipeline::store_stream(opened, store, owner, pin, fetcher.max_size).await?;
+                    fetcher.budget.record(&stored.waits);
+                    Ok(stored)
+                }
                 Opened::Copy(copy) => pipeline::copy_in_store(copy, store, owner, pin).await,
             }
         })

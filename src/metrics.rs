@@ -97,6 +97,13 @@ impl Metrics {
             "Transfers allowed at once (--max-concurrent-transfers)",
             transfers.max.clone(),
         );
+        registry.register("transfer_seconds", "Seconds transfers that stored bits took", transfers.seconds.clone());
+        registry.register(
+            "transfer_wait_seconds",
+            "Of those, the seconds they waited on each stage: for the source's bytes, for full queues of the \
+             digests, the content check or the store, and for the end (last digests, check verdict, commit)",
+            transfers.waited.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -201,6 +208,17 @@ mod tests {
         assert!(text.contains("bitsmith_reconcile_errors_total{kind=\"Package\"} 1"), "{text}");
         assert!(text.contains("bitsmith_status_writes_total{kind=\"Package\"} 1"), "{text}");
         assert!(text.contains("bitsmith_stored_bytes_total 1234"), "{text}");
+        let budget = crate::budget::TransferBudget::with_metrics(1, metrics.transfers.clone());
+        let waits = crate::pipeline::StageWaits {
+            elapsed: Duration::from_millis(2500),
+            source: Duration::from_millis(1500),
+            ..Default::default()
+        };
+        budget.record(&waits);
+        let text = metrics.encode();
+        assert!(text.contains("bitsmith_transfer_seconds_total 2.5"), "{text}");
+        assert!(text.contains("bitsmith_transfer_wait_seconds_total{stage=\"source\"} 1.5"), "{text}");
+        assert!(text.contains("bitsmith_transfer_wait_seconds_total{stage=\"finish\"} 0"), "{text}");
         assert!(text.contains("bitsmith_kubernetes_review_duration_seconds_count{kind=\"TokenReview\"} 1"), "{text}");
         assert!(text.contains("bitsmith_objects{kind=\"Package\",state=\"READY\"} 1"), "{text}");
     }

@@ -2,6 +2,8 @@
 //! digest workers and to the store's staged write, and nothing is committed until the stream ended, stayed
 //! under the size limit, and matched the checksum pin.
 
+use std::time::{Duration, Instant};
+
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
@@ -25,6 +27,44 @@ pub struct Stored {
     pub blob: BlobRef,
     /// What the source said of what it served; none for uploads and copies.
     pub resolved: Option<crate::resources::ResolvedSource>,
+    /// Where the transfer's time went.
+    pub waits: StageWaits,
+}
+
+/// How long a transfer took, and how long it waited on each stage: the stage that holds it up takes the time.
+/// The source's share is time the next bytes had not arrived; the digests', the check's and the store's is time
+/// their queues were full (the work behind them slower than the bytes coming in). What is left of `elapsed` went
+/// to moving the bytes along. `finish` is the end: the last blocks' digests, the check's verdict and the store's
+/// commit (for the file store, the sync that makes the blob durable).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageWaits {
+    pub elapsed: Duration,
+    pub source: Duration,
+    pub digests: Duration,
+    pub check: Duration,
+    pub store: Duration,
+    pub finish: Duration,
+}
+
+impl StageWaits {
+    /// Each stage by name.
+    pub fn stages(&self) -> [(&'static str, Duration); 5] {
+        [
+            ("source", self.source),
+            ("digests", self.digests),
+            ("check", self.check),
+            ("store", self.store),
+            ("finish", self.finish),
+        ]
+    }
+}
+
+/// `work`, its time added to `wait`.
+async fn waited<T>(wait: &mut Duration, work: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let output = work.await;
+    *wait += started.elapsed();
+    output
 }
 
 /// Why bits were not stored. Nothing is left in the store after any of these.
@@ -126,28 +166,31 @@ pub async fn store_checked<S>(
 where
     S: Stream<Item = Result<Bytes, SourceError>> + Unpin,
 {
+    let started = Instant::now();
     let mut staged = store.begin_blob(owner).await?;
     let mut digester = Digester::new();
     let mut checker = check.map(|check| Offloaded::new(check, CHECK_QUEUE_DEPTH));
     let mut blocks = Blocks::new(chunks);
+    let mut waits = StageWaits::default();
     let streamed: Result<(), PipelineError> = async {
-        while let Some(block) = blocks.next().await {
+        while let Some(block) = waited(&mut waits.source, blocks.next()).await {
             let block = block?;
             if digester.size() + block.len() as u64 > max_size {
                 return Err(PipelineError::TooLarge { source_name: description.to_string(), max: max_size });
             }
-            digester.update(block.clone()).await;
+            waited(&mut waits.digests, digester.update(block.clone())).await;
             if let Some(checker) = &mut checker
-                && !checker.push(block.clone()).await
+                && !waited(&mut waits.check, checker.push(block.clone())).await
             {
                 // The check failed: its verdict says why.
                 return Ok(());
             }
-            staged.write(block).await?;
+            waited(&mut waits.store, staged.write(block)).await?;
         }
         Ok(())
     }
     .await;
+    let finishing = Instant::now();
     let digests = digester.finish().await;
     let checked = match checker {
         Some(checker) => check_verdict(checker).await.map_err(|detail| PipelineError::Invalid { detail }),
@@ -159,7 +202,9 @@ where
         return Err(e);
     }
     let blob = staged.commit(&digests.sha256).await?;
-    Ok(Stored { digests, blob, resolved: None })
+    waits.finish = finishing.elapsed();
+    waits.elapsed = started.elapsed();
+    Ok(Stored { digests, blob, resolved: None, waits })
 }
 
 /// Copy another Package's blob inside the store, after checking the pin against its recorded digests.
@@ -174,7 +219,8 @@ pub async fn copy_in_store(
     if copy.blob.key != key {
         store.copy(&copy.blob.key, &key, copy.digests.size).await?;
     }
-    Ok(Stored { blob: store.blob_ref(&key), digests: copy.digests, resolved: None })
+    // Nothing streams through this process: the store copies.
+    Ok(Stored { blob: store.blob_ref(&key), digests: copy.digests, resolved: None, waits: StageWaits::default() })
 }
 
 fn verify_pin(pin: Option<&Checksum>, digests: &Digests) -> Result<(), PipelineError> {
@@ -280,6 +326,66 @@ mod tests {
         assert_eq!(third.as_ptr(), at, "the first block's memory, filled again");
         assert_eq!(&third[..], [vec![4u8; 600 << 10], vec![5u8; 600 << 10]].concat());
         assert!(blocks.next().await.is_none());
+    }
+
+    fn memory_store() -> (BlobStore, BlobOwner) {
+        let store = BlobStore::open("memory://", &Default::default()).unwrap();
+        (store, BlobOwner { plural: "packages", namespace: "ns".into(), name: "app".into(), uid: None })
+    }
+
+    fn total(waits: &StageWaits) -> Duration {
+        waits.stages().iter().map(|(_, waited)| *waited).sum()
+    }
+
+    #[tokio::test]
+    async fn a_slow_source_takes_the_wait() {
+        let (store, owner) = memory_store();
+        let chunks = stream::iter(0..4u8).then(|n| async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok::<_, SourceError>(Bytes::from(vec![n; 1000]))
+        });
+        let stored = store_checked(Box::pin(chunks), "slow", &store, &owner, None, 1 << 20, None).await.unwrap();
+        let waits = stored.waits;
+        assert!(waits.source >= Duration::from_millis(200), "{waits:?}");
+        assert!(waits.digests + waits.store + waits.check < Duration::from_millis(50), "{waits:?}");
+        assert!(total(&waits) <= waits.elapsed, "{waits:?}");
+    }
+
+    /// A check that takes its time over every block.
+    struct SlowCheck;
+
+    impl ContentCheck for SlowCheck {
+        fn update(&mut self, _block: &[u8]) -> Result<(), String> {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_check_takes_the_wait() {
+        let (store, owner) = memory_store();
+        let chunks = (0..12u8).map(|n| Ok::<_, SourceError>(Bytes::from(vec![n; BLOCK_SIZE])));
+        let stored = store_checked(
+            Box::pin(stream::iter(chunks)),
+            "fast",
+            &store,
+            &owner,
+            None,
+            1 << 30,
+            Some(Box::new(SlowCheck)),
+        )
+        .await
+        .unwrap();
+        let waits = stored.waits;
+        // Twelve blocks of 20 ms, at most four queued: the body waits on the check for about five of them, and
+        // the end for the last few.
+        assert!(waits.check >= Duration::from_millis(60), "{waits:?}");
+        assert!(waits.finish >= Duration::from_millis(40), "{waits:?}");
+        assert!(waits.check > waits.source, "{waits:?}");
+        assert!(total(&waits) <= waits.elapsed, "{waits:?}");
     }
 
     #[test]

@@ -139,6 +139,21 @@ impl Api {
         (api, base)
     }
 
+    /// Seconds its transfers took so far, then the seconds they waited on each stage, in the order of
+    /// [`bitsmith::pipeline::StageWaits::stages`].
+    pub async fn transfer_seconds(&self) -> [f64; 6] {
+        let text = reqwest::get(&self.metrics).await.unwrap().text().await.unwrap();
+        let value = |series: &str| {
+            let prefix = format!("{series} ");
+            text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0.0, |v| v.parse().unwrap())
+        };
+        let mut seconds = [value("bitsmith_transfer_seconds_total"), 0.0, 0.0, 0.0, 0.0, 0.0];
+        for (at, (stage, _)) in bitsmith::pipeline::StageWaits::default().stages().iter().enumerate() {
+            seconds[at + 1] = value(&format!("bitsmith_transfer_wait_seconds_total{{stage=\"{stage}\"}}"));
+        }
+        seconds
+    }
+
     /// The sum and count of a histogram of its metrics, by the series' name and labels as printed.
     pub async fn histogram(&self, series: &str) -> (f64, f64) {
         let text = reqwest::get(&self.metrics).await.unwrap().text().await.unwrap();

@@ -209,6 +209,7 @@ pub(super) async fn settle<O: Uploadable>(
     let stored_key = outcome.as_ref().ok().map(|stored| stored.blob.key.clone());
     let (next, answer) = match outcome {
         Ok(stored) => {
+            state.config.transfers.record(&stored.waits);
             let digests = status::stored_digests(&stored.digests, stored.blob);
             (status::done(&claim, digests, generation, now), Ok(()))
         }

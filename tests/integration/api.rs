@@ -30,6 +30,8 @@ struct Setup {
     /// A valid token RBAC allows nothing.
     denied: String,
     http: reqwest::Client,
+    /// The API's transfer budget, which counts the uploads' time.
+    transfers: bitsmith::budget::TransferBudget,
     _store: Option<tempfile::TempDir>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -74,6 +76,7 @@ async fn setup_with(
     config.download_url_ttl = Duration::from_secs(60);
     config.auth_cache_ttl = Duration::from_secs(5);
     tweak(&mut config);
+    let transfers = config.transfers.clone();
     let index = Index::start(&client, Some(&ns));
     index.ready().await;
     let state = AppState::new(client, store, index, config, Default::default(), None);
@@ -84,7 +87,7 @@ async fn setup_with(
         (service_account_with_role(&ns, "uploader", "bitsmith-uploader"), service_account_token(&ns, "stranger", None))
     });
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    Setup { ns, server, base, allowed, denied, http, _store: None, tasks: vec![running, api] }
+    Setup { ns, server, base, allowed, denied, http, transfers, _store: None, tasks: vec![running, api] }
 }
 
 async fn setup(test: &str) -> Setup {
@@ -500,6 +503,10 @@ async fn uploads_feed_the_resource_cache_and_matched_files_come_back() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["state"], "PROCESSING_UPLOAD");
     wait_for(&s.ns, "pkg/first", "{.status.state}", "READY").await;
+    // The upload counted its time and where it waited.
+    let counted = s.transfers.metrics();
+    assert!(counted.seconds.get() > 0.0, "the upload's time is counted");
+    assert!(counted.waited.get_or_create(&bitsmith::budget::StageLabel::of("source")).get() > 0.0);
     let stored = s.get(&format!("/v3/packages/{first}/download"), Some(&s.allowed)).await.bytes().await.unwrap();
     let mut want = vec![
         format!("app/lib.bin:{}", sha1_hex(&lib)),

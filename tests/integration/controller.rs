@@ -57,9 +57,11 @@ async fn setup_with(test: &str, retention: bitsmith::retention::Retention) -> Se
         reporter: "bitsmith-test".into(),
         metrics: ops.metrics,
     };
+    // Transfers count their time on the same endpoint, as `bitsmith controller` wires them.
+    let budget = bitsmith::budget::TransferBudget::with_metrics(4, options.metrics.transfers.clone());
     let running = tokio::spawn(controller::run(
         client,
-        file_fetcher(store.path(), 1 << 30),
+        file_fetcher(store.path(), 1 << 30).with_budget(budget),
         options,
         bitsmith::leader::Leadership::always(),
     ));
@@ -107,6 +109,17 @@ async fn packages_go_ready_and_their_blobs_go_with_them() {
     }
     assert!(metrics.contains("bitsmith_status_writes_total{kind=\"Package\"}"), "{metrics}");
     assert!(metrics.contains("bitsmith_reconcile_duration_seconds_bucket"), "{metrics}");
+    // The fetch counted its time and where it waited.
+    let value = |series: &str| -> f64 {
+        let line = metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')));
+        line.unwrap_or_else(|| panic!("{series} not in\n{metrics}")).parse().unwrap()
+    };
+    let took = value("bitsmith_transfer_seconds_total");
+    let waited: f64 = ["source", "digests", "check", "store", "finish"]
+        .iter()
+        .map(|stage| value(&format!("bitsmith_transfer_wait_seconds_total{{stage=\"{stage}\"}}")))
+        .sum();
+    assert!(took > 0.0 && waited <= took, "waited {waited} s of {took} s");
     for probe in ["healthz", "readyz"] {
         assert_eq!(reqwest::get(format!("{ops_url}/{probe}")).await.unwrap().status(), 200, "{probe}");
     }

@@ -576,6 +576,10 @@ async fn fetches_and_uploads_share_the_transfer_budget() {
     wait_for(&ns, "pkg/slow", "{.status.state}", "READY").await;
     wait_for(&ns, "pkg/fast", "{.status.state}", "READY").await;
     wait_for_metric(&controller, "bitsmith_transfers_running", 0.0).await;
+    // The slow source's seconds were counted as the fetch waiting on its source.
+    let on_source = metric(&controller, "bitsmith_transfer_wait_seconds_total{stage=\"source\"}").await;
+    let took = metric(&controller, "bitsmith_transfer_seconds_total").await;
+    assert!((2.0..=took).contains(&on_source), "waited {on_source} s on sources, of {took} s");
     let accepted = upload().await;
     assert_eq!(accepted.status(), StatusCode::OK, "{}", accepted.text().await.unwrap());
     wait_for(&ns, "pkg/app", "{.status.state}", "READY").await;

@@ -7,7 +7,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;

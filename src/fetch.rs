@@ -134,6 +134,8 @@ impl Transfer<'_> {
                 Opened::Stream(opened) => {
                     let stored = pipeline::store_stream(opened, store, owner, pin, fetcher.max_size).await?;
                     fetcher.budget.record(&stored.waits);
+                    let (namespace, name, bytes) = (&owner.namespace, &owner.name, stored.digests.size);
+                    tracing::debug!(namespace, name, bytes, took = %stored.waits, "fetched");
                     Ok(stored)
                 }
                 Opened::Copy(copy) => pipeline::copy_in_store(copy, store, owner, pin).await,

@@ -60,6 +60,18 @@ impl StageWaits {
     }
 }
 
+impl std::fmt::Display for StageWaits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [elapsed, source, digests, check, store, finish] =
+            [self.elapsed, self.source, self.digests, self.check, self.store, self.finish].map(|d| d.as_secs_f64());
+        write!(
+            f,
+            "{elapsed:.2} s, waiting {source:.2} s on the source, {digests:.2} s on the digests, {check:.2} s on the \
+             check, {store:.2} s on the store, {finish:.2} s at the end"
+        )
+    }
+}
+
 /// `work`, its time added to `wait`.
 async fn waited<T>(wait: &mut Duration, work: impl Future<Output = T>) -> T {
     let started = Instant::now();
@@ -387,6 +399,18 @@ mod tests {
         assert!(waits.finish >= Duration::from_millis(40), "{waits:?}");
         assert!(waits.check > waits.source, "{waits:?}");
         assert!(total(&waits) <= waits.elapsed, "{waits:?}");
+    }
+
+    #[test]
+    fn waits_read_as_a_line() {
+        let seconds = Duration::from_secs_f64;
+        let waits =
+            StageWaits { elapsed: seconds(3.0), source: seconds(1.25), store: seconds(0.5), ..Default::default() };
+        assert_eq!(
+            waits.to_string(),
+            "3.00 s, waiting 1.25 s on the source, 0.00 s on the digests, 0.00 s on the check, 0.50 s on the store, \
+             0.00 s at the end"
+        );
     }
 
     #[test]

@@ -210,6 +210,8 @@ pub(super) async fn settle<O: Uploadable>(
     let (next, answer) = match outcome {
         Ok(stored) => {
             state.config.transfers.record(&stored.waits);
+            let (object, bytes) = (claimed.object.name_any(), stored.digests.size);
+            tracing::debug!(object, bytes, took = %stored.waits, "uploaded");
             let digests = status::stored_digests(&stored.digests, stored.blob);
             (status::done(&claim, digests, generation, now), Ok(()))
         }

@@ -28,6 +28,8 @@ use serde_json::{Value, json};
 #[allow(dead_code)]
 #[path = "../tests/integration/support/data.rs"]
 mod data;
+#[path = "../tests/integration/support/metrics.rs"]
+mod metrics;
 #[path = "../tests/integration/support/ports.rs"]
 mod ports;
 // Shared with the transfer benchmark, which uses parts this one does not.

@@ -56,6 +56,8 @@ mod data;
 #[allow(dead_code)]
 #[path = "../tests/integration/support/http_server.rs"]
 mod http_server;
+#[path = "../tests/integration/support/metrics.rs"]
+mod metrics;
 #[path = "../tests/integration/support/policy.rs"]
 mod policy;
 #[path = "../tests/integration/support/ports.rs"]

@@ -121,6 +121,7 @@ pub struct StageLabel {
 }
 
 impl StageLabel {
+    /// The label of `stage` (one of [`StageWaits::stages`]).
     pub fn of(stage: &'static str) -> Self {
         StageLabel { stage }
     }
@@ -166,7 +167,7 @@ impl TransferBudget {
     pub fn record(&self, waits: &StageWaits) {
         self.metrics.seconds.inc_by(waits.elapsed.as_secs_f64());
         for (stage, waited) in waits.stages() {
-            self.metrics.waited.get_or_create(&StageLabel { stage }).inc_by(waited.as_secs_f64());
+            self.metrics.waited.get_or_create(&StageLabel::of(stage)).inc_by(waited.as_secs_f64());
         }
     }
 
@@ -296,7 +297,7 @@ mod tests {
             StageWaits { elapsed: seconds(3.0), source: seconds(1.5), store: seconds(0.5), ..Default::default() };
         budget.record(&waits);
         budget.record(&waits);
-        let waited = |stage| budget.metrics.waited.get_or_create(&StageLabel { stage }).get();
+        let waited = |stage| budget.metrics.waited.get_or_create(&StageLabel::of(stage)).get();
         assert_eq!(budget.metrics.seconds.get(), 6.0);
         assert_eq!((waited("source"), waited("store"), waited("digests")), (3.0, 1.0, 0.0));
     }

@@ -34,9 +34,9 @@ pub struct Stored {
 /// How long a transfer took, and how long it waited on each stage: the stage that holds it up takes the time.
 /// The source's share is the time the next block took to come: its bytes arriving (and small chunks gathered into
 /// it, a copy at memory speed); the digests', the check's and the store's is time their queues were full (the
-/// work behind them slower than the bytes coming in). What is left of `elapsed` went
-/// to moving the bytes along. `finish` is the end: the last blocks' digests, the check's verdict and the store's
-/// commit (for the file store, the sync that makes the blob durable).
+/// work behind them slower than the bytes coming in). What is left of `elapsed` went to moving the bytes along.
+/// `finish` is the end: the last blocks' digests, the check's verdict and the store's commit (for the file store,
+/// the sync that makes the blob durable).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StageWaits {
     pub elapsed: Duration,

@@ -143,10 +143,7 @@ impl Api {
     /// [`bitsmith::pipeline::StageWaits::stages`].
     pub async fn transfer_seconds(&self) -> [f64; 6] {
         let text = reqwest::get(&self.metrics).await.unwrap().text().await.unwrap();
-        let value = |series: &str| {
-            let prefix = format!("{series} ");
-            text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0.0, |v| v.parse().unwrap())
-        };
+        let value = |series: &str| super::metrics::value(&text, series).unwrap_or(0.0);
         let mut seconds = [value("bitsmith_transfer_seconds_total"), 0.0, 0.0, 0.0, 0.0, 0.0];
         for (at, (stage, _)) in bitsmith::pipeline::StageWaits::default().stages().iter().enumerate() {
             seconds[at + 1] = value(&format!("bitsmith_transfer_wait_seconds_total{{stage=\"{stage}\"}}"));
@@ -160,8 +157,7 @@ impl Api {
         let value = |suffix: &str| {
             let (name, labels) =
                 series.split_once('{').map(|(n, l)| (n, format!("{{{l}"))).unwrap_or((series, String::new()));
-            let prefix = format!("{name}_{suffix}{labels} ");
-            text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0.0, |v| v.parse().unwrap())
+            super::metrics::value(&text, &format!("{name}_{suffix}{labels}")).unwrap_or(0.0)
         };
         (value("sum"), value("count"))
     }

@@ -337,8 +337,8 @@ async fn the_api_binary_serves_tls_on_its_own() {
     // The request's TokenReview and SubjectAccessReview were timed.
     let metrics = reqwest::get(format!("http://127.0.0.1:{ops_port}/metrics")).await.unwrap().text().await.unwrap();
     for kind in ["TokenReview", "SubjectAccessReview"] {
-        let series = format!("bitsmith_kubernetes_review_duration_seconds_count{{kind=\"{kind}\"}} ");
-        let count: f64 = metrics.lines().find_map(|l| l.strip_prefix(&series)).map_or(0.0, |v| v.parse().unwrap());
+        let series = format!("bitsmith_kubernetes_review_duration_seconds_count{{kind=\"{kind}\"}}");
+        let count = crate::support::metrics::value(&metrics, &series).unwrap_or(0.0);
         assert!(count >= 1.0, "no {kind} timed in\n{metrics}");
     }
     let plain = reqwest::get(format!("http://127.0.0.1:{port}/v3/packages/{guid}")).await;

@@ -110,14 +110,14 @@ async fn packages_go_ready_and_their_blobs_go_with_them() {
     assert!(metrics.contains("bitsmith_status_writes_total{kind=\"Package\"}"), "{metrics}");
     assert!(metrics.contains("bitsmith_reconcile_duration_seconds_bucket"), "{metrics}");
     // The fetch counted its time and where it waited.
-    let value = |series: &str| -> f64 {
-        let line = metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')));
-        line.unwrap_or_else(|| panic!("{series} not in\n{metrics}")).parse().unwrap()
+    let value = |series: &str| {
+        crate::support::metrics::value(&metrics, series).unwrap_or_else(|| panic!("{series} not in\n{metrics}"))
     };
     let took = value("bitsmith_transfer_seconds_total");
-    let waited: f64 = ["source", "digests", "check", "store", "finish"]
+    let waited: f64 = bitsmith::pipeline::StageWaits::default()
+        .stages()
         .iter()
-        .map(|stage| value(&format!("bitsmith_transfer_wait_seconds_total{{stage=\"{stage}\"}}")))
+        .map(|(stage, _)| value(&format!("bitsmith_transfer_wait_seconds_total{{stage=\"{stage}\"}}")))
         .sum();
     assert!(took > 0.0 && waited <= took, "waited {waited} s of {took} s");
     for probe in ["healthz", "readyz"] {

@@ -503,9 +503,7 @@ async fn the_controller_and_the_api_carry_on_across_an_apiserver_restart() {
 async fn metric(process: &Process, name: &str) -> f64 {
     let text =
         reqwest::get(format!("http://127.0.0.1:{}/metrics", process.ops_port)).await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+    crate::support::metrics::value(&text, name).unwrap_or_else(|| panic!("no metric {name} in {text}"))
 }
 
 /// Poll the metric `name` of `process` until it is `want`, for at most 30 s.

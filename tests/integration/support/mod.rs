@@ -4,6 +4,7 @@ pub mod cloud;
 pub mod data;
 pub mod http_server;
 pub mod kube;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod ports;

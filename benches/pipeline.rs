@@ -13,7 +13,8 @@
 //!   store makes them, the better of the two; a plain multipart upload of the input to Garage (object_store, the
 //!   same part size and parts in flight as the store, no digests); `curl` of the source to /dev/null; and a read
 //!   of a stored blob with its pages dropped first (`posix_fadvise(DONTNEED)`, checked with `mincore`), in the
-//!   ranges and with the concurrency the store reads with.
+//!   ranges and with the concurrency the store reads with. Beside them, not a limit: the store's durable write
+//!   while sha1 and sha256 hash other bytes on both cores at the lowest priority (the disk on busy cores).
 //! - Peers: `curl | tee` into `sha1sum`, `sha256sum` and a file, then `sync` of the file; `rclone copyurl` into
 //!   the same Garage bucket (rclone computes no SHA digest); `cat` of the stored blob, its pages dropped.
 //! - The same work without bitsmith: a fetch's (the body received by a blocking socket, both digests and the

@@ -6,7 +6,8 @@
 //! push's peak RSS against the app's size) in nested directories, mixed sizes: 70 % of 64 B–1 KiB, 26 % of
 //! 1–16 KiB, 3 % of 64–192 KiB and 1 % of 256 KiB–1 MiB (about 1.3 GiB at 100 000 files). Measured: the first
 //! push; a second push of the same app; one with 1 % of the files changed; and `zip -r` + `curl` of the same
-//! directory, as a user without the plugin would. Bytes on the wire are counted by a proxy in front of the API.
+//! directory, as a user without the plugin would. Bytes on the wire are counted by a proxy in front of the API;
+//! each push's peak RSS and CPU time are its own process's.
 
 use std::path::Path;
 use std::process::Command;
@@ -67,11 +68,22 @@ fn change_one_percent(root: &Path, files: u64) {
     settle();
 }
 
-/// Run `command` to the end; its wall time and peak RSS (VmHWM, polled) in MiB.
-fn measured(command: &mut Command) -> (Duration, f64) {
+/// What a run of a command took.
+struct Measured {
+    took: Duration,
+    /// Peak RSS (VmHWM, polled), MiB.
+    rss: f64,
+    /// User and system CPU-seconds of the process, from its rusage when it was reaped.
+    cpu: f64,
+}
+
+/// Run `command` to the end and measure it.
+fn measured(command: &mut Command) -> Measured {
     let started = Instant::now();
-    let mut child = command.stdout(std::process::Stdio::null()).spawn().unwrap();
-    let status_file = format!("/proc/{}/status", child.id());
+    #[allow(clippy::zombie_processes, reason = "reaped by `wait4` below, which also gives its CPU time")]
+    let child = command.stdout(std::process::Stdio::null()).spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let status_file = format!("/proc/{pid}/status");
     let mut peak_kib = 0u64;
     loop {
         if let Ok(status) = std::fs::read_to_string(&status_file)
@@ -79,9 +91,16 @@ fn measured(command: &mut Command) -> (Duration, f64) {
         {
             peak_kib = peak_kib.max(line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0));
         }
-        if let Some(exit) = child.try_wait().unwrap() {
-            assert!(exit.success(), "{command:?} failed");
-            return (started.elapsed(), peak_kib as f64 / 1024.0);
+        // Reaped here rather than by `Child::try_wait`, for the CPU time the kernel reports with the exit.
+        // SAFETY: rusage is plain integers, valid zeroed; wait4 on our own child writes into the two locals.
+        let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+        let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        assert!(reaped >= 0, "wait4: {}", std::io::Error::last_os_error());
+        if reaped == pid {
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{command:?} failed: {status:#x}");
+            let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            let cpu = seconds(usage.ru_utime) + seconds(usage.ru_stime);
+            return Measured { took: started.elapsed(), rss: peak_kib as f64 / 1024.0, cpu };
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -93,6 +112,8 @@ struct Row {
     sent: u64,
     app: u64,
     rss: Option<f64>,
+    /// The push's own CPU-seconds.
+    cpu: Option<f64>,
 }
 
 /// The controller, stopped however the benchmark ends.
@@ -160,13 +181,14 @@ async fn main() {
     let mut rows = Vec::new();
     let run = |app: &Path, package: &str, what: &str, app_bytes: u64, rows: &mut Vec<Row>| {
         sent.store(0, Ordering::Relaxed);
-        let (took, rss) = measured(
+        let Measured { took, rss, cpu } = measured(
             Command::new(env!("CARGO_BIN_EXE_bitsmith"))
                 .args(["push", app.to_str().unwrap(), package, "--create", "--quiet", "-n", &ns, "--api-url", &api])
                 .env("KUBECONFIG", &pusher_config)
                 .env("XDG_CACHE_HOME", &records),
         );
-        rows.push(Row { what: what.into(), took, sent: sent.load(Ordering::Relaxed), app: app_bytes, rss: Some(rss) });
+        let sent = sent.load(Ordering::Relaxed);
+        rows.push(Row { what: what.into(), took, sent, app: app_bytes, rss: Some(rss), cpu: Some(cpu) });
     };
 
     // The push's memory against the app's size: a tenth of the files first.
@@ -216,6 +238,7 @@ async fn main() {
         sent: sent.load(Ordering::Relaxed),
         app: baseline_bytes,
         rss: None,
+        cpu: None,
     };
     std::fs::remove_dir_all(&baseline).unwrap();
     std::fs::remove_file(&zip).unwrap();
@@ -233,16 +256,17 @@ async fn main() {
         app_bytes as f64 / (1u64 << 30) as f64,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
-    println!("| what | time | sent | sent / app | push peak RSS |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| what | time | sent | sent / app | push peak RSS | push CPU |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for row in &rows {
         println!(
-            "| {} | {:.1} s | {:.1} MiB | {:.2} % | {} |",
+            "| {} | {:.1} s | {:.1} MiB | {:.2} % | {} | {} |",
             row.what,
             row.took.as_secs_f64(),
             row.sent as f64 / (1u64 << 20) as f64,
             100.0 * row.sent as f64 / row.app as f64,
-            row.rss.map(|r| format!("{r:.1} MiB")).unwrap_or_else(|| "—".into())
+            row.rss.map(|r| format!("{r:.1} MiB")).unwrap_or_else(|| "—".into()),
+            row.cpu.map(|c| format!("{c:.2} s")).unwrap_or_else(|| "—".into())
         );
     }
     kubectl(&["delete", "namespace", &ns, "--wait=false"]);

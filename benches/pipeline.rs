@@ -77,7 +77,8 @@ use support::{Api, MIB};
 const GIB: u64 = 1 << 30;
 /// Rounds; each row shows the median of its runs.
 const RUNS: usize = 3;
-/// The store's part size and parts in flight (`src/store/mod.rs`), for the plain multipart upload.
+/// The store's part size and parts in flight (`src/store/mod.rs`), for the plain multipart upload and the plain
+/// durable write.
 const PART_SIZE: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 3;
 /// The input's data stream (see `data::fill`).
@@ -375,10 +376,10 @@ fn beside_hashes<T>(block: &[u8], work: impl FnOnce() -> T) -> T {
 fn plain_fetch(url: &str, out: &Path, size: u64) -> Run {
     use std::io::Write;
     let meter = Meter::start();
-    let address = url.trim_start_matches("http://").split('/').next().unwrap();
-    let mut socket = std::net::TcpStream::connect(address).unwrap();
-    let path = &url[url.find(address).unwrap() + address.len()..];
-    write!(socket, "GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n").unwrap();
+    let url = url::Url::parse(url).unwrap();
+    let address = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let mut socket = std::net::TcpStream::connect(&address).unwrap();
+    write!(socket, "GET {} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n", url.path()).unwrap();
     let head = read_head(&mut socket);
     assert!(head.starts_with("HTTP/1.1 200"), "the source answered {head}");
     let written = write_as_stored(&mut socket, out, true);
@@ -467,8 +468,6 @@ fn write_as_stored(source: &mut dyn std::io::Read, out: &Path, hashes: bool) -> 
         }
     }
     type Block = Arc<Pooled>;
-    /// The store's parts in flight (`src/store/mod.rs`).
-    const PARTS_IN_FLIGHT: usize = 3;
     fn hash<D: Digest>(blocks: mpsc::Receiver<Block>) {
         let digest = blocks.into_iter().fold(D::new(), |digest, block| digest.chain_update(&block[..]));
         std::hint::black_box(digest.finalize());

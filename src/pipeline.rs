@@ -48,15 +48,13 @@ pub struct StageWaits {
 }
 
 impl StageWaits {
+    /// The stages' names, in the order of [`StageWaits::stages`].
+    pub const STAGES: [&'static str; 5] = ["source", "digests", "check", "store", "finish"];
+
     /// Each stage by name.
     pub fn stages(&self) -> [(&'static str, Duration); 5] {
-        [
-            ("source", self.source),
-            ("digests", self.digests),
-            ("check", self.check),
-            ("store", self.store),
-            ("finish", self.finish),
-        ]
+        let waited = [self.source, self.digests, self.check, self.store, self.finish];
+        std::array::from_fn(|at| (Self::STAGES[at], waited[at]))
     }
 }
 

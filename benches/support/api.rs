@@ -140,12 +140,12 @@ impl Api {
     }
 
     /// Seconds its transfers took so far, then the seconds they waited on each stage, in the order of
-    /// [`bitsmith::pipeline::StageWaits::stages`].
+    /// [`bitsmith::pipeline::StageWaits::STAGES`].
     pub async fn transfer_seconds(&self) -> [f64; 6] {
         let text = reqwest::get(&self.metrics).await.unwrap().text().await.unwrap();
         let value = |series: &str| super::metrics::value(&text, series).unwrap_or(0.0);
         let mut seconds = [value("bitsmith_transfer_seconds_total"), 0.0, 0.0, 0.0, 0.0, 0.0];
-        for (at, (stage, _)) in bitsmith::pipeline::StageWaits::default().stages().iter().enumerate() {
+        for (at, stage) in bitsmith::pipeline::StageWaits::STAGES.iter().enumerate() {
             seconds[at + 1] = value(&format!("bitsmith_transfer_wait_seconds_total{{stage=\"{stage}\"}}"));
         }
         seconds
